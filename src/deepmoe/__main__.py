@@ -1,0 +1,3 @@
+from deepmoe.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,102 @@
+"""Expert FFNs (SPEC E1–E3): a dense SwiGLU and the stacked routed experts.
+
+Routed experts are stored as HF's `DeepseekV3Experts` stores them:
+`gate_up_proj` [N_r, 2I, H] (gate rows first) and `down_proj` [N_r, H, I].
+They compute on tokens already sorted by expert, with one grouped matrix
+product per projection (`torch.nn.functional.grouped_mm` / `torch._grouped_mm`),
+or a loop over the experts' contiguous slices where that kernel is missing.
+"""
+
+from __future__ import annotations
+
+import math
+from functools import cache
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+_GROUPED_MM = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
+
+
+class SwiGLU(nn.Module):
+    """Dense FFN: down(silu(gate(x)) * up(x)), HF names gate_proj / up_proj / down_proj."""
+
+    def __init__(self, hidden_size: int, intermediate_size: int):
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
+        self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
+        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+@cache
+def grouped_mm_available(device_type: str, dtype: torch.dtype) -> bool:
+    """Whether this torch build has a working grouped product for (device, dtype)."""
+    if _GROUPED_MM is None:
+        return False
+    try:
+        a = torch.ones(4, 8, device=device_type, dtype=dtype)
+        b = torch.ones(2, 8, 8, device=device_type, dtype=dtype)
+        out = _GROUPED_MM(a, b, offs=torch.tensor([2, 4], dtype=torch.int32, device=device_type))
+        return bool((out == 8).all())
+    except (RuntimeError, NotImplementedError):
+        return False
+
+
+def _aligned(t: Tensor) -> bool:
+    """Grouped kernels want 16-byte aligned rows and storage."""
+    size = t.element_size()
+    return t.data_ptr() % 16 == 0 and all(s * size % 16 == 0 for s in t.stride() if s != 1)
+
+
+def grouped_matmul(x: Tensor, weight: Tensor, offsets: Tensor, use_kernel: bool) -> Tensor:
+    """y[rows of group g] = x[rows of group g] @ weight[g].
+
+    x [S, in], weight [G, in, out], offsets [G] int32 = cumulative rows (offsets[-1] == S).
+    """
+    if use_kernel and _aligned(x) and _aligned(weight):
+        return _GROUPED_MM(x, weight, offs=offsets)
+    # fallback: one product per expert slice; `torch.cat` keeps autograd simple
+    bounds = [0, *offsets.tolist()]
+    return torch.cat([x[a:b] @ weight[g] for g, (a, b) in enumerate(zip(bounds[:-1], bounds[1:], strict=False))])
+
+
+class RoutedExperts(nn.Module):
+    """N_r SwiGLU experts of width I, computed on expert-sorted tokens."""
+
+    def __init__(self, n_experts: int, hidden_size: int, intermediate_size: int, implementation: str = "auto"):
+        super().__init__()
+        self.n_experts = n_experts
+        self.implementation = implementation
+        self.gate_up_proj = nn.Parameter(torch.empty(n_experts, 2 * intermediate_size, hidden_size))
+        self.down_proj = nn.Parameter(torch.empty(n_experts, hidden_size, intermediate_size))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Per-expert init of nn.Linear: U(−1/√fan_in, 1/√fan_in)."""
+        for w in (self.gate_up_proj, self.down_proj):
+            bound = 1 / math.sqrt(w.shape[-1])
+            nn.init.uniform_(w, -bound, bound)
+
+    def use_kernel(self, x: Tensor) -> bool:
+        if self.implementation == "loop":
+            return False
+        if self.implementation == "grouped_mm" and _GROUPED_MM is None:
+            raise RuntimeError("experts_implementation='grouped_mm' but this torch build has no grouped_mm")
+        return grouped_mm_available(x.device.type, x.dtype)
+
+    def forward(self, x: Tensor, tokens_per_expert: Tensor) -> Tensor:
+        """x [S, H] sorted by expert, tokens_per_expert [N_r] → [S, H]."""
+        gate_up, down = self.gate_up_proj, self.down_proj
+        if torch.is_autocast_enabled(x.device.type):  # grouped_mm is not autocast-aware
+            dtype = torch.get_autocast_dtype(x.device.type)
+            x, gate_up, down = x.to(dtype), gate_up.to(dtype), down.to(dtype)
+        elif x.dtype != gate_up.dtype:
+            x = x.to(gate_up.dtype)
+        offsets = tokens_per_expert.cumsum(0).to(torch.int32)
+        use_kernel = self.use_kernel(x)
+        gate, up = grouped_matmul(x, gate_up.transpose(1, 2), offsets, use_kernel).chunk(2, dim=-1)
+        return grouped_matmul(F.silu(gate) * up, down.transpose(1, 2), offsets, use_kernel)

@@ -1,0 +1,162 @@
+"""Plain, slow, per-token reference implementations of the SPEC formulas.
+
+Written independently of the library: Python loops over tokens and experts,
+lists and sorted(), one small matrix-vector product at a time.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from deepmoe.config import MoEConfig
+
+
+def route(x, weight, bias, cfg: MoEConfig, disabled=(), forced=()):
+    """Per token: (chosen experts as a list, {expert: gate weight}, scores list)."""
+    n, k = cfg.n_routed_experts, cfg.num_experts_per_tok
+    per_group = n // cfg.n_group
+    results = []
+    for t in range(x.shape[0]):
+        logits = [float(weight[i].detach().float() @ x[t].float()) for i in range(n)]
+        if cfg.scoring_func == "softmax":
+            top = max(logits)
+            exps = [math.exp(v - top) for v in logits]
+            scores = [e / sum(exps) for e in exps]
+        else:
+            scores = [1 / (1 + math.exp(-v)) for v in logits]
+        select = [scores[i] + (float(bias[i]) if bias is not None else 0.0) for i in range(n)]
+        for i in disabled:
+            select[i] = -math.inf
+
+        allowed = set(range(n))
+        if cfg.topk_method != "greedy" and cfg.topk_group < cfg.n_group:
+            group_score = {}
+            for g in range(cfg.n_group):
+                members = sorted(select[g * per_group : (g + 1) * per_group], reverse=True)
+                group_score[g] = members[0] if cfg.topk_method == "group_limited_greedy" else members[0] + members[1]
+            forced_groups = sorted({i // per_group for i in forced})
+            others = sorted((g for g in range(cfg.n_group) if g not in forced_groups), key=lambda g: -group_score[g])
+            groups = forced_groups + others[: max(0, cfg.topk_group - len(forced_groups))]
+            allowed = {i for i in range(n) if i // per_group in groups}
+
+        rest = sorted((i for i in allowed if i not in forced), key=lambda i: -select[i])
+        chosen = list(forced) + rest[: k - len(forced)]
+        weights = {i: scores[i] for i in chosen}
+        if cfg.norm_topk_prob:
+            total = sum(weights.values()) + 1e-20
+            weights = {i: w / total for i, w in weights.items()}
+        weights = {i: w * cfg.routed_scaling_factor for i, w in weights.items()}
+        results.append((chosen, weights, scores))
+    return results
+
+
+def capacity_keep(chosen, scores, cfg: MoEConfig, batch_size: int):
+    """Per token, the set of its chosen experts that survive capacity (R5)."""
+    t_total, k = len(chosen), cfg.num_experts_per_tok
+    if cfg.capacity_scope == "expert":
+        unit_of, n_units = (lambda e: e), cfg.n_routed_experts
+    else:
+        unit_of, n_units = (lambda e: e // (cfg.n_routed_experts // cfg.n_devices)), cfg.n_devices
+    capacity = math.ceil(cfg.capacity_factor * t_total * k / n_units)
+    protected_tokens = math.floor(cfg.no_drop_fraction * batch_size) * (t_total // batch_size)
+    slots = {u: [] for u in range(n_units)}
+    for t in range(t_total):
+        for j, e in enumerate(chosen[t]):
+            priority = scores[t][e] if cfg.drop_policy == "probs" else -t
+            if t < protected_tokens:
+                priority = math.inf
+            slots[unit_of(e)].append((-priority, t * k + j, t, e))
+    kept = [set() for _ in range(t_total)]
+    for unit_slots in slots.values():
+        for rank, (neg_priority, _, t, e) in enumerate(sorted(unit_slots)):
+            if rank < capacity or neg_priority == -math.inf:
+                kept[t].add(e)
+    return kept
+
+
+def swiglu(x, w_gate, w_up, w_down):
+    """x [H], w_gate/w_up [I, H], w_down [H, I]."""
+    return w_down @ (torch.nn.functional.silu(w_gate @ x) * (w_up @ x))
+
+
+def moe_forward(layer, x, kept=None, routes=None):
+    """Layer output token by token: shared(x_t) + Σ_{i chosen, kept} g_i,t · expert_i(x_t)."""
+    cfg = layer.config
+    inter = cfg.moe_intermediate_size
+    bias = layer.gate.e_score_correction_bias
+    routes = routes or route(x, layer.gate.weight, bias, cfg)
+    outs = []
+    for t in range(x.shape[0]):
+        out = torch.zeros(cfg.hidden_size, dtype=x.dtype)
+        if layer.shared_experts is not None:
+            s = layer.shared_experts
+            out = out + swiglu(x[t], s.gate_proj.weight, s.up_proj.weight, s.down_proj.weight)
+        chosen, _, _ = routes[t]
+        for e in chosen:
+            if kept is not None and e not in kept[t]:
+                continue
+            gate_up = layer.experts.gate_up_proj[e]
+            g = _differentiable_gate(layer, x[t], e, chosen)
+            out = out + g * swiglu(x[t], gate_up[:inter], gate_up[inter:], layer.experts.down_proj[e])
+        outs.append(out)
+    return torch.stack(outs)
+
+
+def _differentiable_gate(layer, x_t, expert, chosen):
+    """g_i,t recomputed with autograd (so router gradients can be compared)."""
+    cfg = layer.config
+    logits = layer.gate.weight.float() @ x_t.float()
+    scores = logits.softmax(-1) if cfg.scoring_func == "softmax" else logits.sigmoid()
+    g = scores[expert]
+    if cfg.norm_topk_prob:
+        g = g / (sum(scores[i] for i in chosen) + 1e-20)
+    return g * cfg.routed_scaling_factor
+
+
+# ---- losses, one expert / device / token at a time ----------------------------------------------
+def expert_loss(scores, chosen, n, k):
+    t_total = len(chosen)
+    total = 0.0
+    for i in range(n):
+        f = n / (k * t_total) * sum(1 for t in range(t_total) if i in chosen[t])
+        p = sum(scores[t][i] for t in range(t_total)) / t_total
+        total += f * p
+    return total
+
+
+def device_loss(scores, chosen, n, k, d):
+    t_total, per = len(chosen), n // d
+    total = 0.0
+    for dev in range(d):
+        experts = range(dev * per, (dev + 1) * per)
+        f = sum(n / (k * t_total) * sum(1 for t in range(t_total) if i in chosen[t]) for i in experts) / per
+        p = sum(sum(scores[t][i] for t in range(t_total)) / t_total for i in experts)
+        total += f * p
+    return total
+
+
+def communication_loss(scores, chosen, n, d, m):
+    t_total, per = len(chosen), n // d
+    total = 0.0
+    for dev in range(d):
+        experts = range(dev * per, (dev + 1) * per)
+        f = d / (m * t_total) * sum(1 for t in range(t_total) if any(e // per == dev for e in chosen[t]))
+        p = sum(sum(scores[t][i] for t in range(t_total)) / t_total for i in experts)
+        total += f * p
+    return total
+
+
+def sequence_loss(scores, chosen, n, k, batch_size):
+    seq_len = len(chosen) // batch_size
+    losses = []
+    for b in range(batch_size):
+        tokens = range(b * seq_len, (b + 1) * seq_len)
+        total = 0.0
+        for i in range(n):
+            f = n / (k * seq_len) * sum(1 for t in tokens if i in chosen[t])
+            p = sum(scores[t][i] / sum(scores[t]) for t in tokens) / seq_len
+            total += f * p
+        losses.append(total)
+    return sum(losses) / batch_size
