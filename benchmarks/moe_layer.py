@@ -177,13 +177,8 @@ def run_shape(name: str, overrides: dict, dtype: torch.dtype, args) -> list[tupl
     for r in range(args.rounds + 1):  # round 0 warms up
         for label, (fn, params) in variants.items():
             with torch.no_grad():
-                t_fwd = timed(lambda: fn(x), args.device)
-
-            def step():
-                out = fn(x).view_as(grad_out)
-                out.backward(grad_out)
-
-            t_train = timed(step, args.device)
+                t_fwd = timed(lambda fn=fn: fn(x), args.device)
+            t_train = timed(lambda fn=fn: fn(x).view_as(grad_out).backward(grad_out), args.device)
             for p in params:
                 p.grad = None
             if r:
