@@ -1,9 +1,10 @@
 """Token dispatchers: move tokens to their experts and back (they never score them).
 
-A dispatcher turns (tokens, routing) into expert-sorted rows plus per-expert
-counts, and combines the experts' rows back into one output per token,
-weighted by the gate. The local dispatcher does this in one process; an
-expert-parallel one implements the same two methods with all-to-all.
+A dispatcher turns (tokens, routing) into expert-sorted rows, per-expert
+counts and each row's gate weight, and sums the experts' (already gate-
+weighted) rows back into one output per token. The local dispatcher does this
+in one process; an expert-parallel one implements the same two methods with
+all-to-all.
 """
 
 from __future__ import annotations
@@ -22,8 +23,8 @@ class DispatchState:
 
     token_idx: Tensor
     """[S] int64, source token of each expert-sorted row."""
-    gate: Tensor
-    """[S] float32, gate weight g_i,t of each row."""
+    row_weight: Tensor
+    """[S] float32, gate weight g_i,t of each row (the experts apply it)."""
     n_tokens: int
 
 
@@ -50,7 +51,6 @@ class LocalDispatcher:
         return rows, counts, DispatchState(token_idx, routing.topk_weight.reshape(-1)[order], x.shape[0])
 
     def combine(self, expert_out: Tensor, state: DispatchState) -> Tensor:
-        """expert_out [S, H] → [T, H] = Σ over each token's rows of g · row."""
-        weighted = expert_out * state.gate.unsqueeze(-1).to(expert_out.dtype)
+        """expert_out [S, H] (gate-weighted rows) → [T, H], the sum of each token's rows."""
         out = expert_out.new_zeros(state.n_tokens, expert_out.shape[-1])
-        return out.index_add_(0, state.token_idx, weighted)
+        return out.index_add_(0, state.token_idx, expert_out)

@@ -88,8 +88,12 @@ class RoutedExperts(nn.Module):
             raise RuntimeError("experts_implementation='grouped_mm' but this torch build has no grouped_mm")
         return grouped_mm_available(x.device.type, x.dtype)
 
-    def forward(self, x: Tensor, tokens_per_expert: Tensor) -> Tensor:
-        """x [S, H] sorted by expert, tokens_per_expert [N_r] → [S, H]."""
+    def forward(self, x: Tensor, tokens_per_expert: Tensor, row_weight: Tensor | None = None) -> Tensor:
+        """x [S, H] sorted by expert, tokens_per_expert [N_r] → [S, H].
+
+        `row_weight` [S] (the gate g_i,t of each row) scales a row's I-wide activation before
+        the down projection: the same as scaling its H-wide output, on H/I times fewer values.
+        """
         gate_up, down = self.gate_up_proj, self.down_proj
         if torch.is_autocast_enabled(x.device.type):  # grouped_mm is not autocast-aware
             dtype = torch.get_autocast_dtype(x.device.type)
@@ -99,4 +103,7 @@ class RoutedExperts(nn.Module):
         offsets = tokens_per_expert.cumsum(0).to(torch.int32)
         use_kernel = self.use_kernel(x)
         gate, up = grouped_matmul(x, gate_up.transpose(1, 2), offsets, use_kernel).chunk(2, dim=-1)
-        return grouped_matmul(F.silu(gate) * up, down.transpose(1, 2), offsets, use_kernel)
+        hidden = F.silu(gate) * up  # [S, I]
+        if row_weight is not None:
+            hidden = hidden * row_weight.unsqueeze(-1).to(hidden.dtype)
+        return grouped_matmul(hidden, down.transpose(1, 2), offsets, use_kernel)

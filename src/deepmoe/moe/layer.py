@@ -57,7 +57,7 @@ class MoE(nn.Module):
 
         routing = self.gate(x, batch_size)
         rows, tokens_per_expert, state = self.dispatcher.dispatch(x, routing)
-        out = self.dispatcher.combine(self.experts(rows, tokens_per_expert), state)
+        out = self.dispatcher.combine(self.experts(rows, tokens_per_expert, state.row_weight), state)
         if self.shared_experts is not None:
             out = out + self.shared_experts(x)
 
