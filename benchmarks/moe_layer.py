@@ -15,27 +15,16 @@ Variants run interleaved, round by round, and each figure is a median; ratios ar
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
-import sys
 import time
 from collections.abc import Callable
 
-# glibc returning freed memory to the OS costs 15–50% of CPU time in page faults here;
-# keep it (these must be set before the process starts, so re-exec once).
-_MALLOC_ENV = {
-    "MALLOC_MMAP_THRESHOLD_": "17179869184",
-    "MALLOC_TRIM_THRESHOLD_": "17179869184",
-    "MALLOC_TOP_PAD_": "1073741824",
-}
-if __name__ == "__main__" and any(os.environ.get(k) != v for k, v in _MALLOC_ENV.items()):
-    os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **_MALLOC_ENV})
+import torch
+import torch.nn.functional as F
 
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-
-from deepmoe import MoE, MoEConfig  # noqa: E402
-from deepmoe.moe.experts import SwiGLU  # noqa: E402
+from deepmoe import MoE, MoEConfig
+from deepmoe.moe.experts import SwiGLU
+from deepmoe.runtime import keep_freed_memory
 
 SHAPES = {
     "V2-style softmax top-6": dict(scoring_func="softmax", topk_method="greedy"),
@@ -228,6 +217,8 @@ def main() -> None:
         help="skip transformers' batched_mm when its per-slot weight copy exceeds this",
     )
     args = parser.parse_args()
+    # Page faults from glibc returning memory to the OS would otherwise dominate (all variants alike).
+    malloc_tuned = keep_freed_memory()
     try:
         import transformers
 
@@ -237,7 +228,8 @@ def main() -> None:
     print(
         f"torch {torch.__version__}, transformers {hf_version}, device {args.device}, "
         f"{torch.get_num_threads()} threads; T={args.tokens}, H={args.hidden}, {args.experts} experts of width "
-        f"{args.width}, top-{args.topk}, {args.shared} shared; median of {args.rounds} interleaved rounds"
+        f"{args.width}, top-{args.topk}, {args.shared} shared; median of {args.rounds} interleaved rounds; "
+        f"glibc keeps freed memory: {malloc_tuned}"
     )
     for dtype_name in args.dtypes:
         dtype = getattr(torch, dtype_name)

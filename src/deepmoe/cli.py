@@ -8,6 +8,8 @@ import sys
 from rich.console import Console
 from rich.table import Table
 
+from deepmoe.runtime import keep_freed_memory
+
 
 def _positive_int(text: str) -> int:
     value = int(text)
@@ -72,6 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    keep_freed_memory()
     try:
         return args.func(args)
     except (ValueError, OSError) as error:
