@@ -181,3 +181,153 @@ class MoEConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+MODEL_TYPES = ("deepseek", "deepseek_v2", "deepseek_v3")
+ATTENTION_TYPES = ("mla", "mha")
+
+
+@dataclass
+class DeepSeekConfig:
+    """A DeepSeek causal LM (SPEC M1–M4). Field names follow HF's config.json of each model_type.
+
+    `moe` is the routed layer's config (None: every FFN is dense); its hidden_size must
+    equal this config's. Layer i uses the MoE FFN when `moe` is set, i >= first_k_dense_replace
+    and i % moe_layer_freq == 0.
+    """
+
+    model_type: str = "deepseek_v3"
+    vocab_size: int = 1024
+    hidden_size: int = 64
+    intermediate_size: int = 192
+    """Width of the dense SwiGLU FFNs (the first_k_dense_replace layers)."""
+    num_hidden_layers: int = 2
+    num_attention_heads: int = 4
+
+    # attention: "mla" (V2/V3) or "mha" (DeepSeekMoE 16B, Llama-style with num_key_value_heads)
+    attention_type: str = "mla"
+    num_key_value_heads: int | None = None
+    q_lora_rank: int | None = None
+    kv_lora_rank: int = 32
+    qk_nope_head_dim: int = 16
+    qk_rope_head_dim: int = 8
+    v_head_dim: int = 16
+    attention_bias: bool = False
+
+    # position embedding
+    max_position_embeddings: int = 4096
+    rope_theta: float = 10000.0
+    rope_scaling: dict[str, Any] | None = None
+    """HF rope_scaling, e.g. {"type": "yarn", "factor": 40, "original_max_position_embeddings": 4096,
+    "beta_fast": 32, "beta_slow": 1, "mscale": 1.0, "mscale_all_dim": 1.0}."""
+    rope_interleave: bool = True
+    """Rotate interleaved pairs (x0, x1), (x2, x3), ... as DeepSeek V2/V3 do; False: rotate halves (Llama)."""
+
+    # FFN layout
+    moe: MoEConfig | None = None
+    first_k_dense_replace: int = 0
+    moe_layer_freq: int = 1
+
+    rms_norm_eps: float = 1e-6
+    tie_word_embeddings: bool = False
+    initializer_range: float = 0.02
+    num_nextn_predict_layers: int = 0
+    """D, the number of multi-token-prediction modules (V3: 1)."""
+    mtp_loss_weight: float = 0.3
+    """λ of the MTP loss, λ/D Σ_k L_k."""
+    bos_token_id: int | None = None
+    eos_token_id: int | list[int] | None = None
+    pad_token_id: int | None = None
+
+    def __post_init__(self) -> None:
+        name = type(self).__name__
+
+        def check(ok: bool, field: str, allowed: str) -> None:
+            if not ok:
+                _fail(name, field, getattr(self, field), allowed)
+
+        check(self.model_type in MODEL_TYPES, "model_type", f"must be one of {MODEL_TYPES}")
+        for field in (
+            "vocab_size",
+            "hidden_size",
+            "intermediate_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+            "max_position_embeddings",
+            "moe_layer_freq",
+        ):
+            value = getattr(self, field)
+            check(
+                isinstance(value, int) and not isinstance(value, bool) and value >= 1, field, "must be an integer >= 1"
+            )
+        check(self.attention_type in ATTENTION_TYPES, "attention_type", f"must be one of {ATTENTION_TYPES}")
+        if self.attention_type == "mha":
+            check(
+                self.hidden_size % self.num_attention_heads == 0,
+                "num_attention_heads",
+                f"must divide hidden_size={self.hidden_size}",
+            )
+            if self.num_key_value_heads is None:
+                self.num_key_value_heads = self.num_attention_heads
+            check(
+                self.num_key_value_heads >= 1 and self.num_attention_heads % self.num_key_value_heads == 0,
+                "num_key_value_heads",
+                f"must divide num_attention_heads={self.num_attention_heads}",
+            )
+            check(self.head_dim % 2 == 0, "num_attention_heads", "hidden_size / num_attention_heads must be even")
+        else:
+            check(self.q_lora_rank is None or self.q_lora_rank >= 1, "q_lora_rank", "must be None or >= 1")
+            for field in ("kv_lora_rank", "qk_nope_head_dim", "v_head_dim"):
+                check(getattr(self, field) >= 1, field, "must be >= 1")
+            check(
+                self.qk_rope_head_dim >= 2 and self.qk_rope_head_dim % 2 == 0,
+                "qk_rope_head_dim",
+                "must be even and >= 2",
+            )
+        check(self.rope_theta > 0, "rope_theta", "must be > 0")
+        if self.rope_scaling is not None:
+            kind = self.rope_scaling.get("type", self.rope_scaling.get("rope_type"))
+            check(kind in ("yarn", "default", None), "rope_scaling", "only 'yarn' scaling is supported")
+            check(float(self.rope_scaling.get("factor", 1.0)) >= 1.0, "rope_scaling", "factor must be >= 1")
+        if self.moe is not None:
+            check(isinstance(self.moe, MoEConfig), "moe", "must be a MoEConfig or None")
+            check(
+                self.moe.hidden_size == self.hidden_size,
+                "moe",
+                f"moe.hidden_size={self.moe.hidden_size} must equal hidden_size={self.hidden_size}",
+            )
+        check(
+            0 <= self.first_k_dense_replace <= self.num_hidden_layers,
+            "first_k_dense_replace",
+            f"must be in [0, num_hidden_layers={self.num_hidden_layers}]",
+        )
+        check(self.rms_norm_eps > 0, "rms_norm_eps", "must be > 0")
+        check(self.num_nextn_predict_layers >= 0, "num_nextn_predict_layers", "must be >= 0")
+        check(
+            math.isfinite(self.mtp_loss_weight) and self.mtp_loss_weight >= 0,
+            "mtp_loss_weight",
+            "must be a finite number >= 0",
+        )
+        for field in ("bos_token_id", "pad_token_id"):
+            value = getattr(self, field)
+            check(value is None or 0 <= value < self.vocab_size, field, f"must be None or in [0, {self.vocab_size})")
+
+    @property
+    def head_dim(self) -> int:
+        """Per-head width of MHA, or the query/key width qk_nope_head_dim + qk_rope_head_dim of MLA."""
+        if self.attention_type == "mha":
+            return self.hidden_size // self.num_attention_heads
+        return self.qk_nope_head_dim + self.qk_rope_head_dim
+
+    def is_moe_layer(self, layer_idx: int) -> bool:
+        return self.moe is not None and layer_idx >= self.first_k_dense_replace and layer_idx % self.moe_layer_freq == 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, fields: dict[str, Any]) -> DeepSeekConfig:
+        fields = dict(fields)
+        if isinstance(fields.get("moe"), dict):
+            fields["moe"] = MoEConfig(**fields["moe"])
+        return cls(**fields)

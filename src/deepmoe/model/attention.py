@@ -1,0 +1,192 @@
+"""Attention: multi-head latent attention (MLA, DeepSeek-V2/V3) and multi-head attention (DeepSeekMoE 16B).
+
+Parameter names are those of transformers' DeepseekV3Attention / DeepseekV2Attention and LlamaAttention, so
+their state_dicts load into one another. Activations are laid out [B, S, n_heads, d] as in DeepSeek-V3's
+inference/model.py; queries, keys and values are [B, S, ...] in the cache too.
+
+Differences from transformers (none changes the output):
+- transformers' V3 with rope_interleave de-interleaves the rotated q_pe/k_pe (the pairs (x0, x1), (x2, x3), ...
+  come out as [x0', x2', ...; x1', x3', ...]), the same permutation for queries and keys, so q·k is unchanged;
+  its cache holds k_pe permuted that way. deepmoe (like DeepSeek's code and transformers' V2) keeps the
+  interleaved layout. transformers' V2 ignores rope_interleave and always rotates interleaved pairs.
+- transformers' cache holds (c_KV, k_pe) as one-head 4D tensors [B, 1, S, d]; deepmoe's holds [B, S, d].
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from deepmoe.config import DeepSeekConfig
+from deepmoe.model.norm import RMSNorm
+from deepmoe.model.rope import RotaryEmbedding, apply_rotary, softmax_scale
+
+
+class KVCache:
+    """Per-layer cached tensors, each [B, S, ...], appended along the sequence dimension.
+
+    MLA layers cache (c_KV [B, S, kv_lora_rank], k_rope [B, S, qk_rope_head_dim]); MHA layers (k, v)
+    [B, S, num_key_value_heads, head_dim]. Keys are held after RoPE.
+    """
+
+    def __init__(self) -> None:
+        self.layers: dict[int, tuple[Tensor, ...]] = {}
+
+    def update(self, layer_idx: int, *new: Tensor) -> tuple[Tensor, ...]:
+        """Append `new` (each [B, S_new, ...]) to the layer's tensors and return them all ([B, S_total, ...])."""
+        old = self.layers.get(layer_idx)
+        full = new if old is None else tuple(torch.cat((o, n), dim=1) for o, n in zip(old, new, strict=True))
+        self.layers[layer_idx] = full
+        return full
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        """Tokens cached for the layer (0 when it holds nothing)."""
+        cached = self.layers.get(layer_idx)
+        return 0 if cached is None else cached[0].shape[1]
+
+    def crop(self, max_length: int) -> None:
+        """Keep at most the first `max_length` tokens of every layer (drop rejected speculative tokens)."""
+        self.layers = {i: tuple(t[:, :max_length] for t in cached) for i, cached in self.layers.items()}
+
+    def nbytes_per_token(self) -> int:
+        """Bytes held per token of one sequence, summed over all layers."""
+        return sum(math.prod(t.shape[2:]) * t.element_size() for cached in self.layers.values() for t in cached)
+
+
+def causal_attention(q: Tensor, k: Tensor, v: Tensor, scale: float, offset: int, group: int = 1) -> Tensor:
+    """softmax(q·kᵀ · scale, causal) · v with scaled_dot_product_attention.
+
+    q: [B, S·group, h, d_qk]; k: [B, T, h, d_qk]; v: [B, T, h, d_v] -> [B, S·group, h, d_v]. Query row i is token
+    i // group, at index offset + i // group of the T keys (the first `offset` of which are cached), and sees the
+    keys at indices <= its own. group > 1 holds `group` query heads that share a key/value head in consecutive rows.
+    """
+    rows, keys = q.shape[1], k.shape[1]
+    causal = offset == 0 and group == 1  # the plain causal square: SDPA's is_causal
+    mask = None
+    if rows > group and not causal:  # several tokens after cached ones, or in grouped rows (one token sees all)
+        last = torch.arange(rows, device=q.device) // group + offset  # [S·group], index of each row's token
+        mask = torch.arange(keys, device=q.device) <= last[:, None]  # [S·group, T]
+    q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, h, L, d]
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=scale)
+    return out.transpose(1, 2)
+
+
+class MultiHeadLatentAttention(nn.Module):
+    """Multi-head latent attention (DeepSeek-V2 §2.1).
+
+    c_Q = W_DQ h, q = W_UQ RMSNorm(c_Q) (or q = W_Q h without q_lora_rank), split per head into q^C and q^R;
+    [c_KV; k^R] = W_DKV h (kv_a_proj_with_mqa), c_KV ← RMSNorm(c_KV); [k^C; v] = [W_UK; W_UV] c_KV (kv_b_proj);
+    q^R and the single, head-shared k^R carry RoPE. Only (c_KV, k^R) are cached.
+
+    absorb=False decompresses k^C, v for every cached token. absorb=True attends over the cache directly, as
+    one key/value head shared by all query heads: score = (W_UKᵀ q^C)·c_KV + q^R·k^R, output W_UV Σ p·c_KV.
+    """
+
+    def __init__(self, config: DeepSeekConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.n_heads = config.num_attention_heads
+        self.q_lora_rank = config.q_lora_rank
+        self.kv_lora_rank = config.kv_lora_rank
+        self.qk_nope_head_dim = config.qk_nope_head_dim
+        self.qk_rope_head_dim = config.qk_rope_head_dim
+        self.v_head_dim = config.v_head_dim
+        self.rope_interleave = config.rope_interleave
+        self.absorb = False
+        hidden, d_qk, bias = config.hidden_size, config.head_dim, config.attention_bias
+
+        # The low-rank norms use the default ε = 1e-6 whatever rms_norm_eps says, as DeepSeek and transformers do.
+        if self.q_lora_rank is None:
+            self.q_proj = nn.Linear(hidden, self.n_heads * d_qk, bias=False)
+        else:
+            self.q_a_proj = nn.Linear(hidden, self.q_lora_rank, bias=bias)
+            self.q_a_layernorm = RMSNorm(self.q_lora_rank)
+            self.q_b_proj = nn.Linear(self.q_lora_rank, self.n_heads * d_qk, bias=False)
+        self.kv_a_proj_with_mqa = nn.Linear(hidden, self.kv_lora_rank + self.qk_rope_head_dim, bias=bias)
+        self.kv_a_layernorm = RMSNorm(self.kv_lora_rank)
+        self.kv_b_proj = nn.Linear(
+            self.kv_lora_rank, self.n_heads * (self.qk_nope_head_dim + self.v_head_dim), bias=False
+        )
+        self.o_proj = nn.Linear(self.n_heads * self.v_head_dim, hidden, bias=bias)
+        self.rotary = RotaryEmbedding(config)
+        self.softmax_scale = softmax_scale(config)
+
+    def forward(self, x: Tensor, positions: Tensor, cache: KVCache | None = None) -> Tensor:
+        """x: [B, S, H]; positions: [S] absolute positions of x's tokens, which follow the cached ones."""
+        bsz, seqlen, _ = x.shape
+        q = self.q_proj(x) if self.q_lora_rank is None else self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+        q = q.view(bsz, seqlen, self.n_heads, -1)
+        q_nope, q_rope = q.split([self.qk_nope_head_dim, self.qk_rope_head_dim], dim=-1)  # [B, S, n, d_n / d_r]
+        cos, sin = self.rotary(positions)
+        q_rope = apply_rotary(q_rope, cos, sin, self.rope_interleave)
+
+        c_kv, k_rope = self.kv_a_proj_with_mqa(x).split([self.kv_lora_rank, self.qk_rope_head_dim], dim=-1)
+        c_kv = self.kv_a_layernorm(c_kv)  # [B, S, d_c]
+        k_rope = apply_rotary(k_rope.unsqueeze(2), cos, sin, self.rope_interleave).squeeze(2)  # [B, S, d_r]
+        if cache is not None:
+            c_kv, k_rope = cache.update(self.layer_idx, c_kv, k_rope)  # [B, T, d_c], [B, T, d_r]
+        offset = c_kv.shape[1] - seqlen
+
+        if self.absorb:
+            w_kv_b = self.kv_b_proj.weight.view(self.n_heads, -1, self.kv_lora_rank)  # [n, d_n + d_v, d_c]
+            q_latent = torch.einsum("bshd,hdc->bshc", q_nope, w_kv_b[:, : self.qk_nope_head_dim])  # W_UKᵀ q^C
+            q = torch.cat((q_latent, q_rope), dim=-1).view(bsz, seqlen * self.n_heads, 1, -1)  # [B, S·n, 1, d_c+d_r]
+            k = torch.cat((c_kv, k_rope), dim=-1).unsqueeze(2)  # [B, T, 1, d_c + d_r]
+            out = causal_attention(q, k, c_kv.unsqueeze(2), self.softmax_scale, offset, group=self.n_heads)
+            out = out.view(bsz, seqlen, self.n_heads, self.kv_lora_rank)  # Σ p·c_KV per head
+            out = torch.einsum("bshc,hdc->bshd", out, w_kv_b[:, self.qk_nope_head_dim :])  # W_UV: [B, S, n, d_v]
+        else:
+            kv = self.kv_b_proj(c_kv).view(bsz, c_kv.shape[1], self.n_heads, -1)
+            k_nope, v = kv.split([self.qk_nope_head_dim, self.v_head_dim], dim=-1)  # [B, T, n, d_n / d_v]
+            k = torch.cat((k_nope, k_rope.unsqueeze(2).expand(-1, -1, self.n_heads, -1)), dim=-1)
+            q = torch.cat((q_nope, q_rope), dim=-1)
+            out = causal_attention(q, k, v, self.softmax_scale, offset)  # [B, S, n, d_v]
+        return self.o_proj(out.flatten(2))
+
+
+class MultiHeadAttention(nn.Module):
+    """Multi-head attention with num_key_value_heads key/value heads (GQA when fewer than the query heads).
+
+    Llama's attention, used by DeepSeekMoE 16B (model_type "deepseek", RoPE on the whole head, rotate_half).
+    """
+
+    def __init__(self, config: DeepSeekConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.n_heads = config.num_attention_heads
+        self.n_kv_heads = config.num_key_value_heads
+        self.head_dim = config.head_dim
+        self.rope_interleave = config.rope_interleave
+        hidden, bias = config.hidden_size, config.attention_bias
+        self.q_proj = nn.Linear(hidden, self.n_heads * self.head_dim, bias=bias)
+        self.k_proj = nn.Linear(hidden, self.n_kv_heads * self.head_dim, bias=bias)
+        self.v_proj = nn.Linear(hidden, self.n_kv_heads * self.head_dim, bias=bias)
+        self.o_proj = nn.Linear(self.n_heads * self.head_dim, hidden, bias=bias)
+        self.rotary = RotaryEmbedding(config)
+        self.softmax_scale = softmax_scale(config)
+
+    def forward(self, x: Tensor, positions: Tensor, cache: KVCache | None = None) -> Tensor:
+        """x: [B, S, H]; positions: [S] absolute positions of x's tokens, which follow the cached ones."""
+        bsz, seqlen, _ = x.shape
+        group = self.n_heads // self.n_kv_heads
+        cos, sin = self.rotary(positions)
+        q = apply_rotary(self.q_proj(x).view(bsz, seqlen, self.n_heads, -1), cos, sin, self.rope_interleave)
+        k = apply_rotary(self.k_proj(x).view(bsz, seqlen, self.n_kv_heads, -1), cos, sin, self.rope_interleave)
+        v = self.v_proj(x).view(bsz, seqlen, self.n_kv_heads, -1)
+        if cache is not None:
+            k, v = cache.update(self.layer_idx, k, v)  # [B, T, n_kv, d]
+        # query head j uses key/value head j // group: put the group's heads in consecutive rows
+        q = q.unflatten(2, (self.n_kv_heads, group)).transpose(2, 3).flatten(1, 2)  # [B, S·group, n_kv, d]
+        out = causal_attention(q, k, v, self.softmax_scale, k.shape[1] - seqlen, group)  # [B, S·group, n_kv, d]
+        out = out.unflatten(1, (seqlen, group)).transpose(2, 3)  # [B, S, n_kv, group, d]
+        return self.o_proj(out.flatten(2))
+
+
+def build_attention(config: DeepSeekConfig, layer_idx: int) -> nn.Module:
+    """MLA for attention_type "mla", MHA for "mha"."""
+    if config.attention_type == "mla":
+        return MultiHeadLatentAttention(config, layer_idx)
+    return MultiHeadAttention(config, layer_idx)
