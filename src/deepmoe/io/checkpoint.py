@@ -1,0 +1,559 @@
+"""Checkpoint files (SPEC M5): safetensors reading (single file or sharded, memory-mapped, no
+pickle), block-wise FP8 dequantisation, atomic sharded writing, and on top of them
+`load_checkpoint` / `save_checkpoint` / `from_pretrained` / `save_pretrained` for HF-format
+DeepSeek checkpoints (names and config mapped by `deepmoe.io.hf`).
+
+Every problem with a file raises `CheckpointError`, one line naming the file and, where there is
+one, the tensor.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import dataclasses
+import json
+import math
+import os
+import re
+import shutil
+import tempfile
+import warnings
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors import torch as st_torch
+from torch import Tensor, nn
+
+from deepmoe.config import DeepSeekConfig
+from deepmoe.io.hf import (
+    config_from_hf,
+    config_to_hf,
+    expected_hf_shapes,
+    expected_shapes,
+    hf_items,
+    hf_name,
+    mtp_copies,
+    split_expert_tensor,
+)
+
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+INDEX_NAME = "model.safetensors.index.json"
+SCALE_SUFFIX = "_scale_inv"
+FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
+_SHARD_NAME = re.compile(r"model-\d{5}-of-\d{5}\.safetensors")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint directory or file is missing, unreadable, or does not match its config."""
+
+
+# ---- reading ------------------------------------------------------------------------------------
+
+
+def read_json(path: Path, what: str = "file") -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: {what} not found")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise CheckpointError(f"{path}: not valid JSON ({err})") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path}: expected a JSON object, got {type(data).__name__}")
+    return data
+
+
+class SafetensorsCheckpoint:
+    """The tensors of a checkpoint directory: `model.safetensors`, or the shards that
+    `model.safetensors.index.json` lists. Files are memory-mapped by `safe_open`; a tensor's
+    shape and dtype are read from the header without touching its data.
+
+    Use as a context manager (or call `close`) to release the file handles.
+    """
+
+    def __init__(self, directory: str | os.PathLike):
+        self.directory = Path(directory)
+        if not self.directory.is_dir():
+            raise CheckpointError(f"{self.directory}: checkpoint directory not found")
+        self._handles: dict[str, Any] = {}
+        index_path = self.directory / INDEX_NAME
+        single_path = self.directory / WEIGHTS_NAME
+        self.weight_map: dict[str, str] = {}
+        if index_path.exists():
+            index = read_json(index_path, "index")
+            weight_map = index.get("weight_map")
+            if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+                raise CheckpointError(f"{index_path}: has no 'weight_map' object of tensor name -> file name")
+            for file in sorted(set(weight_map.values())):
+                if Path(file).name != file:
+                    raise CheckpointError(f"{index_path}: shard name {file!r} is not a plain file name")
+                if not (self.directory / file).is_file():
+                    first = next(name for name, f in weight_map.items() if f == file)
+                    raise CheckpointError(
+                        f"{index_path}: names shard {file!r} (holding e.g. {first!r}), "
+                        f"but {self.directory / file} does not exist"
+                    )
+            self.weight_map = dict(weight_map)
+            for file in sorted(set(weight_map.values())):
+                keys = set(self._handle(file).keys())
+                for name, f in weight_map.items():
+                    if f == file and name not in keys:
+                        raise CheckpointError(
+                            f"{index_path}: says tensor {name!r} is in {file}, but that file lacks it"
+                        )
+        elif single_path.exists():
+            self.weight_map = dict.fromkeys(self._handle(WEIGHTS_NAME).keys(), WEIGHTS_NAME)
+        else:
+            pickled = [p.name for p in self.directory.glob("*.bin")] + [p.name for p in self.directory.glob("*.pt")]
+            hint = (
+                f" (found {pickled[0]}: pickled weights are not read, convert them to safetensors)" if pickled else ""
+            )
+            raise CheckpointError(f"{self.directory}: has neither {WEIGHTS_NAME} nor {INDEX_NAME}{hint}")
+
+    def _handle(self, file: str):
+        handle = self._handles.get(file)
+        if handle is None:
+            path = self.directory / file
+            try:
+                handle = safe_open(str(path), framework="pt", device="cpu")
+            except (SafetensorError, OSError) as err:
+                raise CheckpointError(f"{path}: not a readable safetensors file ({err})") from None
+            self._handles[file] = handle
+        return handle
+
+    def names(self) -> list[str]:
+        return list(self.weight_map)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.weight_map
+
+    def file_of(self, name: str) -> Path:
+        return self.directory / self.weight_map[name]
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self._handle(self.weight_map[name]).get_slice(name).get_shape())
+
+    def dtype(self, name: str) -> str:
+        """The safetensors dtype string, e.g. "BF16", "F8_E4M3"."""
+        return self._handle(self.weight_map[name]).get_slice(name).get_dtype()
+
+    def is_fp8(self, name: str) -> bool:
+        return self.dtype(name).startswith("F8")
+
+    def get(self, name: str) -> Tensor:
+        try:
+            return self._handle(self.weight_map[name]).get_tensor(name)
+        except (SafetensorError, OSError, RuntimeError, ValueError) as err:
+            raise CheckpointError(f"{self.file_of(name)}: cannot read tensor {name!r} ({err})") from None
+
+    def close(self) -> None:
+        self._handles.clear()
+
+    def __enter__(self) -> SafetensorsCheckpoint:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def dequantize_fp8(
+    weight: Tensor, scale_inv: Tensor, block_size: tuple[int, int] = (128, 128), dtype: torch.dtype = torch.bfloat16
+) -> Tensor:
+    """w = fp8 weight × scale_inv of its (bm × bn) block, computed in float32 one row-block at a time.
+
+    weight [..., M, N] (float8), scale_inv [..., ceil(M/bm), ceil(N/bn)] float32 (DeepSeek-V3's
+    `<name>_scale_inv`); edge blocks may be partial. Returns [..., M, N] in `dtype`.
+    """
+    if weight.dim() < 2:
+        raise ValueError(f"an FP8 weight must have >= 2 dimensions, got shape {tuple(weight.shape)}")
+    *lead, m, n = weight.shape
+    bm, bn = block_size
+    rows, cols = math.ceil(m / bm), math.ceil(n / bn)
+    if tuple(scale_inv.shape) != (*lead, rows, cols):
+        raise ValueError(
+            f"scale_inv has shape {tuple(scale_inv.shape)}, expected {(*lead, rows, cols)} "
+            f"for a weight of shape {tuple(weight.shape)} in {bm}x{bn} blocks"
+        )
+    out = torch.empty(weight.shape, dtype=dtype, device=weight.device)
+    w, o = weight.reshape(-1, m, n), out.view(-1, m, n)
+    s = scale_inv.reshape(-1, rows, cols).to(torch.float32)
+    for e in range(w.shape[0]):
+        for r in range(rows):
+            r0, r1 = r * bm, min(m, (r + 1) * bm)
+            column_scale = s[e, r].repeat_interleave(bn)[:n]  # [N]: each column block's scale
+            o[e, r0:r1] = (w[e, r0:r1].to(torch.float32) * column_scale).to(dtype)
+    return out
+
+
+# ---- writing ------------------------------------------------------------------------------------
+
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(I?)B?\s*$", re.IGNORECASE)
+
+
+def parse_size(size: int | str) -> int:
+    """Bytes from an int or a string such as "5GB", "500MB", "10KiB" (decimal units; "iB": binary)."""
+    if isinstance(size, int) and not isinstance(size, bool):
+        value = size
+    else:
+        match = _SIZE.match(str(size))
+        if not match:
+            raise ValueError(f"max_shard_size={size!r} is invalid: use bytes or a string like '5GB', '500MB'")
+        number, unit, binary = match.groups()
+        base = 1024 if binary else 1000
+        value = int(float(number) * base ** " KMGT".index(unit.upper() or " "))
+    if value < 1:
+        raise ValueError(f"max_shard_size={size!r} is invalid: must be >= 1 byte")
+    return value
+
+
+def _fsync_path(path: Path, directory: bool = False) -> None:
+    fd = os.open(path, os.O_RDONLY | (getattr(os, "O_DIRECTORY", 0) if directory else 0))
+    try:
+        os.fsync(fd)
+    except OSError:  # some filesystems refuse fsync on directories
+        if not directory:
+            raise
+    finally:
+        os.close(fd)
+
+
+def write_json(path: Path, data: dict[str, Any]) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(data, f, indent=2, sort_keys=True)
+        f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def write_shards(
+    items: Iterable[tuple[str, int, Callable[[], Tensor]]],
+    directory: Path,
+    max_shard_size: int,
+    metadata: dict[str, str] | None = None,
+) -> dict[str, str]:
+    """Write (name, nbytes, make_tensor) items in order into `directory`, greedily packed into
+    shards of at most `max_shard_size` bytes (a larger tensor gets a shard of its own).
+
+    One shard is written as `model.safetensors`; several as `model-0000i-of-0000n.safetensors`
+    plus `model.safetensors.index.json`. Each file is fsynced. Returns name -> file name.
+    """
+    shards: list[list[tuple[str, Callable[[], Tensor]]]] = [[]]
+    size = total = 0
+    for name, nbytes, make in items:
+        if shards[-1] and size + nbytes > max_shard_size:
+            shards.append([])
+            size = 0
+        shards[-1].append((name, make))
+        size += nbytes
+        total += nbytes
+    n = len(shards)
+    weight_map: dict[str, str] = {}
+    for i, shard in enumerate(shards):
+        file = WEIGHTS_NAME if n == 1 else f"model-{i + 1:05d}-of-{n:05d}.safetensors"
+        tensors = {}
+        for name, make in shard:
+            # own, contiguous storage: safetensors refuses views that share memory (expert slices, tied copies)
+            tensors[name] = make().detach().to("cpu").contiguous().clone()
+            weight_map[name] = file
+        path = directory / file
+        st_torch.save_file(tensors, str(path), metadata={"format": "pt", **(metadata or {})})
+        del tensors
+        _fsync_path(path)
+    if n > 1:
+        write_json(directory / INDEX_NAME, {"metadata": {"total_size": total}, "weight_map": weight_map})
+    return weight_map
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Atomically swap two paths (Linux renameat2 RENAME_EXCHANGE); False where unsupported."""
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    return renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0
+
+
+def _checkpoint_files(directory: Path) -> set[str]:
+    """Names of the files a checkpoint write replaces (config, weights, shards, index)."""
+    names = {CONFIG_NAME, WEIGHTS_NAME, INDEX_NAME}
+    names |= {p.name for p in directory.iterdir() if _SHARD_NAME.fullmatch(p.name)}
+    try:
+        names |= set(json.loads((directory / INDEX_NAME).read_text()).get("weight_map", {}).values())
+    except (OSError, ValueError, AttributeError, TypeError):
+        pass
+    return names
+
+
+@contextmanager
+def atomic_directory(target: str | os.PathLike) -> Iterator[Path]:
+    """Yield a fresh temporary directory next to `target`; on success, make it `target`.
+
+    Files the caller writes there must be complete (fsynced) when the block ends. Other files of an
+    existing `target` (tokenizer, generation config, ...) are carried over; the checkpoint files
+    are replaced as a whole. The swap is one atomic rename-exchange where the OS offers it, else two
+    renames (the old directory is put back if the second fails). If the block raises, the temporary
+    directory is removed and `target` is left as it was.
+    """
+    target = Path(target)
+    if target.exists() and not target.is_dir():
+        raise CheckpointError(f"{target}: exists and is not a directory")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    try:
+        yield tmp
+        if target.exists():
+            replaced = _checkpoint_files(target)
+            for entry in target.iterdir():
+                if entry.name in replaced or (tmp / entry.name).exists():
+                    continue
+                if entry.is_dir() and not entry.is_symlink():
+                    shutil.copytree(entry, tmp / entry.name, symlinks=True)
+                else:
+                    shutil.copy2(entry, tmp / entry.name, follow_symlinks=False)
+        _fsync_path(tmp, directory=True)
+        if not target.exists():
+            os.rename(tmp, target)
+        elif _exchange(tmp, target):
+            shutil.rmtree(tmp, ignore_errors=True)  # tmp now holds the previous checkpoint
+        else:
+            old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
+            os.rmdir(old)
+            os.rename(target, old)
+            try:
+                os.rename(tmp, target)
+            except BaseException:
+                os.rename(old, target)
+                raise
+            shutil.rmtree(old, ignore_errors=True)
+        _fsync_path(target.parent, directory=True)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+# ---- HF checkpoints of deepmoe models -------------------------------------------------------------
+
+
+def load_config(path: str | os.PathLike) -> DeepSeekConfig:
+    """`DeepSeekConfig` of a checkpoint directory (or a config.json path); errors name the file."""
+    return _read_config(Path(path))[0]
+
+
+def _read_config(path: Path) -> tuple[DeepSeekConfig, dict[str, Any]]:
+    file = path / CONFIG_NAME if path.is_dir() or not path.suffix else path
+    raw = read_json(file, CONFIG_NAME)
+    try:
+        return config_from_hf(raw), raw
+    except (ValueError, TypeError) as err:
+        raise CheckpointError(f"{file}: {err}") from None
+
+
+# ---- loading -----------------------------------------------------------------------------------
+
+
+def _listing(names: list[str], limit: int = 4) -> str:
+    shown = ", ".join(repr(n) for n in names[:limit])
+    return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
+
+
+def load_checkpoint(
+    path: str | os.PathLike, dtype: torch.dtype | None = None, device: str | torch.device | None = None,
+    check_finite: bool = True,
+) -> tuple[DeepSeekConfig, dict[str, Tensor]]:  # fmt: skip
+    """Read a HF-format checkpoint directory: (config, deepmoe state dict).
+
+    Reads config.json and `model.safetensors` or the shards of `model.safetensors.index.json`
+    (memory-mapped), stacks per-expert tensors into `gate_up_proj`/`down_proj`, maps V3's MTP layers
+    to `model.mtp.{k}`, dequantises FP8 block-scaled weights, and casts floating tensors to `dtype`
+    (None: as stored; FP8 weights to the config's torch_dtype, else bfloat16). The expert-bias
+    buffers stay float32. Raises CheckpointError naming the file and tensor on any mismatch.
+    """
+    directory = Path(path)
+    config, raw = _read_config(directory)
+    quant = raw.get("quantization_config") or {}
+    block = tuple(quant.get("weight_block_size") or (128, 128))
+    fp8_dtype = dtype or _dtype_from_config(raw) or torch.bfloat16
+    with SafetensorsCheckpoint(directory) as ckpt:
+        config = _validate(ckpt, config, directory / CONFIG_NAME)
+
+        def read(hf: str) -> Tensor:
+            t = ckpt.get(hf)
+            if t.dtype in FP8_DTYPES:
+                try:
+                    t = dequantize_fp8(t, ckpt.get(hf + SCALE_SUFFIX), block, fp8_dtype)
+                except ValueError as err:
+                    raise CheckpointError(f"{ckpt.file_of(hf)}: tensor {hf!r}: {err}") from None
+            keep32 = hf.endswith("e_score_correction_bias")
+            target = torch.float32 if keep32 and t.is_floating_point() else dtype
+            if target is not None and t.is_floating_point():
+                t = t.to(target)
+            if check_finite and t.is_floating_point() and not torch.isfinite(t).all():
+                what = "NaN" if torch.isnan(t).any() else "inf"
+                raise CheckpointError(f"{ckpt.file_of(hf)}: tensor {hf!r} contains {what}")
+            return t.to(device) if device is not None else t
+
+        state: dict[str, Tensor] = {}
+        for name, shape in expected_shapes(config).items():
+            hf = hf_name(name, config)
+            if hf in ckpt:  # stored as is (experts fused, as in memory)
+                state[name] = read(hf)
+                continue
+            parts = hf_items(name, None, config, lambda _, j, proj: (j, proj))
+            first = read(parts[0][0])
+            out = torch.empty(shape, dtype=first.dtype, device=first.device)
+            half = shape[1] // 2
+            for hf_part, (j, proj) in parts:
+                t = first if hf_part == parts[0][0] else read(hf_part)
+                {"gate_proj": out[j, :half], "up_proj": out[j, half:], "down_proj": out[j]}[proj].copy_(t)
+            state[name] = out
+    return config, state
+
+
+def _dtype_from_config(raw: dict[str, Any]) -> torch.dtype | None:
+    name = raw.get("dtype") or raw.get("torch_dtype")
+    value = getattr(torch, str(name), None) if isinstance(name, str) else None
+    return value if isinstance(value, torch.dtype) and value.is_floating_point and value not in FP8_DTYPES else None
+
+
+def _validate(ckpt: SafetensorsCheckpoint, config: DeepSeekConfig, config_file: Path) -> DeepSeekConfig:
+    """Check names and shapes against the config; returns the config (MTP dropped if absent)."""
+    names = ckpt.names()
+    scales = {n for n in names if n.endswith(SCALE_SUFFIX) and n[: -len(SCALE_SUFFIX)] in ckpt}
+    for scale in sorted(scales):
+        if not ckpt.is_fp8(scale[: -len(SCALE_SUFFIX)]):
+            raise CheckpointError(f"{ckpt.file_of(scale)}: has {scale!r}, but its weight is not an FP8 tensor")
+    names = [n for n in names if n not in scales and not n.endswith("rotary_emb.inv_freq")]
+    L, D = config.num_hidden_layers, config.num_nextn_predict_layers  # noqa: N806
+    if D and not any(re.match(rf"model\.layers\.({'|'.join(str(L + k) for k in range(D))})\.", n) for n in names):
+        warnings.warn(
+            f"{config_file}: num_nextn_predict_layers={D}, but the checkpoint has no MTP weights "
+            f"(model.layers.{L}.*): loading without the multi-token-prediction modules",
+            UserWarning,
+            stacklevel=3,
+        )
+        config = dataclasses.replace(config, num_nextn_predict_layers=0)
+    fused = {n.rpartition(".")[0] for n in names if n.endswith((".mlp.experts.gate_up_proj", ".mlp.experts.down_proj"))}
+    expected = expected_hf_shapes(config, fused)
+    optional = mtp_copies(config)
+    present = set(names)
+    missing = [n for n in expected if n not in present]
+    unexpected = [n for n in names if n not in expected and n not in optional]
+    if missing or unexpected:
+        problems = []
+        if missing:
+            problems.append(f"missing {len(missing)} tensor(s) {_listing(missing)}")
+        if unexpected:
+            where = ckpt.file_of(unexpected[0]).name
+            problems.append(f"unexpected {len(unexpected)} tensor(s) {_listing(unexpected)} (in {where})")
+        raise CheckpointError(f"{ckpt.directory}: does not match {config_file.name}: " + "; ".join(problems))
+    for name in names:
+        want = expected.get(name) or optional[name]
+        got = ckpt.shape(name)
+        if got != want:
+            raise CheckpointError(
+                f"{ckpt.file_of(name)}: tensor {name!r} has shape {list(got)}, {config_file.name} implies {list(want)}"
+            )
+        if ckpt.is_fp8(name) and name + SCALE_SUFFIX not in ckpt:
+            raise CheckpointError(f"{ckpt.file_of(name)}: FP8 tensor {name!r} has no {name + SCALE_SUFFIX!r}")
+    return config
+
+
+# ---- saving ------------------------------------------------------------------------------------
+
+
+def save_checkpoint(
+    model_or_state: nn.Module | dict[str, Tensor], config: DeepSeekConfig | None, path: str | os.PathLike,
+    max_shard_size: int | str = "5GB", check_finite: bool = True,
+) -> Path:  # fmt: skip
+    """Write config.json + safetensors (per-expert layout, V3 MTP layout) to the directory `path`.
+
+    Sharded with `model.safetensors.index.json` when the weights exceed `max_shard_size`. Atomic:
+    everything is written and fsynced in a temporary directory next to `path`, which then replaces
+    it; a failure leaves the previous checkpoint untouched. Refuses non-finite weights.
+    """
+    if isinstance(model_or_state, nn.Module):
+        config = config or getattr(model_or_state, "config", None)
+        state = model_or_state.state_dict()
+    else:
+        state = dict(model_or_state)
+    if not isinstance(config, DeepSeekConfig):
+        raise ValueError("save_checkpoint needs a DeepSeekConfig (pass config, or a model with a .config)")
+    limit = parse_size(max_shard_size)
+    hf_config = config_to_hf(config)
+    if config.tie_word_embeddings:
+        state.pop("lm_head.weight", None)
+    expected = expected_shapes(config)
+    missing = [n for n in expected if n not in state]
+    unexpected = [n for n in state if n not in expected]
+    if missing or unexpected:
+        raise ValueError(
+            f"state dict does not match the config: missing {_listing(missing) or 'none'}, "
+            f"unexpected {_listing(unexpected) or 'none'}"
+        )
+    for name, shape in expected.items():
+        t = state[name]
+        if tuple(t.shape) != shape:
+            raise ValueError(f"tensor {name!r} has shape {list(t.shape)}, the config implies {list(shape)}")
+        if check_finite and t.is_floating_point() and not torch.isfinite(t).all():
+            raise ValueError(f"tensor {name!r} contains NaN or inf: refusing to save it")
+
+    def items() -> Iterator[tuple[str, int, Callable[[], Tensor]]]:
+        for name in expected:
+            t = state[name]
+            for hf, piece in hf_items(name, t, config, split_expert_tensor):
+                yield hf, piece.numel() * piece.element_size(), lambda piece=piece: piece
+        head = state["model.embed_tokens.weight"] if config.tie_word_embeddings else state["lm_head.weight"]
+        for k in range(config.num_nextn_predict_layers):
+            p = f"model.layers.{config.num_hidden_layers + k}."
+            for hf, t in ((p + "embed_tokens.weight", state["model.embed_tokens.weight"]),
+                          (p + "shared_head.head.weight", head)):  # fmt: skip
+                yield hf, t.numel() * t.element_size(), lambda t=t: t
+
+    floating = [t for t in state.values() if t.is_floating_point()]
+    weights_dtype = max({t.dtype for t in floating}, key=lambda dt: sum(t.numel() for t in floating if t.dtype == dt))
+    hf_config["torch_dtype"] = hf_config["dtype"] = str(weights_dtype).removeprefix("torch.")
+    target = Path(path)
+    with atomic_directory(target) as tmp:
+        write_shards(items(), tmp, limit)
+        write_json(tmp / CONFIG_NAME, hf_config)
+    return target
+
+
+def from_pretrained(
+    path: str | os.PathLike, dtype: torch.dtype | None = None, device: str | torch.device | None = None
+) -> nn.Module:
+    """A `DeepSeekForCausalLM` (eval mode) with the weights of a HF-format checkpoint directory.
+
+    dtype None keeps the stored dtypes (FP8 weights become the config's torch_dtype).
+    """
+    from deepmoe.model.decoder import DeepSeekForCausalLM
+
+    config, state = load_checkpoint(path, dtype=dtype)
+    model = DeepSeekForCausalLM(config)
+    own = {n: tuple(t.shape) for n, t in model.state_dict().items()}
+    if own.keys() != state.keys():
+        missing, extra = sorted(own.keys() - state.keys()), sorted(state.keys() - own.keys())
+        raise CheckpointError(
+            f"{path}: DeepSeekForCausalLM does not match the checkpoint: it needs {_listing(missing) or 'nothing more'}"
+            f", the checkpoint has {_listing(extra) or 'nothing more'}"
+        )
+    for name, shape in own.items():
+        if tuple(state[name].shape) != shape:
+            raise CheckpointError(
+                f"{path}: tensor {name!r} has shape {list(state[name].shape)}, the model {list(shape)}"
+            )
+    model.load_state_dict(state, strict=True, assign=True)  # assign: keep the loaded dtypes
+    if device is not None:
+        model.to(device)
+    return model.eval()
+
+
+def save_pretrained(model: nn.Module, path: str | os.PathLike, max_shard_size: int | str = "5GB") -> Path:
+    """`save_checkpoint(model, model.config, path, max_shard_size)`."""
+    return save_checkpoint(model, getattr(model, "config", None), path, max_shard_size=max_shard_size)
