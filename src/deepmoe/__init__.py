@@ -1,8 +1,30 @@
 """deepmoe: DeepSeek-style Mixture-of-Experts models in PyTorch."""
 
-from deepmoe.config import MoEConfig
+from deepmoe.config import DeepSeekConfig, MoEConfig
+from deepmoe.io import from_pretrained, save_pretrained
+from deepmoe.model import CausalLMOutput, DeepSeekForCausalLM, KVCache, generate, generate_speculative
 from deepmoe.moe import MoE, MoEOutput, Router, RouterOutput, RoutingStats
+from deepmoe.presets import PRESETS, count_parameters, get_preset
 
 __version__ = "0.1.0"
 
-__all__ = ["MoE", "MoEConfig", "MoEOutput", "Router", "RouterOutput", "RoutingStats", "__version__"]
+__all__ = [
+    "PRESETS",
+    "CausalLMOutput",
+    "DeepSeekConfig",
+    "DeepSeekForCausalLM",
+    "KVCache",
+    "MoE",
+    "MoEConfig",
+    "MoEOutput",
+    "Router",
+    "RouterOutput",
+    "RoutingStats",
+    "__version__",
+    "count_parameters",
+    "from_pretrained",
+    "generate",
+    "generate_speculative",
+    "get_preset",
+    "save_pretrained",
+]

@@ -52,6 +52,82 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _inspect(args: argparse.Namespace) -> int:
+    import json
+
+    from deepmoe.tools.inspect import describe, resolve_config
+
+    info = describe(resolve_config(args.model))
+    if args.json:
+        print(json.dumps(info))
+        return 0
+    table = Table(title=f"{args.model}", show_header=False)
+    cache = info.pop("kv_cache_bytes_per_token_bf16")
+    info.pop("kv_cache_bytes_per_token")
+    for key, value in info.items():
+        if "params" in key:
+            value = f"{value / 1e9:.3f} B" if value >= 1e8 else f"{value / 1e6:.2f} M"
+        table.add_row(key, str(value))
+    table.add_section()
+    for kind, size in cache.items():
+        table.add_row(f"KV cache bytes/token ({kind}, bf16)", f"{size:,}")
+    Console().print(table)
+    return 0
+
+
+def _generate(args: argparse.Namespace) -> int:
+    import torch
+
+    from deepmoe.io import from_pretrained
+    from deepmoe.model.generate import generate, generate_speculative
+
+    model = from_pretrained(args.model, dtype=getattr(torch, args.dtype)).eval()
+    tokenizer = None
+    if args.prompt is not None:
+        tokenizer = _load_tokenizer(args.model)
+        ids = tokenizer.encode(args.prompt).ids
+    else:
+        ids = args.ids
+    if not ids:
+        raise ValueError("the prompt is empty: give --prompt TEXT or --ids ID [ID ...]")
+    input_ids = torch.tensor([ids], dtype=torch.long)
+
+    def stream(token: torch.Tensor) -> None:
+        text = tokenizer.decode([int(token[0])]) if tokenizer else f" {int(token[0])}"
+        print(text, end="", flush=True)
+
+    if args.speculative:
+        _, stats = generate_speculative(model, input_ids, args.max_new_tokens, eos_token_id=args.eos, streamer=stream)
+        print(f"\n[MTP drafts accepted: {stats.accepted}/{stats.drafted} = {stats.acceptance_rate:.0%}]")
+        return 0
+    generator = torch.Generator().manual_seed(args.seed)
+    generate(
+        model,
+        input_ids,
+        args.max_new_tokens,
+        do_sample=args.temperature > 0,
+        temperature=args.temperature or 1.0,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        eos_token_id=args.eos,
+        generator=generator,
+        streamer=stream,
+    )
+    print()
+    return 0
+
+
+def _load_tokenizer(model_dir: str):
+    from pathlib import Path
+
+    from tokenizers import Tokenizer
+
+    path = Path(model_dir) / "tokenizer.json"
+    if not path.is_file():
+        raise ValueError(f"{path} not found: give token ids with --ids instead of --prompt")
+    return Tokenizer.from_file(str(path))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="deepmoe", description="DeepSeek-style Mixture-of-Experts toolkit.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -68,6 +144,35 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--gamma", type=float, default=0.001, help="bias update speed γ (default 0.001)")
     demo.add_argument("--seed", type=int, default=0)
     demo.set_defaults(func=_demo)
+
+    inspect = sub.add_parser(
+        "inspect",
+        help="architecture, parameter counts and KV-cache size",
+        description="Print a preset's or checkpoint's architecture, total and active "
+        "parameters, and KV-cache bytes per token against MHA and GQA.",
+    )
+    inspect.add_argument("model", metavar="PRESET_OR_PATH")
+    inspect.add_argument("--json", action="store_true", help="print one JSON object")
+    inspect.set_defaults(func=_inspect)
+
+    gen = sub.add_parser(
+        "generate",
+        help="generate text from a checkpoint",
+        description="Generate from a Hugging Face-format DeepSeek checkpoint with the KV cache.",
+    )
+    gen.add_argument("model", metavar="PATH", help="checkpoint directory (config.json + safetensors)")
+    source = gen.add_mutually_exclusive_group(required=True)
+    source.add_argument("--prompt", help="prompt text (needs tokenizer.json in the checkpoint)")
+    source.add_argument("--ids", type=int, nargs="+", help="prompt token ids")
+    gen.add_argument("--max-new-tokens", type=_positive_int, default=32)
+    gen.add_argument("--temperature", type=float, default=0.0, help="0 (default): greedy")
+    gen.add_argument("--top-k", type=_positive_int, default=None)
+    gen.add_argument("--top-p", type=float, default=None)
+    gen.add_argument("--speculative", action="store_true", help="greedy, drafting with the MTP module")
+    gen.add_argument("--eos", type=int, default=None, help="stop at this token id")
+    gen.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    gen.add_argument("--seed", type=int, default=0)
+    gen.set_defaults(func=_generate)
     return parser
 
 

@@ -1,0 +1,259 @@
+"""The DeepSeek causal LM: embedding → blocks (attention + dense or MoE FFN) → norm → head,
+plus the V3 multi-token-prediction modules (SPEC M2, M3).
+
+Parameter names are Hugging Face's (`model.layers.{i}.self_attn...`, `model.layers.{i}.mlp...`,
+`lm_head`), so a state dict maps one to one onto an HF checkpoint; the MTP modules live in
+`model.mtp.{k}` (the checkpoint's `model.layers.{L + k}`, mapped by `deepmoe.io`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from deepmoe.config import DeepSeekConfig
+from deepmoe.model.attention import KVCache, MultiHeadLatentAttention, build_attention
+from deepmoe.model.norm import RMSNorm
+from deepmoe.moe import MoE, RoutingStats, SwiGLU
+from deepmoe.moe.experts import RoutedExperts
+from deepmoe.moe.router import Router
+
+
+@dataclass
+class CausalLMOutput:
+    logits: Tensor
+    """[B, S, V] next-token logits."""
+    loss: Tensor | None = None
+    """lm_loss + aux_loss + mtp_loss, when labels are given."""
+    lm_loss: Tensor | None = None
+    aux_loss: Tensor | None = None
+    """Sum of the MoE layers' weighted balance losses (0 for a dense model)."""
+    mtp_loss: Tensor | None = None
+    """λ/D Σ_k L_k of the multi-token-prediction modules, when labels are given."""
+    mtp_logits: list[Tensor] = field(default_factory=list)
+    """[B, S − k, V] for depth k = 1..D: position i predicts token i + k + 1."""
+    routing_stats: dict[int, RoutingStats] = field(default_factory=dict)
+    """Per MoE layer index, that layer's routing statistics."""
+    past_key_values: KVCache | None = None
+    hidden_states: Tensor | None = None
+    """[B, S, H] last block's output before the final norm (h^0 of the MTP modules)."""
+
+
+class DecoderLayer(nn.Module):
+    """x + Attn(RMSNorm(x)), then + FFN(RMSNorm(·)); the FFN is dense SwiGLU or the MoE layer."""
+
+    def __init__(self, config: DeepSeekConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = build_attention(config, layer_idx)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        if config.is_moe_layer(layer_idx):
+            self.mlp: nn.Module = MoE(config.moe)
+        else:
+            self.mlp = SwiGLU(config.hidden_size, config.intermediate_size)
+
+    def forward(self, x: Tensor, positions: Tensor, cache: KVCache | None):
+        """x [B, S, H] → ([B, S, H], the MoE output or None)."""
+        x = x + self.self_attn(self.input_layernorm(x), positions, cache)
+        h = self.post_attention_layernorm(x)
+        if isinstance(self.mlp, MoE):
+            moe_out = self.mlp(h)
+            return x + moe_out.hidden_states, moe_out
+        return x + self.mlp(h), None
+
+
+class MTPModule(nn.Module):
+    """Multi-token prediction depth k (DeepSeek-V3 §2.2):
+    h'_i = W_eh [RMSNorm(Emb(t_{i+k})); RMSNorm(h^{k-1}_i)],  h^k = Block(h'),  logits = Head(RMSNorm(h^k)).
+
+    The concatenation order (embedding first) is the one of DeepSeek's released weights.
+    """
+
+    def __init__(self, config: DeepSeekConfig, layer_idx: int):
+        super().__init__()
+        h = config.hidden_size
+        self.enorm = RMSNorm(h, config.rms_norm_eps)
+        self.hnorm = RMSNorm(h, config.rms_norm_eps)
+        self.eh_proj = nn.Linear(2 * h, h, bias=False)
+        self.block = DecoderLayer(config, layer_idx)
+        self.norm = RMSNorm(h, config.rms_norm_eps)
+
+    def forward(self, previous: Tensor, next_embeddings: Tensor, positions: Tensor, cache: KVCache | None):
+        """previous h^{k-1} [B, S, H], next_embeddings Emb(t_{i+k}) [B, S, H] → (h^k, normed h^k, MoE output)."""
+        x = self.eh_proj(torch.cat([self.enorm(next_embeddings), self.hnorm(previous)], dim=-1))
+        x, moe_out = self.block(x, positions, cache)
+        return x, self.norm(x), moe_out
+
+
+class DeepSeekModel(nn.Module):
+    def __init__(self, config: DeepSeekConfig):
+        super().__init__()
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        n = config.num_hidden_layers
+        self.mtp = nn.ModuleList(MTPModule(config, n + k) for k in range(config.num_nextn_predict_layers))
+
+
+class DeepSeekForCausalLM(nn.Module):
+    """DeepSeekMoE 16B / V2 / V3-style causal LM built from a `DeepSeekConfig`."""
+
+    def __init__(self, config: DeepSeekConfig):
+        super().__init__()
+        self.config = config
+        self.model = DeepSeekModel(config)
+        if not config.tie_word_embeddings:
+            self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.reset_parameters()
+
+    def head(self, x: Tensor) -> Tensor:
+        weight = self.model.embed_tokens.weight if self.config.tie_word_embeddings else self.lm_head.weight
+        return F.linear(x, weight)
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """HF's init: N(0, initializer_range) for every matrix, ones for norms, zeros for the bias b."""
+        std = self.config.initializer_range
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                module.weight.normal_(0.0, std)
+                if getattr(module, "bias", None) is not None:
+                    module.bias.zero_()
+            elif isinstance(module, RoutedExperts):
+                module.gate_up_proj.normal_(0.0, std)
+                module.down_proj.normal_(0.0, std)
+            elif isinstance(module, Router):
+                module.weight.normal_(0.0, std)
+                if module.e_score_correction_bias is not None:
+                    module.e_score_correction_bias.zero_()
+            elif isinstance(module, RMSNorm):
+                module.weight.fill_(1.0)
+
+    def set_absorbed_attention(self, absorb: bool = True) -> None:
+        """MLA's absorbed form (W_UK folded into the query, W_UV into the output) for every layer."""
+        for module in self.modules():
+            if isinstance(module, MultiHeadLatentAttention):
+                module.absorb = absorb
+
+    def moe_layers(self) -> dict[int, MoE]:
+        """Layer index → MoE layer, MTP blocks included (index num_hidden_layers + k)."""
+        blocks = [*self.model.layers, *(m.block for m in self.model.mtp)]
+        return {b.layer_idx: b.mlp for b in blocks if isinstance(b.mlp, MoE)}
+
+    def _check_input(self, input_ids: Tensor, past_length: int) -> None:
+        cfg = self.config
+        if not isinstance(input_ids, Tensor) or input_ids.dtype not in (torch.int64, torch.int32):
+            raise ValueError("input_ids must be an integer (LongTensor) tensor of token ids")
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must have shape [batch, seq], got {tuple(input_ids.shape)}")
+        if input_ids.numel() == 0:
+            raise ValueError("input_ids is empty: give at least one token")
+        low, high = int(input_ids.min()), int(input_ids.max())
+        if low < 0 or high >= cfg.vocab_size:
+            bad = low if low < 0 else high
+            raise ValueError(f"token id {bad} is outside the vocabulary [0, {cfg.vocab_size})")
+        total = past_length + input_ids.shape[1]
+        if total > cfg.max_position_embeddings:
+            raise ValueError(
+                f"sequence of {total} tokens is longer than max_position_embeddings={cfg.max_position_embeddings}"
+            )
+
+    def forward(
+        self,
+        input_ids: Tensor,
+        labels: Tensor | None = None,
+        past_key_values: KVCache | None = None,
+        use_cache: bool = False,
+        output_mtp: bool | None = None,
+    ) -> CausalLMOutput:
+        """input_ids [B, S] → logits [B, S, V]; `labels` [B, S] (−100 = ignore) are shifted inside, as in HF.
+
+        The MTP modules run when `output_mtp` is set, by default when labels are given (training);
+        never with a cache.
+        """
+        cfg = self.config
+        cache = past_key_values if past_key_values is not None else (KVCache() if use_cache else None)
+        start = cache.get_seq_length() if cache is not None else 0
+        self._check_input(input_ids, start)
+        seq = input_ids.shape[1]
+        positions = torch.arange(start, start + seq, device=input_ids.device)
+
+        embeddings = self.model.embed_tokens(input_ids)
+        x = embeddings
+        stats: dict[int, RoutingStats] = {}
+        aux = embeddings.new_zeros((), dtype=torch.float32)
+        for layer in self.model.layers:
+            x, moe_out = layer(x, positions, cache)
+            if moe_out is not None:
+                stats[layer.layer_idx] = moe_out.stats
+                aux = aux + moe_out.aux_loss
+        logits = self.head(self.model.norm(x))
+        out = CausalLMOutput(logits=logits, aux_loss=aux, routing_stats=stats, past_key_values=cache, hidden_states=x)
+
+        if output_mtp is None:
+            output_mtp = labels is not None
+        if self.model.mtp and output_mtp and cache is None:
+            self._multi_token_prediction(x, embeddings, out)
+        if labels is not None:
+            out.lm_loss = F.cross_entropy(
+                logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100
+            )
+            out.loss = out.lm_loss + out.aux_loss
+            if out.mtp_logits:
+                depth_losses = [
+                    F.cross_entropy(
+                        lg[:, : seq - k - 1].flatten(0, 1).float(), labels[:, k + 1 :].flatten(), ignore_index=-100
+                    )
+                    for k, lg in enumerate(out.mtp_logits, start=1)
+                    if seq - k - 1 > 0
+                ]
+                if depth_losses:
+                    out.mtp_loss = cfg.mtp_loss_weight / len(out.mtp_logits) * sum(depth_losses)
+                    out.loss = out.loss + out.mtp_loss
+        return out
+
+    def _multi_token_prediction(self, hidden: Tensor, embeddings: Tensor, out: CausalLMOutput) -> None:
+        """Depth k uses h^{k-1}_{0..S-k-1} and Emb(t_{k..S-1}); fills out.mtp_logits, stats and aux loss."""
+        seq = hidden.shape[1]
+        previous = hidden
+        for k, module in enumerate(self.model.mtp, start=1):
+            if seq - k < 1:
+                break
+            positions = torch.arange(seq - k, device=hidden.device)
+            previous, normed, moe_out = module(previous[:, : seq - k], embeddings[:, k:], positions, None)
+            out.mtp_logits.append(self.head(normed))
+            if moe_out is not None:
+                out.routing_stats[module.block.layer_idx] = moe_out.stats
+                out.aux_loss = out.aux_loss + moe_out.aux_loss
+
+    # ---- Hugging Face-style entry points (the work is done in deepmoe.io and deepmoe.model.generate) ----
+    @classmethod
+    def from_pretrained(cls, path, dtype: torch.dtype | None = None, device=None) -> DeepSeekForCausalLM:
+        """Load a HF-format checkpoint directory (config.json + safetensors)."""
+        from deepmoe.io import from_pretrained
+
+        return from_pretrained(path, dtype=dtype, device=device)
+
+    def save_pretrained(self, path, max_shard_size: int | str = "5GB"):
+        """Write config.json + safetensors with HF's names for this model_type, atomically."""
+        from deepmoe.io import save_pretrained
+
+        return save_pretrained(self, path, max_shard_size=max_shard_size)
+
+    def generate(self, input_ids: Tensor, max_new_tokens: int = 32, **kwargs) -> Tensor:
+        """The prompt followed by the new tokens [B, S + n]; see `deepmoe.model.generate.generate`."""
+        from deepmoe.model.generate import generate
+
+        return generate(self, input_ids, max_new_tokens=max_new_tokens, **kwargs)
+
+    @torch.no_grad()
+    def update_expert_bias(self, stats: dict[int, RoutingStats]) -> None:
+        """Aux-loss-free balancing step (R4) for every MoE layer with a selection bias."""
+        for idx, layer in self.moe_layers().items():
+            if layer.config.use_expert_bias and idx in stats:
+                layer.update_bias(stats[idx].tokens_per_expert)

@@ -1,0 +1,293 @@
+"""Published DeepSeek shapes and tiny CPU-sized versions of each (SPEC M4), and parameter counts."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from deepmoe.config import DeepSeekConfig, MoEConfig
+
+_YARN_V2 = {
+    "type": "yarn",
+    "factor": 40,
+    "original_max_position_embeddings": 4096,
+    "beta_fast": 32,
+    "beta_slow": 1,
+    "mscale": 0.707,
+    "mscale_all_dim": 0.707,
+}
+_YARN_V3 = {**_YARN_V2, "mscale": 1.0, "mscale_all_dim": 1.0}
+
+
+def _deepseek_moe_16b() -> DeepSeekConfig:
+    moe = MoEConfig(
+        hidden_size=2048,
+        moe_intermediate_size=1408,
+        n_routed_experts=64,
+        n_shared_experts=2,
+        num_experts_per_tok=6,
+        aux_loss_alpha=0.001,
+    )
+    return DeepSeekConfig(
+        model_type="deepseek",
+        vocab_size=102400,
+        hidden_size=2048,
+        intermediate_size=10944,
+        num_hidden_layers=28,
+        num_attention_heads=16,
+        attention_type="mha",
+        num_key_value_heads=16,
+        max_position_embeddings=4096,
+        rope_interleave=False,
+        moe=moe,
+        first_k_dense_replace=1,
+        bos_token_id=100000,
+        eos_token_id=100001,
+    )
+
+
+def _deepseek_v2_lite() -> DeepSeekConfig:
+    moe = MoEConfig(
+        hidden_size=2048,
+        moe_intermediate_size=1408,
+        n_routed_experts=64,
+        n_shared_experts=2,
+        num_experts_per_tok=6,
+        aux_loss_alpha=0.001,
+    )
+    return DeepSeekConfig(
+        model_type="deepseek_v2",
+        vocab_size=102400,
+        hidden_size=2048,
+        intermediate_size=10944,
+        num_hidden_layers=27,
+        num_attention_heads=16,
+        q_lora_rank=None,
+        kv_lora_rank=512,
+        qk_nope_head_dim=128,
+        qk_rope_head_dim=64,
+        v_head_dim=128,
+        max_position_embeddings=163840,
+        rope_scaling=dict(_YARN_V2),
+        moe=moe,
+        first_k_dense_replace=1,
+        bos_token_id=100000,
+        eos_token_id=100001,
+    )
+
+
+def _deepseek_v2() -> DeepSeekConfig:
+    moe = MoEConfig(
+        hidden_size=5120,
+        moe_intermediate_size=1536,
+        n_routed_experts=160,
+        n_shared_experts=2,
+        num_experts_per_tok=6,
+        topk_method="group_limited_greedy",
+        n_group=8,
+        topk_group=3,
+        routed_scaling_factor=16.0,
+        n_devices=8,
+        aux_loss_alpha=0.003,
+        device_aux_loss_alpha=0.05,
+        comm_aux_loss_alpha=0.02,
+    )
+    return DeepSeekConfig(
+        model_type="deepseek_v2",
+        vocab_size=102400,
+        hidden_size=5120,
+        intermediate_size=12288,
+        num_hidden_layers=60,
+        num_attention_heads=128,
+        q_lora_rank=1536,
+        kv_lora_rank=512,
+        qk_nope_head_dim=128,
+        qk_rope_head_dim=64,
+        v_head_dim=128,
+        max_position_embeddings=163840,
+        rope_scaling=dict(_YARN_V2),
+        moe=moe,
+        first_k_dense_replace=1,
+        bos_token_id=100000,
+        eos_token_id=100001,
+    )
+
+
+def _deepseek_v3() -> DeepSeekConfig:
+    moe = MoEConfig(
+        hidden_size=7168,
+        moe_intermediate_size=2048,
+        n_routed_experts=256,
+        n_shared_experts=1,
+        num_experts_per_tok=8,
+        scoring_func="sigmoid",
+        norm_topk_prob=True,
+        routed_scaling_factor=2.5,
+        topk_method="noaux_tc",
+        n_group=8,
+        topk_group=4,
+        use_expert_bias=True,
+        seq_aux_loss_alpha=1e-4,
+    )
+    return DeepSeekConfig(
+        model_type="deepseek_v3",
+        vocab_size=129280,
+        hidden_size=7168,
+        intermediate_size=18432,
+        num_hidden_layers=61,
+        num_attention_heads=128,
+        q_lora_rank=1536,
+        kv_lora_rank=512,
+        qk_nope_head_dim=128,
+        qk_rope_head_dim=64,
+        v_head_dim=128,
+        max_position_embeddings=163840,
+        rope_scaling=dict(_YARN_V3),
+        moe=moe,
+        first_k_dense_replace=3,
+        num_nextn_predict_layers=1,
+        bos_token_id=0,
+        eos_token_id=1,
+    )
+
+
+def _tiny(model_type: str) -> DeepSeekConfig:
+    """A few-million-parameter model of the same family that trains on a CPU in minutes."""
+    h = 128
+    if model_type == "deepseek":
+        moe = MoEConfig(
+            hidden_size=h,
+            moe_intermediate_size=64,
+            n_routed_experts=16,
+            n_shared_experts=2,
+            num_experts_per_tok=4,
+            aux_loss_alpha=0.001,
+        )
+        return DeepSeekConfig(
+            model_type="deepseek",
+            vocab_size=4096,
+            hidden_size=h,
+            intermediate_size=384,
+            num_hidden_layers=4,
+            num_attention_heads=4,
+            attention_type="mha",
+            max_position_embeddings=1024,
+            rope_interleave=False,
+            moe=moe,
+            first_k_dense_replace=1,
+        )
+    if model_type == "deepseek_v2":
+        moe = MoEConfig(
+            hidden_size=h,
+            moe_intermediate_size=64,
+            n_routed_experts=16,
+            n_shared_experts=2,
+            num_experts_per_tok=4,
+            topk_method="group_limited_greedy",
+            n_group=4,
+            topk_group=2,
+            n_devices=4,
+            aux_loss_alpha=0.003,
+            device_aux_loss_alpha=0.05,
+            comm_aux_loss_alpha=0.02,
+        )
+        return DeepSeekConfig(
+            model_type="deepseek_v2",
+            vocab_size=4096,
+            hidden_size=h,
+            intermediate_size=384,
+            num_hidden_layers=4,
+            num_attention_heads=4,
+            q_lora_rank=None,
+            kv_lora_rank=64,
+            qk_nope_head_dim=32,
+            qk_rope_head_dim=16,
+            v_head_dim=32,
+            max_position_embeddings=1024,
+            moe=moe,
+            first_k_dense_replace=1,
+        )
+    moe = MoEConfig(
+        hidden_size=h,
+        moe_intermediate_size=64,
+        n_routed_experts=16,
+        n_shared_experts=1,
+        num_experts_per_tok=4,
+        scoring_func="sigmoid",
+        norm_topk_prob=True,
+        routed_scaling_factor=2.5,
+        topk_method="noaux_tc",
+        n_group=4,
+        topk_group=2,
+        use_expert_bias=True,
+        seq_aux_loss_alpha=1e-4,
+    )
+    return DeepSeekConfig(
+        model_type="deepseek_v3",
+        vocab_size=4096,
+        hidden_size=h,
+        intermediate_size=384,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        q_lora_rank=64,
+        kv_lora_rank=64,
+        qk_nope_head_dim=32,
+        qk_rope_head_dim=16,
+        v_head_dim=32,
+        max_position_embeddings=1024,
+        moe=moe,
+        first_k_dense_replace=1,
+        num_nextn_predict_layers=1,
+    )
+
+
+PRESETS = {
+    "deepseek-moe-16b": _deepseek_moe_16b,
+    "deepseek-v2-lite": _deepseek_v2_lite,
+    "deepseek-v2": _deepseek_v2,
+    "deepseek-v3": _deepseek_v3,
+    "tiny-deepseek-moe": lambda: _tiny("deepseek"),
+    "tiny-v2": lambda: _tiny("deepseek_v2"),
+    "tiny-v3": lambda: _tiny("deepseek_v3"),
+}
+
+
+def get_preset(name: str) -> DeepSeekConfig:
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}: choose one of {', '.join(PRESETS)}")
+    return PRESETS[name]()
+
+
+@dataclass
+class ParameterCount:
+    total: int
+    """Parameters of the main model (embedding, blocks, head), without the MTP modules."""
+    active: int
+    """Parameters a token uses: total minus the routed experts it does not choose."""
+    mtp: int
+    """Parameters of the multi-token-prediction modules (not in total, as DeepSeek reports)."""
+    embedding: int
+    """The input embedding table (a token reads one row of it)."""
+
+    @property
+    def active_non_embedding(self) -> int:
+        """Active parameters without the input embedding table (the convention of the V2-Lite report)."""
+        return self.active - self.embedding
+
+
+def count_parameters(config: DeepSeekConfig) -> ParameterCount:
+    """Counts on the meta device: no memory is allocated, so the 671B preset is instant."""
+    from deepmoe.model.decoder import DeepSeekForCausalLM
+
+    with torch.device("meta"):
+        model = DeepSeekForCausalLM(config)
+    mtp = sum(p.numel() for p in model.model.mtp.parameters())
+    total = sum(p.numel() for p in model.parameters()) - mtp
+    inactive = 0
+    for idx, layer in model.moe_layers().items():
+        if idx < config.num_hidden_layers:
+            per_expert = layer.experts.gate_up_proj[0].numel() + layer.experts.down_proj[0].numel()
+            inactive += (layer.config.n_routed_experts - layer.config.num_experts_per_tok) * per_expert
+    embedding = model.model.embed_tokens.weight.numel()
+    return ParameterCount(total=total, active=total - inactive, mtp=mtp, embedding=embedding)

@@ -1,0 +1,63 @@
+"""`deepmoe inspect`: architecture, parameter counts and KV-cache size of a preset or checkpoint."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from deepmoe.config import DeepSeekConfig
+from deepmoe.presets import PRESETS, count_parameters, get_preset
+
+
+def resolve_config(preset_or_path: str) -> DeepSeekConfig:
+    """A preset name, or a checkpoint directory holding config.json."""
+    if preset_or_path in PRESETS:
+        return get_preset(preset_or_path)
+    if Path(preset_or_path).exists():
+        from deepmoe.io import load_config
+
+        return load_config(preset_or_path)
+    raise ValueError(f"{preset_or_path!r} is neither a preset ({', '.join(PRESETS)}) nor an existing directory")
+
+
+def kv_cache_bytes_per_token(config: DeepSeekConfig, bytes_per_value: int = 2, gqa_groups: int = 8) -> dict[str, int]:
+    """Cache bytes per token over all layers (DeepSeek-V2 Table 1): this model's, and what MHA and
+    GQA with `gqa_groups` key/value heads of the same head widths would hold."""
+    layers, heads = config.num_hidden_layers, config.num_attention_heads
+    if config.attention_type == "mla":
+        per_head = config.qk_nope_head_dim + config.qk_rope_head_dim + config.v_head_dim  # one key + one value
+        own = config.kv_lora_rank + config.qk_rope_head_dim  # c_KV and the shared k_rope
+    else:
+        per_head = 2 * config.head_dim
+        own = config.num_key_value_heads * per_head
+    return {
+        "model": own * layers * bytes_per_value,
+        "mha": heads * per_head * layers * bytes_per_value,
+        f"gqa{gqa_groups}": min(gqa_groups, heads) * per_head * layers * bytes_per_value,
+    }
+
+
+def describe(config: DeepSeekConfig) -> dict[str, Any]:
+    count = count_parameters(config)
+    cache = kv_cache_bytes_per_token(config)
+    moe = config.moe
+    return {
+        "model_type": config.model_type,
+        "attention": config.attention_type,
+        "layers": config.num_hidden_layers,
+        "hidden_size": config.hidden_size,
+        "heads": config.num_attention_heads,
+        "vocab_size": config.vocab_size,
+        "moe_layers": sum(config.is_moe_layer(i) for i in range(config.num_hidden_layers)),
+        "routed_experts": moe.n_routed_experts if moe else 0,
+        "shared_experts": moe.n_shared_experts if moe else 0,
+        "experts_per_token": moe.num_experts_per_tok if moe else 0,
+        "gate": f"{moe.scoring_func}/{moe.topk_method}" if moe else None,
+        "mtp_modules": config.num_nextn_predict_layers,
+        "total_params": count.total,
+        "active_params": count.active,
+        "active_params_non_embedding": count.active_non_embedding,
+        "mtp_params": count.mtp,
+        "kv_cache_bytes_per_token": cache["model"],
+        "kv_cache_bytes_per_token_bf16": cache,
+    }
