@@ -32,3 +32,30 @@ def test_invalid_config_value_is_one_line_exit_1():
     assert result.stderr.strip() == (
         "deepmoe demo: error: MoEConfig.bias_update_speed=-1.0 is invalid: must be a finite number >= 0"
     )
+
+
+def test_generate_streams_tokens_from_a_checkpoint(tmp_path, capsys):
+    import torch
+
+    from deepmoe import DeepSeekConfig, DeepSeekForCausalLM, get_preset
+
+    config = DeepSeekConfig.from_dict({**get_preset("tiny-v3").to_dict(), "num_hidden_layers": 2})
+    torch.manual_seed(0)
+    model = DeepSeekForCausalLM(config).eval()
+    model.save_pretrained(tmp_path)
+    prompt = [5, 17, 42]
+    want = model.generate(torch.tensor([prompt]), max_new_tokens=6)[0, 3:].tolist()
+
+    assert main(["generate", str(tmp_path), "--ids", *map(str, prompt), "--max-new-tokens", "6"]) == 0
+    assert [int(t) for t in capsys.readouterr().out.split()] == want
+    assert main(["generate", str(tmp_path), "--ids", *map(str, prompt), "--max-new-tokens", "6", "--speculative"]) == 0
+    out = capsys.readouterr().out
+    assert [int(t) for t in out.split("[")[0].split()] == want and "MTP drafts accepted" in out
+
+
+def test_generate_refuses_a_prompt_without_tokenizer(tmp_path, capsys):
+    from deepmoe import DeepSeekForCausalLM, get_preset
+
+    DeepSeekForCausalLM(get_preset("tiny-v3")).save_pretrained(tmp_path)
+    assert main(["generate", str(tmp_path), "--prompt", "hello"]) == 1
+    assert "tokenizer.json not found" in capsys.readouterr().err

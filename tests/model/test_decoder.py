@@ -142,3 +142,20 @@ def test_generation_arguments_are_checked():
         generate(model, torch.zeros(1, 0, dtype=torch.long))
     with pytest.raises(ValueError, match="max_position_embeddings"):
         generate(model, torch.zeros(1, 10, dtype=torch.long), max_new_tokens=1020)
+
+
+def test_absorbed_mla_generates_the_same_tokens_as_naive():
+    model = _tiny("tiny-v3")
+    prompt = torch.randint(0, 97, (2, 6))
+    naive = model.generate(prompt, max_new_tokens=8)
+    model.set_absorbed_attention(True)
+    assert torch.equal(model.generate(prompt, max_new_tokens=8), naive)
+
+
+def test_save_and_from_pretrained_round_trip(tmp_path):
+    model = _tiny("tiny-v3")
+    model.save_pretrained(tmp_path / "ckpt")
+    loaded = DeepSeekForCausalLM.from_pretrained(tmp_path / "ckpt")
+    ids = torch.randint(0, 97, (1, 8))
+    assert torch.equal(loaded(ids, labels=ids).logits, model(ids, labels=ids).logits)
+    assert torch.equal(loaded(ids, labels=ids).mtp_logits[0], model(ids, labels=ids).mtp_logits[0])

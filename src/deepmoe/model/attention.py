@@ -70,8 +70,11 @@ def causal_attention(q: Tensor, k: Tensor, v: Tensor, scale: float, offset: int,
         last = torch.arange(rows, device=q.device) // group + offset  # [S·group], index of each row's token
         mask = torch.arange(keys, device=q.device) <= last[:, None]  # [S·group, T]
     q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, h, L, d]
+    d_v = v.shape[-1]
+    if d_v < q.shape[-1]:  # fused SDPA kernels want one head width: pad v (MLA: d_v < d_nope + d_rope)
+        v = F.pad(v, (0, q.shape[-1] - d_v))
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=scale)
-    return out.transpose(1, 2)
+    return out[..., :d_v].transpose(1, 2)
 
 
 class MultiHeadLatentAttention(nn.Module):
