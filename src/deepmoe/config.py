@@ -81,6 +81,9 @@ class MoEConfig:
 
     experts_implementation: str = "auto"
     """"grouped_mm" (one grouped product), "loop" (per-expert slices) or "auto"."""
+    fp8_experts: bool = False
+    """Routed experts' products in fine-grained FP8 (V3: 1×128 activation tiles, 128×128 weight blocks, e4m3),
+    simulated (quantise–dequantise, float32 accumulation) where there is no FP8 matrix unit."""
 
     def __post_init__(self) -> None:
         name = type(self).__name__

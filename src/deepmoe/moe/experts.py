@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from deepmoe.moe.fp8 import fp8_grouped_matmul
+
 _GROUPED_MM = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
 
 
@@ -67,10 +69,12 @@ def grouped_matmul(x: Tensor, weight: Tensor, offsets: Tensor, use_kernel: bool)
 class RoutedExperts(nn.Module):
     """N_r SwiGLU experts of width I, computed on expert-sorted tokens."""
 
-    def __init__(self, n_experts: int, hidden_size: int, intermediate_size: int, implementation: str = "auto"):
+    def __init__(self, n_experts: int, hidden_size: int, intermediate_size: int, implementation: str = "auto",
+                 fp8: bool = False):
         super().__init__()
         self.n_experts = n_experts
         self.implementation = implementation
+        self.fp8 = fp8
         self.gate_up_proj = nn.Parameter(torch.empty(n_experts, 2 * intermediate_size, hidden_size))
         self.down_proj = nn.Parameter(torch.empty(n_experts, hidden_size, intermediate_size))
         self.reset_parameters()
@@ -88,6 +92,11 @@ class RoutedExperts(nn.Module):
             raise RuntimeError("experts_implementation='grouped_mm' but this torch build has no grouped_mm")
         return grouped_mm_available(x.device.type, x.dtype)
 
+    def _matmul(self, x: Tensor, weight: Tensor, offsets: Tensor, use_kernel: bool) -> Tensor:
+        if self.fp8:
+            return fp8_grouped_matmul(x, weight, offsets)
+        return grouped_matmul(x, weight, offsets, use_kernel)
+
     def forward(self, x: Tensor, tokens_per_expert: Tensor, row_weight: Tensor | None = None) -> Tensor:
         """x [S, H] sorted by expert, tokens_per_expert [N_r] → [S, H].
 
@@ -102,8 +111,8 @@ class RoutedExperts(nn.Module):
             x = x.to(gate_up.dtype)
         offsets = tokens_per_expert.cumsum(0).to(torch.int32)
         use_kernel = self.use_kernel(x)
-        gate, up = grouped_matmul(x, gate_up.transpose(1, 2), offsets, use_kernel).chunk(2, dim=-1)
+        gate, up = self._matmul(x, gate_up.transpose(1, 2), offsets, use_kernel).chunk(2, dim=-1)
         hidden = F.silu(gate) * up  # [S, I]
         if row_weight is not None:
             hidden = hidden * row_weight.unsqueeze(-1).to(hidden.dtype)
-        return grouped_matmul(hidden, down.transpose(1, 2), offsets, use_kernel)
+        return self._matmul(hidden, down.transpose(1, 2), offsets, use_kernel)
