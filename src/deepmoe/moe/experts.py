@@ -69,8 +69,9 @@ def grouped_matmul(x: Tensor, weight: Tensor, offsets: Tensor, use_kernel: bool)
 class RoutedExperts(nn.Module):
     """N_r SwiGLU experts of width I, computed on expert-sorted tokens."""
 
-    def __init__(self, n_experts: int, hidden_size: int, intermediate_size: int, implementation: str = "auto",
-                 fp8: bool = False):
+    def __init__(
+        self, n_experts: int, hidden_size: int, intermediate_size: int, implementation: str = "auto", fp8: bool = False
+    ):
         super().__init__()
         self.n_experts = n_experts
         self.implementation = implementation

@@ -38,8 +38,13 @@ class MoE(nn.Module):
         super().__init__()
         self.config = config
         self.gate = Router(config)
-        self.experts = RoutedExperts(config.n_routed_experts, config.hidden_size, config.moe_intermediate_size,
-                                     config.experts_implementation, fp8=config.fp8_experts)
+        self.experts = RoutedExperts(
+            config.n_routed_experts,
+            config.hidden_size,
+            config.moe_intermediate_size,
+            config.experts_implementation,
+            fp8=config.fp8_experts,
+        )
         self.shared_experts = (
             SwiGLU(config.hidden_size, config.moe_intermediate_size * config.n_shared_experts)
             if config.n_shared_experts

@@ -1,0 +1,1 @@
+"""Training: the data pipeline (corpus, tokenizer, packing) and the trainer."""

@@ -1,0 +1,301 @@
+"""Training checkpoints (SPEC T3): `DIR/step-N/` holds the HF-format weights (`config.json` +
+`model.safetensors`, written by `deepmoe.io.save_checkpoint`), `training_state.safetensors` (optimizer
+state tensors and the torch RNG states) and `training_state.json` (everything else: step, schedule,
+python/numpy RNG states, data position, the run's options, the model config). No pickle anywhere.
+
+A checkpoint is staged in a temporary directory next to its target, every file fsynced, then renamed
+into place; only then is `DIR/last` (one line: the checkpoint's directory name) replaced atomically.
+A crash at any moment leaves `last` naming a complete checkpoint.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import re
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors import SafetensorError
+from safetensors import torch as st_torch
+from torch import Tensor, nn
+
+from deepmoe.io.checkpoint import CheckpointError, _fsync_path, load_checkpoint, read_json, save_checkpoint, write_json
+
+LAST_NAME = "last"
+STATE_JSON = "training_state.json"
+STATE_TENSORS = "training_state.safetensors"
+TOKENIZER_NAME = "tokenizer.json"
+STATE_FORMAT = "deepmoe-training-state"
+STATE_VERSION = 1
+_STEP_DIR = re.compile(r"step-(\d+)")
+_STAGING_PREFIX = ".step-"
+
+
+def step_dir_name(step: int) -> str:
+    return f"step-{step}"
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def make_readable(path: str | os.PathLike) -> None:
+    """Give a file or directory made by `tempfile` (mode 0600/0700) the usual permissions (umask)."""
+    path = Path(path)
+    os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~_umask())
+
+
+# ---- RNG states --------------------------------------------------------------------------------
+
+
+def rng_state() -> tuple[dict[str, Any], dict[str, Tensor]]:
+    """(JSON part, tensor part) of the torch CPU/CUDA, python `random` and numpy global RNG states."""
+    version, internal, gauss = random.getstate()
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    tensors = {"rng.torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        for i, state in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"rng.cuda.{i}"] = state
+    info = {
+        "python": [version, list(internal), gauss],
+        "numpy": [name, [int(k) for k in keys], int(pos), int(has_gauss), float(cached)],
+    }
+    return info, tensors
+
+
+def set_rng_state(info: dict[str, Any], tensors: dict[str, Tensor]) -> None:
+    version, internal, gauss = info["python"]
+    random.setstate((version, tuple(internal), gauss))
+    name, keys, pos, has_gauss, cached = info["numpy"]
+    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(tensors["rng.torch"])
+    cuda = sorted((k for k in tensors if k.startswith("rng.cuda.")), key=lambda k: int(k.rsplit(".", 1)[1]))
+    if cuda and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([tensors[k] for k in cuda][: torch.cuda.device_count()])
+
+
+# ---- optimizer state ---------------------------------------------------------------------------
+
+
+def _param_names(model: nn.Module) -> dict[int, str]:
+    return {id(p): name for name, p in model.named_parameters()}
+
+
+def optimizer_state(optimizer: torch.optim.Optimizer, model: nn.Module) -> tuple[dict[str, Any], dict[str, Tensor]]:
+    """(JSON part, tensors keyed `optimizer.{param name}.{key}`) of the optimizer's state_dict."""
+    names = _param_names(model)
+    groups = []
+    ordered: list[str] = []
+    for group in optimizer.param_groups:
+        ordered.extend(names[id(p)] for p in group["params"])
+    state = optimizer.state_dict()
+    tensors: dict[str, Tensor] = {}
+    scalars: dict[str, dict[str, Any]] = {}
+    for index, values in state["state"].items():
+        name = ordered[index]
+        for key, value in values.items():
+            if isinstance(value, Tensor):
+                tensors[f"optimizer.{name}.{key}"] = value.detach().to("cpu").contiguous()
+            else:
+                scalars.setdefault(name, {})[key] = value
+    offset = 0
+    for group in state["param_groups"]:
+        entry = {k: (list(v) if isinstance(v, tuple) else v) for k, v in group.items() if k != "params"}
+        entry["params"] = ordered[offset : offset + len(group["params"])]
+        offset += len(group["params"])
+        groups.append(entry)
+    return {"param_groups": groups, "scalars": scalars}, tensors
+
+
+def load_optimizer_state(
+    optimizer: torch.optim.Optimizer, model: nn.Module, info: dict[str, Any], tensors: dict[str, Tensor]
+) -> None:
+    """Inverse of `optimizer_state`; raises CheckpointError if the parameters do not match."""
+    names = _param_names(model)
+    own = [[names[id(p)] for p in group["params"]] for group in optimizer.param_groups]
+    saved = [group["params"] for group in info["param_groups"]]
+    if own != saved:
+        raise CheckpointError("the optimizer state does not match the model's parameters (different parameter groups)")
+    index = {name: i for i, name in enumerate(n for group in own for n in group)}
+    state: dict[int, dict[str, Any]] = {}
+    for key, value in tensors.items():
+        if not key.startswith("optimizer."):
+            continue
+        name, _, field = key[len("optimizer.") :].rpartition(".")
+        if name not in index:
+            raise CheckpointError(f"the optimizer state has a tensor {key!r} for an unknown parameter")
+        state.setdefault(index[name], {})[field] = value
+    for name, values in info.get("scalars", {}).items():
+        state.setdefault(index[name], {}).update(values)
+    groups = []
+    for group in info["param_groups"]:
+        entry = {k: (tuple(v) if k == "betas" else v) for k, v in group.items()}
+        entry["params"] = [index[n] for n in group["params"]]
+        groups.append(entry)
+    optimizer.load_state_dict({"state": state, "param_groups": groups})
+
+
+# ---- writing -----------------------------------------------------------------------------------
+
+
+def write_training_state(directory: Path, info: dict[str, Any], tensors: dict[str, Tensor]) -> None:
+    path = directory / STATE_TENSORS
+    st_torch.save_file(tensors, str(path), metadata={"format": "pt"})
+    _fsync_path(path)
+    write_json(directory / STATE_JSON, {"format": STATE_FORMAT, "version": STATE_VERSION, **info})
+
+
+def read_last(out_dir: str | os.PathLike) -> Path | None:
+    """The checkpoint directory `DIR/last` names, or None when there is no `last` file."""
+    out_dir = Path(out_dir)
+    path = out_dir / LAST_NAME
+    if not path.is_file():
+        return None
+    name = path.read_text(encoding="utf-8").strip()
+    if not _STEP_DIR.fullmatch(name):
+        raise CheckpointError(f"{path}: does not name a checkpoint directory (got {name!r})")
+    target = out_dir / name
+    if not target.is_dir():
+        raise CheckpointError(f"{path}: names {name}, but {target} does not exist")
+    return target
+
+
+def write_last(out_dir: Path, name: str) -> None:
+    """Point `DIR/last` at the checkpoint `name`, atomically (temporary file, fsync, rename)."""
+    fd, tmp = tempfile.mkstemp(prefix=".last.tmp-", dir=out_dir)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(name + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        make_readable(tmp)
+        os.replace(tmp, out_dir / LAST_NAME)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    _fsync_path(out_dir, directory=True)
+
+
+def save_training_checkpoint(
+    out_dir: str | os.PathLike,
+    step: int,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    info: dict[str, Any],
+    rng: tuple[dict[str, Any], dict[str, Tensor]],
+    tokenizer: Any = None,
+) -> Path:
+    """Write `DIR/step-{step}/` (weights, optimizer, RNG, `info`), then point `DIR/last` at it.
+
+    `rng` is the (JSON, tensors) pair of `rng_state()` taken at the step boundary being saved.
+    The directory `last` currently names is never modified: saving the step it already holds is a no-op.
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    name = step_dir_name(step)
+    target = out_dir / name
+    current = read_last(out_dir)
+    if current is not None and current.name == name:
+        return target
+    staging = Path(tempfile.mkdtemp(prefix=f"{_STAGING_PREFIX}{step}.tmp-", dir=out_dir))
+    try:
+        save_checkpoint(model, getattr(model, "config", None), staging)
+        if tokenizer is not None and hasattr(tokenizer, "save"):
+            tokenizer.save(str(staging / TOKENIZER_NAME))
+            _fsync_path(staging / TOKENIZER_NAME)
+        opt_info, opt_tensors = optimizer_state(optimizer, model)
+        rng_info, rng_tensors = rng
+        write_training_state(
+            staging, {**info, "step": step, "optimizer": opt_info, "rng": rng_info}, {**opt_tensors, **rng_tensors}
+        )
+        for entry in [staging, *staging.iterdir()]:
+            make_readable(entry)
+        _fsync_path(staging, directory=True)
+        if target.exists():  # a complete checkpoint of this step that `last` does not name (left by a crash)
+            stale = Path(tempfile.mkdtemp(prefix=f"{_STAGING_PREFIX}{step}.old-", dir=out_dir))
+            os.rmdir(stale)
+            os.rename(target, stale)
+            os.rename(staging, target)
+            shutil.rmtree(stale, ignore_errors=True)
+        else:
+            os.rename(staging, target)
+        _fsync_path(out_dir, directory=True)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
+    write_last(out_dir, name)
+    return target
+
+
+def checkpoint_steps(out_dir: str | os.PathLike) -> list[tuple[int, Path]]:
+    """(step, directory) of every `step-N` directory in `out_dir`, oldest first."""
+    found = []
+    for entry in Path(out_dir).iterdir():
+        match = _STEP_DIR.fullmatch(entry.name)
+        if match and entry.is_dir():
+            found.append((int(match.group(1)), entry))
+    return sorted(found)
+
+
+def prune_checkpoints(out_dir: str | os.PathLike, keep_last: int) -> list[Path]:
+    """Remove all but the newest `keep_last` checkpoints (0: keep all); never the one `last` names."""
+    if keep_last <= 0:
+        return []
+    current = read_last(out_dir)
+    removed = []
+    for _, path in checkpoint_steps(out_dir)[:-keep_last]:
+        if current is not None and path.resolve() == current.resolve():
+            continue
+        shutil.rmtree(path, ignore_errors=True)
+        removed.append(path)
+    return removed
+
+
+def remove_stale_staging(out_dir: str | os.PathLike) -> None:
+    """Remove temporary directories a killed run left behind (never a complete checkpoint)."""
+    out_dir = Path(out_dir)
+    if not out_dir.is_dir():
+        return
+    for entry in out_dir.iterdir():
+        if entry.name.startswith(_STAGING_PREFIX) and entry.is_dir():
+            shutil.rmtree(entry, ignore_errors=True)
+        elif entry.name.startswith(".last.tmp-") and entry.is_file():
+            entry.unlink(missing_ok=True)
+
+
+# ---- reading -----------------------------------------------------------------------------------
+
+
+def read_training_state(step_dir: str | os.PathLike) -> tuple[dict[str, Any], dict[str, Tensor]]:
+    """(JSON state, tensors) of a checkpoint directory; CheckpointError naming the file on any problem."""
+    step_dir = Path(step_dir)
+    info = read_json(step_dir / STATE_JSON, "training state")
+    if info.get("format") != STATE_FORMAT:
+        raise CheckpointError(f"{step_dir / STATE_JSON}: not a deepmoe training state")
+    if info.get("version") != STATE_VERSION:
+        raise CheckpointError(f"{step_dir / STATE_JSON}: unsupported version {info.get('version')!r}")
+    path = step_dir / STATE_TENSORS
+    if not path.is_file():
+        raise CheckpointError(f"{path}: training state tensors not found")
+    try:
+        tensors = st_torch.load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as err:
+        raise CheckpointError(f"{path}: not a readable safetensors file ({err})") from None
+    return info, tensors
+
+
+def load_model_weights(model: nn.Module, step_dir: str | os.PathLike) -> None:
+    """Copy the HF-format weights of a checkpoint directory into `model` (names and shapes must match)."""
+    _, state = load_checkpoint(step_dir)
+    own = model.state_dict()
+    if own.keys() != state.keys():
+        missing, extra = sorted(own.keys() - state.keys()), sorted(state.keys() - own.keys())
+        raise CheckpointError(f"{step_dir}: weights do not match the model (missing {missing[:3]}, extra {extra[:3]})")
+    model.load_state_dict(state, strict=True)

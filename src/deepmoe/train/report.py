@@ -1,0 +1,238 @@
+"""What a training run shows: the progress bar (loss, tokens/s, MaxVio), the end-of-run report
+(`report.json`, a summary table) and its plots (`loss.png`: training and held-out loss against the
+unigram entropy; `expert_load.png`: a layer × expert heatmap of the held-out load).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from deepmoe.train.checkpoint import make_readable
+
+# ---- JSON ---------------------------------------------------------------------------------------
+
+
+def read_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:
+    """The records of a JSONL file ([] if it does not exist); a line cut short by a kill is skipped."""
+    path = Path(path)
+    if not path.exists():
+        return []
+    records = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict):
+            records.append(record)
+    return records
+
+
+def _finite(value: Any) -> Any:
+    """JSON has no NaN/inf: they are written as null."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
+
+
+def write_report(path: str | os.PathLike, report: dict[str, Any]) -> Path:
+    """Write `report` as JSON, atomically (temporary file, fsync, rename)."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(_finite(report), f, indent=2, sort_keys=True, allow_nan=False)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+        make_readable(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+# ---- plots --------------------------------------------------------------------------------------
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig, path: Path) -> Path:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", suffix=".png", dir=path.parent)
+    os.close(fd)
+    try:
+        fig.savefig(tmp, dpi=120, format="png")
+        make_readable(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def plot_losses(
+    log: Sequence[dict[str, Any]],
+    evals: Sequence[dict[str, Any]],
+    path: str | os.PathLike,
+    unigram_entropy: float | None = None,
+) -> Path:
+    """loss.png: training loss, LM loss and held-out loss per step, and the unigram entropy baseline."""
+    plt = _pyplot()
+    path = Path(path)
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    try:
+        steps = [r["step"] for r in log]
+        if log:
+            ax.plot(steps, [r.get("loss") for r in log], lw=1, alpha=0.6, label="train loss (total)")
+            ax.plot(steps, [r.get("lm_loss") for r in log], lw=1.2, label="train LM loss")
+        periodic = [r for r in evals if not r.get("final") and r.get("heldout_loss") is not None]
+        if periodic:
+            ax.plot(
+                [r["step"] for r in periodic], [r["heldout_loss"] for r in periodic], "o-", ms=3, label="held-out loss"
+            )
+        final = [r for r in evals if r.get("final") and r.get("heldout_loss") is not None]
+        if final:
+            ax.plot([final[-1]["step"]], [final[-1]["heldout_loss"]], "*", ms=11, label="held-out loss (full set)")
+        if unigram_entropy is not None and math.isfinite(unigram_entropy):
+            ax.axhline(unigram_entropy, color="grey", ls="--", lw=1, label=f"unigram entropy {unigram_entropy:.2f}")
+        ax.set_xlabel("step")
+        ax.set_ylabel("loss (nats/token)")
+        ax.set_title("Loss")
+        ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8)
+        fig.tight_layout()
+        return _save(fig, path)
+    finally:
+        plt.close(fig)
+
+
+def plot_expert_load(load: Sequence[Sequence[float]], layers: Sequence[int], path: str | os.PathLike) -> Path:
+    """expert_load.png: heatmap of each expert's share of its layer's routed slots, relative to uniform
+    (1.0 = the mean load), layer × expert."""
+    plt = _pyplot()
+    import numpy as np
+
+    path = Path(path)
+    fig, ax = plt.subplots(figsize=(7, 1.2 + 0.45 * max(1, len(layers))))
+    try:
+        if load:
+            matrix = np.asarray(load, dtype=float)
+            relative = matrix * matrix.shape[1]
+            image = ax.imshow(relative, aspect="auto", cmap="viridis", interpolation="nearest", vmin=0)
+            fig.colorbar(image, ax=ax, label="load / mean load")
+            ax.set_yticks(range(len(layers)), [str(i) for i in layers])
+            ax.set_xlabel("expert")
+            ax.set_ylabel("layer")
+        else:
+            ax.text(0.5, 0.5, "no MoE layers", ha="center", va="center")
+            ax.set_axis_off()
+        ax.set_title("Held-out expert load")
+        fig.tight_layout()
+        return _save(fig, path)
+    finally:
+        plt.close(fig)
+
+
+# ---- console ------------------------------------------------------------------------------------
+
+
+def summary_table(report: dict[str, Any], out_dir: str | os.PathLike | None = None):
+    """A rich Table of the report's headline numbers."""
+    from rich.table import Table
+
+    table = Table(title=f"training report{f' ({out_dir})' if out_dir else ''}", show_header=False)
+
+    def fmt(value: Any) -> str:
+        if value is None:
+            return "-"
+        if isinstance(value, float):
+            return f"{value:.4g}"
+        if isinstance(value, list):
+            return ", ".join(fmt(v) for v in value)
+        return str(value)
+
+    for key in (
+        "steps",
+        "heldout_loss",
+        "heldout_perplexity",
+        "unigram_entropy",
+        "maxvio",
+        "dead_experts",
+        "dropped_fraction",
+        "tokens_per_second",
+    ):
+        table.add_row(key, fmt(report.get(key)))
+    return table
+
+
+class TrainingProgress:
+    """A rich progress bar showing step, loss, tokens/s and MaxVio (mean over the MoE layers).
+
+    A context manager; does nothing when `enabled` is False.
+    """
+
+    def __init__(self, total: int, completed: int, console, enabled: bool = True):
+        self.enabled = enabled
+        self.console = console
+        self._progress = None
+        if enabled:
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+            self._progress = Progress(
+                TextColumn("[bold]train[/bold]"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TextColumn("lm loss {task.fields[loss]}"),
+                TextColumn("{task.fields[tps]} tok/s"),
+                TextColumn("MaxVio {task.fields[maxvio]}"),
+                TimeRemainingColumn(),
+                console=console,
+            )
+            self._task = self._progress.add_task(
+                "train", total=total, completed=completed, loss="-", tps="-", maxvio="-"
+            )
+
+    def __enter__(self) -> TrainingProgress:
+        if self._progress is not None:
+            self._progress.start()
+        return self
+
+    def __exit__(self, *exc) -> bool:
+        if self._progress is not None:
+            self._progress.stop()
+        return False
+
+    def update(self, step: int, record: dict[str, Any]) -> None:
+        if self._progress is None:
+            return
+        maxvio = record.get("maxvio") or []
+        self._progress.update(
+            self._task,
+            completed=step,
+            loss=f"{record['lm_loss']:.4f}",
+            tps=f"{record.get('tokens_per_s', 0.0):,.0f}",
+            maxvio=f"{sum(maxvio) / len(maxvio):.3f}" if maxvio else "-",
+        )
+
+    def print(self, message: str) -> None:
+        if self._progress is not None:
+            self._progress.console.print(message)

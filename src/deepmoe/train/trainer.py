@@ -1,0 +1,796 @@
+"""The trainer (SPEC T1, T3): AdamW, warmup + cosine or WSD schedule, gradient clipping and
+accumulation, the aux losses and MTP loss (in the model's loss), the aux-loss-free bias update after
+every step, optional bfloat16 autocast, a progress bar, a JSONL log, held-out evaluation, atomic
+resumable checkpoints, and an end-of-run report with plots.
+
+Files of a run directory DIR:
+  step-N/            HF-format checkpoint + training state (see `deepmoe.train.checkpoint`)
+  last               names the newest complete checkpoint
+  train_config.json  the run's options (the authoritative copy is in each checkpoint)
+  log.jsonl          one line per optimizer step; eval.jsonl: one line per held-out evaluation
+  report.json, loss.png, expert_load.png   at the end of the run
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import importlib
+import json
+import math
+import os
+import random
+import signal
+import sys
+import threading
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from deepmoe.config import DeepSeekConfig
+from deepmoe.io.checkpoint import CheckpointError, read_json, write_json
+from deepmoe.model.decoder import DeepSeekForCausalLM
+from deepmoe.moe.balance import RoutingStats, coefficient_of_variation, max_violation
+from deepmoe.presets import PRESETS, count_parameters, get_preset
+from deepmoe.train import checkpoint as ckpt
+
+SCHEDULES = ("cosine", "wsd")
+DEVICES = ("auto", "cpu", "cuda")
+LOG_NAME, EVAL_LOG_NAME, REPORT_NAME, CONFIG_NAME = "log.jsonl", "eval.jsonl", "report.json", "train_config.json"
+RESUME_OVERRIDABLE = frozenset(
+    {"steps", "schedule_steps", "lr", "min_lr", "grad_clip", "eval_every", "eval_batches", "save_every",
+     "keep_last", "device", "progress"}
+)  # fmt: skip
+
+
+class TrainingError(RuntimeError):
+    """The run had to stop (non-finite loss or gradient, a failed checkpoint write); the message says why
+    and which checkpoint is intact."""
+
+
+@dataclass
+class TrainConfig:
+    """Options of a training run; validated on construction (ValueError naming the field)."""
+
+    preset: str = "tiny-v3"
+    data: str | None = None
+    """Text corpus (file or directory) for `prepare_corpus`; None: the corpus bundled with deepmoe."""
+    vocab_size: int = 4096
+    """Tokenizer vocabulary size; the model's vocab_size is set to the tokenizer's."""
+    seq_len: int = 256
+    batch_size: int = 16
+    grad_accum: int = 1
+    """Micro-batches of `batch_size` sequences per optimizer step."""
+    steps: int = 1000
+    lr: float = 2e-3
+    min_lr: float = 2e-4
+    warmup_steps: int = 100
+    schedule: str = "cosine"
+    """"cosine": warmup then cosine decay to min_lr; "wsd": warmup, stable, linear decay in the last
+    `decay_fraction` of the steps."""
+    decay_fraction: float = 0.2
+    schedule_steps: int | None = None
+    """Length of the LR schedule; None: `steps`. Set it when a run will be continued past `steps`."""
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    grad_clip: float = 1.0
+    """Clip the global gradient norm to this; 0: no clipping."""
+    eval_every: int = 200
+    """Held-out evaluation every N steps (0: only at the end, on the whole held-out set)."""
+    eval_batches: int = 20
+    """Held-out batches of a periodic evaluation (0: all); the final one always uses the whole held-out set."""
+    save_every: int = 500
+    """Checkpoint every N steps (0: only at the end); one is always written at the end and on Ctrl-C."""
+    keep_last: int = 3
+    """Checkpoints kept (0: all)."""
+    seed: int = 0
+    bf16: bool = False
+    """bfloat16 autocast (weights and optimizer state stay float32)."""
+    device: str = "auto"
+    out: str = "runs/deepmoe"
+    layers: int | None = None
+    """Override the preset's num_hidden_layers."""
+    hidden_size: int | None = None
+    """Override the preset's hidden_size (and its MoE layers')."""
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        def fail(name: str, allowed: str) -> None:
+            raise ValueError(f"TrainConfig.{name}={getattr(self, name)!r} is invalid: {allowed}")
+
+        def is_int(value: Any) -> bool:
+            return isinstance(value, int) and not isinstance(value, bool)
+
+        def is_num(value: Any) -> bool:
+            return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+        if self.preset not in PRESETS:
+            fail("preset", f"must be one of {', '.join(PRESETS)}")
+        if self.data is not None and not isinstance(self.data, (str, os.PathLike)):
+            fail("data", "must be a path or None")
+        for name in ("vocab_size", "seq_len", "batch_size", "grad_accum", "steps"):
+            if not is_int(getattr(self, name)) or getattr(self, name) < 1:
+                fail(name, "must be an integer >= 1")
+        if self.seq_len < 2:
+            fail("seq_len", "must be >= 2 (a sequence predicts its next tokens)")
+        for name in ("warmup_steps", "eval_every", "eval_batches", "save_every", "keep_last", "seed"):
+            if not is_int(getattr(self, name)) or getattr(self, name) < 0:
+                fail(name, "must be an integer >= 0")
+        for name in ("schedule_steps", "layers", "hidden_size"):
+            value = getattr(self, name)
+            if value is not None and (not is_int(value) or value < 1):
+                fail(name, "must be None or an integer >= 1")
+        if not is_num(self.lr) or self.lr <= 0:
+            fail("lr", "must be a finite number > 0")
+        if not is_num(self.min_lr) or not 0 <= self.min_lr <= self.lr:
+            fail("min_lr", f"must be in [0, lr={self.lr}]")
+        if self.schedule not in SCHEDULES:
+            fail("schedule", f"must be one of {SCHEDULES}")
+        if not is_num(self.decay_fraction) or not 0 <= self.decay_fraction <= 1:
+            fail("decay_fraction", "must be in [0, 1]")
+        for name in ("weight_decay", "grad_clip"):
+            if not is_num(getattr(self, name)) or getattr(self, name) < 0:
+                fail(name, "must be a finite number >= 0")
+        for name in ("beta1", "beta2"):
+            if not is_num(getattr(self, name)) or not 0 <= getattr(self, name) < 1:
+                fail(name, "must be in [0, 1)")
+        if not is_num(self.eps) or self.eps <= 0:
+            fail("eps", "must be a finite number > 0")
+        if self.device not in DEVICES:
+            fail("device", f"must be one of {DEVICES}")
+        if not isinstance(self.out, (str, os.PathLike)) or not str(self.out):
+            fail("out", "must be a directory path")
+        for name in ("bf16", "progress"):
+            if not isinstance(getattr(self, name), bool):
+                fail(name, "must be true or false")
+
+    @classmethod
+    def from_dict(cls, options: dict[str, Any]) -> TrainConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(options) - known)
+        if unknown:
+            raise ValueError(f"unknown training option(s) {', '.join(map(repr, unknown))}")
+        return cls(**options)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: (os.fspath(v) if isinstance(v, os.PathLike) else v) for k, v in asdict(self).items()}
+
+
+def lr_at(step: int, config: TrainConfig) -> float:
+    """Learning rate of optimizer update number `step + 1` (`step` = updates done before it).
+
+    Warmup: lr·(step+1)/warmup_steps for step < warmup_steps. Then, with T = schedule_steps or steps,
+    cosine: min_lr + (lr − min_lr)·½(1 + cos(π·p)), p = (step − warmup)/(T − 1 − warmup) clamped to [0, 1];
+    wsd: lr until the last round(decay_fraction·T) updates, which decay linearly to min_lr (reached at
+    the last update).
+    """
+    peak, floor, warm = config.lr, config.min_lr, config.warmup_steps
+    total = config.schedule_steps or config.steps
+    if step < warm:
+        return peak * (step + 1) / warm
+    if config.schedule == "cosine":
+        p = min(1.0, max(0.0, (step - warm) / max(1, total - 1 - warm)))
+        return floor + (peak - floor) * 0.5 * (1.0 + math.cos(math.pi * p))
+    decay_start = max(warm, total - round(config.decay_fraction * total))
+    if step < decay_start:
+        return peak
+    p = min(1.0, (step - decay_start + 1) / max(1, total - decay_start))
+    return peak + (floor - peak) * p
+
+
+def build_model_config(config: TrainConfig, vocab_size: int, eot_id: int | None = None) -> DeepSeekConfig:
+    """The preset's config with the tokenizer's vocab_size and the run's model overrides."""
+    fields = get_preset(config.preset).to_dict()
+    fields.update(vocab_size=vocab_size, bos_token_id=None, eos_token_id=eot_id, pad_token_id=None)
+    if config.layers is not None:
+        fields["num_hidden_layers"] = config.layers
+        fields["first_k_dense_replace"] = min(fields["first_k_dense_replace"], config.layers)
+    if config.hidden_size is not None:
+        fields["hidden_size"] = config.hidden_size
+        if fields.get("moe"):
+            fields["moe"]["hidden_size"] = config.hidden_size
+    model_config = DeepSeekConfig.from_dict(fields)
+    if config.seq_len > model_config.max_position_embeddings:
+        raise ValueError(
+            f"TrainConfig.seq_len={config.seq_len} is invalid: preset {config.preset!r} allows at most "
+            f"max_position_embeddings={model_config.max_position_embeddings}"
+        )
+    return model_config
+
+
+def build_optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.AdamW:
+    """AdamW; weight decay on matrices (dim >= 2), none on norms and other vectors."""
+    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
+    rest = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": config.weight_decay}, {"params": rest, "weight_decay": 0.0}]
+    return torch.optim.AdamW(
+        [g for g in groups if g["params"]], lr=lr_at(0, config), betas=(config.beta1, config.beta2), eps=config.eps
+    )
+
+
+def merge_routing_stats(stats: list[dict[int, RoutingStats]]) -> dict[int, RoutingStats]:
+    """Routing statistics of several micro-batches as one: loads summed, metrics recomputed."""
+    merged: dict[int, RoutingStats] = {}
+    for idx in sorted({i for s in stats for i in s}):
+        parts = [s[idx] for s in stats if idx in s]
+        load = torch.stack([p.tokens_per_expert for p in parts]).sum(0)
+        kept = torch.stack([p.kept_per_expert for p in parts]).sum(0)
+        merged[idx] = RoutingStats(
+            tokens_per_expert=load,
+            kept_per_expert=kept,
+            max_vio=max_violation(load),
+            cv=coefficient_of_variation(load),
+            entropy=torch.stack([p.entropy.float() for p in parts]).mean(),
+            dead_experts=(load == 0).sum(),
+            dropped_fraction=1.0 - kept.sum().float() / load.sum().clamp_min(1).float(),
+        )
+    return merged
+
+
+@dataclass
+class TrainResult:
+    step: int
+    """Optimizer steps done (in total, over every session of the run)."""
+    out_dir: Path
+    checkpoint: Path | None
+    """The newest complete checkpoint (what `last` names)."""
+    interrupted: bool = False
+    report: dict[str, Any] | None = None
+
+
+# ---- public entry points ------------------------------------------------------------------------
+
+
+def train(config: TrainConfig, corpus: Any = None) -> TrainResult:
+    """Train a new run in `config.out` (refused if it already holds one: resume it instead).
+
+    `corpus`: a `TokenizedCorpus`-like object; None: `prepare_corpus(config.data, config.vocab_size)`.
+    Ctrl-C stops after the current step and saves; returns with `interrupted=True`.
+    """
+    out = Path(config.out)
+    if (out / ckpt.LAST_NAME).exists():
+        raise ValueError(f"{out} already holds a run ({out / ckpt.LAST_NAME}): continue it with --resume {out}")
+    if config.data is not None:  # saved with the run: --resume may run from another directory
+        config = dataclasses.replace(config, data=os.path.abspath(config.data))
+    return _Run(config, _load_corpus(config, corpus)).run()
+
+
+def resume(out_dir: str | os.PathLike, corpus: Any = None, **overrides: Any) -> TrainResult:
+    """Continue the run in `out_dir` from its newest checkpoint until `steps` (an override, else the saved
+    value) optimizer steps in total. Only the options in `RESUME_OVERRIDABLE` may change; a run
+    interrupted and resumed with the same options ends bitwise equal (on CPU) to an uninterrupted one.
+    """
+    out = Path(out_dir)
+    step_dir = ckpt.read_last(out)
+    if step_dir is None:
+        raise ValueError(f"{out}: no complete checkpoint to resume from ({out / ckpt.LAST_NAME} not found)")
+    state, tensors = ckpt.read_training_state(step_dir)
+    saved = dict(state["train_config"])
+    changed = sorted(k for k, v in overrides.items() if k not in RESUME_OVERRIDABLE and saved.get(k) != v)
+    changed = [k for k in changed if not (k == "out" and Path(overrides[k]).resolve() == out.resolve())]
+    if changed:
+        raise ValueError(
+            f"cannot change {', '.join(changed)} when resuming (the run in {out} was started with "
+            + ", ".join(f"{k}={saved.get(k)!r}" for k in changed)
+            + ")"
+        )
+    config = TrainConfig.from_dict({**saved, **overrides, "out": os.fspath(out)})
+    if state["step"] > config.steps:
+        raise ValueError(f"the run in {out} is already at step {state['step']}, past --steps {config.steps}")
+    corpus = _load_corpus(config, corpus)
+    if getattr(corpus, "corpus_id", None) != state.get("corpus_id"):
+        raise ValueError(
+            f"the corpus differs from the one the run in {out} was trained on "
+            f"(corpus_id {getattr(corpus, 'corpus_id', None)!r}, expected {state.get('corpus_id')!r})"
+        )
+    return _Run(config, corpus, resume_from=(step_dir, state, tensors)).run()
+
+
+def _load_corpus(config: TrainConfig, corpus: Any) -> Any:
+    if corpus is not None:
+        return corpus
+    return _data().prepare_corpus(config.data, vocab_size=config.vocab_size)
+
+
+def _data():
+    """`deepmoe.train.data`, looked up when needed (tests may stand in for it)."""
+    return importlib.import_module("deepmoe.train.data")
+
+
+# ---- the run ------------------------------------------------------------------------------------
+
+
+def _resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("TrainConfig.device='cuda' is invalid: no CUDA device is available")
+    return torch.device(name)
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+class _StopOnSigint:
+    """While active (main thread only), a first Ctrl-C asks the loop to stop after the current step;
+    a second one raises KeyboardInterrupt at once."""
+
+    def __init__(self, console):
+        self.requested = False
+        self.console = console
+        self._previous = None
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        self.console.print("[yellow]Ctrl-C: stopping after this step and saving (Ctrl-C again to stop now)[/yellow]")
+
+    def __exit__(self, *exc):
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+        return False
+
+
+class _Run:
+    def __init__(self, config: TrainConfig, corpus: Any, resume_from: tuple | None = None):
+        from rich.console import Console
+
+        self.cfg = config
+        self.corpus = corpus
+        self.out = Path(config.out)
+        self.console = Console(stderr=True)
+        self.device = _resolve_device(config.device)
+        self.autocast = config.bf16
+        if config.bf16 and self.device.type == "cuda" and not torch.cuda.is_bf16_supported():
+            self.console.print("[yellow]bfloat16 autocast is not supported on this GPU: training in float32[/yellow]")
+            self.autocast = False
+        data = _data()
+        if resume_from is None:
+            _seed_everything(config.seed)
+            self.model_config = build_model_config(config, corpus.vocab_size, getattr(corpus, "eot_id", None))
+            self.model = DeepSeekForCausalLM(self.model_config)
+            self.step = 0
+            self.totals = {"tokens": 0, "train_time_s": 0.0, "routed_slots": {}, "dropped_slots": {}}
+        else:
+            step_dir, state, tensors = resume_from
+            self.model_config = DeepSeekConfig.from_dict(state["model_config"])
+            self.model = DeepSeekForCausalLM(self.model_config)
+            ckpt.load_model_weights(self.model, step_dir)
+            self.step = int(state["step"])
+            self.totals = state["totals"]
+        self.model.to(self.device).train()
+        self.optimizer = build_optimizer(self.model, config)
+        self.batches = data.PackedBatches(corpus.train, config.batch_size, config.seq_len, config.seed)
+        if corpus.heldout.numel() < config.seq_len:
+            raise ValueError(
+                f"the held-out split has {corpus.heldout.numel()} tokens, fewer than one sequence of "
+                f"seq_len={config.seq_len}: use a larger corpus or a smaller --seq-len"
+            )
+        self.moe_layers = sorted(i for i in self.model.moe_layers() if i < self.model_config.num_hidden_layers)
+        self.out.mkdir(parents=True, exist_ok=True)
+        ckpt.remove_stale_staging(self.out)
+        write_json(self.out / CONFIG_NAME, config.to_dict())
+        if resume_from is None:  # files a run that died before its first checkpoint may have left
+            for name in (LOG_NAME, EVAL_LOG_NAME, REPORT_NAME, "loss.png", "expert_load.png"):
+                (self.out / name).unlink(missing_ok=True)
+        else:
+            ckpt.load_optimizer_state(self.optimizer, self.model, state["optimizer"], tensors)
+            self.batches.load_state_dict(state["data"])
+            ckpt.set_rng_state(state["rng"], tensors)
+            for name in (LOG_NAME, EVAL_LOG_NAME):
+                _truncate_log(self.out / name, self.step)
+        self.last_saved = ckpt.read_last(self.out)
+        self._boundary = self._snapshot()
+        self._in_update = False
+        self._eval_batches: list[Tensor] | None = None
+
+    # -- state ------------------------------------------------------------------------------------
+    def _snapshot(self) -> tuple[dict[str, Any], tuple]:
+        """Data position and RNG states at the current step boundary."""
+        return self.batches.state_dict(), ckpt.rng_state()
+
+    def _autocast(self):
+        if not self.autocast:
+            return nullcontext()
+        return torch.autocast(self.device.type, dtype=torch.bfloat16)
+
+    def save(self, boundary: tuple | None = None) -> Path:
+        data_state, rng = boundary or self._snapshot()
+        info = {
+            "train_config": self.cfg.to_dict(),
+            "model_config": self.model_config.to_dict(),
+            "scheduler": {
+                "schedule": self.cfg.schedule,
+                "step": self.step,
+                "last_lr": self.optimizer.param_groups[0]["lr"],
+            },
+            "data": data_state,
+            "corpus_id": getattr(self.corpus, "corpus_id", None),
+            "totals": self.totals,
+            "torch_version": torch.__version__,
+        }
+        tokenizer = getattr(self.corpus, "tokenizer", None)
+        try:
+            path = ckpt.save_training_checkpoint(self.out, self.step, self.model, self.optimizer, info, rng, tokenizer)
+        except (OSError, ValueError) as err:
+            intact = f"{self.last_saved} is intact" if self.last_saved else "no earlier checkpoint exists"
+            raise TrainingError(f"writing the checkpoint of step {self.step} failed ({err}); {intact}") from err
+        self.last_saved = path
+        ckpt.prune_checkpoints(self.out, self.cfg.keep_last)
+        return path
+
+    # -- one step ---------------------------------------------------------------------------------
+    def _stop_message(self, what: str) -> str:
+        if self.last_saved is not None:
+            kept = f"the last good checkpoint {self.last_saved} is kept (resume with --resume {self.out})"
+        else:
+            kept = "no checkpoint had been written yet"
+        return f"training stopped at step {self.step + 1}: {what}; nothing was saved after step {self.step}, {kept}"
+
+    def train_step(self) -> dict[str, Any]:
+        cfg = self.cfg
+        lr = lr_at(self.step, cfg)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.optimizer.zero_grad(set_to_none=True)
+        sums = {"loss": 0.0, "lm_loss": 0.0, "aux_loss": 0.0, "mtp_loss": 0.0}
+        stats = []
+        tokens = 0
+        for micro in range(cfg.grad_accum):
+            batch = next(self.batches).to(self.device, non_blocking=True)
+            try:
+                with self._autocast():
+                    out = self.model(batch, labels=batch)
+            except ValueError as err:
+                raise TrainingError(self._stop_message(f"the forward pass failed ({err})")) from err
+            loss = out.loss.float()
+            value = loss.item()
+            if not math.isfinite(value):
+                raise TrainingError(
+                    self._stop_message(f"the loss is {value} (micro-batch {micro + 1} of {cfg.grad_accum})")
+                )
+            (loss / cfg.grad_accum).backward()
+            sums["loss"] += value
+            for name in ("lm_loss", "aux_loss", "mtp_loss"):
+                part = getattr(out, name)
+                sums[name] += float(part.detach()) if part is not None else 0.0
+            stats.append(out.routing_stats)
+            tokens += batch.numel()
+        max_norm = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm))
+        if not math.isfinite(grad_norm):
+            raise TrainingError(self._stop_message(f"the gradient norm is {grad_norm}"))
+        merged = merge_routing_stats(stats)
+        self._in_update = True
+        self.optimizer.step()
+        self.model.update_expert_bias(merged)
+        self.step += 1
+        self._boundary = self._snapshot()
+        self._in_update = False
+        record = {"step": self.step, "lr": lr}
+        record.update({k: v / cfg.grad_accum for k, v in sums.items()})
+        record["grad_norm"] = grad_norm
+        record["tokens"] = tokens
+        main = [merged[i] for i in self.moe_layers if i in merged]
+        record["layers"] = [i for i in self.moe_layers if i in merged]
+        record["maxvio"] = [float(s.max_vio) for s in main]
+        routed = sum(int(s.tokens_per_expert.sum()) for s in main)
+        kept = sum(int(s.kept_per_expert.sum()) for s in main)
+        record["dropped_fraction"] = 1.0 - kept / routed if routed else 0.0
+        for idx in record["layers"]:
+            key = str(idx)
+            slots, kept_slots = int(merged[idx].tokens_per_expert.sum()), int(merged[idx].kept_per_expert.sum())
+            self.totals["routed_slots"][key] = self.totals["routed_slots"].get(key, 0) + slots
+            self.totals["dropped_slots"][key] = self.totals["dropped_slots"].get(key, 0) + slots - kept_slots
+        return record
+
+    # -- evaluation -------------------------------------------------------------------------------
+    @torch.no_grad()
+    def evaluate(self, batches: list[Tensor]) -> dict[str, Any]:
+        """Mean next-token loss (lm loss only) and expert loads over `batches`, in eval mode."""
+        was_training = self.model.training
+        self.model.eval()
+        total, count = 0.0, 0
+        load: dict[int, Tensor] = {}
+        try:
+            for batch in batches:
+                batch = batch.to(self.device)
+                with self._autocast():
+                    out = self.model(batch, labels=batch, output_mtp=False)
+                n = batch.shape[0] * (batch.shape[1] - 1)
+                total += float(out.lm_loss.float()) * n
+                count += n
+                for idx, s in out.routing_stats.items():
+                    load[idx] = load.get(idx, 0) + s.tokens_per_expert.to("cpu")
+        finally:
+            self.model.train(was_training)
+        loss = total / count if count else float("nan")
+        return {"loss": loss, "perplexity": math.exp(min(loss, 700.0)), "tokens": count, "load": load}
+
+    def periodic_eval(self) -> dict[str, Any]:
+        if self._eval_batches is None:
+            self._eval_batches = _data().heldout_batches(
+                self.corpus.heldout, self.cfg.batch_size, self.cfg.seq_len, max_batches=self.cfg.eval_batches or None
+            )
+        result = self.evaluate(self._eval_batches)
+        record = {"step": self.step, "heldout_loss": result["loss"], "heldout_perplexity": result["perplexity"]}
+        record["maxvio"] = [float(max_violation(result["load"][i])) for i in self.moe_layers if i in result["load"]]
+        _append_jsonl(self.out / EVAL_LOG_NAME, record)
+        return record
+
+    # -- the loop ---------------------------------------------------------------------------------
+    def run(self) -> TrainResult:
+        from deepmoe.train.report import TrainingProgress
+
+        cfg = self.cfg
+        stopper = _StopOnSigint(self.console)
+        interrupted = False
+        bar = TrainingProgress(cfg.steps, self.step, self.console, enabled=cfg.progress)
+        if cfg.progress:
+            params = sum(p.numel() for p in self.model.parameters())
+            self.console.print(
+                f"{'resuming' if self.step else 'training'} {cfg.preset} ({params / 1e6:.2f} M parameters, "
+                f"vocab {self.model_config.vocab_size}) on {self.corpus.train.numel():,} tokens, device "
+                f"{self.device}{', bf16 autocast' if self.autocast else ''}: step {self.step} -> {cfg.steps}, "
+                f"run directory {self.out}"
+            )
+        try:
+            with stopper, bar, open(self.out / LOG_NAME, "a", encoding="utf-8") as log:
+                while self.step < cfg.steps:
+                    if stopper.requested:
+                        interrupted = True
+                        break
+                    start = time.perf_counter()
+                    record = self.train_step()
+                    elapsed = time.perf_counter() - start
+                    record["tokens_per_s"] = record["tokens"] / max(elapsed, 1e-9)
+                    self.totals["tokens"] += record["tokens"]
+                    self.totals["train_time_s"] += elapsed
+                    log.write(json.dumps(record) + "\n")
+                    log.flush()
+                    bar.update(self.step, record)
+                    if cfg.eval_every and self.step % cfg.eval_every == 0 and self.step < cfg.steps:
+                        ev = self.periodic_eval()
+                        bar.print(f"step {self.step}: held-out loss {ev['heldout_loss']:.4f}")
+                    if cfg.save_every and self.step % cfg.save_every == 0 and self.step < cfg.steps:
+                        self.save()
+                if stopper.requested:
+                    interrupted = True
+        except KeyboardInterrupt:
+            interrupted = True
+            if self._in_update:
+                where = f"{self.last_saved} is intact" if self.last_saved else "no checkpoint exists"
+                self.console.print(
+                    f"interrupted during the optimizer update of step {self.step + 1}: not saved; {where}"
+                )
+                return TrainResult(self.step, self.out, self.last_saved, interrupted=True)
+        if interrupted:
+            path = self.save(self._boundary)
+            self.console.print(
+                f"interrupted: saved step {self.step} to {path}; continue with deepmoe train --resume {self.out}"
+            )
+            return TrainResult(self.step, self.out, path, interrupted=True)
+        path = self.save()
+        try:
+            report = self.finish()
+        except KeyboardInterrupt:
+            self.console.print(f"interrupted while writing the report: step {self.step} is saved in {path}")
+            return TrainResult(self.step, self.out, path, interrupted=True)
+        return TrainResult(self.step, self.out, path, report=report)
+
+    def finish(self) -> dict[str, Any]:
+        """Evaluate on the whole held-out set; write report.json, loss.png, expert_load.png."""
+        from deepmoe.train import report as rep
+
+        data = _data()
+        heldout = data.heldout_batches(self.corpus.heldout, self.cfg.batch_size, self.cfg.seq_len)
+        result = self.evaluate(heldout)
+        _append_jsonl(
+            self.out / EVAL_LOG_NAME,
+            {
+                "step": self.step,
+                "heldout_loss": result["loss"],
+                "heldout_perplexity": result["perplexity"],
+                "final": True,
+            },
+        )
+        layers = [i for i in self.moe_layers if i in result["load"]]
+        loads = [result["load"][i] for i in layers]
+        routed = self.totals["routed_slots"]
+        dropped = self.totals["dropped_slots"]
+        total_routed = sum(routed.get(str(i), 0) for i in layers)
+        params = count_parameters(self.model_config)
+        entropy = float(data.unigram_entropy(self.corpus.train, self.corpus.vocab_size))
+        log = rep.read_jsonl(self.out / LOG_NAME)
+        report = {
+            "steps": self.step,
+            "heldout_loss": result["loss"],
+            "heldout_perplexity": result["perplexity"],
+            "heldout_tokens": result["tokens"],
+            "unigram_entropy": entropy,
+            "unigram_perplexity": math.exp(entropy),
+            "moe_layers": layers,
+            "maxvio": [float(max_violation(x)) for x in loads],
+            "cv": [float(coefficient_of_variation(x)) for x in loads],
+            "dead_experts": int(sum(int((x == 0).sum()) for x in loads)),
+            "dead_experts_per_layer": [int((x == 0).sum()) for x in loads],
+            "expert_load": [(x.float() / x.sum().clamp_min(1)).tolist() for x in loads],
+            "dropped_fraction": sum(dropped.get(str(i), 0) for i in layers) / total_routed if total_routed else 0.0,
+            "dropped_fraction_per_layer": [
+                dropped.get(str(i), 0) / routed[str(i)] if routed.get(str(i)) else 0.0 for i in layers
+            ],
+            "tokens_per_second": self.totals["tokens"] / self.totals["train_time_s"]
+            if self.totals["train_time_s"]
+            else 0.0,
+            "tokens_seen": self.totals["tokens"],
+            "train_time_s": self.totals["train_time_s"],
+            "final_train_loss": log[-1]["loss"] if log else None,
+            "parameters": params.total,
+            "active_parameters": params.active,
+            "preset": self.cfg.preset,
+            "corpus_id": getattr(self.corpus, "corpus_id", None),
+            "bf16": self.autocast,
+            "device": str(self.device),
+            "config": self.cfg.to_dict(),
+        }
+        rep.write_report(self.out / REPORT_NAME, report)
+        rep.plot_losses(log, rep.read_jsonl(self.out / EVAL_LOG_NAME), self.out / "loss.png", entropy)
+        rep.plot_expert_load(report["expert_load"], layers, self.out / "expert_load.png")
+        if self.cfg.progress:
+            self.console.print(rep.summary_table(report, self.out))
+        return report
+
+
+# ---- logs -----------------------------------------------------------------------------------------
+
+
+def _append_jsonl(path: Path, record: dict[str, Any]) -> None:
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def _truncate_log(path: Path, step: int) -> None:
+    """Keep the lines of steps <= `step` (a resumed run rewrites what came after its checkpoint)."""
+    if not path.exists():
+        return
+    keep = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            if json.loads(line)["step"] <= step:
+                keep.append(line)
+        except (ValueError, KeyError, TypeError):
+            continue  # a line cut short by a kill
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(line + "\n" for line in keep), encoding="utf-8")
+    os.replace(tmp, path)
+
+
+# ---- command line -------------------------------------------------------------------------------
+
+
+def add_train_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The options of `deepmoe train`; every option defaults to None (= not given), so that a JSON
+    `--config` file and the options saved with a run (`--resume`) fill in what the flags leave out."""
+    d = TrainConfig()
+    parser.add_argument(
+        "--config", metavar="FILE", help="JSON file of options (TrainConfig field names); flags override it"
+    )
+    parser.add_argument(
+        "--resume", metavar="DIR", help="continue the run in DIR (its saved options) up to --steps in total"
+    )
+    parser.add_argument("--preset", choices=list(PRESETS), default=None, help=f"model preset (default {d.preset})")
+    parser.add_argument("--layers", type=int, default=None, help="override the preset's number of layers")
+    parser.add_argument(
+        "--hidden", dest="hidden_size", type=int, default=None, help="override the preset's hidden size"
+    )
+    parser.add_argument("--data", default=None, help="text file or directory (default: the bundled corpus)")
+    parser.add_argument("--vocab-size", type=int, default=None, help=f"tokenizer vocabulary (default {d.vocab_size})")
+    parser.add_argument("--seq-len", type=int, default=None, help=f"tokens per sequence (default {d.seq_len})")
+    parser.add_argument(
+        "--batch-size", type=int, default=None, help=f"sequences per micro-batch (default {d.batch_size})"
+    )
+    parser.add_argument("--grad-accum", type=int, default=None, help="micro-batches per step (default 1)")
+    parser.add_argument("--steps", type=int, default=None, help=f"optimizer steps in total (default {d.steps})")
+    parser.add_argument("--lr", type=float, default=None, help=f"peak learning rate (default {d.lr})")
+    parser.add_argument("--min-lr", type=float, default=None, help=f"final learning rate (default {d.min_lr})")
+    parser.add_argument("--warmup-steps", type=int, default=None, help=f"linear warmup (default {d.warmup_steps})")
+    parser.add_argument("--schedule", choices=SCHEDULES, default=None, help="cosine (default) or wsd")
+    parser.add_argument("--decay-fraction", type=float, default=None, help="WSD: fraction of steps that decay (0.2)")
+    parser.add_argument("--schedule-steps", type=int, default=None, help="length of the LR schedule (default --steps)")
+    parser.add_argument(
+        "--weight-decay", type=float, default=None, help=f"AdamW weight decay (default {d.weight_decay})"
+    )
+    parser.add_argument(
+        "--grad-clip", type=float, default=None, help=f"max gradient norm, 0: off (default {d.grad_clip})"
+    )
+    parser.add_argument(
+        "--eval-every", type=int, default=None, help=f"held-out eval every N steps (default {d.eval_every})"
+    )
+    parser.add_argument("--eval-batches", type=int, default=None, help=f"batches per periodic eval ({d.eval_batches})")
+    parser.add_argument(
+        "--save-every", type=int, default=None, help=f"checkpoint every N steps (default {d.save_every})"
+    )
+    parser.add_argument("--keep-last", type=int, default=None, help=f"checkpoints kept, 0: all (default {d.keep_last})")
+    parser.add_argument("--seed", type=int, default=None, help="seed of weights and data order (default 0)")
+    parser.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None, help="bfloat16 autocast")
+    parser.add_argument("--device", choices=DEVICES, default=None, help="auto (default): cuda if available")
+    parser.add_argument("--out", default=None, help=f"run directory (default {d.out})")
+    parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None, help="progress bar")
+    return parser
+
+
+def options_from_args(args: argparse.Namespace) -> dict[str, Any]:
+    """TrainConfig fields from a `--config` file, overridden by the flags given."""
+    options: dict[str, Any] = {}
+    if getattr(args, "config", None):
+        path = Path(args.config)
+        options.update(read_json(path, "training config"))
+    for f in dataclasses.fields(TrainConfig):
+        value = getattr(args, f.name, None)
+        if value is not None:
+            options[f.name] = value
+    return options
+
+
+def run_from_args(args: argparse.Namespace) -> int:
+    """`deepmoe train`: 0 when the run finished, 130 when Ctrl-C stopped it (after saving), 1 on an error."""
+    try:
+        options = options_from_args(args)
+        if getattr(args, "resume", None):
+            result = resume(args.resume, **options)
+        else:
+            result = train(TrainConfig.from_dict(options))
+    except (TrainingError, CheckpointError, ValueError, OSError) as err:
+        print(f"deepmoe train: error: {err}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:  # a second Ctrl-C, or one outside the training loop (checkpoints are atomic)
+        print("deepmoe train: interrupted", file=sys.stderr)
+        return 130
+    if result.interrupted:
+        return 130
+    print(f"trained {result.step} steps: checkpoint {result.checkpoint}, report {result.out_dir / REPORT_NAME}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m deepmoe.train.trainer ...` (the same as `deepmoe train ...`)."""
+    parser = add_train_arguments(
+        argparse.ArgumentParser(prog="deepmoe train", description="Train a DeepSeek-style MoE LM.")
+    )
+    return run_from_args(parser.parse_args(argv))
+
+
+__all__ = [
+    "TrainConfig",
+    "TrainResult",
+    "TrainingError",
+    "add_train_arguments",
+    "build_model_config",
+    "build_optimizer",
+    "lr_at",
+    "merge_routing_stats",
+    "options_from_args",
+    "resume",
+    "run_from_args",
+    "train",
+]
+
+if __name__ == "__main__":
+    sys.exit(main())
