@@ -11,14 +11,14 @@ from deepmoe.cli import main
 
 
 def test_demo_prints_the_load_table(capsys):
-    assert main(["demo", "--steps", "200", "--tokens", "4096"]) == 0
+    assert main(["balance-demo", "--steps", "200", "--tokens", "4096"]) == 0
     out = capsys.readouterr().out
     assert "MaxVio" in out and "bias b_i" in out
     before, after = (float(v) for v in out.split("MaxVio │")[1].split("│")[1:3])
     assert before > 1.0 and after < 0.2
 
 
-@pytest.mark.parametrize("argv", [["demo", "--steps", "0"], ["demo", "--tokens", "x"], ["nonsense"], []])
+@pytest.mark.parametrize("argv", [["demo", "--steps", "0"], ["balance-demo", "--tokens", "x"], ["nonsense"], []])
 def test_bad_arguments_exit_2_with_one_line(argv):
     result = subprocess.run([sys.executable, "-m", "deepmoe", *argv], capture_output=True, text=True)
     assert result.returncode == 2
@@ -27,10 +27,12 @@ def test_bad_arguments_exit_2_with_one_line(argv):
 
 
 def test_invalid_config_value_is_one_line_exit_1():
-    result = subprocess.run([sys.executable, "-m", "deepmoe", "demo", "--gamma", "-1"], capture_output=True, text=True)
+    result = subprocess.run(
+        [sys.executable, "-m", "deepmoe", "balance-demo", "--gamma", "-1"], capture_output=True, text=True
+    )
     assert result.returncode == 1
     assert result.stderr.strip() == (
-        "deepmoe demo: error: MoEConfig.bias_update_speed=-1.0 is invalid: must be a finite number >= 0"
+        "deepmoe balance-demo: error: MoEConfig.bias_update_speed=-1.0 is invalid: must be a finite number >= 0"
     )
 
 

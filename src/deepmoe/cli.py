@@ -18,7 +18,71 @@ def _positive_int(text: str) -> int:
     return value
 
 
+DEMO_PROMPTS = ("ROMEO:\n", "def fibonacci(n):\n")
+
+
 def _demo(args: argparse.Namespace) -> int:
+    """Train tiny-v3 on the bundled corpus (or continue that run), then report, plot and sample."""
+    import json
+    from pathlib import Path
+
+    import torch
+
+    from deepmoe.io import from_pretrained
+    from deepmoe.model.generate import generate
+    from deepmoe.train.checkpoint import read_last
+    from deepmoe.train.trainer import TrainConfig, resume, train
+
+    out = Path(args.out)
+    console = Console()
+    if read_last(out) is None:
+        console.print(f"[bold]Training tiny-v3[/bold] ({args.steps} steps) on the bundled corpus → {out}")
+        config = TrainConfig(
+            preset="tiny-v3",
+            steps=args.steps,
+            out=str(out),
+            bias_update_speed=0.01,
+            eval_every=100,
+            save_every=100,
+            seed=args.seed,
+        )
+        result = train(config)
+    else:
+        console.print(f"[bold]Continuing the run in {out}[/bold] up to {args.steps} steps")
+        result = resume(out, steps=args.steps)
+    if result.interrupted:
+        return 130
+    report = json.loads((out / "report.json").read_text())
+    table = Table(title=f"{out}/report.json", show_header=False)
+    rows = [
+        ("steps", report["steps"]),
+        ("held-out loss (nats/token)", f"{report['heldout_loss']:.3f}"),
+        ("unigram entropy (nats/token)", f"{report['unigram_entropy']:.3f}"),
+        ("held-out perplexity", f"{report['heldout_perplexity']:.1f}"),
+        ("MaxVio per MoE layer (held-out set)", ", ".join(f"{v:.3f}" for v in report["maxvio"])),
+        ("dead experts", report["dead_experts"]),
+        ("tokens/s (training)", f"{report['tokens_per_second']:,.0f}"),
+        ("plots", f"{out}/loss.png, {out}/expert_load.png"),
+    ]
+    for key, value in rows:
+        table.add_row(key, str(value))
+    console.print(table)
+
+    checkpoint = result.checkpoint
+    model = from_pretrained(checkpoint)
+    tokenizer = _load_tokenizer(str(checkpoint))
+    generator = torch.Generator().manual_seed(args.seed)
+    for prompt in DEMO_PROMPTS:
+        ids = torch.tensor([tokenizer.encode(prompt).ids])
+        tokens = generate(
+            model, ids, max_new_tokens=60, do_sample=True, temperature=0.8, top_p=0.95, generator=generator
+        )
+        console.rule(f"sample from {prompt!r}")
+        print(tokenizer.decode(tokens[0].tolist()))
+    return 0
+
+
+def _balance_demo(args: argparse.Namespace) -> int:
     from deepmoe.tools.balance_demo import run_balance_demo, tiny_v3_config
 
     config = tiny_v3_config(bias_update_speed=args.gamma)
@@ -134,16 +198,27 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser(
         "demo",
+        help="train the tiny model on the bundled corpus, report, plot, sample",
+        description="The main job on a small built-in default: train tiny-v3 on the bundled corpus (continuing "
+        "the run if OUT already holds one), print the report and generate samples.",
+    )
+    demo.add_argument("--out", default="runs/demo", help="run directory (default runs/demo)")
+    demo.add_argument("--steps", type=_positive_int, default=300, help="optimizer steps (default 300)")
+    demo.add_argument("--seed", type=int, default=0)
+    demo.set_defaults(func=_demo)
+
+    balance = sub.add_parser(
+        "balance-demo",
         help="show aux-loss-free balancing fix a skewed router",
         description="Route skewed batches through a tiny DeepSeek-V3-style MoE layer, update "
         "the selection bias after each batch and print the load before/after.",
     )
-    demo.add_argument("--steps", type=_positive_int, default=300, help="bias updates (default 300)")
-    demo.add_argument("--tokens", type=_positive_int, default=16384, help="tokens per batch (default 16384)")
-    demo.add_argument("--favoured", type=_positive_int, default=4, help="experts the router is skewed towards")
-    demo.add_argument("--gamma", type=float, default=0.001, help="bias update speed γ (default 0.001)")
-    demo.add_argument("--seed", type=int, default=0)
-    demo.set_defaults(func=_demo)
+    balance.add_argument("--steps", type=_positive_int, default=300, help="bias updates (default 300)")
+    balance.add_argument("--tokens", type=_positive_int, default=16384, help="tokens per batch (default 16384)")
+    balance.add_argument("--favoured", type=_positive_int, default=4, help="experts the router is skewed towards")
+    balance.add_argument("--gamma", type=float, default=0.001, help="bias update speed γ (default 0.001)")
+    balance.add_argument("--seed", type=int, default=0)
+    balance.set_defaults(func=_balance_demo)
 
     from deepmoe.train.trainer import add_train_arguments, run_from_args
 

@@ -100,6 +100,8 @@ class TrainConfig:
     """Override the preset's num_hidden_layers."""
     hidden_size: int | None = None
     """Override the preset's hidden_size (and its MoE layers')."""
+    bias_update_speed: float | None = None
+    """Override γ of aux-loss-free balancing (b_i += γ·sign(mean load − load_i)) in the MoE layers."""
     progress: bool = True
 
     def __post_init__(self) -> None:
@@ -128,6 +130,8 @@ class TrainConfig:
             value = getattr(self, name)
             if value is not None and (not is_int(value) or value < 1):
                 fail(name, "must be None or an integer >= 1")
+        if self.bias_update_speed is not None and (not is_num(self.bias_update_speed) or self.bias_update_speed < 0):
+            fail("bias_update_speed", "must be None or a finite number >= 0")
         if not is_num(self.lr) or self.lr <= 0:
             fail("lr", "must be a finite number > 0")
         if not is_num(self.min_lr) or not 0 <= self.min_lr <= self.lr:
@@ -197,6 +201,8 @@ def build_model_config(config: TrainConfig, vocab_size: int, eot_id: int | None 
         fields["hidden_size"] = config.hidden_size
         if fields.get("moe"):
             fields["moe"]["hidden_size"] = config.hidden_size
+    if config.bias_update_speed is not None and fields.get("moe"):
+        fields["moe"]["bias_update_speed"] = config.bias_update_speed
     model_config = DeepSeekConfig.from_dict(fields)
     if config.seq_len > model_config.max_position_embeddings:
         raise ValueError(
@@ -699,6 +705,9 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     parser.add_argument("--layers", type=int, default=None, help="override the preset's number of layers")
     parser.add_argument(
         "--hidden", dest="hidden_size", type=int, default=None, help="override the preset's hidden size"
+    )
+    parser.add_argument(
+        "--bias-update-speed", type=float, default=None, help="γ of aux-loss-free balancing (default: the preset's)"
     )
     parser.add_argument("--data", default=None, help="text file or directory (default: the bundled corpus)")
     parser.add_argument("--vocab-size", type=int, default=None, help=f"tokenizer vocabulary (default {d.vocab_size})")
