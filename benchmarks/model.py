@@ -11,14 +11,12 @@ naive and absorbed forms. Then prints the KV-cache bytes per token of the preset
 from __future__ import annotations
 
 import argparse
-import statistics
-import tempfile
-import time
 from collections.abc import Callable
 
 import torch
 
-from deepmoe import DeepSeekConfig, DeepSeekForCausalLM, from_pretrained, get_preset
+from _common import interleaved_medians, load_pair, print_speed_table
+from deepmoe import get_preset
 from deepmoe.model.generate import generate
 from deepmoe.presets import PRESETS
 from deepmoe.runtime import keep_freed_memory
@@ -39,33 +37,20 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     args = parser.parse_args()
     keep_freed_memory()
-    from transformers import AutoModelForCausalLM
-
-    with tempfile.TemporaryDirectory() as tmp:
-        path = args.checkpoint
-        if path is None:
-            torch.manual_seed(0)
-            path = tmp
-            # transformers has no MTP modules: leave them out so both models do the same work
-            config = DeepSeekConfig.from_dict({**get_preset("tiny-v3").to_dict(), "num_nextn_predict_layers": 0})
-            DeepSeekForCausalLM(config).save_pretrained(path)
-        ours = from_pretrained(path, dtype=torch.float32)
-        theirs = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    ours, theirs, label = load_pair(args.checkpoint)
     vocab = ours.config.vocab_size
     ids = torch.randint(0, vocab, (args.batch, args.seq))
     prompt = torch.randint(0, vocab, (1, args.prompt))
     with torch.no_grad():
-        diff = (ours(ids[:1]).logits - theirs(ids[:1]).logits).abs().max() / theirs(ids[:1]).logits.abs().max()
+        want = theirs(ids[:1]).logits
+        diff = ((ours(ids[:1]).logits - want).abs().max() / want.abs().max()).item()
 
-    def train_step(model, forward: Callable) -> Callable[[], None]:
+    def fwd_bwd(model, loss_of: Callable) -> Callable[[], None]:
         def step():
-            forward(model).backward()
+            loss_of(model).backward()
             model.zero_grad(set_to_none=True)
 
         return step
-
-    ours_loss = lambda m: m(ids, labels=ids).lm_loss  # noqa: E731
-    hf_loss = lambda m: m(ids, labels=ids).loss  # noqa: E731
 
     def decode_ours(absorb: bool) -> Callable[[], None]:
         def run():
@@ -74,7 +59,7 @@ def main() -> None:
 
         return run
 
-    def no_grad(fn):
+    def no_grad(fn: Callable[[], object]) -> Callable[[], None]:
         def run():
             with torch.no_grad():
                 fn()
@@ -83,39 +68,30 @@ def main() -> None:
 
     cases = {
         "forward": {"deepmoe": no_grad(lambda: ours(ids)), "transformers": no_grad(lambda: theirs(ids))},
-        "forward+backward": {"deepmoe": train_step(ours, ours_loss), "transformers": train_step(theirs, hf_loss)},
+        "forward+backward": {
+            "deepmoe": fwd_bwd(ours, lambda m: m(ids, labels=ids).lm_loss),
+            "transformers": fwd_bwd(theirs, lambda m: m(ids, labels=ids).loss),
+        },
         "decode": {
             "deepmoe naive MLA": decode_ours(False),
             "deepmoe absorbed MLA": decode_ours(True),
             "transformers": lambda: hf_decode(theirs, prompt, args.new_tokens),
         },
     }
-    ours.train(), theirs.train()
-    times = {(c, v): [] for c, variants in cases.items() for v in variants}
-    for r in range(args.rounds + 1):
-        for case, variants in cases.items():
-            for model in (ours, theirs):
-                model.train(case == "forward+backward")
-            for name, fn in variants.items():
-                start = time.perf_counter()
-                fn()
-                if r:
-                    times[case, name].append(time.perf_counter() - start)
-    ours.set_absorbed_attention(False)
 
-    label = path if args.checkpoint else "tiny-v3 without MTP"
+    def set_mode(case: str) -> None:
+        ours.train(case == "forward+backward")
+        theirs.train(case == "forward+backward")
+
+    medians = interleaved_medians(cases, args.rounds, set_mode)
+    ours.set_absorbed_attention(False)
     print(
-        f"torch {torch.__version__}, {torch.get_num_threads()} threads; model {label}"
-        f"; logits max rel. diff deepmoe vs transformers {diff:.1e}; median of {args.rounds} interleaved rounds\n"
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads; model {label}; logits max rel. diff "
+        f"deepmoe vs transformers {diff:.1e}; batch {args.batch} × {args.seq} tokens, decode {args.new_tokens} "
+        f"tokens after a {args.prompt}-token prompt; median of {args.rounds} interleaved rounds\n"
     )
-    print("| case | variant | ms | tokens/s | speed-up vs transformers |")
-    print("|---|---|---:|---:|---:|")
-    for case, variants in cases.items():
-        tokens = args.batch * args.seq if case != "decode" else args.new_tokens
-        base = statistics.median(times[case, "transformers"])
-        for name in variants:
-            t = statistics.median(times[case, name])
-            print(f"| {case} | {name} | {t * 1e3:.1f} | {tokens / t:,.0f} | {base / t:.2f}× |")
+    tokens = {"forward": args.batch * args.seq, "forward+backward": args.batch * args.seq, "decode": args.new_tokens}
+    print_speed_table(cases, medians, tokens)
 
     print("\n| preset | MLA/MHA cache bytes/token (bf16) | MHA equivalent | GQA-8 equivalent | MHA / this |")
     print("|---|---:|---:|---:|---:|")

@@ -1,0 +1,64 @@
+"""Shared by the model-level benchmarks: one checkpoint loaded into deepmoe and transformers, and
+interleaved timing (every variant once per round, medians) so the ratios come from one run."""
+
+from __future__ import annotations
+
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+
+import torch
+
+from deepmoe import DeepSeekConfig, DeepSeekForCausalLM, from_pretrained, get_preset
+
+
+def load_pair(checkpoint: str | None, preset: str = "tiny-v3"):
+    """(deepmoe model, transformers model, description) holding the same float32 weights.
+
+    Without a checkpoint, a random `preset` model without MTP modules (transformers has none) is saved
+    and loaded by both.
+    """
+    from transformers import AutoModelForCausalLM
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = checkpoint
+        if path is None:
+            torch.manual_seed(0)
+            config = DeepSeekConfig.from_dict({**get_preset(preset).to_dict(), "num_nextn_predict_layers": 0})
+            DeepSeekForCausalLM(config).save_pretrained(tmp)
+            path = tmp
+        ours = from_pretrained(path, dtype=torch.float32)
+        theirs = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    return ours, theirs, checkpoint or f"random {preset} without MTP"
+
+
+def interleaved_medians(
+    cases: dict[str, dict[str, Callable[[], None]]], rounds: int, before_case: Callable[[str], None] = lambda case: None
+) -> dict[tuple[str, str], float]:
+    """Median seconds of every (case, variant); round 0 warms up and is discarded."""
+    times: dict[tuple[str, str], list[float]] = {(c, v): [] for c, variants in cases.items() for v in variants}
+    for r in range(rounds + 1):
+        for case, variants in cases.items():
+            before_case(case)
+            for name, fn in variants.items():
+                start = time.perf_counter()
+                fn()
+                if r:
+                    times[case, name].append(time.perf_counter() - start)
+    return {key: statistics.median(values) for key, values in times.items()}
+
+
+def print_speed_table(
+    cases: dict[str, dict[str, Callable]],
+    medians: dict[tuple[str, str], float],
+    tokens: dict[str, int],
+    baseline: str = "transformers",
+) -> None:
+    print("| case | variant | ms | tokens/s | speed-up vs transformers |")
+    print("|---|---|---:|---:|---:|")
+    for case, variants in cases.items():
+        base = medians[case, baseline]
+        for name in variants:
+            t = medians[case, name]
+            print(f"| {case} | {name} | {t * 1e3:.1f} | {tokens[case] / t:,.0f} | {base / t:.2f}× |")
