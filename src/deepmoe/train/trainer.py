@@ -102,6 +102,9 @@ class TrainConfig:
     """Override the preset's hidden_size (and its MoE layers')."""
     bias_update_speed: float | None = None
     """Override γ of aux-loss-free balancing (b_i += γ·sign(mean load − load_i)) in the MoE layers."""
+    fp8_experts: bool = False
+    """Train with the routed experts' products in fine-grained FP8 (simulated on CPU); the report then
+    has the per-layer FP8 error of the final model (`fp8_error_per_layer`)."""
     progress: bool = True
 
     def __post_init__(self) -> None:
@@ -152,7 +155,7 @@ class TrainConfig:
             fail("device", f"must be one of {DEVICES}")
         if not isinstance(self.out, (str, os.PathLike)) or not str(self.out):
             fail("out", "must be a directory path")
-        for name in ("bf16", "progress"):
+        for name in ("bf16", "fp8_experts", "progress"):
             if not isinstance(getattr(self, name), bool):
                 fail(name, "must be true or false")
 
@@ -203,6 +206,8 @@ def build_model_config(config: TrainConfig, vocab_size: int, eot_id: int | None 
             fields["moe"]["hidden_size"] = config.hidden_size
     if config.bias_update_speed is not None and fields.get("moe"):
         fields["moe"]["bias_update_speed"] = config.bias_update_speed
+    if fields.get("moe"):
+        fields["moe"]["fp8_experts"] = config.fp8_experts
     model_config = DeepSeekConfig.from_dict(fields)
     if config.seq_len > model_config.max_position_embeddings:
         raise ValueError(
@@ -656,6 +661,10 @@ class _Run:
             "device": str(self.device),
             "config": self.cfg.to_dict(),
         }
+        if self.cfg.fp8_experts:
+            from deepmoe.tools.fp8_report import fp8_error_per_layer
+
+            report["fp8_error_per_layer"] = fp8_error_per_layer(self.model, heldout[0].to(self.device))
         rep.write_report(self.out / REPORT_NAME, report)
         rep.plot_losses(log, rep.read_jsonl(self.out / EVAL_LOG_NAME), self.out / "loss.png", entropy)
         rep.plot_expert_load(report["expert_load"], layers, self.out / "expert_load.png")
@@ -708,6 +717,12 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     )
     parser.add_argument(
         "--bias-update-speed", type=float, default=None, help="γ of aux-loss-free balancing (default: the preset's)"
+    )
+    parser.add_argument(
+        "--fp8-experts",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="routed experts' products in fine-grained FP8 (simulated on CPU)",
     )
     parser.add_argument("--data", default=None, help="text file or directory (default: the bundled corpus)")
     parser.add_argument("--vocab-size", type=int, default=None, help=f"tokenizer vocabulary (default {d.vocab_size})")
