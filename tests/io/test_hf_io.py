@@ -31,6 +31,7 @@ from deepmoe.io import (
     save_pretrained,
 )
 from deepmoe.io import checkpoint as ckpt_module
+from deepmoe.io import files as files_module
 from deepmoe.presets import PRESETS
 
 transformers = pytest.importorskip("transformers")
@@ -596,7 +597,7 @@ def test_atomic_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
 
 
 def test_atomic_save_without_rename_exchange(tmp_path, monkeypatch):
-    monkeypatch.setattr(ckpt_module, "_exchange", lambda a, b: False)  # e.g. not Linux: two renames
+    monkeypatch.setattr(files_module, "_exchange", lambda a, b: False)  # e.g. not Linux: two renames
     config = _good_checkpoint(tmp_path / "ckpt")
     state = random_state(config, seed=5)
     save_checkpoint(state, config, tmp_path / "ckpt")
@@ -692,3 +693,17 @@ def test_from_pretrained_dtype_keeps_the_expert_bias_in_float32(tmp_path):
     assert model.model.layers[0].self_attn.o_proj.weight.dtype == torch.bfloat16
     assert model.model.layers[1].mlp.gate.e_score_correction_bias.dtype == torch.float32
     assert len(model.model.mtp) == 1 and model.model.mtp[0].eh_proj.weight.dtype == torch.bfloat16
+
+
+def test_saved_checkpoint_is_readable_like_any_directory(tmp_path):
+    import os
+    import stat
+
+    from deepmoe import DeepSeekForCausalLM, get_preset
+
+    DeepSeekForCausalLM(get_preset("tiny-v3")).save_pretrained(tmp_path / "ckpt")
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in [tmp_path / "ckpt", *(tmp_path / "ckpt").iterdir()]:
+        want = (0o777 if path.is_dir() else 0o666) & ~umask
+        assert stat.S_IMODE(path.stat().st_mode) == want, path.name

@@ -186,7 +186,7 @@ def test_tokenizer_cache_hit_does_not_retrain(small_corpus, tmp_path, monkeypatc
     sources = small_corpus[:3]
     first = get_tokenizer(sources, 400, tmp_path)
     files = list((tmp_path / "tokenizers").glob("*.json"))
-    assert len(files) == 1 and not list(tmp_path.rglob("*.tmp"))
+    assert len(files) == 1 and not list(tmp_path.rglob(".*.tmp-*"))
     mtime = files[0].stat().st_mtime_ns
 
     class NoTraining:
@@ -258,7 +258,7 @@ def test_prepare_corpus_user_folder_and_token_cache(tmp_path):
     assert token_file.stat().st_mtime_ns == mtime  # loaded, not rewritten
     assert torch.equal(again.train, tc.train) and torch.equal(again.heldout, tc.heldout)
     assert again.corpus_id == tc.corpus_id
-    assert not list(cache.rglob("*.tmp"))
+    assert not list(cache.rglob(".*.tmp-*"))
 
 
 def test_prepare_bundled_corpus_subset(small_corpus, tmp_path, monkeypatch):

@@ -9,17 +9,13 @@ one, the tensor.
 
 from __future__ import annotations
 
-import ctypes
 import dataclasses
 import json
 import math
 import os
 import re
-import shutil
-import tempfile
 import warnings
 from collections.abc import Callable, Iterable, Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +25,7 @@ from safetensors import torch as st_torch
 from torch import Tensor, nn
 
 from deepmoe.config import DeepSeekConfig
+from deepmoe.io.files import atomic_directory, fsync_path, make_readable, write_json
 from deepmoe.io.hf import (
     config_from_hf,
     config_to_hf,
@@ -211,25 +208,6 @@ def parse_size(size: int | str) -> int:
     return value
 
 
-def _fsync_path(path: Path, directory: bool = False) -> None:
-    fd = os.open(path, os.O_RDONLY | (getattr(os, "O_DIRECTORY", 0) if directory else 0))
-    try:
-        os.fsync(fd)
-    except OSError:  # some filesystems refuse fsync on directories
-        if not directory:
-            raise
-    finally:
-        os.close(fd)
-
-
-def write_json(path: Path, data: dict[str, Any]) -> None:
-    with open(path, "w", encoding="utf-8") as f:
-        json.dump(data, f, indent=2, sort_keys=True)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-
-
 def write_shards(
     items: Iterable[tuple[str, int, Callable[[], Tensor]]],
     directory: Path,
@@ -263,20 +241,11 @@ def write_shards(
         path = directory / file
         st_torch.save_file(tensors, str(path), metadata={"format": "pt", **(metadata or {})})
         del tensors
-        _fsync_path(path)
+        make_readable(path)  # safetensors creates its files 0600
+        fsync_path(path)
     if n > 1:
         write_json(directory / INDEX_NAME, {"metadata": {"total_size": total}, "weight_map": weight_map})
     return weight_map
-
-
-def _exchange(a: Path, b: Path) -> bool:
-    """Atomically swap two paths (Linux renameat2 RENAME_EXCHANGE); False where unsupported."""
-    try:
-        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
-    except (OSError, AttributeError):
-        return False
-    at_fdcwd, rename_exchange = -100, 2
-    return renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0
 
 
 def _checkpoint_files(directory: Path) -> set[str]:
@@ -288,53 +257,6 @@ def _checkpoint_files(directory: Path) -> set[str]:
     except (OSError, ValueError, AttributeError, TypeError):
         pass
     return names
-
-
-@contextmanager
-def atomic_directory(target: str | os.PathLike) -> Iterator[Path]:
-    """Yield a fresh temporary directory next to `target`; on success, make it `target`.
-
-    Files the caller writes there must be complete (fsynced) when the block ends. Other files of an
-    existing `target` (tokenizer, generation config, ...) are carried over; the checkpoint files
-    are replaced as a whole. The swap is one atomic rename-exchange where the OS offers it, else two
-    renames (the old directory is put back if the second fails). If the block raises, the temporary
-    directory is removed and `target` is left as it was.
-    """
-    target = Path(target)
-    if target.exists() and not target.is_dir():
-        raise CheckpointError(f"{target}: exists and is not a directory")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-    try:
-        yield tmp
-        if target.exists():
-            replaced = _checkpoint_files(target)
-            for entry in target.iterdir():
-                if entry.name in replaced or (tmp / entry.name).exists():
-                    continue
-                if entry.is_dir() and not entry.is_symlink():
-                    shutil.copytree(entry, tmp / entry.name, symlinks=True)
-                else:
-                    shutil.copy2(entry, tmp / entry.name, follow_symlinks=False)
-        _fsync_path(tmp, directory=True)
-        if not target.exists():
-            os.rename(tmp, target)
-        elif _exchange(tmp, target):
-            shutil.rmtree(tmp, ignore_errors=True)  # tmp now holds the previous checkpoint
-        else:
-            old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
-            os.rmdir(old)
-            os.rename(target, old)
-            try:
-                os.rename(tmp, target)
-            except BaseException:
-                os.rename(old, target)
-                raise
-            shutil.rmtree(old, ignore_errors=True)
-        _fsync_path(target.parent, directory=True)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
 
 
 # ---- HF checkpoints of deepmoe models -------------------------------------------------------------
@@ -519,7 +441,9 @@ def save_checkpoint(
     weights_dtype = max({t.dtype for t in floating}, key=lambda dt: sum(t.numel() for t in floating if t.dtype == dt))
     hf_config["torch_dtype"] = hf_config["dtype"] = str(weights_dtype).removeprefix("torch.")
     target = Path(path)
-    with atomic_directory(target) as tmp:
+    if target.exists() and not target.is_dir():
+        raise CheckpointError(f"{target}: exists and is not a directory")
+    with atomic_directory(target, replaces=_checkpoint_files) as tmp:
         write_shards(items(), tmp, limit)
         write_json(tmp / CONFIG_NAME, hf_config)
     return target

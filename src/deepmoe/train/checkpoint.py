@@ -14,7 +14,6 @@ import os
 import random
 import re
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +23,8 @@ from safetensors import SafetensorError
 from safetensors import torch as st_torch
 from torch import Tensor, nn
 
-from deepmoe.io.checkpoint import CheckpointError, _fsync_path, load_checkpoint, read_json, save_checkpoint, write_json
+from deepmoe.io.checkpoint import CheckpointError, load_checkpoint, read_json, save_checkpoint
+from deepmoe.io.files import atomic_directory, atomic_write, fsync_path, make_readable, write_json
 
 LAST_NAME = "last"
 STATE_JSON = "training_state.json"
@@ -38,18 +38,6 @@ _STAGING_PREFIX = ".step-"
 
 def step_dir_name(step: int) -> str:
     return f"step-{step}"
-
-
-def _umask() -> int:
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
-def make_readable(path: str | os.PathLike) -> None:
-    """Give a file or directory made by `tempfile` (mode 0600/0700) the usual permissions (umask)."""
-    path = Path(path)
-    os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~_umask())
 
 
 # ---- RNG states --------------------------------------------------------------------------------
@@ -148,7 +136,7 @@ def load_optimizer_state(
 def write_training_state(directory: Path, info: dict[str, Any], tensors: dict[str, Tensor]) -> None:
     path = directory / STATE_TENSORS
     st_torch.save_file(tensors, str(path), metadata={"format": "pt"})
-    _fsync_path(path)
+    fsync_path(path)
     write_json(directory / STATE_JSON, {"format": STATE_FORMAT, "version": STATE_VERSION, **info})
 
 
@@ -169,18 +157,7 @@ def read_last(out_dir: str | os.PathLike) -> Path | None:
 
 def write_last(out_dir: Path, name: str) -> None:
     """Point `DIR/last` at the checkpoint `name`, atomically (temporary file, fsync, rename)."""
-    fd, tmp = tempfile.mkstemp(prefix=".last.tmp-", dir=out_dir)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(name + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        make_readable(tmp)
-        os.replace(tmp, out_dir / LAST_NAME)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    _fsync_path(out_dir, directory=True)
+    atomic_write(out_dir / LAST_NAME, name + "\n")
 
 
 def save_training_checkpoint(
@@ -204,12 +181,12 @@ def save_training_checkpoint(
     current = read_last(out_dir)
     if current is not None and current.name == name:
         return target
-    staging = Path(tempfile.mkdtemp(prefix=f"{_STAGING_PREFIX}{step}.tmp-", dir=out_dir))
-    try:
+    # staged as `.step-N.tmp-*`; a complete `step-N` that `last` does not name (left by a crash) is replaced whole
+    with atomic_directory(target) as staging:
         save_checkpoint(model, getattr(model, "config", None), staging)
         if tokenizer is not None and hasattr(tokenizer, "save"):
             tokenizer.save(str(staging / TOKENIZER_NAME))
-            _fsync_path(staging / TOKENIZER_NAME)
+            fsync_path(staging / TOKENIZER_NAME)
         opt_info, opt_tensors = optimizer_state(optimizer, model)
         rng_info, rng_tensors = rng
         write_training_state(
@@ -217,19 +194,6 @@ def save_training_checkpoint(
         )
         for entry in [staging, *staging.iterdir()]:
             make_readable(entry)
-        _fsync_path(staging, directory=True)
-        if target.exists():  # a complete checkpoint of this step that `last` does not name (left by a crash)
-            stale = Path(tempfile.mkdtemp(prefix=f"{_STAGING_PREFIX}{step}.old-", dir=out_dir))
-            os.rmdir(stale)
-            os.rename(target, stale)
-            os.rename(staging, target)
-            shutil.rmtree(stale, ignore_errors=True)
-        else:
-            os.rename(staging, target)
-        _fsync_path(out_dir, directory=True)
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging, ignore_errors=True)
     write_last(out_dir, name)
     return target
 

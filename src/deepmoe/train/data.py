@@ -21,7 +21,6 @@ import importlib.util
 import logging
 import os
 import sysconfig
-import tempfile
 import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -30,6 +29,8 @@ from pathlib import Path
 import numpy as np
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+from deepmoe.io.files import atomic_write
 
 __all__ = [
     "CODE_DOMAIN_BYTES",
@@ -310,21 +311,12 @@ def resolve_cache_dir(cache_dir: str | os.PathLike | None = None) -> Path:
     return Path.home() / ".cache" / "deepmoe"
 
 
-def _atomic_write(path: Path, write) -> bool:
-    """Write through ``write(file)`` into a temp file beside ``path``, fsync, rename. False (with a warning)
-    where the cache cannot be written: the data is still used, only not cached."""
+def _write_cache(path: Path, write) -> bool:
+    """``atomic_write(path, write)``, making the folder. False (with a warning) where the cache cannot be
+    written: the data is still used, only not cached."""
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                write(f)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        atomic_write(path, write)
     except OSError as e:
         warnings.warn(f"could not write the cache file {path}: {e}", stacklevel=3)
         return False
@@ -387,7 +379,7 @@ def get_tokenizer(sources: list[TextSource], vocab_size: int, cache_dir: str | o
     )
     tokenizer.train_from_iterator((s.text for s in sources), trainer=trainer, length=len(sources))
     data = tokenizer.to_str().encode("utf-8")
-    _atomic_write(path, lambda f: f.write(data))
+    _write_cache(path, data)
     return tokenizer
 
 
@@ -458,7 +450,7 @@ def prepare_corpus(
         ids = np.concatenate(pieces).astype(np.uint16 if real_vocab <= 1 << 16 else np.int32)
         lengths = np.array([len(p) for p in pieces], dtype=np.int64)
         arrays = {"ids": ids, "lengths": lengths, "names": np.array(names), "vocab_size": np.array(real_vocab)}
-        _atomic_write(path, lambda f: np.savez(f, **arrays))
+        _write_cache(path, lambda f: np.savez(f, **arrays))
 
     all_ids = torch.from_numpy(ids.astype(np.int64))
     per_doc = torch.split(all_ids, lengths.tolist())

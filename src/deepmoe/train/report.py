@@ -8,12 +8,11 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from deepmoe.train.checkpoint import make_readable
+from deepmoe.io.files import atomic_write, write_json
 
 # ---- JSON ---------------------------------------------------------------------------------------
 
@@ -46,21 +45,8 @@ def _finite(value: Any) -> Any:
 
 
 def write_report(path: str | os.PathLike, report: dict[str, Any]) -> Path:
-    """Write `report` as JSON, atomically (temporary file, fsync, rename)."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(_finite(report), f, indent=2, sort_keys=True, allow_nan=False)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        make_readable(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    """Write `report` as JSON (NaN/inf as null), atomically (temporary file, fsync, rename)."""
+    return write_json(path, _finite(report))
 
 
 # ---- plots --------------------------------------------------------------------------------------
@@ -76,16 +62,7 @@ def _pyplot():
 
 
 def _save(fig, path: Path) -> Path:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", suffix=".png", dir=path.parent)
-    os.close(fd)
-    try:
-        fig.savefig(tmp, dpi=120, format="png")
-        make_readable(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return atomic_write(path, lambda f: fig.savefig(f, dpi=120, format="png"))
 
 
 def plot_losses(

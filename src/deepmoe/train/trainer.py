@@ -34,7 +34,8 @@ import torch
 from torch import Tensor
 
 from deepmoe.config import DeepSeekConfig
-from deepmoe.io.checkpoint import CheckpointError, read_json, write_json
+from deepmoe.io.checkpoint import CheckpointError, read_json
+from deepmoe.io.files import atomic_write, write_json
 from deepmoe.model.decoder import DeepSeekForCausalLM
 from deepmoe.moe.balance import RoutingStats, coefficient_of_variation, max_violation
 from deepmoe.presets import PRESETS, count_parameters, get_preset
@@ -692,9 +693,7 @@ def _truncate_log(path: Path, step: int) -> None:
                 keep.append(line)
         except (ValueError, KeyError, TypeError):
             continue  # a line cut short by a kill
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(line + "\n" for line in keep), encoding="utf-8")
-    os.replace(tmp, path)
+    atomic_write(path, "".join(line + "\n" for line in keep))
 
 
 # ---- command line -------------------------------------------------------------------------------

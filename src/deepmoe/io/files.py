@@ -1,0 +1,129 @@
+"""Atomic writes, the one implementation for checkpoints, reports, logs and caches: a file (or a
+directory) is written next to its target under a temporary name, fsynced, then renamed into place, so
+that a reader or a crash sees the old contents or the new ones, never a mixture.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Collection, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, BinaryIO
+
+
+def fsync_path(path: str | os.PathLike, directory: bool = False) -> None:
+    """fsync a file or, with `directory`, a directory (where the filesystem refuses that, nothing)."""
+    fd = os.open(path, os.O_RDONLY | (getattr(os, "O_DIRECTORY", 0) if directory else 0))
+    try:
+        os.fsync(fd)
+    except OSError:  # some filesystems refuse fsync on directories
+        if not directory:
+            raise
+    finally:
+        os.close(fd)
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def make_readable(path: str | os.PathLike) -> None:
+    """Give a file or directory made by `tempfile` (mode 0600/0700) the usual permissions (umask)."""
+    path = Path(path)
+    os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~_umask())
+
+
+def atomic_write(path: str | os.PathLike, data: bytes | str | Callable[[BinaryIO], None]) -> Path:
+    """Replace the file `path` with `data`: bytes, a str (written as UTF-8), or a function that writes
+    to the binary file it is given. Temporary file next to `path`, fsync, the usual permissions, rename,
+    fsync of the directory; on any error the temporary file is removed and `path` is left as it was.
+    """
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            if callable(data):
+                data(f)
+            else:
+                f.write(data.encode("utf-8") if isinstance(data, str) else data)
+            f.flush()
+            os.fsync(f.fileno())
+        make_readable(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    fsync_path(path.parent, directory=True)
+    return path
+
+
+def write_json(path: str | os.PathLike, data: Any) -> Path:
+    """`atomic_write` of `data` as JSON (indent 2, sorted keys, a final newline)."""
+    return atomic_write(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Atomically swap two paths (Linux renameat2 RENAME_EXCHANGE); False where unsupported."""
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    return renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0
+
+
+@contextmanager
+def atomic_directory(
+    target: str | os.PathLike, replaces: Callable[[Path], Collection[str]] | None = None
+) -> Iterator[Path]:
+    """Yield a fresh temporary directory next to `target`; on success, make it `target`.
+
+    Files the caller writes there must be complete (fsynced) when the block ends. An existing `target`
+    is replaced as a whole, unless `replaces` is given: then its entries not named in `replaces(target)`
+    (and not written anew) are carried over. The swap is one atomic rename-exchange where the OS
+    offers it, else two renames (the old directory is put back if the second fails). If the block
+    raises, the temporary directory is removed and `target` is left as it was.
+    """
+    target = Path(target)
+    if target.exists() and not target.is_dir():
+        raise NotADirectoryError(f"{target}: exists and is not a directory")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    try:
+        yield tmp
+        make_readable(tmp)  # mkdtemp made it 0700: a checkpoint is a normal, shareable directory
+        if replaces is not None and target.exists():
+            replaced = replaces(target)
+            for entry in target.iterdir():
+                if entry.name in replaced or (tmp / entry.name).exists():
+                    continue
+                if entry.is_dir() and not entry.is_symlink():
+                    shutil.copytree(entry, tmp / entry.name, symlinks=True)
+                else:
+                    shutil.copy2(entry, tmp / entry.name, follow_symlinks=False)
+        fsync_path(tmp, directory=True)
+        if not target.exists():
+            os.rename(tmp, target)
+        elif _exchange(tmp, target):
+            shutil.rmtree(tmp, ignore_errors=True)  # tmp now holds the previous contents
+        else:
+            old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
+            os.rmdir(old)
+            os.rename(target, old)
+            try:
+                os.rename(tmp, target)
+            except BaseException:
+                os.rename(old, target)
+                raise
+            shutil.rmtree(old, ignore_errors=True)
+        fsync_path(target.parent, directory=True)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
