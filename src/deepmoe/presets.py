@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -152,93 +152,42 @@ def _deepseek_v3() -> DeepSeekConfig:
     )
 
 
-def _tiny(model_type: str) -> DeepSeekConfig:
-    """A few-million-parameter model of the same family that trains on a CPU in minutes."""
+def _tiny(published: DeepSeekConfig, **moe_overrides) -> DeepSeekConfig:
+    """The published architecture (attention kind, gate, routing rule, losses) at a few million
+    parameters, small enough to train on a CPU in minutes."""
     h = 128
-    if model_type == "deepseek":
-        moe = MoEConfig(
-            hidden_size=h,
-            moe_intermediate_size=64,
-            n_routed_experts=16,
-            n_shared_experts=2,
-            num_experts_per_tok=4,
-            aux_loss_alpha=0.001,
-        )
-        return DeepSeekConfig(
-            model_type="deepseek",
-            vocab_size=4096,
-            hidden_size=h,
-            intermediate_size=384,
-            num_hidden_layers=4,
-            num_attention_heads=4,
-            attention_type="mha",
-            max_position_embeddings=1024,
-            rope_interleave=False,
-            moe=moe,
-            first_k_dense_replace=1,
-        )
-    if model_type == "deepseek_v2":
-        moe = MoEConfig(
-            hidden_size=h,
-            moe_intermediate_size=64,
-            n_routed_experts=16,
-            n_shared_experts=2,
-            num_experts_per_tok=4,
-            topk_method="group_limited_greedy",
-            n_group=4,
-            topk_group=2,
-            n_devices=4,
-            aux_loss_alpha=0.003,
-            device_aux_loss_alpha=0.05,
-            comm_aux_loss_alpha=0.02,
-        )
-        return DeepSeekConfig(
-            model_type="deepseek_v2",
-            vocab_size=4096,
-            hidden_size=h,
-            intermediate_size=384,
-            num_hidden_layers=4,
-            num_attention_heads=4,
-            q_lora_rank=None,
+    moe = replace(
+        published.moe,
+        hidden_size=h,
+        moe_intermediate_size=64,
+        n_routed_experts=16,
+        num_experts_per_tok=4,
+        **moe_overrides,
+    )
+    if published.attention_type == "mla":
+        attention = dict(
+            q_lora_rank=64 if published.q_lora_rank else None,
             kv_lora_rank=64,
             qk_nope_head_dim=32,
             qk_rope_head_dim=16,
             v_head_dim=32,
-            max_position_embeddings=1024,
-            moe=moe,
-            first_k_dense_replace=1,
         )
-    moe = MoEConfig(
-        hidden_size=h,
-        moe_intermediate_size=64,
-        n_routed_experts=16,
-        n_shared_experts=1,
-        num_experts_per_tok=4,
-        scoring_func="sigmoid",
-        norm_topk_prob=True,
-        routed_scaling_factor=2.5,
-        topk_method="noaux_tc",
-        n_group=4,
-        topk_group=2,
-        use_expert_bias=True,
-        seq_aux_loss_alpha=1e-4,
-    )
-    return DeepSeekConfig(
-        model_type="deepseek_v3",
+    else:
+        attention = dict(num_key_value_heads=4)
+    return replace(
+        published,
         vocab_size=4096,
         hidden_size=h,
         intermediate_size=384,
         num_hidden_layers=4,
         num_attention_heads=4,
-        q_lora_rank=64,
-        kv_lora_rank=64,
-        qk_nope_head_dim=32,
-        qk_rope_head_dim=16,
-        v_head_dim=32,
         max_position_embeddings=1024,
+        rope_scaling=None,
         moe=moe,
         first_k_dense_replace=1,
-        num_nextn_predict_layers=1,
+        bos_token_id=None,
+        eos_token_id=None,
+        **attention,
     )
 
 
@@ -247,9 +196,12 @@ PRESETS = {
     "deepseek-v2-lite": _deepseek_v2_lite,
     "deepseek-v2": _deepseek_v2,
     "deepseek-v3": _deepseek_v3,
-    "tiny-deepseek-moe": lambda: _tiny("deepseek"),
-    "tiny-v2": lambda: _tiny("deepseek_v2"),
-    "tiny-v3": lambda: _tiny("deepseek_v3"),
+    "tiny-deepseek-moe": lambda: _tiny(_deepseek_moe_16b()),
+    # tiny-v2 leaves out query compression, as V2-Lite does: the tiny presets cover MLA with and without it
+    "tiny-v2": lambda: replace(
+        _tiny(_deepseek_v2(), n_group=4, topk_group=2, n_devices=4, routed_scaling_factor=1.0), q_lora_rank=None
+    ),
+    "tiny-v3": lambda: _tiny(_deepseek_v3(), n_group=4, topk_group=2),
 }
 
 

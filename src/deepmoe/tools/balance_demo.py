@@ -15,26 +15,19 @@ import torch
 from deepmoe.config import MoEConfig
 from deepmoe.moe import MoE
 from deepmoe.moe.balance import expert_counts, max_violation
+from deepmoe.presets import get_preset
 
 
 def tiny_v3_config(**overrides) -> MoEConfig:
-    """A DeepSeek-V3-shaped layer small enough for a laptop CPU."""
-    fields = dict(
-        hidden_size=64,
-        moe_intermediate_size=32,
-        n_routed_experts=32,
-        n_shared_experts=1,
-        num_experts_per_tok=4,
-        scoring_func="sigmoid",
-        norm_topk_prob=True,
-        routed_scaling_factor=2.5,
-        topk_method="noaux_tc",
-        n_group=4,
-        topk_group=2,
-        use_expert_bias=True,
-        bias_update_speed=0.001,
-    )
-    fields.update(overrides)
+    """The tiny-v3 preset's MoE layer (sigmoid gate, noaux_tc groups, bias balancing), 32 experts of width 32."""
+    fields = {
+        **get_preset("tiny-v3").moe.to_dict(),
+        "hidden_size": 64,
+        "moe_intermediate_size": 32,
+        "n_routed_experts": 32,
+        "seq_aux_loss_alpha": 0.0,
+        **overrides,
+    }
     return MoEConfig(**fields)
 
 
