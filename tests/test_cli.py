@@ -61,3 +61,16 @@ def test_generate_refuses_a_prompt_without_tokenizer(tmp_path, capsys):
     DeepSeekForCausalLM(get_preset("tiny-v3")).save_pretrained(tmp_path)
     assert main(["generate", str(tmp_path), "--prompt", "hello"]) == 1
     assert "tokenizer.json not found" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_demo_trains_reports_and_samples(tmp_path, capsys):
+    """The README's main job, cut to 2 steps: bundled corpus → run dir with report and plots → samples."""
+    out = tmp_path / "demo"
+    assert main(["demo", "--out", str(out), "--steps", "2"]) == 0
+    printed = capsys.readouterr().out
+    assert "sample from 'ROMEO:\\n'" in printed and "def fibonacci(n):" in printed
+    assert {"report.json", "loss.png", "expert_load.png", "last", "step-2"} <= {p.name for p in out.iterdir()}
+    # a second call continues the finished run: nothing to train, the report is shown again
+    assert main(["demo", "--out", str(out), "--steps", "2"]) == 0
+    assert "training report" in capsys.readouterr().out

@@ -31,11 +31,13 @@ def _demo(args: argparse.Namespace) -> int:
     from deepmoe.io import from_pretrained
     from deepmoe.model.generate import generate
     from deepmoe.train.checkpoint import read_last
+    from deepmoe.train.report import summary_table
     from deepmoe.train.trainer import TrainConfig, resume, train
 
     out = Path(args.out)
     console = Console()
-    if read_last(out) is None:
+    last = read_last(out)
+    if last is None:
         console.print(f"[bold]Training tiny-v3[/bold] ({args.steps} steps) on the bundled corpus → {out}")
         config = TrainConfig(
             preset="tiny-v3",
@@ -50,23 +52,11 @@ def _demo(args: argparse.Namespace) -> int:
     else:
         console.print(f"[bold]Continuing the run in {out}[/bold] up to {args.steps} steps")
         result = resume(out, steps=args.steps)
+        if result.step == int(last.name.removeprefix("step-")):  # nothing was left to train: show the report
+            console.print(summary_table(json.loads((out / "report.json").read_text()), out))
     if result.interrupted:
         return 130
-    report = json.loads((out / "report.json").read_text())
-    table = Table(title=f"{out}/report.json", show_header=False)
-    rows = [
-        ("steps", report["steps"]),
-        ("held-out loss (nats/token)", f"{report['heldout_loss']:.3f}"),
-        ("unigram entropy (nats/token)", f"{report['unigram_entropy']:.3f}"),
-        ("held-out perplexity", f"{report['heldout_perplexity']:.1f}"),
-        ("MaxVio per MoE layer (held-out set)", ", ".join(f"{v:.3f}" for v in report["maxvio"])),
-        ("dead experts", report["dead_experts"]),
-        ("tokens/s (training)", f"{report['tokens_per_second']:,.0f}"),
-        ("plots", f"{out}/loss.png, {out}/expert_load.png"),
-    ]
-    for key, value in rows:
-        table.add_row(key, str(value))
-    console.print(table)
+    console.print(f"plots: {out}/loss.png, {out}/expert_load.png; report: {out}/report.json")
 
     checkpoint = result.checkpoint
     model = from_pretrained(checkpoint)
