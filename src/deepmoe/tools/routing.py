@@ -95,3 +95,47 @@ def collect_routing(
             handle.remove()
         model.train(was_training)
     return sums
+
+
+BUNDLED_PREFIX = "bundled:"
+
+
+def source_tokens(source: str, tokenizer, eot_id: int | None = None) -> Tensor:
+    """[N] token ids of a text source, encoded with the model's tokenizer.
+
+    `source` is a file or folder of text (every document, in file order), or `bundled:DOMAIN`
+    (e.g. `bundled:english`, `bundled:code`): the held-out documents of that domain of the
+    bundled corpus, which a model trained on the bundled corpus has not seen.
+    """
+    from deepmoe.train.data import bundled_corpus, read_text_path, split_documents
+
+    if source.startswith(BUNDLED_PREFIX):
+        domain = source.removeprefix(BUNDLED_PREFIX)
+        _, heldout = split_documents(bundled_corpus(), 0.05)
+        documents = [d for d in heldout if d.domain == domain]
+        if not documents:
+            domains = sorted({d.domain for d in heldout})
+            raise ValueError(f"no bundled domain {domain!r}: choose one of {', '.join(domains)}")
+    else:
+        documents = read_text_path(source)
+    ids: list[int] = []
+    for document in documents:
+        ids.extend(tokenizer.encode(document.text).ids)
+        if eot_id is not None:
+            ids.append(eot_id)
+    return torch.tensor(ids, dtype=torch.long)
+
+
+def fixed_batches(
+    tokens: Tensor, seq_len: int = 256, batch_size: int = 8, max_tokens: int | None = None
+) -> list[Tensor]:
+    """Consecutive [batch_size, seq_len] windows of `tokens` (the last batch may be smaller), at most
+    `max_tokens` tokens in all; a stream shorter than one window becomes one shorter sequence."""
+    if max_tokens is not None:
+        tokens = tokens[:max_tokens]
+    if tokens.numel() == 0:
+        raise ValueError("the text source holds no tokens")
+    if tokens.numel() < seq_len:
+        return [tokens[None]]
+    windows = tokens[: tokens.numel() // seq_len * seq_len].view(-1, seq_len)
+    return list(windows.split(batch_size))
