@@ -221,6 +221,18 @@ def build_parser() -> argparse.ArgumentParser:
     add_train_arguments(train)
     train.set_defaults(func=run_from_args)
 
+    from deepmoe.tools.analyze import add_analyze_arguments, run_analyze
+
+    analyze = sub.add_parser(
+        "analyze",
+        help="routing analysis: load, entropy, domain specialisation, co-activation, vocabulary",
+        description="Run a checkpoint over text sources (files, folders or bundled:english / bundled:code) and "
+        "report per layer load, MaxVio, entropy, dead/dominant experts, the JS divergence between the sources, "
+        "source-specific experts, co-activation and each expert's preferred vocabulary (JSON, CSV, PNG).",
+    )
+    add_analyze_arguments(analyze)
+    analyze.set_defaults(func=run_analyze)
+
     inspect = sub.add_parser(
         "inspect",
         help="architecture, parameter counts and KV-cache size",
