@@ -233,6 +233,18 @@ def build_parser() -> argparse.ArgumentParser:
     add_analyze_arguments(analyze)
     analyze.set_defaults(func=run_analyze)
 
+    from deepmoe.tools.esft import add_esft_arguments, run_esft
+
+    esft = sub.add_parser(
+        "esft",
+        help="expert-specialised fine-tuning: train only the experts a task uses, save a small delta",
+        description="Rank experts per layer on task data (average gate score or token selection ratio), keep the "
+        "smallest set reaching share p, fine-tune only those expert slices and save them as a delta that "
+        "from_pretrained(..., delta=DIR) applies on the base checkpoint.",
+    )
+    add_esft_arguments(esft)
+    esft.set_defaults(func=run_esft)
+
     inspect = sub.add_parser(
         "inspect",
         help="architecture, parameter counts and KV-cache size",

@@ -450,9 +450,13 @@ def save_checkpoint(
 
 
 def from_pretrained(
-    path: str | os.PathLike, dtype: torch.dtype | None = None, device: str | torch.device | None = None
+    path: str | os.PathLike,
+    dtype: torch.dtype | None = None,
+    device: str | torch.device | None = None,
+    delta: str | os.PathLike | None = None,
 ) -> nn.Module:
-    """A `DeepSeekForCausalLM` (eval mode) with the weights of a HF-format checkpoint directory.
+    """A `DeepSeekForCausalLM` (eval mode) with the weights of a HF-format checkpoint directory,
+    plus an expert delta (`deepmoe esft`) applied on top when `delta` names one.
 
     dtype None keeps the stored dtypes (FP8 weights become the config's torch_dtype).
     """
@@ -473,6 +477,10 @@ def from_pretrained(
                 f"{path}: tensor {name!r} has shape {list(state[name].shape)}, the model {list(shape)}"
             )
     model.load_state_dict(state, strict=True, assign=True)  # assign: keep the loaded dtypes
+    if delta is not None:
+        from deepmoe.io.delta import apply_delta  # delta.py builds on this module
+
+        apply_delta(model, delta)
     if device is not None:
         model.to(device)
     return model.eval()

@@ -233,11 +233,11 @@ class DeepSeekForCausalLM(nn.Module):
 
     # ---- Hugging Face-style entry points (the work is done in deepmoe.io and deepmoe.model.generate) ----
     @classmethod
-    def from_pretrained(cls, path, dtype: torch.dtype | None = None, device=None) -> DeepSeekForCausalLM:
-        """Load a HF-format checkpoint directory (config.json + safetensors)."""
+    def from_pretrained(cls, path, dtype: torch.dtype | None = None, device=None, delta=None) -> DeepSeekForCausalLM:
+        """Load a HF-format checkpoint directory (config.json + safetensors), optionally with an ESFT delta."""
         from deepmoe.io import from_pretrained
 
-        return from_pretrained(path, dtype=dtype, device=device)
+        return from_pretrained(path, dtype=dtype, device=device, delta=delta)
 
     def save_pretrained(self, path, max_shard_size: int | str = "5GB"):
         """Write config.json + safetensors with HF's names for this model_type, atomically."""

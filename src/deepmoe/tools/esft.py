@@ -1,0 +1,589 @@
+"""Expert-specialised fine-tuning (SPEC S3; Wang et al. 2024, "Let the Expert Stick to His Last: Expert-
+Specialized Fine-Tuning for Sparse Architectural Large Language Models", DeepSeek's ESFT).
+
+1. Score the routed experts of every MoE layer on task data (`collect_routing` over a slice of it), with
+   one of ESFT's two relevance scores, T = tokens seen, K = experts per token, g_i,t = the gate weight of
+   expert i for token t (0 when i is not among the token's top K):
+
+   - average gate score ("gate"):  g_i = (1/T) Σ_t g_i,t, normalised over the layer's experts,
+     score_i = g_i / Σ_j g_j. (With normalised top-K weights Σ_j g_j = 1, or the routed scaling factor;
+     the normalisation makes the share a distribution either way.)
+   - token selection ratio ("token"): r_i = (1/(T·K)) Σ_t 1[i ∈ TopK_t], which already sums to 1.
+
+2. Select per layer the smallest set of experts, taken by decreasing score (ties: lower index first), whose
+   cumulative share reaches p (`select_experts`).
+
+3. Fine-tune only those experts' slices of the stacked expert tensors (`esft_finetune`, AdamW on the
+   next-token loss); attention, embeddings, norms, head, routers (weights and selection bias), shared
+   experts, dense FFNs, MTP modules and the unselected experts are frozen and stay bit-identical. The
+   selected slices live in their own parameters during training (a parametrisation writes them into a copy
+   of the stacked tensor on each forward), so the optimiser, its state and its weight decay never see
+   anything else.
+
+4. Save only those slices as a delta (`deepmoe.io.delta.save_delta`), applied to the base checkpoint by
+   `apply_delta` / `from_pretrained(..., delta=...)`.
+
+`run_esft` is the `deepmoe esft` command: it also measures the task loss before and after on held-out task
+tokens and, with `--compare-full`, full fine-tuning for the same steps, learning rate and batches.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.nn.utils import parametrize
+
+from deepmoe.io.delta import DELTA_META, check_selection, delta_size, save_delta
+from deepmoe.tools.routing import LayerRouting
+
+METHODS = ("gate", "token")
+
+
+# ---- 1. scores ------------------------------------------------------------------------------------
+
+
+def expert_scores(routing: Mapping[int, LayerRouting], method: str = "gate") -> dict[int, Tensor]:
+    """Per MoE layer, each routed expert's share [N] (float64, sums to 1, or all 0 for a layer that saw no
+    token): `method` "gate" = average gate score g_i = (1/T) Σ_t g_i,t normalised by Σ_j g_j; "token" = token
+    selection ratio r_i = (tokens choosing i) / (T·K). See the module doc."""
+    if method not in METHODS:
+        raise ValueError(
+            f"method={method!r} is invalid: choose 'gate' (average gate score) or 'token' (selection ratio)"
+        )
+    out: dict[int, Tensor] = {}
+    for layer, r in routing.items():
+        if method == "gate":
+            value = r.average_gate.double()  # (1/T) Σ_t g_i,t
+        else:
+            value = r.counts.double()  # Σ_t 1[i ∈ TopK_t]; Σ_i of it is T·K
+        total = value.sum()
+        out[layer] = value / total if total > 0 else torch.zeros_like(value)
+    return out
+
+
+# ---- 2. selection ---------------------------------------------------------------------------------
+
+
+def select_experts(scores: Mapping[int, Tensor], p: float = 0.2, tolerance: float = 1e-9) -> dict[int, list[int]]:
+    """Per layer, the smallest set of experts whose cumulative share of the layer's total score reaches `p`
+    (0 < p <= 1), taken by decreasing score, ties broken by lower expert index; returned sorted.
+
+    Experts scoring 0 are never needed (with p = 1 the set is every expert with a positive score); a layer
+    whose scores are all 0 gets no expert. `tolerance` absorbs rounding in the cumulative sum.
+    """
+    if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0.0 < p <= 1.0 or math.isnan(p):
+        raise ValueError(f"p={p!r} is invalid: must be in (0, 1]")
+    out: dict[int, list[int]] = {}
+    for layer, score in scores.items():
+        values = [float(v) for v in torch.as_tensor(score, dtype=torch.float64).flatten()]
+        if any(v < 0 or not math.isfinite(v) for v in values):
+            raise ValueError(f"layer {layer}: scores must be finite and >= 0")
+        total = sum(values)
+        chosen: list[int] = []
+        if total > 0:
+            cumulative = 0.0
+            for i in sorted(range(len(values)), key=lambda i: (-values[i], i)):
+                if values[i] == 0.0:
+                    break
+                chosen.append(i)
+                cumulative += values[i] / total
+                if cumulative >= p - tolerance:
+                    break
+        out[layer] = sorted(chosen)
+    return out
+
+
+# ---- 3. training ----------------------------------------------------------------------------------
+
+
+class _SelectedExperts(nn.Module):
+    """Parametrisation of a stacked expert tensor [E, ...]: the frozen tensor with the rows `index`
+    replaced by the trainable `rows` (a copy; the original is never written during training)."""
+
+    def __init__(self, original: Tensor, index: list[int]):
+        super().__init__()
+        self.register_buffer("index", torch.tensor(index, dtype=torch.long, device=original.device), persistent=False)
+        self.rows = nn.Parameter(original.detach()[self.index].clone())
+
+    def forward(self, original: Tensor) -> Tensor:
+        return original.index_copy(0, self.index, self.rows)
+
+
+def _batches(train_batches: Iterable[Tensor], steps: int) -> Iterator[Tensor]:
+    """`steps` batches; a finite re-iterable (a list) is cycled, an iterator must last."""
+    iterator = iter(train_batches)
+    for step in range(steps):
+        try:
+            yield next(iterator)
+        except StopIteration:
+            if iterator is train_batches or step == 0:
+                raise ValueError(f"train_batches ran out after {step} batches (needed {steps})") from None
+            iterator = iter(train_batches)
+            yield next(iterator)
+
+
+def _train(
+    model: nn.Module,
+    groups: list[dict[str, Any]],
+    train_batches: Iterable[Tensor],
+    steps: int,
+    lr: float,
+    betas: tuple[float, float],
+    eps: float,
+    grad_clip: float | None,
+    on_step: Callable[[int, float], None] | None,
+    forward_context: Callable[[], Any],
+) -> list[float]:
+    """AdamW on the next-token loss (lm loss; no balance or MTP loss: routers and MTP modules are not
+    trained) for `steps` batches; returns the loss of each step. Raises ValueError on a non-finite loss."""
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"steps={steps!r} must be an integer >= 1")
+    if not (isinstance(lr, (int, float)) and lr > 0 and math.isfinite(lr)):
+        raise ValueError(f"lr={lr!r} must be a finite number > 0")
+    params = [p for g in groups for p in g["params"]]
+    optimizer = torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps)
+    device = params[0].device
+    losses = []
+    model.train()
+    for step, batch in enumerate(_batches(train_batches, steps), start=1):
+        batch = batch.to(device)
+        with forward_context():
+            loss = model(batch, labels=batch, output_mtp=False).lm_loss
+        value = float(loss.detach())
+        if not math.isfinite(value):
+            raise ValueError(f"the loss is {value} at step {step}: fine-tuning stopped (lower --lr?)")
+        loss.backward()
+        if grad_clip:
+            torch.nn.utils.clip_grad_norm_(params, grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(value)
+        if on_step is not None:
+            on_step(step, value)
+    return losses
+
+
+def esft_finetune(
+    model: nn.Module,
+    selection: Mapping[int, list[int]],
+    train_batches: Iterable[Tensor],
+    steps: int,
+    lr: float = 1e-4,
+    weight_decay: float = 0.0,
+    betas: tuple[float, float] = (0.9, 0.95),
+    eps: float = 1e-8,
+    grad_clip: float | None = 1.0,
+    on_step: Callable[[int, float], None] | None = None,
+) -> nn.Module:
+    """Fine-tune only the selected routed experts of `model` ({layer: [experts]}) in place; returns it.
+
+    AdamW (decoupled `weight_decay`, applied to the selected slices only) on the next-token loss of
+    `steps` batches ([B, S] token ids; a list is cycled). Every other tensor, and the unselected expert
+    slices of the stacked expert tensors, stay bit-identical: the optimiser holds only the selected slices.
+    On an error (e.g. a non-finite loss) the model is left as it was before. Training mode and the
+    `requires_grad` flags are restored at the end.
+    """
+    config = model.config
+    chosen = {layer: experts for layer, experts in check_selection(config, selection).items() if experts}
+    if not chosen:
+        raise ValueError("the selection holds no expert: nothing to fine-tune")
+    mtp = [layer for layer in chosen if layer >= config.num_hidden_layers]
+    if mtp:
+        raise ValueError(
+            f"selection: layer {mtp[0]} is a multi-token-prediction block, which the next-token loss that ESFT "
+            "trains on does not reach"
+        )
+    moe_layers = model.moe_layers()
+    flags = {p: p.requires_grad for p in model.parameters()}
+    was_training = model.training
+    patched: list[tuple[nn.Module, str, _SelectedExperts]] = []
+    ok = False
+    try:
+        for p in model.parameters():
+            p.requires_grad_(False)
+        for layer, experts in chosen.items():
+            module = moe_layers[layer].experts
+            for name in ("gate_up_proj", "down_proj"):
+                parametrisation = _SelectedExperts(getattr(module, name), experts)
+                parametrize.register_parametrization(module, name, parametrisation)
+                patched.append((module, name, parametrisation))
+        rows = [pt.rows for _, _, pt in patched]
+        groups = [{"params": rows, "weight_decay": weight_decay}]
+        _train(model, groups, train_batches, steps, lr, betas, eps, grad_clip, on_step, parametrize.cached)
+        ok = True
+    finally:
+        with torch.no_grad():
+            for module, name, parametrisation in patched:
+                parametrize.remove_parametrizations(module, name, leave_parametrized=False)
+                if ok:
+                    getattr(module, name).index_copy_(0, parametrisation.index, parametrisation.rows.detach())
+        for p, flag in flags.items():
+            p.requires_grad_(flag)
+        model.train(was_training)
+    return model
+
+
+def full_finetune(
+    model: nn.Module,
+    train_batches: Iterable[Tensor],
+    steps: int,
+    lr: float = 1e-4,
+    weight_decay: float = 0.0,
+    betas: tuple[float, float] = (0.9, 0.95),
+    eps: float = 1e-8,
+    grad_clip: float | None = 1.0,
+    on_step: Callable[[int, float], None] | None = None,
+) -> nn.Module:
+    """The baseline: every parameter trained with the same loss, optimiser and batches as `esft_finetune`
+    (weight decay on matrices only, as in `deepmoe train`). In place; returns the model."""
+    from contextlib import nullcontext
+
+    flags = {p: p.requires_grad for p in model.parameters()}
+    was_training = model.training
+    try:
+        for p in model.parameters():
+            p.requires_grad_(True)
+        params = list(model.parameters())
+        groups = [
+            {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+            {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+        ]
+        groups = [g for g in groups if g["params"]]
+        _train(model, groups, train_batches, steps, lr, betas, eps, grad_clip, on_step, nullcontext)
+    finally:
+        for p, flag in flags.items():
+            p.requires_grad_(flag)
+            p.grad = None
+        model.train(was_training)
+    return model
+
+
+@torch.no_grad()
+def evaluate_loss(model: nn.Module, batches: Iterable[Tensor]) -> float:
+    """Mean next-token loss (nats per predicted token) of `model` over `batches` (eval mode, no MTP)."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    total, count = 0.0, 0
+    try:
+        for batch in batches:
+            batch = batch.to(device)
+            n = batch.shape[0] * (batch.shape[1] - 1)
+            if n == 0:
+                continue
+            total += float(model(batch, labels=batch, output_mtp=False).lm_loss) * n
+            count += n
+    finally:
+        model.train(was_training)
+    if count == 0:
+        raise ValueError("no tokens to evaluate on (sequences need at least 2 tokens)")
+    return total / count
+
+
+def trainable_parameters(model: nn.Module, selection: Mapping[int, list[int]]) -> int:
+    """Parameters ESFT trains for `selection`: |experts| × (gate + up + down) per layer."""
+    moe_layers = model.moe_layers()
+    total = 0
+    for layer, experts in check_selection(model.config, selection).items():
+        module = moe_layers[layer].experts
+        per_expert = module.gate_up_proj[0].numel() + module.down_proj[0].numel()
+        total += len(experts) * per_expert
+    return total
+
+
+def routed_expert_parameters(model: nn.Module) -> int:
+    return sum(m.experts.gate_up_proj.numel() + m.experts.down_proj.numel() for m in model.moe_layers().values())
+
+
+# ---- 4. the command -------------------------------------------------------------------------------
+
+
+def add_esft_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The options of `deepmoe esft MODEL --data SRC --out DELTA_DIR ...`."""
+    add = parser.add_argument
+    add("model", metavar="MODEL", help="base checkpoint directory (config.json, safetensors, tokenizer.json)")
+    add(
+        "--data",
+        required=True,
+        metavar="SRC",
+        help="task text: a file or folder, or bundled:english / bundled:code (held-out bundled documents)",
+    )
+    add("--out", required=True, metavar="DELTA_DIR", help="where to write the expert delta")
+    add(
+        "--method",
+        choices=METHODS,
+        default="gate",
+        help="expert score: gate = average gate score (default), token = token selection ratio",
+    )
+    add("--p", type=float, default=0.2, help="cumulative score share to select per layer (default 0.2)")
+    add("--steps", type=int, default=100, help="fine-tuning steps (default 100)")
+    add("--lr", type=float, default=1e-4, help="AdamW learning rate, constant (default 1e-4)")
+    add("--weight-decay", type=float, default=0.0, help="AdamW decoupled weight decay (default 0)")
+    add("--grad-clip", type=float, default=1.0, help="gradient norm clip, 0 = none (default 1.0)")
+    add("--batch-size", type=int, default=8, help="sequences per step (default 8)")
+    add("--seq-len", type=int, default=256, help="tokens per sequence (default 256)")
+    add(
+        "--score-tokens",
+        type=int,
+        default=32768,
+        help="task tokens used to score the experts (default 32768, from the training part)",
+    )
+    add(
+        "--eval-data",
+        metavar="SRC",
+        default=None,
+        help="held-out task text for the loss before/after (default: the last --eval-fraction of --data)",
+    )
+    add(
+        "--eval-fraction",
+        type=float,
+        default=0.2,
+        help="share of the --data tokens held out for evaluation when there is no --eval-data (default 0.2)",
+    )
+    add("--eval-tokens", type=int, default=65536, help="at most this many evaluation tokens (default 65536)")
+    add(
+        "--compare-full",
+        action="store_true",
+        help="also fine-tune every parameter for the same steps and compare (the delta is ESFT's)",
+    )
+    add("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: cuda if available)")
+    add("--seed", type=int, default=0, help="order of the training windows (default 0)")
+    add("--json", action="store_true", help="print the summary as one JSON object")
+    add("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    return parser
+
+
+def _check_args(args: argparse.Namespace) -> None:
+    for name in ("steps", "batch_size", "seq_len", "score_tokens", "eval_tokens"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')}={getattr(args, name)} must be >= 1")
+    if not 0.0 < args.eval_fraction < 1.0:
+        raise ValueError(f"--eval-fraction={args.eval_fraction} must be in (0, 1)")
+    if not 0.0 < args.p <= 1.0:
+        raise ValueError(f"--p={args.p} must be in (0, 1]")
+    if not args.lr > 0 or not math.isfinite(args.lr):
+        raise ValueError(f"--lr={args.lr} must be a finite number > 0")
+    if args.weight_decay < 0 or args.grad_clip < 0:
+        raise ValueError("--weight-decay and --grad-clip must be >= 0")
+    out = Path(args.out)  # refused before any work rather than after the training
+    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / DELTA_META).is_file())):
+        raise ValueError(f"--out {out}: exists and is not a delta directory: refusing to replace it")
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def _task_tokens(args: argparse.Namespace, tokenizer, eot_id: int | None) -> tuple[Tensor, Tensor]:
+    """(train tokens, eval tokens) of the task: --eval-data, or a split of --data at a token position
+    (the tail is held out; at most one document straddles the cut)."""
+    from deepmoe.tools.routing import source_tokens
+
+    tokens = source_tokens(args.data, tokenizer, eot_id)
+    if args.eval_data is not None:
+        train, held = tokens, source_tokens(args.eval_data, tokenizer, eot_id)
+    else:
+        n_eval = round(tokens.numel() * args.eval_fraction)
+        train, held = tokens[: tokens.numel() - n_eval], tokens[tokens.numel() - n_eval :]
+    for what, t in (("training", train), ("evaluation", held)):
+        if t.numel() < args.seq_len + 1:
+            raise ValueError(
+                f"the task's {what} part has {t.numel()} tokens, fewer than one sequence of --seq-len={args.seq_len}: "
+                "give more text or a smaller --seq-len"
+            )
+    return train, held[: args.eval_tokens]
+
+
+def run_esft(args: argparse.Namespace) -> int:
+    """`deepmoe esft`: score, select, fine-tune, evaluate, write the delta, print a summary. 0 on success,
+    1 on an error (one line on stderr), 130 on Ctrl-C (nothing written)."""
+    from deepmoe.io.checkpoint import CheckpointError
+
+    try:
+        summary = _run(args)
+    except (CheckpointError, ValueError, OSError) as err:
+        print(f"deepmoe esft: error: {err}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("deepmoe esft: interrupted (no delta written)", file=sys.stderr)
+        return 130
+    if args.json:
+        print(json.dumps(summary))
+    else:
+        _print_summary(summary)
+    return 0
+
+
+def _run(args: argparse.Namespace) -> dict[str, Any]:
+    from rich.console import Console
+    from tokenizers import Tokenizer
+
+    from deepmoe.io.checkpoint import SafetensorsCheckpoint, from_pretrained
+    from deepmoe.tools.routing import collect_routing, fixed_batches
+    from deepmoe.train.data import EOT_TOKEN, PackedBatches
+
+    _check_args(args)
+    model_dir = Path(args.model)
+    tokenizer_path = model_dir / "tokenizer.json"
+    if not tokenizer_path.is_file():
+        raise ValueError(f"{tokenizer_path} not found: ESFT needs the model's tokenizer to read the task text")
+    device = _device(args.device)
+    model = from_pretrained(model_dir, device=device)
+    if model.config.moe is None:
+        raise ValueError(f"{model_dir}: a dense model has no experts to fine-tune")
+    if args.seq_len > model.config.max_position_embeddings:
+        raise ValueError(
+            f"--seq-len={args.seq_len} exceeds max_position_embeddings={model.config.max_position_embeddings}"
+        )
+    tokenizer = Tokenizer.from_file(str(tokenizer_path))
+    train_tokens, eval_tokens = _task_tokens(args, tokenizer, tokenizer.token_to_id(EOT_TOKEN))
+    if int(max(train_tokens.max(), eval_tokens.max())) >= model.config.vocab_size:
+        raise ValueError(f"the tokenizer yields ids beyond the model's vocab_size={model.config.vocab_size}")
+
+    score_batches = fixed_batches(train_tokens, args.seq_len, args.batch_size, args.score_tokens)
+    routing = collect_routing(model, [b.to(device) for b in score_batches])
+    scores = expert_scores(routing, args.method)
+    selection = select_experts(scores, args.p)
+    eval_batches = fixed_batches(eval_tokens, args.seq_len, args.batch_size)
+    base_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    loss_before = evaluate_loss(model, eval_batches)
+
+    console = Console(stderr=True)
+    results: dict[str, dict[str, Any]] = {}
+
+    def finetune(label: str, fn: Callable[..., nn.Module], *extra: Any) -> None:
+        batches = PackedBatches(train_tokens, args.batch_size, args.seq_len, args.seed)
+        losses: list[float] = []
+        bar = _progress(console, label, args.steps) if args.progress else None
+        with bar or _Nothing():
+
+            def on_step(step: int, loss: float) -> None:
+                losses.append(loss)
+                if bar is not None:
+                    bar.update(bar.task_ids[0], completed=step, loss=f"{loss:.4f}")
+
+            fn(model, *extra, batches, args.steps, lr=args.lr, weight_decay=args.weight_decay,
+               grad_clip=args.grad_clip or None, on_step=on_step)  # fmt: skip
+        results[label] = {"loss_after": evaluate_loss(model, eval_batches), "train_loss_first": losses[0],
+                          "train_loss_last": losses[-1]}  # fmt: skip
+
+    finetune("esft", esft_finetune, selection)
+    total_params = sum(p.numel() for p in model.parameters())
+    trainable = trainable_parameters(model, selection)
+    training_meta = {
+        "method": args.method, "p": args.p, "steps": args.steps, "lr": args.lr, "weight_decay": args.weight_decay,
+        "batch_size": args.batch_size, "seq_len": args.seq_len, "data": args.data, "eval_data": args.eval_data,
+        "base_checkpoint": str(model_dir), "loss_before": loss_before, "loss_after": results["esft"]["loss_after"],
+    }  # fmt: skip
+    out = save_delta(model, base_state, args.out, selection, metadata=training_meta)
+    with SafetensorsCheckpoint(model_dir) as ckpt:  # the weight files only (not e.g. a saved optimiser state)
+        checkpoint_bytes = sum((model_dir / f).stat().st_size for f in set(ckpt.weight_map.values()))
+    summary: dict[str, Any] = {
+        "model": str(model_dir),
+        "delta": str(out),
+        "method": args.method,
+        "p": args.p,
+        "steps": args.steps,
+        "lr": args.lr,
+        "train_tokens": int(train_tokens.numel()),
+        "eval_tokens": int(sum(b.numel() for b in eval_batches)),
+        "score_tokens": int(sum(b.numel() for b in score_batches)),
+        "selection": {str(k): v for k, v in selection.items()},
+        "selected_share": {str(k): float(scores[k][v].sum()) if v else 0.0 for k, v in selection.items()},
+        "trainable_parameters": trainable,
+        "total_parameters": total_params,
+        "routed_expert_parameters": routed_expert_parameters(model),
+        "delta_bytes": delta_size(out),
+        "checkpoint_bytes": checkpoint_bytes,
+        "loss_before": loss_before,
+        "loss_after_esft": results["esft"]["loss_after"],
+    }
+    if args.compare_full:
+        model.load_state_dict(base_state)
+        finetune("full", full_finetune)
+        summary["loss_after_full"] = results["full"]["loss_after"]
+        summary["full_trainable_parameters"] = total_params
+    return summary
+
+
+class _Nothing:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: object) -> bool:
+        return False
+
+
+def _progress(console, label: str, total: int):
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    progress = Progress(
+        TextColumn(f"[bold]{label}[/bold]"), BarColumn(), MofNCompleteColumn(), TextColumn("loss {task.fields[loss]}"),
+        TimeRemainingColumn(), console=console, transient=True,
+    )  # fmt: skip
+    progress.add_task(label, total=total, loss="-")
+    return progress
+
+
+def _print_summary(s: dict[str, Any]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    layers = Table(title=f"ESFT expert selection ({s['method']} score, p={s['p']})")
+    for column in ("layer", "experts", "selected", "score share"):
+        layers.add_column(column, justify="right")
+    for layer, experts in s["selection"].items():
+        layers.add_row(layer, str(len(experts)), " ".join(map(str, experts)), f"{s['selected_share'][layer]:.3f}")
+    console.print(layers)
+    table = Table(title=f"ESFT on {s['model']} → {s['delta']}", show_header=False)
+    trainable, total, routed = s["trainable_parameters"], s["total_parameters"], s["routed_expert_parameters"]
+    table.add_row(
+        "trainable parameters",
+        f"{trainable:,} ({trainable / total:.2%} of {total:,}; {trainable / routed:.2%} of the routed experts)",
+    )
+    size, checkpoint = s["delta_bytes"], s["checkpoint_bytes"]
+    table.add_row("delta size", f"{size:,} B ({size / max(checkpoint, 1):.2%} of the checkpoint's {checkpoint:,} B)")
+    table.add_row("task loss before", f"{s['loss_before']:.4f}")
+    table.add_row(f"task loss after ESFT ({s['steps']} steps, lr {s['lr']:g})", f"{s['loss_after_esft']:.4f}")
+    if "loss_after_full" in s:
+        table.add_row(f"task loss after full fine-tuning ({s['steps']} steps)", f"{s['loss_after_full']:.4f}")
+    table.add_row(
+        "tokens (train / eval / scoring)", f"{s['train_tokens']:,} / {s['eval_tokens']:,} / {s['score_tokens']:,}"
+    )
+    console.print(table)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m deepmoe.tools.esft ...` (the same as `deepmoe esft ...`)."""
+    parser = add_esft_arguments(
+        argparse.ArgumentParser(prog="deepmoe esft", description="Expert-specialised fine-tuning (DeepSeek ESFT).")
+    )
+    return run_esft(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
+
+
+__all__ = [
+    "METHODS",
+    "add_esft_arguments",
+    "esft_finetune",
+    "evaluate_loss",
+    "expert_scores",
+    "full_finetune",
+    "run_esft",
+    "select_experts",
+    "trainable_parameters",
+]
