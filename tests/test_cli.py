@@ -74,3 +74,25 @@ def test_demo_trains_reports_and_samples(tmp_path, capsys):
     # a second call continues the finished run: nothing to train, the report is shown again
     assert main(["demo", "--out", str(out), "--steps", "2"]) == 0
     assert "training report" in capsys.readouterr().out
+
+
+def test_generate_with_a_steering_file_uses_the_masks(tmp_path, capsys):
+    import json
+
+    import torch
+
+    from deepmoe import DeepSeekConfig, DeepSeekForCausalLM, get_preset
+    from deepmoe.tools.steer import apply_steering
+
+    config = DeepSeekConfig.from_dict({**get_preset("tiny-v3").to_dict(), "num_hidden_layers": 2})
+    torch.manual_seed(0)
+    DeepSeekForCausalLM(config).save_pretrained(tmp_path / "ckpt")
+    plan = {"format": "deepmoe-steering", "version": 1, "action": "disable", "layers": {"1": [0, 1, 2, 3, 4, 5]}}
+    (tmp_path / "steer.json").write_text(json.dumps(plan))
+    steered = DeepSeekForCausalLM.from_pretrained(tmp_path / "ckpt")
+    apply_steering(steered, tmp_path / "steer.json")
+    want = steered.generate(torch.tensor([[5, 17, 42]]), max_new_tokens=6)[0, 3:].tolist()
+
+    argv = ["generate", str(tmp_path / "ckpt"), "--ids", "5", "17", "42", "--max-new-tokens", "6"]
+    assert main([*argv, "--steer", str(tmp_path / "steer.json")]) == 0
+    assert [int(t) for t in capsys.readouterr().out.split()] == want

@@ -135,7 +135,11 @@ def _generate(args: argparse.Namespace) -> int:
     from deepmoe.io import from_pretrained
     from deepmoe.model.generate import generate, generate_speculative
 
-    model = from_pretrained(args.model, dtype=getattr(torch, args.dtype)).eval()
+    model = from_pretrained(args.model, dtype=getattr(torch, args.dtype), delta=args.delta).eval()
+    if args.steer is not None:
+        from deepmoe.tools.steer import apply_steering
+
+        apply_steering(model, args.steer)
     tokenizer = None
     if args.prompt is not None:
         tokenizer = _load_tokenizer(args.model)
@@ -245,6 +249,18 @@ def build_parser() -> argparse.ArgumentParser:
     add_esft_arguments(esft)
     esft.set_defaults(func=run_esft)
 
+    from deepmoe.tools.steer import add_steer_arguments, run_steer
+
+    steer = sub.add_parser(
+        "steer",
+        help="find the experts behind behaviour A vs B and write a steering file",
+        description="Score every (layer, expert) by the difference of its activation frequency on A and B "
+        "(SteerMoE), write a steering file that disables or forces the top experts of one side, and with "
+        "--effect measure how held-out loss on A and B moves.",
+    )
+    add_steer_arguments(steer)
+    steer.set_defaults(func=run_steer)
+
     inspect = sub.add_parser(
         "inspect",
         help="architecture, parameter counts and KV-cache size",
@@ -272,6 +288,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--eos", type=int, default=None, help="stop at this token id")
     gen.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument("--steer", metavar="FILE", default=None, help="steering file from `deepmoe steer`")
+    gen.add_argument("--delta", metavar="DIR", default=None, help="expert delta from `deepmoe esft`")
     gen.set_defaults(func=_generate)
     return parser
 

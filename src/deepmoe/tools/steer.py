@@ -1,0 +1,660 @@
+"""`deepmoe steer` (SPEC S2): SteerMoE-style steering by switching routed experts off or on.
+
+Scoring (SteerMoE, Fayyaz et al. 2025, "risk difference"). Behaviour A and behaviour B are given as
+text (two sources, or JSONL pairs). Both run through the model once; for MoE layer l and routed
+expert i
+
+    p_A(l, i) = (tokens of A that chose expert i in layer l) / (tokens of A)
+    p_B(l, i) = the same on B
+    score(l, i) = p_A(l, i) − p_B(l, i)            ∈ [−1, 1]
+
+p is an activation frequency: a token chooses K = num_experts_per_tok experts, so Σ_i p(l, i) = K and
+Σ_i score(l, i) = 0 in every layer. score > 0 marks an A expert (it fires more often on A), score < 0
+a B expert. `method="gate"` scores by the mean gate weight instead (ESFT's average gate score):
+ḡ(l, i) = Σ_t g_i,t / tokens (g = 0 where i was not chosen), score = ḡ_A(l, i) − ḡ_B(l, i).
+
+Ranking: by |score| (both sides), or by side: A = score descending, B = score ascending (most
+B-specific first). A plan takes the top experts of one side, only those whose score has that side's
+sign, either the top k of all (layer, expert) pairs ("spread over layers by rank", as SteerMoE) or
+the top k of every layer.
+
+Steering (SPEC R6) goes through the router's expert-mask hook (`Router.set_expert_mask`), no weight
+changes: "disable" = never routed (selection score −∞), "force" = always routed (+∞). A plan never
+forces more experts in a layer than num_experts_per_tok, and never disables so many that a token can
+no longer fill its K slots (the router's own validation decides; experts it refuses are skipped and
+listed under "skipped" with the reason).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from deepmoe.config import MoEConfig
+from deepmoe.moe.router import Router
+from deepmoe.tools.routing import LayerRouting, collect_routing, fixed_batches, source_tokens
+
+STEERING_FORMAT = "deepmoe-steering"
+STEERING_VERSION = 1
+ACTIONS = ("disable", "force")
+METHODS = ("frequency", "gate")
+
+Score = tuple[int, int, float]
+"""(layer index, expert id, score)."""
+
+
+# ------------------------------------------------------------------------------------------------ scoring
+
+
+def _side(side: str) -> str:
+    value = str(side).upper()
+    if value not in ("A", "B"):
+        raise ValueError(f"side must be 'A' or 'B', got {side!r}")
+    return value
+
+
+def _per_token(routing: LayerRouting, method: str) -> Tensor:
+    if method == "frequency":
+        return routing.selection_ratio
+    if method == "gate":
+        return routing.average_gate
+    raise ValueError(f"unknown scoring method {method!r}: choose one of {', '.join(METHODS)}")
+
+
+def activation_frequencies(routing: Mapping[int, LayerRouting], method: str = "frequency") -> dict[int, list[float]]:
+    """Per layer, p(i) = tokens that chose expert i / tokens (or the mean gate weight with `method="gate"`)."""
+    return {layer: _per_token(r, method).tolist() for layer, r in sorted(routing.items())}
+
+
+def rank_scores(scores: Iterable[Score], order: str = "abs") -> list[Score]:
+    """`scores` ranked by |score| descending (`order="abs"`), by score descending ("A") or ascending ("B");
+    ties by layer, then expert."""
+    scores = list(scores)
+    if order == "abs":
+        return sorted(scores, key=lambda s: (-abs(s[2]), s[0], s[1]))
+    sign = 1.0 if _side(order) == "A" else -1.0
+    return sorted(scores, key=lambda s: (-sign * s[2], s[0], s[1]))
+
+
+def score_experts(
+    routing_a: Mapping[int, LayerRouting],
+    routing_b: Mapping[int, LayerRouting],
+    method: str = "frequency",
+    order: str = "abs",
+) -> list[Score]:
+    """(layer, expert, p_A − p_B) for every routed expert of every layer, ranked (see `rank_scores`).
+
+    `routing_a`/`routing_b` are `collect_routing` results on the A and B inputs.
+    """
+    if sorted(routing_a) != sorted(routing_b):
+        raise ValueError(
+            f"A and B were routed through different MoE layers: {sorted(routing_a)} vs {sorted(routing_b)}"
+        )
+    scores: list[Score] = []
+    for layer in sorted(routing_a):
+        ra, rb = routing_a[layer], routing_b[layer]
+        for name, r in (("A", ra), ("B", rb)):
+            if r.tokens <= 0:
+                raise ValueError(f"no tokens of {name} were routed through MoE layer {layer}")
+        pa, pb = _per_token(ra, method), _per_token(rb, method)
+        if pa.shape != pb.shape:
+            raise ValueError(f"layer {layer}: A has {pa.numel()} experts, B {pb.numel()}")
+        scores.extend((layer, expert, float(d)) for expert, d in enumerate((pa - pb).tolist()))
+    return rank_scores(scores, order)
+
+
+# ------------------------------------------------------------------------------------------------ planning
+
+
+def _layer_configs(config: Any) -> dict[int, MoEConfig] | MoEConfig | None:
+    if config is None or isinstance(config, MoEConfig):
+        return config
+    if hasattr(config, "moe_layers"):
+        return {idx: layer.gate.config for idx, layer in config.moe_layers().items()}
+    raise TypeError(f"config must be a model, a MoEConfig or None, got {type(config).__name__}")
+
+
+def _mask_error(config: MoEConfig, disabled: list[int], forced: list[int]) -> str | None:
+    """The router's own refusal of this mask, or None when it accepts it (checked on a meta router)."""
+    with torch.device("meta"):
+        router = Router(config)
+    try:
+        router.set_expert_mask(disabled=disabled, forced=forced)
+    except ValueError as error:
+        return str(error)
+    return None
+
+
+def steering_plan(
+    scores: Iterable[Score],
+    side: str = "A",
+    k: int = 8,
+    action: str = "disable",
+    per_layer: bool = False,
+    config: Any = None,
+) -> dict[str, Any]:
+    """A JSON-serialisable steering plan: the top `k` experts of `side` to `action`.
+
+    Experts of `side` are those whose score has its sign (A: > 0, B: < 0), taken in rank order: `k` of
+    all (layer, expert) pairs, or `k` in every layer with `per_layer`. With `config` (the model, or its
+    MoEConfig) every layer's mask is checked by the router's validation as it grows: an expert that
+    would force more than num_experts_per_tok experts, or leave a token too few reachable experts, is
+    skipped (listed under "skipped" with the reason) and the next one in rank order is tried.
+
+    Returns {"format", "version", "action", "side", "k", "per_layer", "layers": {"layer": [experts]},
+    "selected": [{layer, expert, score}], "skipped": [...], "notes": [...], "scores": [[l, e, s], ...]}.
+    """
+    side = _side(side)
+    if action not in ACTIONS:
+        raise ValueError(f"action must be one of {', '.join(ACTIONS)}, got {action!r}")
+    if isinstance(k, bool) or not isinstance(k, int) or k < 0:
+        raise ValueError(f"k must be an integer >= 0, got {k!r}")
+    ranked = rank_scores(scores, side)
+    sign = 1.0 if side == "A" else -1.0
+    candidates = [s for s in ranked if sign * s[2] > 0]
+    configs = _layer_configs(config)
+    notes: list[str] = []
+    if configs is None:
+        notes.append("limits not checked: no model or MoEConfig was given")
+
+    chosen: dict[int, list[int]] = {}
+    selected: list[dict[str, Any]] = []
+    skipped: list[dict[str, Any]] = []
+    for layer, expert, score in candidates:
+        taken = chosen.setdefault(layer, [])
+        if (len(taken) if per_layer else len(selected)) >= k:
+            if per_layer:
+                continue
+            break
+        if configs is not None:
+            if isinstance(configs, dict):
+                if layer not in configs:
+                    raise ValueError(f"scores name layer {layer}, which is not a MoE layer of the model")
+                layer_config = configs[layer]
+            else:
+                layer_config = configs
+            trial = [*taken, expert]
+            reason = _mask_error(layer_config, trial if action == "disable" else [], trial if action == "force" else [])
+            if reason is not None:
+                skipped.append({"layer": layer, "expert": expert, "score": score, "reason": reason})
+                continue
+        taken.append(expert)
+        selected.append({"layer": layer, "expert": expert, "score": score})
+
+    layers = {str(layer): sorted(experts) for layer, experts in sorted(chosen.items()) if experts}
+    if per_layer:
+        short = {layer: len(chosen.get(layer, [])) for layer in sorted({s[0] for s in ranked})}
+        short = {layer: n for layer, n in short.items() if n < k}
+        if short:
+            notes.append(
+                f"fewer than {k} experts of side {side} in layers "
+                + ", ".join(f"{layer} ({n})" for layer, n in short.items())
+            )
+    elif len(selected) < k:
+        notes.append(f"only {len(selected)} of the {k} requested experts of side {side} could be {action}d")
+    if skipped:
+        notes.append(f"{len(skipped)} experts skipped: the router refuses the mask they would make")
+    return {
+        "format": STEERING_FORMAT,
+        "version": STEERING_VERSION,
+        "action": action,
+        "side": side,
+        "k": k,
+        "per_layer": per_layer,
+        "layers": layers,
+        "selected": selected,
+        "skipped": skipped,
+        "notes": notes,
+        "scores": [[layer, expert, score] for layer, expert, score in ranked],
+    }
+
+
+# ------------------------------------------------------------------------------------------------ applying
+
+
+def _int(value: Any, what: str) -> int:
+    if isinstance(value, bool):
+        raise ValueError(f"{what} must be an integer, got {value!r}")
+    if isinstance(value, int):
+        return value
+    if isinstance(value, str) and value.strip().lstrip("-").isdigit():
+        return int(value)
+    raise ValueError(f"{what} must be an integer, got {value!r}")
+
+
+def load_steering(plan_or_path: Mapping[str, Any] | str | os.PathLike) -> tuple[str, dict[int, list[int]]]:
+    """(action, {layer: experts}) of a steering plan or of a steering file, validated for shape."""
+    where = "steering plan"
+    if isinstance(plan_or_path, (str, os.PathLike)):
+        where = str(plan_or_path)
+        text = Path(plan_or_path).read_text(encoding="utf-8")
+        try:
+            plan = json.loads(text)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{where}: not valid JSON ({error.msg}, line {error.lineno})") from None
+    else:
+        plan = plan_or_path
+    if not isinstance(plan, Mapping):
+        raise ValueError(f"{where}: a steering plan is a JSON object, got {type(plan).__name__}")
+    if plan.get("format", STEERING_FORMAT) != STEERING_FORMAT:
+        raise ValueError(f"{where}: format is {plan.get('format')!r}, not {STEERING_FORMAT!r}")
+    version = plan.get("version", STEERING_VERSION)
+    if isinstance(version, bool) or not isinstance(version, int) or version > STEERING_VERSION:
+        raise ValueError(f"{where}: version {version!r} is not supported (this deepmoe reads {STEERING_VERSION})")
+    action = plan.get("action")
+    if action not in ACTIONS:
+        raise ValueError(f"{where}: action must be one of {', '.join(ACTIONS)}, got {action!r}")
+    layers = plan.get("layers")
+    if not isinstance(layers, Mapping):
+        raise ValueError(f"{where}: 'layers' must be an object {{layer: [expert, ...]}}")
+    out: dict[int, list[int]] = {}
+    for key, experts in layers.items():
+        layer = _int(key, f"{where}: layer index")
+        if not isinstance(experts, list):
+            raise ValueError(f"{where}: layer {layer} must list expert ids, got {experts!r}")
+        out[layer] = [_int(e, f"{where}: layer {layer} expert id") for e in experts]
+    return action, out
+
+
+def clear_steering(model) -> None:
+    """Remove every expert mask (all MoE layers, MTP blocks included)."""
+    for layer in model.moe_layers().values():
+        layer.gate.clear_expert_mask()
+
+
+def apply_steering(model, plan_or_path: Mapping[str, Any] | str | os.PathLike) -> dict[int, list[int]]:
+    """Set the plan's expert masks on `model` (a plan from `steering_plan` or a steering JSON file).
+
+    Every earlier mask is cleared first; the weights are not touched. If the router refuses a layer's
+    mask (out-of-range ids, too many forced, too few left), every mask is cleared again and a ValueError
+    names the layer. Returns {layer: experts} as applied.
+    """
+    action, layers = load_steering(plan_or_path)
+    moe = model.moe_layers()
+    unknown = sorted(set(layers) - set(moe))
+    if unknown:
+        raise ValueError(f"steering names layers {unknown}, but the model's MoE layers are {sorted(moe)}")
+    clear_steering(model)
+    try:
+        for layer, experts in sorted(layers.items()):
+            if experts:
+                kind = {"disabled": experts} if action == "disable" else {"forced": experts}
+                try:
+                    moe[layer].gate.set_expert_mask(**kind)
+                except ValueError as error:
+                    raise ValueError(f"steering layer {layer}: {error}") from None
+    except ValueError:
+        clear_steering(model)
+        raise
+    return {layer: experts for layer, experts in sorted(layers.items()) if experts}
+
+
+def _snapshot_masks(model) -> dict[int, tuple[Tensor, Tensor]]:
+    return {
+        idx: (layer.gate.disabled_experts.clone(), layer.gate.forced_experts.clone())
+        for idx, layer in model.moe_layers().items()
+    }
+
+
+def _restore_masks(model, masks: dict[int, tuple[Tensor, Tensor]]) -> None:
+    for idx, layer in model.moe_layers().items():
+        disabled, forced = masks[idx]
+        if disabled.any() or forced.any():
+            layer.gate.set_expert_mask(
+                disabled=disabled.nonzero().flatten().cpu(), forced=forced.nonzero().flatten().cpu()
+            )
+        else:
+            layer.gate.clear_expert_mask()
+
+
+# ------------------------------------------------------------------------------------------------ effect
+
+
+def _device(model) -> torch.device:
+    return next(model.parameters()).device
+
+
+@torch.no_grad()
+def mean_token_loss(model, batches: Iterable[Tensor]) -> float:
+    """Mean next-token cross-entropy (nats) over every predicted token of `batches` ([B, S] ids each)."""
+    device = _device(model)
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    try:
+        for batch in batches:
+            if batch.shape[1] < 2:
+                continue
+            batch = batch.to(device)
+            logits = model(batch, output_mtp=False).logits[:, :-1]
+            total += float(F.cross_entropy(logits.flatten(0, 1).float(), batch[:, 1:].flatten(), reduction="sum"))
+            count += batch[:, 1:].numel()
+    finally:
+        model.train(was_training)
+    if count == 0:
+        raise ValueError("no token to predict: every sequence is shorter than 2 tokens")
+    return total / count
+
+
+def steering_effect(
+    model,
+    batches_a: Sequence[Tensor],
+    batches_b: Sequence[Tensor],
+    scores: Iterable[Score],
+    ks: Iterable[int] = (0, 1, 2, 4, 8),
+    side: str = "A",
+    action: str = "disable",
+    per_layer: bool = False,
+) -> list[dict[str, Any]]:
+    """Held-out mean token loss (nats) on A and on B with the top k experts of `side` switched, per k.
+
+    k counts experts over all layers in global rank order (or per layer with `per_layer`), through
+    `steering_plan(..., config=model)`, so the router's limits hold. Rows: {"k", "experts" (switched in
+    all), "per_layer" ({layer: n} over the scored layers), "loss_a", "loss_b", "delta_a", "delta_b"
+    (against the unsteered model), "notes" (the plan's)}. The model's masks are restored afterwards.
+    """
+    scores = list(scores)
+    scored_layers = sorted({layer for layer, _, _ in scores})
+    saved = _snapshot_masks(model)
+    rows: list[dict[str, Any]] = []
+    try:
+        clear_steering(model)
+        base = (mean_token_loss(model, batches_a), mean_token_loss(model, batches_b))
+        for k in ks:
+            plan = steering_plan(scores, side=side, k=k, action=action, per_layer=per_layer, config=model)
+            applied = apply_steering(model, plan)
+            loss_a, loss_b = (mean_token_loss(model, batches_a), mean_token_loss(model, batches_b)) if applied else base
+            rows.append(
+                {
+                    "k": k,
+                    "experts": sum(len(e) for e in applied.values()),
+                    "per_layer": {str(layer): len(applied.get(layer, [])) for layer in scored_layers},
+                    "loss_a": loss_a,
+                    "loss_b": loss_b,
+                    "delta_a": loss_a - base[0],
+                    "delta_b": loss_b - base[1],
+                    "notes": plan["notes"],
+                }
+            )
+    finally:
+        _restore_masks(model, saved)
+    return rows
+
+
+# ------------------------------------------------------------------------------------------------ inputs
+
+
+def load_pairs(path: str | os.PathLike) -> tuple[list[str], list[str]]:
+    """The A and B texts of a JSONL file of {"a": text, "b": text} lines (blank lines are skipped)."""
+    a, b = [], []
+    with open(path, encoding="utf-8") as f:
+        for number, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                item = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise ValueError(f"{path}, line {number}: not valid JSON ({error.msg})") from None
+            if not isinstance(item, dict) or not all(isinstance(item.get(key), str) for key in ("a", "b")):
+                raise ValueError(f'{path}, line {number}: expected an object with text fields "a" and "b"')
+            if not item["a"].strip() or not item["b"].strip():
+                raise ValueError(f"{path}, line {number}: empty text")
+            a.append(item["a"])
+            b.append(item["b"])
+    if not a:
+        raise ValueError(f"{path}: no pairs")
+    return a, b
+
+
+def text_batches(texts: Sequence[str], tokenizer, max_len: int) -> list[Tensor]:
+    """One [1, L] batch per text (its first `max_len` tokens), so texts never see each other."""
+    batches = []
+    for text in texts:
+        ids = tokenizer.encode(text).ids[:max_len]
+        if ids:
+            batches.append(torch.tensor([ids], dtype=torch.long))
+    if not batches:
+        raise ValueError("the texts hold no tokens")
+    return batches
+
+
+def _load_tokenizer(model_dir: str):
+    from tokenizers import Tokenizer
+
+    path = Path(model_dir) / "tokenizer.json"
+    if not path.is_file():
+        raise ValueError(f"{path} not found: steering reads text and needs the checkpoint's tokenizer")
+    return Tokenizer.from_file(str(path))
+
+
+def _eot_id(tokenizer, config) -> int | None:
+    from deepmoe.train.data import EOT_TOKEN
+
+    eot = tokenizer.token_to_id(EOT_TOKEN)
+    if eot is None:
+        eos = config.eos_token_id
+        eot = eos[0] if isinstance(eos, list) and eos else eos
+    return eot
+
+
+# ------------------------------------------------------------------------------------------------ CLI
+
+
+def _nonnegative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not values or min(values) < 0:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers >= 0, got {text!r}")
+    return values
+
+
+def add_steer_arguments(parser: argparse.ArgumentParser) -> None:
+    """The arguments of `deepmoe steer MODEL (--a SRC --b SRC | --pairs FILE) --out FILE ...`."""
+    parser.add_argument("model", metavar="PATH", help="checkpoint directory (config.json, safetensors, tokenizer.json)")
+    parser.add_argument("--a", metavar="SRC", help="behaviour A: a text file or folder, or bundled:DOMAIN")
+    parser.add_argument("--b", metavar="SRC", help="behaviour B: a text file or folder, or bundled:DOMAIN")
+    parser.add_argument("--pairs", metavar="FILE", help='JSONL of {"a": text, "b": text} lines (instead of --a/--b)')
+    parser.add_argument("--out", required=True, metavar="FILE", help="steering file to write (JSON)")
+    parser.add_argument("--side", choices=["a", "b"], default="a", help="whose top experts to steer (default a)")
+    parser.add_argument("--top", type=_nonnegative_int, default=8, help="experts to steer (default 8)")
+    parser.add_argument(
+        "--per-layer", action="store_true", help="--top and --ks count experts per layer (default: over all layers)"
+    )
+    parser.add_argument(
+        "--action", choices=ACTIONS, default="disable", help="never route them, or always (default disable)"
+    )
+    parser.add_argument(
+        "--method", choices=METHODS, default="frequency", help="score by activation frequency (default) or mean gate"
+    )
+    parser.add_argument(
+        "--effect",
+        action="store_true",
+        help="score on the first half of each source (of the pairs), and measure the held-out loss on A and B with "
+        "0, k, 2k, ... experts of each side switched on the second half",
+    )
+    parser.add_argument("--ks", type=_int_list, default=None, help="expert counts for --effect, e.g. 0,1,2,4,8")
+    parser.add_argument(
+        "--max-tokens", type=_positive_int, default=32768, help="tokens per source for scoring (default 32768)"
+    )
+    parser.add_argument("--seq-len", type=_positive_int, default=256, help="window length for sources (default 256)")
+    parser.add_argument("--batch-size", type=_positive_int, default=8)
+    parser.add_argument("--show", type=_nonnegative_int, default=16, help="ranked experts to print (default 16)")
+    parser.add_argument("--device", default="auto", help="cpu, cuda, ... (default: cuda when available)")
+
+
+def _inputs(args, tokenizer, config) -> tuple[dict[str, list[Tensor]], dict[str, list[Tensor]] | None, dict]:
+    """Scoring batches and (with --effect) evaluation batches for A and B, and a description of them."""
+    max_len = min(args.seq_len, config.max_position_embeddings)
+    if args.pairs is not None:
+        if args.a is not None or args.b is not None:
+            raise ValueError("give either --a and --b, or --pairs, not both")
+        texts = dict(zip("ab", load_pairs(args.pairs), strict=True))
+        n = len(texts["a"])
+        if args.effect:
+            if n < 2:
+                raise ValueError(f"{args.pairs}: --effect needs at least 2 pairs (half to score, half to evaluate)")
+            half = n // 2
+            score = {s: text_batches(t[:half], tokenizer, max_len) for s, t in texts.items()}
+            evaluate = {s: text_batches(t[half:], tokenizer, max_len) for s, t in texts.items()}
+            info = {"pairs": args.pairs, "score_pairs": half, "eval_pairs": n - half}
+        else:
+            score, evaluate = {s: text_batches(t, tokenizer, max_len) for s, t in texts.items()}, None
+            info = {"pairs": args.pairs, "score_pairs": n}
+        return score, evaluate, info
+    if args.a is None or args.b is None:
+        raise ValueError("give both --a SRC and --b SRC (files, folders or bundled:DOMAIN), or --pairs FILE")
+    eot = _eot_id(tokenizer, config)
+    tokens = {"a": source_tokens(args.a, tokenizer, eot), "b": source_tokens(args.b, tokenizer, eot)}
+    info: dict[str, Any] = {"a": args.a, "b": args.b}
+    if args.effect:
+        n = min(args.max_tokens, min(t.numel() for t in tokens.values()) // 2)
+        if n < 2:
+            raise ValueError("--effect needs at least 4 tokens in each source")
+        score = {s: fixed_batches(t[:n], max_len, args.batch_size) for s, t in tokens.items()}
+        evaluate = {s: fixed_batches(t[n : 2 * n], max_len, args.batch_size) for s, t in tokens.items()}
+        info.update(score_tokens=n, eval_tokens=n, eval_slice=f"tokens [{n}, {2 * n}) of each source")
+        return score, evaluate, info
+    score = {s: fixed_batches(t, max_len, args.batch_size, args.max_tokens) for s, t in tokens.items()}
+    info.update(score_tokens={s: min(t.numel(), args.max_tokens) for s, t in tokens.items()})
+    return score, None, info
+
+
+def _default_ks(args, k_per_token: int) -> list[int]:
+    if args.ks is not None:
+        return args.ks
+    if args.per_layer:
+        return list(range(k_per_token + 1)) if args.action == "force" else [0, 1, 2, 4, 8]
+    step = max(args.top, 1)
+    return [0, step, 2 * step, 4 * step, 8 * step]
+
+
+def run_steer(args: argparse.Namespace) -> int:
+    """`deepmoe steer`: score, rank, write the steering file, print the ranking (and the effect table)."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from deepmoe.io import from_pretrained
+    from deepmoe.io.files import write_json
+
+    console = Console()
+    if args.pairs is None and (args.a is None or args.b is None):
+        raise ValueError("give both --a SRC and --b SRC (files, folders or bundled:DOMAIN), or --pairs FILE")
+    device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    model = from_pretrained(args.model, device=device).eval()
+    if not model.moe_layers():
+        raise ValueError(f"{args.model}: the model has no MoE layer to steer")
+    tokenizer = _load_tokenizer(args.model)
+    score_batches, eval_batches, info = _inputs(args, tokenizer, model.config)
+    to = {s: [b.to(device) for b in bs] for s, bs in score_batches.items()}
+    clear_steering(model)
+    routing = {s: collect_routing(model, bs) for s, bs in to.items()}
+    scores = score_experts(routing["a"], routing["b"], method=args.method)
+    side = args.side.upper()
+    plan = steering_plan(scores, side=side, k=args.top, action=args.action, per_layer=args.per_layer, config=model)
+    freq = {s: activation_frequencies(r, args.method) for s, r in routing.items()}
+    name_a = args.a if args.pairs is None else "A"
+    name_b = args.b if args.pairs is None else "B"
+
+    selected = {(s["layer"], s["expert"]) for s in plan["selected"]}
+    ranking = [s for s in rank_scores(scores, side) if (1 if side == "A" else -1) * s[2] > 0][: args.show]
+    label = "p" if args.method == "frequency" else "gate"
+    table = Table(title=f"Top {side} experts ({args.method}: score = {label}_A − {label}_B)")
+    for col in ("rank", "layer", "expert", f"{label}_A ({name_a})", f"{label}_B ({name_b})", "score", args.action):
+        table.add_column(col, justify="right")
+    for rank, (layer, expert, score) in enumerate(ranking, start=1):
+        table.add_row(
+            str(rank),
+            str(layer),
+            str(expert),
+            f"{freq['a'][layer][expert]:.3f}",
+            f"{freq['b'][layer][expert]:.3f}",
+            f"{score:+.3f}",
+            "✓" if (layer, expert) in selected else "",
+        )
+    console.print(table)
+
+    output: dict[str, Any] = {**plan, "method": args.method, "inputs": info, "frequencies": freq}
+    if eval_batches is not None:
+        ev = {s: [b.to(device) for b in bs] for s, bs in eval_batches.items()}
+        k_per_token = min(layer.gate.config.num_experts_per_tok for layer in model.moe_layers().values())
+        ks = _default_ks(args, k_per_token)
+        output["effect"] = {}
+        unit = "per layer" if args.per_layer else "in all"
+        for steer_side in ("A", "B"):
+            rows = steering_effect(
+                model, ev["a"], ev["b"], scores, ks, side=steer_side, action=args.action, per_layer=args.per_layer
+            )
+            output["effect"][steer_side] = rows
+            source = name_a if steer_side == "A" else name_b
+            effect = Table(
+                title=f"Held-out mean token loss (nats) with the top {steer_side} experts ({source}) {args.action}d"
+            )
+            layer_names = " ".join(str(layer) for layer in sorted({s[0] for s in scores}))
+            for col in (
+                f"k ({unit})",
+                "experts",
+                f"per layer ({layer_names})",
+                f"loss A ({name_a})",
+                "Δ A",
+                f"loss B ({name_b})",
+                "Δ B",
+            ):
+                effect.add_column(col, justify="right")
+            for row in rows:
+                effect.add_row(
+                    str(row["k"]),
+                    str(row["experts"]),
+                    " ".join(f"{n}" for n in row["per_layer"].values()),
+                    f"{row['loss_a']:.4f}",
+                    f"{row['delta_a']:+.4f}",
+                    f"{row['loss_b']:.4f}",
+                    f"{row['delta_b']:+.4f}",
+                )
+            console.print(effect)
+    write_json(args.out, output)
+    chosen = "; ".join(f"layer {layer}: {experts}" for layer, experts in plan["layers"].items()) or "none"
+    console.print(f"steering file {args.out}: {args.action} {len(plan['selected'])} {side} experts ({chosen})")
+    for note in plan["notes"]:
+        console.print(f"note: {note}")
+    return 0
+
+
+__all__ = [
+    "activation_frequencies",
+    "add_steer_arguments",
+    "apply_steering",
+    "clear_steering",
+    "load_pairs",
+    "load_steering",
+    "mean_token_loss",
+    "rank_scores",
+    "run_steer",
+    "score_experts",
+    "steering_effect",
+    "steering_plan",
+    "text_batches",
+]
