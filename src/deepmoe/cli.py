@@ -8,15 +8,8 @@ import sys
 from rich.console import Console
 from rich.table import Table
 
+from deepmoe.argtypes import positive_int
 from deepmoe.runtime import keep_freed_memory
-
-
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
-
 
 DEMO_PROMPTS = ("ROMEO:\n", "def fibonacci(n):\n")
 
@@ -197,7 +190,7 @@ def build_parser() -> argparse.ArgumentParser:
         "the run if OUT already holds one), print the report and generate samples.",
     )
     demo.add_argument("--out", default="runs/demo", help="run directory (default runs/demo)")
-    demo.add_argument("--steps", type=_positive_int, default=300, help="optimizer steps (default 300)")
+    demo.add_argument("--steps", type=positive_int, default=300, help="optimizer steps (default 300)")
     demo.add_argument("--seed", type=int, default=0)
     demo.set_defaults(func=_demo)
 
@@ -207,9 +200,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Route skewed batches through a tiny DeepSeek-V3-style MoE layer, update "
         "the selection bias after each batch and print the load before/after.",
     )
-    balance.add_argument("--steps", type=_positive_int, default=300, help="bias updates (default 300)")
-    balance.add_argument("--tokens", type=_positive_int, default=16384, help="tokens per batch (default 16384)")
-    balance.add_argument("--favoured", type=_positive_int, default=4, help="experts the router is skewed towards")
+    balance.add_argument("--steps", type=positive_int, default=300, help="bias updates (default 300)")
+    balance.add_argument("--tokens", type=positive_int, default=16384, help="tokens per batch (default 16384)")
+    balance.add_argument("--favoured", type=positive_int, default=4, help="experts the router is skewed towards")
     balance.add_argument("--gamma", type=float, default=0.001, help="bias update speed γ (default 0.001)")
     balance.add_argument("--seed", type=int, default=0)
     balance.set_defaults(func=_balance_demo)
@@ -280,9 +273,9 @@ def build_parser() -> argparse.ArgumentParser:
     source = gen.add_mutually_exclusive_group(required=True)
     source.add_argument("--prompt", help="prompt text (needs tokenizer.json in the checkpoint)")
     source.add_argument("--ids", type=int, nargs="+", help="prompt token ids")
-    gen.add_argument("--max-new-tokens", type=_positive_int, default=32)
+    gen.add_argument("--max-new-tokens", type=positive_int, default=32)
     gen.add_argument("--temperature", type=float, default=0.0, help="0 (default): greedy")
-    gen.add_argument("--top-k", type=_positive_int, default=None)
+    gen.add_argument("--top-k", type=positive_int, default=None)
     gen.add_argument("--top-p", type=float, default=None)
     gen.add_argument("--speculative", action="store_true", help="greedy, drafting with the MTP module")
     gen.add_argument("--eos", type=int, default=None, help="stop at this token id")

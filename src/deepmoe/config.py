@@ -22,6 +22,15 @@ def _fail(cls: str, field: str, value: Any, allowed: str) -> None:
     raise ValueError(f"{cls}.{field}={value!r} is invalid: {allowed}")
 
 
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_real(value: Any) -> bool:
+    """A finite int or float (not a bool, a string or None): the type a numeric field needs."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
 @dataclass
 class MoEConfig:
     """One DeepSeekMoE layer (SPEC R1–R6, B1–B5, E1–E3).
@@ -102,19 +111,19 @@ class MoEConfig:
             "n_devices",
         ):
             value = getattr(self, field)
-            check(
-                isinstance(value, int) and not isinstance(value, bool) and value >= 1, field, "must be an integer >= 1"
-            )
+            check(_is_int(value) and value >= 1, field, "must be an integer >= 1")
         check(
-            isinstance(self.n_shared_experts, int) and self.n_shared_experts >= 0,
+            _is_int(self.n_shared_experts) and self.n_shared_experts >= 0,
             "n_shared_experts",
             "must be an integer >= 0",
         )
         n_r = self.n_routed_experts
         check(self.num_experts_per_tok <= n_r, "num_experts_per_tok", f"must be in [1, n_routed_experts={n_r}]")
+        for field in ("norm_topk_prob", "use_expert_bias", "fp8_experts"):
+            check(isinstance(getattr(self, field), bool), field, "must be True or False")
         check(self.scoring_func in SCORING_FUNCS, "scoring_func", f"must be one of {SCORING_FUNCS}")
         check(
-            math.isfinite(self.routed_scaling_factor) and self.routed_scaling_factor > 0,
+            _is_real(self.routed_scaling_factor) and self.routed_scaling_factor > 0,
             "routed_scaling_factor",
             "must be a finite number > 0",
         )
@@ -140,15 +149,19 @@ class MoEConfig:
         )
 
         check(
-            math.isfinite(self.bias_update_speed) and self.bias_update_speed >= 0,
+            _is_real(self.bias_update_speed) and self.bias_update_speed >= 0,
             "bias_update_speed",
             "must be a finite number >= 0",
         )
         cf = self.capacity_factor
-        check(cf is None or (math.isfinite(cf) and cf > 0), "capacity_factor", "must be None or a number > 0")
+        check(cf is None or (_is_real(cf) and cf > 0), "capacity_factor", "must be None or a number > 0")
         check(self.capacity_scope in CAPACITY_SCOPES, "capacity_scope", f"must be one of {CAPACITY_SCOPES}")
         check(self.drop_policy in DROP_POLICIES, "drop_policy", f"must be one of {DROP_POLICIES}")
-        check(0.0 <= self.no_drop_fraction <= 1.0, "no_drop_fraction", "must be in [0, 1]")
+        check(
+            _is_real(self.no_drop_fraction) and 0.0 <= self.no_drop_fraction <= 1.0,
+            "no_drop_fraction",
+            "must be in [0, 1]",
+        )
         check(n_r % self.n_devices == 0, "n_devices", f"must divide n_routed_experts={n_r}")
 
         for field in (
@@ -159,8 +172,8 @@ class MoEConfig:
             "z_loss_coef",
         ):
             value = getattr(self, field)
-            check(math.isfinite(value) and value >= 0, field, "must be a finite number >= 0")
-        check(math.isfinite(self.entropy_loss_coef), "entropy_loss_coef", "must be a finite number")
+            check(_is_real(value) and value >= 0, field, "must be a finite number >= 0")
+        check(_is_real(self.entropy_loss_coef), "entropy_loss_coef", "must be a finite number")
         check(
             self.experts_implementation in EXPERTS_IMPLEMENTATIONS,
             "experts_implementation",
@@ -260,9 +273,9 @@ class DeepSeekConfig:
             "moe_layer_freq",
         ):
             value = getattr(self, field)
-            check(
-                isinstance(value, int) and not isinstance(value, bool) and value >= 1, field, "must be an integer >= 1"
-            )
+            check(_is_int(value) and value >= 1, field, "must be an integer >= 1")
+        for field in ("attention_bias", "rope_interleave", "tie_word_embeddings"):
+            check(isinstance(getattr(self, field), bool), field, "must be True or False")
         check(self.attention_type in ATTENTION_TYPES, "attention_type", f"must be one of {ATTENTION_TYPES}")
         if self.attention_type == "mha":
             check(
@@ -273,25 +286,34 @@ class DeepSeekConfig:
             if self.num_key_value_heads is None:
                 self.num_key_value_heads = self.num_attention_heads
             check(
-                self.num_key_value_heads >= 1 and self.num_attention_heads % self.num_key_value_heads == 0,
+                _is_int(self.num_key_value_heads)
+                and self.num_key_value_heads >= 1
+                and self.num_attention_heads % self.num_key_value_heads == 0,
                 "num_key_value_heads",
                 f"must divide num_attention_heads={self.num_attention_heads}",
             )
             check(self.head_dim % 2 == 0, "num_attention_heads", "hidden_size / num_attention_heads must be even")
         else:
-            check(self.q_lora_rank is None or self.q_lora_rank >= 1, "q_lora_rank", "must be None or >= 1")
-            for field in ("kv_lora_rank", "qk_nope_head_dim", "v_head_dim"):
-                check(getattr(self, field) >= 1, field, "must be >= 1")
             check(
-                self.qk_rope_head_dim >= 2 and self.qk_rope_head_dim % 2 == 0,
-                "qk_rope_head_dim",
-                "must be even and >= 2",
+                self.q_lora_rank is None or (_is_int(self.q_lora_rank) and self.q_lora_rank >= 1),
+                "q_lora_rank",
+                "must be None or an integer >= 1",
             )
-        check(self.rope_theta > 0, "rope_theta", "must be > 0")
+            for field in ("kv_lora_rank", "qk_nope_head_dim", "v_head_dim"):
+                value = getattr(self, field)
+                check(_is_int(value) and value >= 1, field, "must be an integer >= 1")
+            check(
+                _is_int(self.qk_rope_head_dim) and self.qk_rope_head_dim >= 2 and self.qk_rope_head_dim % 2 == 0,
+                "qk_rope_head_dim",
+                "must be an even integer >= 2",
+            )
+        check(_is_real(self.rope_theta) and self.rope_theta > 0, "rope_theta", "must be a finite number > 0")
         if self.rope_scaling is not None:
+            check(isinstance(self.rope_scaling, dict), "rope_scaling", "must be a dict or None")
             kind = self.rope_scaling.get("type", self.rope_scaling.get("rope_type"))
             check(kind in ("yarn", "default", None), "rope_scaling", "only 'yarn' scaling is supported")
-            check(float(self.rope_scaling.get("factor", 1.0)) >= 1.0, "rope_scaling", "factor must be >= 1")
+            factor = self.rope_scaling.get("factor", 1.0)
+            check(_is_real(factor) and factor >= 1.0, "rope_scaling", "factor must be a finite number >= 1")
         if self.moe is not None:
             check(isinstance(self.moe, MoEConfig), "moe", "must be a MoEConfig or None")
             check(
@@ -300,20 +322,41 @@ class DeepSeekConfig:
                 f"moe.hidden_size={self.moe.hidden_size} must equal hidden_size={self.hidden_size}",
             )
         check(
-            0 <= self.first_k_dense_replace <= self.num_hidden_layers,
+            _is_int(self.first_k_dense_replace) and 0 <= self.first_k_dense_replace <= self.num_hidden_layers,
             "first_k_dense_replace",
-            f"must be in [0, num_hidden_layers={self.num_hidden_layers}]",
+            f"must be an integer in [0, num_hidden_layers={self.num_hidden_layers}]",
         )
-        check(self.rms_norm_eps > 0, "rms_norm_eps", "must be > 0")
-        check(self.num_nextn_predict_layers >= 0, "num_nextn_predict_layers", "must be >= 0")
+        check(_is_real(self.rms_norm_eps) and self.rms_norm_eps > 0, "rms_norm_eps", "must be a finite number > 0")
         check(
-            math.isfinite(self.mtp_loss_weight) and self.mtp_loss_weight >= 0,
+            _is_real(self.initializer_range) and self.initializer_range >= 0,
+            "initializer_range",
+            "must be a finite number >= 0",
+        )
+        check(
+            _is_int(self.num_nextn_predict_layers) and self.num_nextn_predict_layers >= 0,
+            "num_nextn_predict_layers",
+            "must be an integer >= 0",
+        )
+        check(
+            _is_real(self.mtp_loss_weight) and self.mtp_loss_weight >= 0,
             "mtp_loss_weight",
             "must be a finite number >= 0",
         )
         for field in ("bos_token_id", "pad_token_id"):
             value = getattr(self, field)
-            check(value is None or 0 <= value < self.vocab_size, field, f"must be None or in [0, {self.vocab_size})")
+            check(
+                value is None or (_is_int(value) and 0 <= value < self.vocab_size),
+                field,
+                f"must be None or an integer in [0, {self.vocab_size})",
+            )
+        eos = self.eos_token_id
+        check(
+            eos is None
+            or (_is_int(eos) and eos >= 0)
+            or (isinstance(eos, list) and all(_is_int(e) and e >= 0 for e in eos)),
+            "eos_token_id",
+            "must be None, an integer >= 0 or a list of them",
+        )
 
     @property
     def head_dim(self) -> int:

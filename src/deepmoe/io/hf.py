@@ -140,14 +140,17 @@ def config_from_hf(d: dict[str, Any]) -> DeepSeekConfig:
     fields.update({k: extras[k] for k in _MODEL_EXTRAS if k in extras})
     fields["moe"] = _moe_from_hf(d, get, model_type, extras)
     config = DeepSeekConfig(**fields)
-    if config.moe is not None and not any(config.is_moe_layer(i) for i in range(layers)):
+    mtp_moe = range(layers, layers + config.num_nextn_predict_layers) if extras.get("mtp_moe") else ()
+    if config.moe is not None and not any(config.is_moe_layer(i) for i in [*range(layers), *mtp_moe]):
         config.moe = None  # no MoE layer at all (how a dense deepseek_v2/v3 model is written)
     return config
 
 
 def _moe_from_hf(d: dict[str, Any], get: Callable[[str], Any], model_type: str, extras: dict) -> MoEConfig | None:
     n_routed = get("n_routed_experts")
-    if n_routed is None or (model_type != "deepseek" and get("first_k_dense_replace") >= get("num_hidden_layers")):
+    # first_k_dense_replace >= num_hidden_layers spells "all dense", unless only the MTP layers are MoE ("mtp_moe")
+    all_dense = get("first_k_dense_replace") >= get("num_hidden_layers") and not extras.get("mtp_moe")
+    if n_routed is None or (model_type != "deepseek" and all_dense):
         return None
     if get("num_experts_per_tok") is None:
         raise ValueError("config num_experts_per_tok is missing: required with n_routed_experts")
@@ -236,6 +239,8 @@ def config_to_hf(config: DeepSeekConfig) -> dict[str, Any]:
             d.update(routed_scaling_factor=moe.routed_scaling_factor, topk_method=moe.topk_method,
                      n_group=moe.n_group, topk_group=moe.topk_group)  # fmt: skip
         extras.update({k: getattr(moe, k) for k in _MOE_EXTRAS})
+        if c.num_nextn_predict_layers and not any(c.is_moe_layer(i) for i in range(c.num_hidden_layers)):
+            extras["mtp_moe"] = True  # dense main layers, MoE MTP layers (e.g. `deepmoe train --layers 1`)
         _warn_unexpressible(config)
     d["deepmoe"] = extras
     return d

@@ -41,11 +41,12 @@ def sample_next(
 
 
 def _check_generation_args(model: DeepSeekForCausalLM, input_ids: Tensor, max_new_tokens: int) -> None:
-    if max_new_tokens < 0:
-        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+    if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
     if isinstance(input_ids, Tensor) and input_ids.dim() == 2 and input_ids.shape[1] == 0:
         raise ValueError("the prompt is empty: give at least one token")
-    total = (input_ids.shape[-1] if isinstance(input_ids, Tensor) else 0) + max_new_tokens
+    model._check_input(input_ids, 0)  # a tensor [batch, seq] of ids in the vocabulary, within the context
+    total = input_ids.shape[-1] + max_new_tokens
     if total > model.config.max_position_embeddings:
         raise ValueError(
             f"prompt + max_new_tokens = {total} tokens exceeds max_position_embeddings="
@@ -118,9 +119,9 @@ def generate_speculative(
     """
     if not model.model.mtp:
         raise ValueError("speculative decoding needs a model with num_nextn_predict_layers >= 1")
-    if input_ids.dim() != 2 or input_ids.shape[0] != 1:
-        raise ValueError(f"speculative decoding takes one sequence [1, seq], got {tuple(input_ids.shape)}")
     _check_generation_args(model, input_ids, max_new_tokens)
+    if input_ids.shape[0] != 1:
+        raise ValueError(f"speculative decoding takes one sequence [1, seq], got {tuple(input_ids.shape)}")
     mtp = model.model.mtp[0]
     cache, stats = KVCache(), SpeculativeStats()
     n_main = model.config.num_hidden_layers

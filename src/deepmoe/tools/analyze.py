@@ -54,6 +54,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from deepmoe.argtypes import positive_int
 from deepmoe.io.files import atomic_write
 from deepmoe.moe.balance import coefficient_of_variation, max_violation
 from deepmoe.tools.routing import LayerRouting, collect_routing
@@ -577,13 +578,6 @@ def write_analysis(report: dict[str, Any], out_dir: str | os.PathLike) -> list[P
 # ---- command line ------------------------------------------------------------------------------------
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
-
-
 def add_analyze_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """The options of `deepmoe analyze MODEL --data A [--data B ...]`."""
     parser.add_argument(
@@ -599,11 +593,11 @@ def add_analyze_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentP
     )
     parser.add_argument("--out", default="runs/analyze", help="output directory (default runs/analyze)")
     parser.add_argument(
-        "--max-tokens", type=_positive_int, default=40_000, help="tokens per source at most (default 40000)"
+        "--max-tokens", type=positive_int, default=40_000, help="tokens per source at most (default 40000)"
     )
-    parser.add_argument("--seq-len", type=_positive_int, default=256, help="tokens per sequence (default 256)")
-    parser.add_argument("--batch-size", type=_positive_int, default=8, help="sequences per batch (default 8)")
-    parser.add_argument("--top-k", type=_positive_int, default=5, help="entries in each top list (default 5)")
+    parser.add_argument("--seq-len", type=positive_int, default=256, help="tokens per sequence (default 256)")
+    parser.add_argument("--batch-size", type=positive_int, default=8, help="sequences per batch (default 8)")
+    parser.add_argument("--top-k", type=positive_int, default=5, help="entries in each top list (default 5)")
     parser.add_argument("--device", default="auto", help="auto (default: cuda when available), cpu, cuda, ...")
     return parser
 

@@ -41,6 +41,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
+from deepmoe.argtypes import positive_int
 from deepmoe.io.delta import DELTA_META, check_selection, delta_size, save_delta
 from deepmoe.tools.routing import LayerRouting
 
@@ -324,12 +325,12 @@ def add_esft_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
         help="expert score: gate = average gate score (default), token = token selection ratio",
     )
     add("--p", type=float, default=0.2, help="cumulative score share to select per layer (default 0.2)")
-    add("--steps", type=int, default=100, help="fine-tuning steps (default 100)")
+    add("--steps", type=positive_int, default=100, help="fine-tuning steps (default 100)")
     add("--lr", type=float, default=1e-4, help="AdamW learning rate, constant (default 1e-4)")
     add("--weight-decay", type=float, default=0.0, help="AdamW decoupled weight decay (default 0)")
     add("--grad-clip", type=float, default=1.0, help="gradient norm clip, 0 = none (default 1.0)")
-    add("--batch-size", type=int, default=8, help="sequences per step (default 8)")
-    add("--seq-len", type=int, default=256, help="tokens per sequence (default 256)")
+    add("--batch-size", type=positive_int, default=8, help="sequences per step (default 8)")
+    add("--seq-len", type=positive_int, default=256, help="tokens per sequence (default 256)")
     add(
         "--score-tokens",
         type=int,

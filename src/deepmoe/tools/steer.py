@@ -38,6 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from deepmoe.argtypes import positive_int
 from deepmoe.config import MoEConfig
 from deepmoe.moe.router import Router
 from deepmoe.tools.routing import LayerRouting, collect_routing, fixed_batches, source_tokens
@@ -455,13 +456,6 @@ def _nonnegative_int(text: str) -> int:
     return value
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
-
-
 def _int_list(text: str) -> list[int]:
     try:
         values = [int(v) for v in text.split(",") if v.strip()]
@@ -498,10 +492,10 @@ def add_steer_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--ks", type=_int_list, default=None, help="expert counts for --effect, e.g. 0,1,2,4,8")
     parser.add_argument(
-        "--max-tokens", type=_positive_int, default=32768, help="tokens per source for scoring (default 32768)"
+        "--max-tokens", type=positive_int, default=32768, help="tokens per source for scoring (default 32768)"
     )
-    parser.add_argument("--seq-len", type=_positive_int, default=256, help="window length for sources (default 256)")
-    parser.add_argument("--batch-size", type=_positive_int, default=8)
+    parser.add_argument("--seq-len", type=positive_int, default=256, help="window length for sources (default 256)")
+    parser.add_argument("--batch-size", type=positive_int, default=8)
     parser.add_argument("--show", type=_nonnegative_int, default=16, help="ranked experts to print (default 16)")
     parser.add_argument("--device", default="auto", help="cpu, cuda, ... (default: cuda when available)")
 

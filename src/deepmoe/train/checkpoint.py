@@ -228,7 +228,8 @@ def remove_stale_staging(out_dir: str | os.PathLike) -> None:
     if not out_dir.is_dir():
         return
     for entry in out_dir.iterdir():
-        if entry.name.startswith(_STAGING_PREFIX) and entry.is_dir():
+        # `.step-N.tmp-*`, and `..step-N.tmp-*.tmp-*` of the weights' own atomic write inside it
+        if entry.name.startswith((_STAGING_PREFIX, "." + _STAGING_PREFIX)) and entry.is_dir():
             shutil.rmtree(entry, ignore_errors=True)
         elif entry.name.startswith(".last.tmp-") and entry.is_file():
             entry.unlink(missing_ok=True)

@@ -33,6 +33,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from deepmoe.argtypes import positive_int
 from deepmoe.config import DeepSeekConfig
 from deepmoe.io.checkpoint import CheckpointError, read_json
 from deepmoe.io.files import atomic_write, write_json
@@ -725,12 +726,14 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     )
     parser.add_argument("--data", default=None, help="text file or directory (default: the bundled corpus)")
     parser.add_argument("--vocab-size", type=int, default=None, help=f"tokenizer vocabulary (default {d.vocab_size})")
-    parser.add_argument("--seq-len", type=int, default=None, help=f"tokens per sequence (default {d.seq_len})")
+    parser.add_argument("--seq-len", type=positive_int, default=None, help=f"tokens per sequence (default {d.seq_len})")
     parser.add_argument(
-        "--batch-size", type=int, default=None, help=f"sequences per micro-batch (default {d.batch_size})"
+        "--batch-size", type=positive_int, default=None, help=f"sequences per micro-batch (default {d.batch_size})"
     )
-    parser.add_argument("--grad-accum", type=int, default=None, help="micro-batches per step (default 1)")
-    parser.add_argument("--steps", type=int, default=None, help=f"optimizer steps in total (default {d.steps})")
+    parser.add_argument("--grad-accum", type=positive_int, default=None, help="micro-batches per step (default 1)")
+    parser.add_argument(
+        "--steps", type=positive_int, default=None, help=f"optimizer steps in total (default {d.steps})"
+    )
     parser.add_argument("--lr", type=float, default=None, help=f"peak learning rate (default {d.lr})")
     parser.add_argument("--min-lr", type=float, default=None, help=f"final learning rate (default {d.min_lr})")
     parser.add_argument("--warmup-steps", type=int, default=None, help=f"linear warmup (default {d.warmup_steps})")
