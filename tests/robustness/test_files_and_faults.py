@@ -415,3 +415,27 @@ def test_sigkill_then_resume_ends_with_the_uninterrupted_weights(when, reference
     ledger.record("faults", "data_lost" if not same else ("crash" if leftovers else "ok"), f"{detail} {leftovers}")
     assert same, detail
     assert not leftovers, leftovers
+
+
+def test_resume_clears_every_temporary_a_kill_can_leave(tmp_path, ledger):
+    """A kill can land inside any atomic write of a run: the staging checkpoint, `last`, the logs,
+    the report or a plot. Only those temporaries go; complete files stay."""
+    run = tmp_path / "run"
+    (run / "step-1").mkdir(parents=True)
+    (run / "last").write_text("step-1\n")
+    (run / "report.json").write_text("{}")
+    leftovers = [
+        ".step-2.tmp-ab12",
+        "..step-2.tmp-ab12.tmp-cd34",
+        ".last.tmp-x1",
+        ".report.json.tmp-y2",
+        ".loss.png.tmp-z3",
+        ".log.jsonl.tmp-w4",
+        ".step-1.old-v5",
+    ]
+    for name in leftovers:
+        (run / name).mkdir() if name.startswith((".step", "..step")) or ".old-" in name else (run / name).write_text("")
+    train_ckpt.remove_stale_staging(run)
+    left = sorted(p.name for p in run.iterdir())
+    ledger.record("faults", "ok" if left == ["last", "report.json", "step-1"] else "crash", str(left))
+    assert left == ["last", "report.json", "step-1"]

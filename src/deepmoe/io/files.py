@@ -40,6 +40,28 @@ def make_readable(path: str | os.PathLike) -> None:
     os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~_umask())
 
 
+def is_temporary(name: str) -> bool:
+    """Whether `name` is one of the temporaries `atomic_write` / `atomic_directory` create next to a target."""
+    return name.startswith(".") and (".tmp-" in name or ".old-" in name)
+
+
+def remove_temporaries(directory: str | os.PathLike) -> list[str]:
+    """Delete what a killed process left of its atomic writes in `directory` (never a complete file).
+
+    Call it only where no other process is writing into `directory`. Returns the names removed.
+    """
+    directory = Path(directory)
+    removed = []
+    for entry in directory.iterdir() if directory.is_dir() else ():
+        if is_temporary(entry.name):
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry, ignore_errors=True)
+            else:
+                entry.unlink(missing_ok=True)
+            removed.append(entry.name)
+    return removed
+
+
 def atomic_write(path: str | os.PathLike, data: bytes | str | Callable[[BinaryIO], None]) -> Path:
     """Replace the file `path` with `data`: bytes, a str (written as UTF-8), or a function that writes
     to the binary file it is given. Temporary file next to `path`, fsync, the usual permissions, rename,

@@ -24,7 +24,14 @@ from safetensors import torch as st_torch
 from torch import Tensor, nn
 
 from deepmoe.io.checkpoint import CheckpointError, load_checkpoint, read_json, save_checkpoint
-from deepmoe.io.files import atomic_directory, atomic_write, fsync_path, make_readable, write_json
+from deepmoe.io.files import (
+    atomic_directory,
+    atomic_write,
+    fsync_path,
+    make_readable,
+    remove_temporaries,
+    write_json,
+)
 
 LAST_NAME = "last"
 STATE_JSON = "training_state.json"
@@ -33,7 +40,6 @@ TOKENIZER_NAME = "tokenizer.json"
 STATE_FORMAT = "deepmoe-training-state"
 STATE_VERSION = 1
 _STEP_DIR = re.compile(r"step-(\d+)")
-_STAGING_PREFIX = ".step-"
 
 
 def step_dir_name(step: int) -> str:
@@ -223,16 +229,9 @@ def prune_checkpoints(out_dir: str | os.PathLike, keep_last: int) -> list[Path]:
 
 
 def remove_stale_staging(out_dir: str | os.PathLike) -> None:
-    """Remove temporary directories a killed run left behind (never a complete checkpoint)."""
-    out_dir = Path(out_dir)
-    if not out_dir.is_dir():
-        return
-    for entry in out_dir.iterdir():
-        # `.step-N.tmp-*`, and `..step-N.tmp-*.tmp-*` of the weights' own atomic write inside it
-        if entry.name.startswith((_STAGING_PREFIX, "." + _STAGING_PREFIX)) and entry.is_dir():
-            shutil.rmtree(entry, ignore_errors=True)
-        elif entry.name.startswith(".last.tmp-") and entry.is_file():
-            entry.unlink(missing_ok=True)
+    """Remove what a killed run left of its atomic writes: staging checkpoint directories and the
+    temporary files of `last`, the logs, the report and the plots (never a complete checkpoint)."""
+    remove_temporaries(out_dir)
 
 
 # ---- reading -----------------------------------------------------------------------------------
