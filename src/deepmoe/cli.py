@@ -207,52 +207,52 @@ def build_parser() -> argparse.ArgumentParser:
     balance.add_argument("--seed", type=int, default=0)
     balance.set_defaults(func=_balance_demo)
 
+    from deepmoe.tools.analyze import add_analyze_arguments, run_analyze
+    from deepmoe.tools.esft import add_esft_arguments, run_esft
+    from deepmoe.tools.steer import add_steer_arguments, run_steer
     from deepmoe.train.trainer import add_train_arguments, run_from_args
 
-    train = sub.add_parser(
-        "train",
-        help="train a model on the bundled corpus or your own text",
-        description="Train a DeepSeek-style MoE LM (AdamW, warmup + cosine/WSD, aux losses, bias balancing, MTP) "
-        "with atomic, resumable checkpoints.",
-    )
-    add_train_arguments(train)
-    train.set_defaults(func=run_from_args)
-
-    from deepmoe.tools.analyze import add_analyze_arguments, run_analyze
-
-    analyze = sub.add_parser(
-        "analyze",
-        help="routing analysis: load, entropy, domain specialisation, co-activation, vocabulary",
-        description="Run a checkpoint over text sources (files, folders or bundled:english / bundled:code) and "
-        "report per layer load, MaxVio, entropy, dead/dominant experts, the JS divergence between the sources, "
-        "source-specific experts, co-activation and each expert's preferred vocabulary (JSON, CSV, PNG).",
-    )
-    add_analyze_arguments(analyze)
-    analyze.set_defaults(func=run_analyze)
-
-    from deepmoe.tools.esft import add_esft_arguments, run_esft
-
-    esft = sub.add_parser(
-        "esft",
-        help="expert-specialised fine-tuning: train only the experts a task uses, save a small delta",
-        description="Rank experts per layer on task data (average gate score or token selection ratio), keep the "
-        "smallest set reaching share p, fine-tune only those expert slices and save them as a delta that "
-        "from_pretrained(..., delta=DIR) applies on the base checkpoint.",
-    )
-    add_esft_arguments(esft)
-    esft.set_defaults(func=run_esft)
-
-    from deepmoe.tools.steer import add_steer_arguments, run_steer
-
-    steer = sub.add_parser(
-        "steer",
-        help="find the experts behind behaviour A vs B and write a steering file",
-        description="Score every (layer, expert) by the difference of its activation frequency on A and B "
-        "(SteerMoE), write a steering file that disables or forces the top experts of one side, and with "
-        "--effect measure how held-out loss on A and B moves.",
-    )
-    add_steer_arguments(steer)
-    steer.set_defaults(func=run_steer)
+    jobs = [  # (name, help, description, the module's argument builder, its runner)
+        (
+            "train",
+            "train a model on the bundled corpus or your own text",
+            "Train a DeepSeek-style MoE LM (AdamW, warmup + cosine/WSD, aux losses, bias balancing, MTP) "
+            "with atomic, resumable checkpoints.",
+            add_train_arguments,
+            run_from_args,
+        ),
+        (
+            "analyze",
+            "routing analysis: load, entropy, domain specialisation, co-activation, vocabulary",
+            "Run a checkpoint over text sources (files, folders or bundled:english / bundled:code) and "
+            "report per layer load, MaxVio, entropy, dead/dominant experts, the JS divergence between the sources, "
+            "source-specific experts, co-activation and each expert's preferred vocabulary (JSON, CSV, PNG).",
+            add_analyze_arguments,
+            run_analyze,
+        ),
+        (
+            "esft",
+            "expert-specialised fine-tuning: train only the experts a task uses, save a small delta",
+            "Rank experts per layer on task data (average gate score or token selection ratio), keep the "
+            "smallest set reaching share p, fine-tune only those expert slices and save them as a delta that "
+            "from_pretrained(..., delta=DIR) applies on the base checkpoint.",
+            add_esft_arguments,
+            run_esft,
+        ),
+        (
+            "steer",
+            "find the experts behind behaviour A vs B and write a steering file",
+            "Score every (layer, expert) by the difference of its activation frequency on A and B "
+            "(SteerMoE), write a steering file that disables or forces the top experts of one side, and with "
+            "--effect measure how held-out loss on A and B moves.",
+            add_steer_arguments,
+            run_steer,
+        ),
+    ]
+    for name, help_text, description, add_arguments, run in jobs:
+        job = sub.add_parser(name, help=help_text, description=description)
+        add_arguments(job)
+        job.set_defaults(func=run)
 
     inspect = sub.add_parser(
         "inspect",

@@ -18,15 +18,17 @@ DROP_POLICIES = ("probs", "position")
 EXPERTS_IMPLEMENTATIONS = ("auto", "grouped_mm", "loop")
 
 
-def _fail(cls: str, field: str, value: Any, allowed: str) -> None:
-    raise ValueError(f"{cls}.{field}={value!r} is invalid: {allowed}")
+def check(config: Any, ok: bool, field: str, allowed: str) -> None:
+    """Raise the one ValueError a bad setting gets: `Class.field=value is invalid: allowed`."""
+    if not ok:
+        raise ValueError(f"{type(config).__name__}.{field}={getattr(config, field)!r} is invalid: {allowed}")
 
 
-def _is_int(value: Any) -> bool:
+def is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _is_real(value: Any) -> bool:
+def is_real(value: Any) -> bool:
     """A finite int or float (not a bool, a string or None): the type a numeric field needs."""
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
@@ -95,12 +97,6 @@ class MoEConfig:
     simulated (quantise–dequantise, float32 accumulation) where there is no FP8 matrix unit."""
 
     def __post_init__(self) -> None:
-        name = type(self).__name__
-
-        def check(ok: bool, field: str, allowed: str) -> None:
-            if not ok:
-                _fail(name, field, getattr(self, field), allowed)
-
         for field in (
             "hidden_size",
             "moe_intermediate_size",
@@ -111,58 +107,65 @@ class MoEConfig:
             "n_devices",
         ):
             value = getattr(self, field)
-            check(_is_int(value) and value >= 1, field, "must be an integer >= 1")
+            check(self, is_int(value) and value >= 1, field, "must be an integer >= 1")
         check(
-            _is_int(self.n_shared_experts) and self.n_shared_experts >= 0,
+            self,
+            is_int(self.n_shared_experts) and self.n_shared_experts >= 0,
             "n_shared_experts",
             "must be an integer >= 0",
         )
         n_r = self.n_routed_experts
-        check(self.num_experts_per_tok <= n_r, "num_experts_per_tok", f"must be in [1, n_routed_experts={n_r}]")
+        check(self, self.num_experts_per_tok <= n_r, "num_experts_per_tok", f"must be in [1, n_routed_experts={n_r}]")
         for field in ("norm_topk_prob", "use_expert_bias", "fp8_experts"):
-            check(isinstance(getattr(self, field), bool), field, "must be True or False")
-        check(self.scoring_func in SCORING_FUNCS, "scoring_func", f"must be one of {SCORING_FUNCS}")
+            check(self, isinstance(getattr(self, field), bool), field, "must be True or False")
+        check(self, self.scoring_func in SCORING_FUNCS, "scoring_func", f"must be one of {SCORING_FUNCS}")
         check(
-            _is_real(self.routed_scaling_factor) and self.routed_scaling_factor > 0,
+            self,
+            is_real(self.routed_scaling_factor) and self.routed_scaling_factor > 0,
             "routed_scaling_factor",
             "must be a finite number > 0",
         )
 
-        check(self.topk_method in TOPK_METHODS, "topk_method", f"must be one of {TOPK_METHODS}")
-        check(n_r % self.n_group == 0, "n_group", f"must divide n_routed_experts={n_r}")
+        check(self, self.topk_method in TOPK_METHODS, "topk_method", f"must be one of {TOPK_METHODS}")
+        check(self, n_r % self.n_group == 0, "n_group", f"must divide n_routed_experts={n_r}")
         check(
+            self,
             self.topk_method != "greedy" or self.n_group == 1,
             "n_group",
             "must be 1 with topk_method='greedy' (use 'group_limited_greedy' or 'noaux_tc' for groups)",
         )
-        check(self.topk_group <= self.n_group, "topk_group", f"must be in [1, n_group={self.n_group}]")
+        check(self, self.topk_group <= self.n_group, "topk_group", f"must be in [1, n_group={self.n_group}]")
         per_group = n_r // self.n_group
         check(
+            self,
             self.topk_group * per_group >= self.num_experts_per_tok,
             "topk_group",
             f"topk_group × experts per group ({per_group}) must be >= num_experts_per_tok={self.num_experts_per_tok}",
         )
         check(
+            self,
             self.topk_method != "noaux_tc" or per_group >= 2,
             "n_group",
             "noaux_tc scores a group by its top-2 experts: each group needs >= 2 experts",
         )
 
         check(
-            _is_real(self.bias_update_speed) and self.bias_update_speed >= 0,
+            self,
+            is_real(self.bias_update_speed) and self.bias_update_speed >= 0,
             "bias_update_speed",
             "must be a finite number >= 0",
         )
         cf = self.capacity_factor
-        check(cf is None or (_is_real(cf) and cf > 0), "capacity_factor", "must be None or a number > 0")
-        check(self.capacity_scope in CAPACITY_SCOPES, "capacity_scope", f"must be one of {CAPACITY_SCOPES}")
-        check(self.drop_policy in DROP_POLICIES, "drop_policy", f"must be one of {DROP_POLICIES}")
+        check(self, cf is None or (is_real(cf) and cf > 0), "capacity_factor", "must be None or a number > 0")
+        check(self, self.capacity_scope in CAPACITY_SCOPES, "capacity_scope", f"must be one of {CAPACITY_SCOPES}")
+        check(self, self.drop_policy in DROP_POLICIES, "drop_policy", f"must be one of {DROP_POLICIES}")
         check(
-            _is_real(self.no_drop_fraction) and 0.0 <= self.no_drop_fraction <= 1.0,
+            self,
+            is_real(self.no_drop_fraction) and 0.0 <= self.no_drop_fraction <= 1.0,
             "no_drop_fraction",
             "must be in [0, 1]",
         )
-        check(n_r % self.n_devices == 0, "n_devices", f"must divide n_routed_experts={n_r}")
+        check(self, n_r % self.n_devices == 0, "n_devices", f"must divide n_routed_experts={n_r}")
 
         for field in (
             "aux_loss_alpha",
@@ -172,9 +175,10 @@ class MoEConfig:
             "z_loss_coef",
         ):
             value = getattr(self, field)
-            check(_is_real(value) and value >= 0, field, "must be a finite number >= 0")
-        check(_is_real(self.entropy_loss_coef), "entropy_loss_coef", "must be a finite number")
+            check(self, is_real(value) and value >= 0, field, "must be a finite number >= 0")
+        check(self, is_real(self.entropy_loss_coef), "entropy_loss_coef", "must be a finite number")
         check(
+            self,
             self.experts_implementation in EXPERTS_IMPLEMENTATIONS,
             "experts_implementation",
             f"must be one of {EXPERTS_IMPLEMENTATIONS}",
@@ -256,13 +260,7 @@ class DeepSeekConfig:
     pad_token_id: int | None = None
 
     def __post_init__(self) -> None:
-        name = type(self).__name__
-
-        def check(ok: bool, field: str, allowed: str) -> None:
-            if not ok:
-                _fail(name, field, getattr(self, field), allowed)
-
-        check(self.model_type in MODEL_TYPES, "model_type", f"must be one of {MODEL_TYPES}")
+        check(self, self.model_type in MODEL_TYPES, "model_type", f"must be one of {MODEL_TYPES}")
         for field in (
             "vocab_size",
             "hidden_size",
@@ -273,12 +271,13 @@ class DeepSeekConfig:
             "moe_layer_freq",
         ):
             value = getattr(self, field)
-            check(_is_int(value) and value >= 1, field, "must be an integer >= 1")
+            check(self, is_int(value) and value >= 1, field, "must be an integer >= 1")
         for field in ("attention_bias", "rope_interleave", "tie_word_embeddings"):
-            check(isinstance(getattr(self, field), bool), field, "must be True or False")
-        check(self.attention_type in ATTENTION_TYPES, "attention_type", f"must be one of {ATTENTION_TYPES}")
+            check(self, isinstance(getattr(self, field), bool), field, "must be True or False")
+        check(self, self.attention_type in ATTENTION_TYPES, "attention_type", f"must be one of {ATTENTION_TYPES}")
         if self.attention_type == "mha":
             check(
+                self,
                 self.hidden_size % self.num_attention_heads == 0,
                 "num_attention_heads",
                 f"must divide hidden_size={self.hidden_size}",
@@ -286,74 +285,84 @@ class DeepSeekConfig:
             if self.num_key_value_heads is None:
                 self.num_key_value_heads = self.num_attention_heads
             check(
-                _is_int(self.num_key_value_heads)
+                self,
+                is_int(self.num_key_value_heads)
                 and self.num_key_value_heads >= 1
                 and self.num_attention_heads % self.num_key_value_heads == 0,
                 "num_key_value_heads",
                 f"must divide num_attention_heads={self.num_attention_heads}",
             )
-            check(self.head_dim % 2 == 0, "num_attention_heads", "hidden_size / num_attention_heads must be even")
+            check(self, self.head_dim % 2 == 0, "num_attention_heads", "hidden_size / num_attention_heads must be even")
         else:
             check(
-                self.q_lora_rank is None or (_is_int(self.q_lora_rank) and self.q_lora_rank >= 1),
+                self,
+                self.q_lora_rank is None or (is_int(self.q_lora_rank) and self.q_lora_rank >= 1),
                 "q_lora_rank",
                 "must be None or an integer >= 1",
             )
             for field in ("kv_lora_rank", "qk_nope_head_dim", "v_head_dim"):
                 value = getattr(self, field)
-                check(_is_int(value) and value >= 1, field, "must be an integer >= 1")
+                check(self, is_int(value) and value >= 1, field, "must be an integer >= 1")
             check(
-                _is_int(self.qk_rope_head_dim) and self.qk_rope_head_dim >= 2 and self.qk_rope_head_dim % 2 == 0,
+                self,
+                is_int(self.qk_rope_head_dim) and self.qk_rope_head_dim >= 2 and self.qk_rope_head_dim % 2 == 0,
                 "qk_rope_head_dim",
                 "must be an even integer >= 2",
             )
-        check(_is_real(self.rope_theta) and self.rope_theta > 0, "rope_theta", "must be a finite number > 0")
+        check(self, is_real(self.rope_theta) and self.rope_theta > 0, "rope_theta", "must be a finite number > 0")
         if self.rope_scaling is not None:
-            check(isinstance(self.rope_scaling, dict), "rope_scaling", "must be a dict or None")
+            check(self, isinstance(self.rope_scaling, dict), "rope_scaling", "must be a dict or None")
             kind = self.rope_scaling.get("type", self.rope_scaling.get("rope_type"))
-            check(kind in ("yarn", "default", None), "rope_scaling", "only 'yarn' scaling is supported")
+            check(self, kind in ("yarn", "default", None), "rope_scaling", "only 'yarn' scaling is supported")
             factor = self.rope_scaling.get("factor", 1.0)
-            check(_is_real(factor) and factor >= 1.0, "rope_scaling", "factor must be a finite number >= 1")
+            check(self, is_real(factor) and factor >= 1.0, "rope_scaling", "factor must be a finite number >= 1")
         if self.moe is not None:
-            check(isinstance(self.moe, MoEConfig), "moe", "must be a MoEConfig or None")
+            check(self, isinstance(self.moe, MoEConfig), "moe", "must be a MoEConfig or None")
             check(
+                self,
                 self.moe.hidden_size == self.hidden_size,
                 "moe",
                 f"moe.hidden_size={self.moe.hidden_size} must equal hidden_size={self.hidden_size}",
             )
         check(
-            _is_int(self.first_k_dense_replace) and 0 <= self.first_k_dense_replace <= self.num_hidden_layers,
+            self,
+            is_int(self.first_k_dense_replace) and 0 <= self.first_k_dense_replace <= self.num_hidden_layers,
             "first_k_dense_replace",
             f"must be an integer in [0, num_hidden_layers={self.num_hidden_layers}]",
         )
-        check(_is_real(self.rms_norm_eps) and self.rms_norm_eps > 0, "rms_norm_eps", "must be a finite number > 0")
+        check(self, is_real(self.rms_norm_eps) and self.rms_norm_eps > 0, "rms_norm_eps", "must be a finite number > 0")
         check(
-            _is_real(self.initializer_range) and self.initializer_range >= 0,
+            self,
+            is_real(self.initializer_range) and self.initializer_range >= 0,
             "initializer_range",
             "must be a finite number >= 0",
         )
         check(
-            _is_int(self.num_nextn_predict_layers) and self.num_nextn_predict_layers >= 0,
+            self,
+            is_int(self.num_nextn_predict_layers) and self.num_nextn_predict_layers >= 0,
             "num_nextn_predict_layers",
             "must be an integer >= 0",
         )
         check(
-            _is_real(self.mtp_loss_weight) and self.mtp_loss_weight >= 0,
+            self,
+            is_real(self.mtp_loss_weight) and self.mtp_loss_weight >= 0,
             "mtp_loss_weight",
             "must be a finite number >= 0",
         )
         for field in ("bos_token_id", "pad_token_id"):
             value = getattr(self, field)
             check(
-                value is None or (_is_int(value) and 0 <= value < self.vocab_size),
+                self,
+                value is None or (is_int(value) and 0 <= value < self.vocab_size),
                 field,
                 f"must be None or an integer in [0, {self.vocab_size})",
             )
         eos = self.eos_token_id
         check(
+            self,
             eos is None
-            or (_is_int(eos) and eos >= 0)
-            or (isinstance(eos, list) and all(_is_int(e) and e >= 0 for e in eos)),
+            or (is_int(eos) and eos >= 0)
+            or (isinstance(eos, list) and all(is_int(e) and e >= 0 for e in eos)),
             "eos_token_id",
             "must be None, an integer >= 0 or a list of them",
         )

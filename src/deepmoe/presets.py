@@ -18,6 +18,10 @@ _YARN_V2 = {
     "mscale_all_dim": 0.707,
 }
 _YARN_V3 = {**_YARN_V2, "mscale": 1.0, "mscale_all_dim": 1.0}
+# the 102400-token vocabulary of DeepSeekMoE 16B and V2
+_TOKENS_V1_V2 = dict(vocab_size=102400, bos_token_id=100000, eos_token_id=100001)
+# MLA of V2, V2-Lite and V3: d_c = 512, d_h = 128, d_h^R = 64, 160K context with YaRN
+_MLA = dict(kv_lora_rank=512, qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128, max_position_embeddings=163840)
 
 
 def _deepseek_moe_16b() -> DeepSeekConfig:
@@ -31,7 +35,6 @@ def _deepseek_moe_16b() -> DeepSeekConfig:
     )
     return DeepSeekConfig(
         model_type="deepseek",
-        vocab_size=102400,
         hidden_size=2048,
         intermediate_size=10944,
         num_hidden_layers=28,
@@ -42,38 +45,24 @@ def _deepseek_moe_16b() -> DeepSeekConfig:
         rope_interleave=False,
         moe=moe,
         first_k_dense_replace=1,
-        bos_token_id=100000,
-        eos_token_id=100001,
+        **_TOKENS_V1_V2,
     )
 
 
 def _deepseek_v2_lite() -> DeepSeekConfig:
-    moe = MoEConfig(
-        hidden_size=2048,
-        moe_intermediate_size=1408,
-        n_routed_experts=64,
-        n_shared_experts=2,
-        num_experts_per_tok=6,
-        aux_loss_alpha=0.001,
-    )
+    """DeepSeekMoE 16B's experts and vocabulary under MLA without query compression."""
     return DeepSeekConfig(
         model_type="deepseek_v2",
-        vocab_size=102400,
         hidden_size=2048,
         intermediate_size=10944,
         num_hidden_layers=27,
         num_attention_heads=16,
         q_lora_rank=None,
-        kv_lora_rank=512,
-        qk_nope_head_dim=128,
-        qk_rope_head_dim=64,
-        v_head_dim=128,
-        max_position_embeddings=163840,
         rope_scaling=dict(_YARN_V2),
-        moe=moe,
+        moe=_deepseek_moe_16b().moe,
         first_k_dense_replace=1,
-        bos_token_id=100000,
-        eos_token_id=100001,
+        **_MLA,
+        **_TOKENS_V1_V2,
     )
 
 
@@ -95,22 +84,16 @@ def _deepseek_v2() -> DeepSeekConfig:
     )
     return DeepSeekConfig(
         model_type="deepseek_v2",
-        vocab_size=102400,
         hidden_size=5120,
         intermediate_size=12288,
         num_hidden_layers=60,
         num_attention_heads=128,
         q_lora_rank=1536,
-        kv_lora_rank=512,
-        qk_nope_head_dim=128,
-        qk_rope_head_dim=64,
-        v_head_dim=128,
-        max_position_embeddings=163840,
         rope_scaling=dict(_YARN_V2),
         moe=moe,
         first_k_dense_replace=1,
-        bos_token_id=100000,
-        eos_token_id=100001,
+        **_MLA,
+        **_TOKENS_V1_V2,
     )
 
 
@@ -138,12 +121,8 @@ def _deepseek_v3() -> DeepSeekConfig:
         num_hidden_layers=61,
         num_attention_heads=128,
         q_lora_rank=1536,
-        kv_lora_rank=512,
-        qk_nope_head_dim=128,
-        qk_rope_head_dim=64,
-        v_head_dim=128,
-        max_position_embeddings=163840,
         rope_scaling=dict(_YARN_V3),
+        **_MLA,
         moe=moe,
         first_k_dense_replace=3,
         num_nextn_predict_layers=1,

@@ -43,8 +43,6 @@ def sample_next(
 def _check_generation_args(model: DeepSeekForCausalLM, input_ids: Tensor, max_new_tokens: int) -> None:
     if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
-    if isinstance(input_ids, Tensor) and input_ids.dim() == 2 and input_ids.shape[1] == 0:
-        raise ValueError("the prompt is empty: give at least one token")
     model._check_input(input_ids, 0)  # a tensor [batch, seq] of ids in the vocabulary, within the context
     total = input_ids.shape[-1] + max_new_tokens
     if total > model.config.max_position_embeddings:

@@ -34,7 +34,7 @@ import torch
 from torch import Tensor
 
 from deepmoe.argtypes import positive_int
-from deepmoe.config import DeepSeekConfig
+from deepmoe.config import DeepSeekConfig, check, is_int, is_real
 from deepmoe.io.checkpoint import CheckpointError, read_json
 from deepmoe.io.files import atomic_write, write_json
 from deepmoe.model.decoder import DeepSeekForCausalLM
@@ -111,13 +111,7 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         def fail(name: str, allowed: str) -> None:
-            raise ValueError(f"TrainConfig.{name}={getattr(self, name)!r} is invalid: {allowed}")
-
-        def is_int(value: Any) -> bool:
-            return isinstance(value, int) and not isinstance(value, bool)
-
-        def is_num(value: Any) -> bool:
-            return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+            check(self, False, name, allowed)
 
         if self.preset not in PRESETS:
             fail("preset", f"must be one of {', '.join(PRESETS)}")
@@ -135,23 +129,23 @@ class TrainConfig:
             value = getattr(self, name)
             if value is not None and (not is_int(value) or value < 1):
                 fail(name, "must be None or an integer >= 1")
-        if self.bias_update_speed is not None and (not is_num(self.bias_update_speed) or self.bias_update_speed < 0):
+        if self.bias_update_speed is not None and (not is_real(self.bias_update_speed) or self.bias_update_speed < 0):
             fail("bias_update_speed", "must be None or a finite number >= 0")
-        if not is_num(self.lr) or self.lr <= 0:
+        if not is_real(self.lr) or self.lr <= 0:
             fail("lr", "must be a finite number > 0")
-        if not is_num(self.min_lr) or not 0 <= self.min_lr <= self.lr:
+        if not is_real(self.min_lr) or not 0 <= self.min_lr <= self.lr:
             fail("min_lr", f"must be in [0, lr={self.lr}]")
         if self.schedule not in SCHEDULES:
             fail("schedule", f"must be one of {SCHEDULES}")
-        if not is_num(self.decay_fraction) or not 0 <= self.decay_fraction <= 1:
+        if not is_real(self.decay_fraction) or not 0 <= self.decay_fraction <= 1:
             fail("decay_fraction", "must be in [0, 1]")
         for name in ("weight_decay", "grad_clip"):
-            if not is_num(getattr(self, name)) or getattr(self, name) < 0:
+            if not is_real(getattr(self, name)) or getattr(self, name) < 0:
                 fail(name, "must be a finite number >= 0")
         for name in ("beta1", "beta2"):
-            if not is_num(getattr(self, name)) or not 0 <= getattr(self, name) < 1:
+            if not is_real(getattr(self, name)) or not 0 <= getattr(self, name) < 1:
                 fail(name, "must be in [0, 1)")
-        if not is_num(self.eps) or self.eps <= 0:
+        if not is_real(self.eps) or self.eps <= 0:
             fail("eps", "must be a finite number > 0")
         if self.device not in DEVICES:
             fail("device", f"must be one of {DEVICES}")
