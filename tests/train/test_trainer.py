@@ -20,6 +20,7 @@ import torch
 
 from deepmoe.io import from_pretrained, load_checkpoint
 from deepmoe.model.decoder import DeepSeekForCausalLM
+from deepmoe.presets import get_preset
 from deepmoe.train import checkpoint as ckpt
 from deepmoe.train import data
 from deepmoe.train.trainer import (
@@ -413,3 +414,30 @@ def test_bias_update_uses_the_load_summed_over_micro_batches(tmp_path, monkeypat
         last = loads[1][layer].float()
         differs_from_last_micro_batch |= not torch.equal(bias, 0.001 * torch.sign(last.mean() - last))
     assert differs_from_last_micro_batch
+
+
+def test_model_overrides_build_the_run_model(tmp_path):
+    dense = train(
+        tiny(tmp_path / "dense", steps=1, model_overrides={"moe": None, "intermediate_size": 48}), random_corpus()
+    )
+    config = from_pretrained(dense.checkpoint).config
+    assert config.moe is None and config.intermediate_size == 48
+    moe = train(tiny(tmp_path / "moe", steps=1, model_overrides={"moe": {"num_experts_per_tok": 1}}), random_corpus())
+    config = from_pretrained(moe.checkpoint).config
+    assert (
+        config.moe.num_experts_per_tok == 1
+        and config.moe.n_routed_experts == get_preset("tiny-v3").moe.n_routed_experts
+    )
+
+
+def test_init_from_starts_with_the_saved_weights(tmp_path):
+    first = train(tiny(tmp_path / "first", steps=2), random_corpus())
+    start = from_pretrained(first.checkpoint)
+    second = tiny(tmp_path / "second", steps=1, lr=1e-9, min_lr=0, init_from=str(first.checkpoint))
+    after = from_pretrained(train(second, random_corpus()).checkpoint)
+    for (name, a), (_, b) in zip(start.state_dict().items(), after.state_dict().items(), strict=True):
+        step = 0.001 if name.endswith("e_score_correction_bias") else 1e-6  # one bias update of γ=0.001
+        assert torch.allclose(a, b, atol=step * 1.01), name
+    small_vocab = StandInCorpus(random_corpus().train % 32, random_corpus().heldout % 32, vocab_size=32)
+    with pytest.raises(ValueError, match="vocab_size=64, but the tokenizer has 32"):
+        train(tiny(tmp_path / "third", init_from=str(first.checkpoint)), small_vocab)

@@ -98,6 +98,12 @@ class TrainConfig:
     """bfloat16 autocast (weights and optimizer state stay float32)."""
     device: str = "auto"
     out: str = "runs/deepmoe"
+    model_overrides: dict[str, Any] | None = None
+    """DeepSeekConfig fields set on top of the preset's (HF names); a "moe" dict updates the preset's MoE
+    fields, "moe": null makes every layer dense. How the study and the DeepSpeed-MoE variants build models."""
+    init_from: str | None = None
+    """HF-format checkpoint directory whose weights (and config) start the run instead of a random
+    initialisation, e.g. an upcycled model; its vocab_size must equal the tokenizer's."""
     layers: int | None = None
     """Override the preset's num_hidden_layers."""
     hidden_size: int | None = None
@@ -115,8 +121,11 @@ class TrainConfig:
 
         if self.preset not in PRESETS:
             fail("preset", f"must be one of {', '.join(PRESETS)}")
-        if self.data is not None and not isinstance(self.data, (str, os.PathLike)):
-            fail("data", "must be a path or None")
+        for name in ("data", "init_from"):
+            if getattr(self, name) is not None and not isinstance(getattr(self, name), (str, os.PathLike)):
+                fail(name, "must be a path or None")
+        if self.model_overrides is not None and not isinstance(self.model_overrides, dict):
+            fail("model_overrides", "must be None or a dict of DeepSeekConfig fields")
         for name in ("vocab_size", "seq_len", "batch_size", "grad_accum", "steps"):
             if not is_int(getattr(self, name)) or getattr(self, name) < 1:
                 fail(name, "must be an integer >= 1")
@@ -192,6 +201,11 @@ def lr_at(step: int, config: TrainConfig) -> float:
 def build_model_config(config: TrainConfig, vocab_size: int, eot_id: int | None = None) -> DeepSeekConfig:
     """The preset's config with the tokenizer's vocab_size and the run's model overrides."""
     fields = get_preset(config.preset).to_dict()
+    for name, value in (config.model_overrides or {}).items():
+        if name == "moe" and isinstance(value, dict) and fields.get("moe"):
+            fields["moe"] = {**fields["moe"], **value}
+        else:
+            fields[name] = value
     fields.update(vocab_size=vocab_size, bos_token_id=None, eos_token_id=eot_id, pad_token_id=None)
     if config.layers is not None:
         fields["num_hidden_layers"] = config.layers
@@ -315,6 +329,17 @@ def _data():
 # ---- the run ------------------------------------------------------------------------------------
 
 
+def _initial_model(path: str | os.PathLike, vocab_size: int) -> DeepSeekForCausalLM:
+    """The float32 model saved in `path`, checked against the tokenizer's vocabulary."""
+    model = DeepSeekForCausalLM.from_pretrained(path, dtype=torch.float32)
+    if model.config.vocab_size != vocab_size:
+        raise ValueError(
+            f"init_from={os.fspath(path)!r} has vocab_size={model.config.vocab_size}, but the tokenizer has "
+            f"{vocab_size}: start from a model trained with the same tokenizer (--vocab-size)"
+        )
+    return model
+
+
 def _resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -371,8 +396,12 @@ class _Run:
         data = _data()
         if resume_from is None:
             _seed_everything(config.seed)
-            self.model_config = build_model_config(config, corpus.vocab_size, getattr(corpus, "eot_id", None))
-            self.model = DeepSeekForCausalLM(self.model_config)
+            if config.init_from is None:
+                self.model_config = build_model_config(config, corpus.vocab_size, getattr(corpus, "eot_id", None))
+                self.model = DeepSeekForCausalLM(self.model_config)
+            else:
+                self.model = _initial_model(config.init_from, corpus.vocab_size)
+                self.model_config = self.model.config
             self.step = 0
             self.totals = {"tokens": 0, "train_time_s": 0.0, "routed_slots": {}, "dropped_slots": {}}
         else:
@@ -705,6 +734,9 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
         "--resume", metavar="DIR", help="continue the run in DIR (its saved options) up to --steps in total"
     )
     parser.add_argument("--preset", choices=list(PRESETS), default=None, help=f"model preset (default {d.preset})")
+    parser.add_argument(
+        "--init-from", metavar="DIR", default=None, help="start from this HF-format checkpoint's weights"
+    )
     parser.add_argument("--layers", type=int, default=None, help="override the preset's number of layers")
     parser.add_argument(
         "--hidden", dest="hidden_size", type=int, default=None, help="override the preset's hidden size"
