@@ -249,3 +249,37 @@ def test_forced_experts_in_more_groups_than_topk_group_are_all_chosen():
     routing = layer.gate(x)
     assert ((routing.topk_idx == 0).any(-1) & (routing.topk_idx == 15).any(-1)).all()
     _assert_matches_reference(layer, x, routing, forced=[0, 15])
+
+
+@pytest.mark.parametrize("scoring", ["softmax", "sigmoid"])
+@pytest.mark.parametrize("disable_top", [1, 3])
+def test_disable_top_takes_top_k_from_the_remaining_experts(scoring, disable_top):
+    """DeepSeekMoE §4.5: per token, mask its `disable_top` best experts, choose top-K among the rest;
+    the gate weights stay the token's own affinities."""
+    cfg = MoEConfig(
+        hidden_size=16, moe_intermediate_size=4, n_routed_experts=8, n_shared_experts=0, num_experts_per_tok=2,
+        scoring_func=scoring, aux_loss_alpha=0.0,
+    )  # fmt: skip
+    layer = _layer(cfg, 0)
+    x = torch.randn(20, 16)
+    layer.gate.set_expert_mask(disable_top=disable_top)
+    routing = layer.gate(x)
+    for t in range(20):
+        ranked = routing.scores[t].argsort(descending=True).tolist()
+        assert sorted(routing.topk_idx[t].tolist()) == sorted(ranked[disable_top : disable_top + 2])
+        assert torch.equal(routing.topk_weight[t], routing.scores[t, routing.topk_idx[t]])
+    layer.gate.clear_expert_mask()
+    assert sorted(layer.gate(x).topk_idx[0].tolist()) == sorted(routing.scores[0].argsort(descending=True)[:2].tolist())
+
+
+def test_bad_disable_top_is_refused():
+    cfg = MoEConfig(
+        hidden_size=8, moe_intermediate_size=4, n_routed_experts=8, n_shared_experts=0, num_experts_per_tok=2
+    )
+    gate = MoE(cfg).gate
+    with pytest.raises(ValueError, match="leaves 1 experts"):
+        gate.set_expert_mask(disable_top=7)
+    with pytest.raises(ValueError, match="integer >= 0"):
+        gate.set_expert_mask(disable_top=-1)
+    with pytest.raises(ValueError, match="cannot be combined"):
+        gate.set_expert_mask(disabled=[1], disable_top=1)

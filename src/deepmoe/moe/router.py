@@ -64,6 +64,7 @@ class Router(nn.Module):
             self.e_score_correction_bias = None
         self.register_buffer("disabled_experts", torch.zeros(n, dtype=torch.bool), persistent=False)
         self.register_buffer("forced_experts", torch.zeros(n, dtype=torch.bool), persistent=False)
+        self.disable_top = 0
         self.has_expert_mask = False
         self.reset_parameters()
 
@@ -72,15 +73,30 @@ class Router(nn.Module):
 
     # ---- R6: masks ---------------------------------------------------------------------------
     def set_expert_mask(
-        self, disabled: Iterable[int] | Tensor | None = None, forced: Iterable[int] | Tensor | None = None
+        self,
+        disabled: Iterable[int] | Tensor | None = None,
+        forced: Iterable[int] | Tensor | None = None,
+        disable_top: int = 0,
     ) -> None:
         """Never choose `disabled` experts; always choose `forced` ones (inference steering).
+        `disable_top`: per token, its `disable_top` highest-affinity experts may not be chosen either
+        (the DeepSeekMoE redundancy test, §4.5: top-K is taken from the remaining experts).
 
         Raises ValueError if the ids are out of range, overlap, if more experts are
         forced than a token chooses, or if the remaining experts cannot fill K_r slots.
         """
         cfg = self.config
         n, k = cfg.n_routed_experts, cfg.num_experts_per_tok
+        if isinstance(disable_top, bool) or not isinstance(disable_top, int) or disable_top < 0:
+            raise ValueError(f"disable_top must be an integer >= 0, got {disable_top!r}")
+        if disable_top and (cfg.topk_method != "greedy" and cfg.topk_group < cfg.n_group):
+            raise ValueError("disable_top needs routing without group limits (topk_method='greedy')")
+        if disable_top and (forced is not None or disabled is not None):
+            raise ValueError("disable_top cannot be combined with disabled or forced experts")
+        if disable_top + k > n:
+            raise ValueError(
+                f"disable_top={disable_top} leaves {n - disable_top} experts, fewer than num_experts_per_tok={k}"
+            )
         off, on = _index_mask(disabled, n, "disabled"), _index_mask(forced, n, "forced")
         if (off & on).any():
             raise ValueError(f"experts {torch.nonzero(off & on).flatten().tolist()} are both disabled and forced")
@@ -98,12 +114,11 @@ class Router(nn.Module):
             )
         self.disabled_experts.copy_(off)
         self.forced_experts.copy_(on)
-        self.has_expert_mask = bool(off.any() or on.any())
+        self.disable_top = disable_top
+        self.has_expert_mask = bool(off.any() or on.any() or disable_top)
 
     def clear_expert_mask(self) -> None:
-        self.disabled_experts.zero_()
-        self.forced_experts.zero_()
-        self.has_expert_mask = False
+        self.set_expert_mask()
 
     # ---- R4: aux-loss-free bias ---------------------------------------------------------------
     @torch.no_grad()
@@ -134,6 +149,8 @@ class Router(nn.Module):
         masked = self.has_expert_mask
         if masked:
             choice = choice.masked_fill(self.disabled_experts, -math.inf)
+            if self.disable_top:
+                choice = choice.scatter(1, scores.detach().topk(self.disable_top, dim=-1).indices, -math.inf)
         if cfg.topk_method != "greedy" and cfg.topk_group < cfg.n_group:
             choice = self._limit_groups(choice, masked)
         if masked:
