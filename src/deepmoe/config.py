@@ -8,7 +8,7 @@ so that checkpoint configs map onto them one to one.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 SCORING_FUNCS = ("softmax", "sigmoid")
@@ -214,6 +214,10 @@ class DeepSeekConfig:
     `moe` is the routed layer's config (None: every FFN is dense); its hidden_size must
     equal this config's. Layer i uses the MoE FFN when `moe` is set, i >= first_k_dense_replace
     and i % moe_layer_freq == 0.
+
+    DeepSpeed-MoE's variants (SPEC E4) are configs: Pyramid-MoE sets `moe_experts_per_layer`
+    (more experts in later layers); Residual-MoE is a fixed dense MLP plus a top-1 routed
+    correction, i.e. `n_shared_experts=1, num_experts_per_tok=1` (preset `tiny-residual-moe`).
     """
 
     model_type: str = "deepseek_v3"
@@ -247,6 +251,10 @@ class DeepSeekConfig:
     moe: MoEConfig | None = None
     first_k_dense_replace: int = 0
     moe_layer_freq: int = 1
+    moe_experts_per_layer: list[int] | None = None
+    """Pyramid-MoE: N_r of each main layer, one entry per layer index 0..num_hidden_layers−1; an MoE
+    layer's entry replaces moe.n_routed_experts (every other MoE setting is shared), a dense layer's
+    entry must be 0. None: every MoE layer has moe.n_routed_experts. The MTP modules keep moe's."""
 
     rms_norm_eps: float = 1e-6
     tie_word_embeddings: bool = False
@@ -330,6 +338,7 @@ class DeepSeekConfig:
             "first_k_dense_replace",
             f"must be an integer in [0, num_hidden_layers={self.num_hidden_layers}]",
         )
+        self._check_experts_per_layer()
         check(self, is_real(self.rms_norm_eps) and self.rms_norm_eps > 0, "rms_norm_eps", "must be a finite number > 0")
         check(
             self,
@@ -374,8 +383,41 @@ class DeepSeekConfig:
             return self.hidden_size // self.num_attention_heads
         return self.qk_nope_head_dim + self.qk_rope_head_dim
 
+    def _check_experts_per_layer(self) -> None:
+        counts, n = self.moe_experts_per_layer, self.num_hidden_layers
+        if counts is None:
+            return
+        field = "moe_experts_per_layer"
+        check(self, self.moe is not None, field, "needs moe (a model with MoE layers)")
+        check(
+            self,
+            isinstance(counts, (list, tuple)) and len(counts) == n,
+            field,
+            f"must be a list of num_hidden_layers={n} expert counts (0 for the dense layers)",
+        )
+        self.moe_experts_per_layer = list(counts)
+        for i, count in enumerate(counts):
+            if not self.is_moe_layer(i):
+                check(self, count == 0 and is_int(count), field, f"entry {i} must be 0: layer {i} is dense")
+                continue
+            check(self, is_int(count) and count >= 1, field, f"entry {i} must be an integer >= 1")
+            try:
+                replace(self.moe, n_routed_experts=count)
+            except ValueError as err:
+                raise ValueError(f"DeepSeekConfig.moe_experts_per_layer[{i}]={count} is invalid: {err}") from None
+
     def is_moe_layer(self, layer_idx: int) -> bool:
         return self.moe is not None and layer_idx >= self.first_k_dense_replace and layer_idx % self.moe_layer_freq == 0
+
+    def moe_config(self, layer_idx: int) -> MoEConfig:
+        """The MoE config of layer `layer_idx` (an MoE layer; MTP blocks are layers >= num_hidden_layers):
+        `moe` with that layer's n_routed_experts where `moe_experts_per_layer` sets one."""
+        if not self.is_moe_layer(layer_idx):
+            raise ValueError(f"layer {layer_idx} is not an MoE layer")
+        counts = self.moe_experts_per_layer
+        if counts is None or layer_idx >= self.num_hidden_layers or counts[layer_idx] == self.moe.n_routed_experts:
+            return self.moe
+        return replace(self.moe, n_routed_experts=counts[layer_idx])
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -135,14 +135,8 @@ def _tiny(published: DeepSeekConfig, **moe_overrides) -> DeepSeekConfig:
     """The published architecture (attention kind, gate, routing rule, losses) at a few million
     parameters, small enough to train on a CPU in minutes."""
     h = 128
-    moe = replace(
-        published.moe,
-        hidden_size=h,
-        moe_intermediate_size=64,
-        n_routed_experts=16,
-        num_experts_per_tok=4,
-        **moe_overrides,
-    )
+    shapes = dict(moe_intermediate_size=64, n_routed_experts=16, num_experts_per_tok=4)
+    moe = replace(published.moe, hidden_size=h, **{**shapes, **moe_overrides})
     if published.attention_type == "mla":
         attention = dict(
             q_lora_rank=64 if published.q_lora_rank else None,
@@ -170,6 +164,20 @@ def _tiny(published: DeepSeekConfig, **moe_overrides) -> DeepSeekConfig:
     )
 
 
+def _tiny_pyramid_moe() -> DeepSeekConfig:
+    """DeepSpeed-MoE's Pyramid-MoE on tiny-deepseek-moe: the 3 MoE layers after the dense first one have
+    8, 16 and 32 routed experts (more experts where the later layers learn more specific features)."""
+    return replace(_tiny(_deepseek_moe_16b()), moe_experts_per_layer=[0, 8, 16, 32])
+
+
+def _tiny_residual_moe() -> DeepSeekConfig:
+    """DeepSpeed-MoE's Residual-MoE on tiny-deepseek-moe's shapes: every MoE layer is a fixed dense MLP
+    (one shared expert of width 192) plus a top-1 routed expert of the same width as its correction;
+    a token's FFN width is 384, the dense layers' intermediate_size."""
+    return _tiny(_deepseek_moe_16b(), moe_intermediate_size=192, n_routed_experts=8, n_shared_experts=1,
+                 num_experts_per_tok=1)  # fmt: skip
+
+
 PRESETS = {
     "deepseek-moe-16b": _deepseek_moe_16b,
     "deepseek-v2-lite": _deepseek_v2_lite,
@@ -181,6 +189,9 @@ PRESETS = {
         _tiny(_deepseek_v2(), n_group=4, topk_group=2, n_devices=4, routed_scaling_factor=1.0), q_lora_rank=None
     ),
     "tiny-v3": lambda: _tiny(_deepseek_v3(), n_group=4, topk_group=2),
+    # DeepSpeed-MoE's variants (SPEC E4), as configs of the same model
+    "tiny-pyramid-moe": _tiny_pyramid_moe,
+    "tiny-residual-moe": _tiny_residual_moe,
 }
 
 

@@ -39,6 +39,8 @@ def _tiny(name="tiny-v3", **overrides) -> DeepSeekForCausalLM:
     torch.manual_seed(0)
     config = get_preset(name)
     fields = {**config.to_dict(), "num_hidden_layers": 2, "vocab_size": 97, **overrides}
+    if fields["moe_experts_per_layer"]:  # Pyramid-MoE: one expert count per layer
+        fields["moe_experts_per_layer"] = fields["moe_experts_per_layer"][:2]
     return DeepSeekForCausalLM(DeepSeekConfig.from_dict(fields)).eval()
 
 

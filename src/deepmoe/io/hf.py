@@ -73,7 +73,7 @@ _MOE_EXTRAS = (
     "n_devices", "aux_loss_alpha", "device_aux_loss_alpha", "comm_aux_loss_alpha", "seq_aux_loss_alpha",
     "z_loss_coef", "entropy_loss_coef", "experts_implementation",
 )  # fmt: skip
-_MODEL_EXTRAS = ("mtp_loss_weight",)
+_MODEL_EXTRAS = ("mtp_loss_weight", "moe_experts_per_layer")
 
 
 # ---- config ------------------------------------------------------------------------------------
@@ -259,6 +259,8 @@ def _warn_unexpressible(config: DeepSeekConfig) -> None:
         problems.append("transformers' DeepseekV3 always routes with sigmoid scores and noaux_tc")
     if mt != "deepseek" and config.moe_layer_freq != 1:
         problems.append(f"transformers' {ARCHITECTURES[mt]} ignores moe_layer_freq={config.moe_layer_freq}")
+    if config.moe_experts_per_layer is not None:
+        problems.append("its MoE layers all have n_routed_experts (moe_experts_per_layer is read by deepmoe only)")
     if mt == "deepseek_v2" and not config.rope_interleave:
         problems.append("transformers' DeepseekV2 always uses interleaved RoPE")
     for problem in problems:
@@ -304,7 +306,8 @@ def expected_shapes(config: DeepSeekConfig) -> dict[str, tuple[int, ...]]:
             shapes.update({a + name + ".bias": (size,) for name, size in biased.items()})
         m = p + "mlp."
         if c.is_moe_layer(layer_idx):
-            moe, n = c.moe, c.moe.n_routed_experts
+            moe = c.moe_config(layer_idx)
+            n = moe.n_routed_experts
             shapes[m + "gate.weight"] = (n, h)
             if moe.use_expert_bias:
                 shapes[m + "gate.e_score_correction_bias"] = (n,)
@@ -348,7 +351,7 @@ def hf_items(name: str, value: Any, config: DeepSeekConfig, split: Callable[[Any
     hf = hf_name(name, config)
     parent, _, leaf = hf.rpartition(".")
     if parent.endswith(".mlp.experts") and leaf in _PROJ:
-        n = config.moe.n_routed_experts
+        n = config.moe_config(int(hf.split(".")[2])).n_routed_experts  # hf: model.layers.{i}.mlp.experts.*
         return [(f"{parent}.{j}.{proj}.weight", split(value, j, proj)) for j in range(n) for proj in _PROJ[leaf]]
     return [(hf, value)]
 

@@ -52,7 +52,7 @@ class DecoderLayer(nn.Module):
         self.self_attn = build_attention(config, layer_idx)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         if config.is_moe_layer(layer_idx):
-            self.mlp: nn.Module = MoE(config.moe)
+            self.mlp: nn.Module = MoE(config.moe_config(layer_idx))
         else:
             self.mlp = SwiGLU(config.hidden_size, config.intermediate_size)
 

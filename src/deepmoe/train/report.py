@@ -52,7 +52,7 @@ def write_report(path: str | os.PathLike, report: dict[str, Any]) -> Path:
 # ---- plots --------------------------------------------------------------------------------------
 
 
-def _pyplot():
+def pyplot():
     import matplotlib
 
     matplotlib.use("Agg", force=True)
@@ -61,7 +61,7 @@ def _pyplot():
     return plt
 
 
-def _save(fig, path: Path) -> Path:
+def save_figure(fig, path: Path) -> Path:
     return atomic_write(path, lambda f: fig.savefig(f, dpi=120, format="png"))
 
 
@@ -72,7 +72,7 @@ def plot_losses(
     unigram_entropy: float | None = None,
 ) -> Path:
     """loss.png: training loss, LM loss and held-out loss per step, and the unigram entropy baseline."""
-    plt = _pyplot()
+    plt = pyplot()
     path = Path(path)
     fig, ax = plt.subplots(figsize=(7, 4.2))
     try:
@@ -97,23 +97,25 @@ def plot_losses(
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=8)
         fig.tight_layout()
-        return _save(fig, path)
+        return save_figure(fig, path)
     finally:
         plt.close(fig)
 
 
 def plot_expert_load(load: Sequence[Sequence[float]], layers: Sequence[int], path: str | os.PathLike) -> Path:
     """expert_load.png: heatmap of each expert's share of its layer's routed slots, relative to uniform
-    (1.0 = the mean load), layer × expert."""
-    plt = _pyplot()
+    (1.0 = the mean load), layer × expert; layers with fewer experts (Pyramid-MoE) are blank on the right."""
+    plt = pyplot()
     import numpy as np
 
     path = Path(path)
     fig, ax = plt.subplots(figsize=(7, 1.2 + 0.45 * max(1, len(layers))))
     try:
         if load:
-            matrix = np.asarray(load, dtype=float)
-            relative = matrix * matrix.shape[1]
+            width = max(len(row) for row in load)
+            relative = np.full((len(load), width), np.nan)
+            for i, row in enumerate(load):
+                relative[i, : len(row)] = np.asarray(row, dtype=float) * len(row)
             image = ax.imshow(relative, aspect="auto", cmap="viridis", interpolation="nearest", vmin=0)
             fig.colorbar(image, ax=ax, label="load / mean load")
             ax.set_yticks(range(len(layers)), [str(i) for i in layers])
@@ -124,7 +126,7 @@ def plot_expert_load(load: Sequence[Sequence[float]], layers: Sequence[int], pat
             ax.set_axis_off()
         ax.set_title("Held-out expert load")
         fig.tight_layout()
-        return _save(fig, path)
+        return save_figure(fig, path)
     finally:
         plt.close(fig)
 
