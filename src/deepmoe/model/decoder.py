@@ -145,6 +145,12 @@ class DeepSeekForCausalLM(nn.Module):
         blocks = [*self.model.layers, *(m.block for m in self.model.mtp)]
         return {b.layer_idx: b.mlp for b in blocks if isinstance(b.mlp, MoE)}
 
+    def enable_expert_parallel(self, group=None) -> None:
+        """Shard every MoE layer's routed experts over the ranks of `group` (see `MoE.enable_expert_parallel`);
+        load or build the full model on every rank first, then call this."""
+        for layer in self.moe_layers().values():
+            layer.enable_expert_parallel(group)
+
     def _check_input(self, input_ids: Tensor, past_length: int) -> None:
         cfg = self.config
         if not isinstance(input_ids, Tensor) or input_ids.dtype not in (torch.int64, torch.int32):

@@ -5,14 +5,16 @@ h_t = Σ_{i ≤ N_s} FFN_i^(s)(u_t) + Σ_{i ≤ N_r} g_i,t FFN_i^(r)(u_t)   (the
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
 
 from deepmoe.config import MoEConfig
 from deepmoe.moe.balance import RoutingStats, balance_losses, routing_stats
-from deepmoe.moe.dispatch import LocalDispatcher
+from deepmoe.moe.dispatch import ExpertParallelDispatcher, LocalDispatcher
 from deepmoe.moe.experts import RoutedExperts, SwiGLU
 from deepmoe.moe.router import Router, RouterOutput
 
@@ -50,7 +52,36 @@ class MoE(nn.Module):
             if config.n_shared_experts
             else None
         )
-        self.dispatcher = LocalDispatcher(config.n_routed_experts)
+        self.dispatcher: LocalDispatcher | ExpertParallelDispatcher = LocalDispatcher(config.n_routed_experts)
+
+    @property
+    def expert_parallel(self) -> bool:
+        """Whether the routed experts are sharded over a process group (`enable_expert_parallel`)."""
+        return isinstance(self.dispatcher, ExpertParallelDispatcher)
+
+    @torch.no_grad()
+    def enable_expert_parallel(self, group: dist.ProcessGroup | None = None) -> None:
+        """Keep only this rank's routed experts [r·N_r/D, (r+1)·N_r/D) and dispatch with all-to-all over `group`
+        (D ranks; None: the default group). Router and shared experts stay replicated.
+
+        Each rank then computes exactly what this layer computes on the same (local) tokens: routing, capacity
+        and balance losses are per rank's batch, with n_devices = D so that B2, B3 and per-device capacity count
+        the real ranks. Device-limited routing (R3) bounds ranks when n_group == D (group g = rank g's experts).
+        """
+        if self.expert_parallel:
+            raise ValueError("expert parallelism is already enabled on this MoE layer")
+        world, rank = dist.get_world_size(group), dist.get_rank(group)
+        n = self.config.n_routed_experts
+        if n % world:
+            raise ValueError(f"MoEConfig.n_routed_experts={n} must be divisible by the expert-parallel size {world}")
+        self.config = dataclasses.replace(self.config, n_devices=world)
+        self.gate.config = self.config
+        self.dispatcher = ExpertParallelDispatcher(n, group)
+        lo, hi = rank * n // world, (rank + 1) * n // world
+        experts = self.experts
+        experts.gate_up_proj = nn.Parameter(experts.gate_up_proj[lo:hi].clone())
+        experts.down_proj = nn.Parameter(experts.down_proj[lo:hi].clone())
+        experts.n_experts = hi - lo
 
     def forward(self, hidden_states: Tensor) -> MoEOutput:
         """hidden_states [B, S, H] or [T, H] (a [T, H] input counts as one sequence)."""
