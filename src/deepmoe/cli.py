@@ -209,7 +209,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     from deepmoe.tools.analyze import add_analyze_arguments, run_analyze
     from deepmoe.tools.esft import add_esft_arguments, run_esft
+    from deepmoe.tools.merge import add_merge_arguments, run_merge
     from deepmoe.tools.steer import add_steer_arguments, run_steer
+    from deepmoe.tools.study import add_study_arguments, run_study_from_args
     from deepmoe.train.trainer import add_train_arguments, run_from_args
 
     jobs = [  # (name, help, description, the module's argument builder, its runner)
@@ -247,6 +249,25 @@ def build_parser() -> argparse.ArgumentParser:
             "--effect measure how held-out loss on A and B moves.",
             add_steer_arguments,
             run_steer,
+        ),
+        (
+            "merge",
+            "Assembly of Experts: merge checkpoints of one architecture tensor by tensor",
+            "Build W = Σ_k λ_k W_k tensor by tensor from two or more checkpoints of one architecture (the first is "
+            "the base), with separate λ for the routed experts (--expert-weights) or any tensor class, keeping the "
+            "base tensor where the parents differ from it by less than δ (--threshold); streams tensor by tensor.",
+            add_merge_arguments,
+            run_merge,
+        ),
+        (
+            "study",
+            "the architecture or balancing study: train the compared models, print the table",
+            "architectures: dense, GShard top-2, Switch top-1, fine-grained, DeepSeekMoE, Pyramid- and "
+            "Residual-MoE and a dense model of the MoE total, at equal active parameters, plus the DeepSeekMoE "
+            "redundancy test; balancing: no balancing, aux losses, sequence-wise loss and aux-loss-free bias. "
+            "Writes results.json, table.md and plots; rerun the same command to continue an interrupted study.",
+            add_study_arguments,
+            run_study_from_args,
         ),
     ]
     for name, help_text, description, add_arguments, run in jobs:
