@@ -81,31 +81,33 @@ def clip_grad_norm(model: nn.Module, max_norm: float, group: dist.ProcessGroup |
     return norm
 
 
-def expert_tensor_names(model: nn.Module) -> dict[str, MoE]:
-    """Name (in `model.state_dict()`) of each sharded routed-expert tensor → its layer."""
-    names = {}
-    for prefix, module in model.named_modules():
+def _expert_layers(tensors: dict[str, Tensor], model: nn.Module, prefix: str) -> dict[str, MoE]:
+    """Keys of `tensors` that hold a sharded routed-expert tensor — `prefix + name` or `prefix + name + ".*"`
+    (e.g. an optimizer's moments), with a leading expert dimension — each with its layer."""
+    layers = {}
+    for module_name, module in model.named_modules():
         if isinstance(module, MoE) and module.expert_parallel:
             for name, _ in module.experts.named_parameters():
-                names[f"{prefix}.experts.{name}"] = module
-    return names
+                layers[f"{prefix}{module_name}.experts.{name}"] = module
+    found = {}
+    for key, t in tensors.items():
+        name = key if key in layers else key.rpartition(".")[0]
+        if name in layers and t.dim() > 0:
+            found[key] = layers[name]
+    return found
 
 
 @torch.no_grad()
-def gather_experts(tensors: dict[str, Tensor], model: nn.Module, prefix: str = "", suffix: str = "", dst: int = 0):
-    """`tensors` with every sharded expert tensor (named `prefix + name + suffix`) replaced by the full
-    [N_r, ...] tensor on rank `dst` (a collective: every rank calls it; other ranks get their own shards)."""
+def gather_experts(tensors: dict[str, Tensor], model: nn.Module, prefix: str = "", dst: int = 0) -> dict[str, Tensor]:
+    """`tensors` (a state dict, or optimizer tensors with `prefix`) with each sharded expert tensor replaced by
+    the full [N_r, ...] one on group rank `dst`, on the CPU. A collective: every rank calls it; the others get
+    their tensors back unchanged."""
     out = dict(tensors)
-    for name, layer in expert_tensor_names(model).items():
-        key = prefix + name + suffix
-        if key not in tensors:
-            continue
+    for key, layer in _expert_layers(tensors, model, prefix).items():
         group = layer.dispatcher.group
         shard = tensors[key].contiguous()
         parts = (
-            [torch.empty_like(shard) for _ in range(dist.get_world_size(group))]
-            if dist.get_rank(group) == dst
-            else None
+            [torch.empty_like(shard) for _ in range(layer.dispatcher.world)] if layer.dispatcher.rank == dst else None
         )
         dist.gather(shard, parts, dst=dist.get_global_rank(group, dst) if group else dst, group=group)
         if parts is not None:
@@ -113,14 +115,10 @@ def gather_experts(tensors: dict[str, Tensor], model: nn.Module, prefix: str = "
     return out
 
 
-def shard_experts(
-    tensors: dict[str, Tensor], model: nn.Module, prefix: str = "", suffix: str = ""
-) -> dict[str, Tensor]:
-    """`tensors` with every full expert tensor (named `prefix + name + suffix`) cut to this rank's slice."""
+def shard_experts(tensors: dict[str, Tensor], model: nn.Module, prefix: str = "") -> dict[str, Tensor]:
+    """The inverse of `gather_experts` on every rank: each full expert tensor cut to this rank's experts."""
     out = dict(tensors)
-    for name, layer in expert_tensor_names(model).items():
-        key = prefix + name + suffix
-        if key in tensors:
-            d = layer.dispatcher
-            out[key] = tensors[key][d.rank * d.n_local : (d.rank + 1) * d.n_local].clone()
+    for key, layer in _expert_layers(tensors, model, prefix).items():
+        d = layer.dispatcher
+        out[key] = tensors[key][d.rank * d.n_local : (d.rank + 1) * d.n_local].clone()
     return out

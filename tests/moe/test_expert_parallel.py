@@ -111,6 +111,8 @@ def worker(out: str) -> None:
     torch.set_num_threads(1)
     rank, world = init_from_env("cpu")
     write_result(out, rank, {name: run_case(name, rank, world) for name in CASES})
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
 
 
 @pytest.fixture(scope="module", params=[2, 4], ids=lambda d: f"{d} ranks")

@@ -23,6 +23,7 @@ from safetensors import SafetensorError
 from safetensors import torch as st_torch
 from torch import Tensor, nn
 
+from deepmoe.config import DeepSeekConfig
 from deepmoe.io.checkpoint import CheckpointError, load_checkpoint, read_json, save_checkpoint
 from deepmoe.io.files import (
     atomic_directory,
@@ -169,15 +170,18 @@ def write_last(out_dir: Path, name: str) -> None:
 def save_training_checkpoint(
     out_dir: str | os.PathLike,
     step: int,
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer,
+    weights: dict[str, Tensor],
+    config: DeepSeekConfig,
+    optimizer: tuple[dict[str, Any], dict[str, Tensor]],
     info: dict[str, Any],
     rng: tuple[dict[str, Any], dict[str, Tensor]],
     tokenizer: Any = None,
 ) -> Path:
     """Write `DIR/step-{step}/` (weights, optimizer, RNG, `info`), then point `DIR/last` at it.
 
-    `rng` is the (JSON, tensors) pair of `rng_state()` taken at the step boundary being saved.
+    `weights` is the model's full state dict, `optimizer` the (JSON, tensors) pair of `optimizer_state`
+    (both with every expert: an expert-parallel run gathers them first), `rng` the pair of `rng_state()`
+    taken at the step boundary being saved.
     The directory `last` currently names is never modified: saving the step it already holds is a no-op.
     """
     out_dir = Path(out_dir)
@@ -189,11 +193,11 @@ def save_training_checkpoint(
         return target
     # staged as `.step-N.tmp-*`; a complete `step-N` that `last` does not name (left by a crash) is replaced whole
     with atomic_directory(target) as staging:
-        save_checkpoint(model, getattr(model, "config", None), staging)
+        save_checkpoint(weights, config, staging)
         if tokenizer is not None and hasattr(tokenizer, "save"):
             tokenizer.save(str(staging / TOKENIZER_NAME))
             fsync_path(staging / TOKENIZER_NAME)
-        opt_info, opt_tensors = optimizer_state(optimizer, model)
+        opt_info, opt_tensors = optimizer
         rng_info, rng_tensors = rng
         write_training_state(
             staging, {**info, "step": step, "optimizer": opt_info, "rng": rng_info}, {**opt_tensors, **rng_tensors}

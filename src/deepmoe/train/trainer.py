@@ -9,6 +9,14 @@ Files of a run directory DIR:
   train_config.json  the run's options (the authoritative copy is in each checkpoint)
   log.jsonl          one line per optimizer step; eval.jsonl: one line per held-out evaluation
   report.json, loss.png, expert_load.png   at the end of the run
+
+Expert parallelism (SPEC D1, `expert_parallel` = D > 1, launched by `torchrun --nproc-per-node D`): the D
+ranks shard the routed experts and are data-parallel for everything else. `batch_size` stays the global
+batch: every rank draws the same batch and trains on its 1/D of the sequences, so a D-rank run follows the
+1-process run of the same options (exactly, when no batch-level quantity — capacity, B1–B3 — is involved:
+those are per rank's batch). Gradients of replicated weights are averaged, experts' scaled to the same
+global mean; the bias update uses the loads of all ranks; only rank 0 writes files; checkpoints are
+gathered into the ordinary full format, so they load and resume with any number of ranks.
 """
 
 from __future__ import annotations
@@ -31,8 +39,10 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from torch import Tensor
 
+from deepmoe import parallel
 from deepmoe.argtypes import positive_int
 from deepmoe.config import DeepSeekConfig, check, is_int, is_real
 from deepmoe.io.checkpoint import CheckpointError, read_json
@@ -47,7 +57,7 @@ DEVICES = ("auto", "cpu", "cuda")
 LOG_NAME, EVAL_LOG_NAME, REPORT_NAME, CONFIG_NAME = "log.jsonl", "eval.jsonl", "report.json", "train_config.json"
 RESUME_OVERRIDABLE = frozenset(
     {"steps", "schedule_steps", "lr", "min_lr", "grad_clip", "eval_every", "eval_batches", "save_every",
-     "keep_last", "device", "progress"}
+     "keep_last", "device", "progress", "expert_parallel"}
 )  # fmt: skip
 
 
@@ -67,6 +77,7 @@ class TrainConfig:
     """Tokenizer vocabulary size; the model's vocab_size is set to the tokenizer's."""
     seq_len: int = 256
     batch_size: int = 16
+    """Sequences per micro-batch over all ranks (each of the `expert_parallel` ranks trains on its share)."""
     grad_accum: int = 1
     """Micro-batches of `batch_size` sequences per optimizer step."""
     steps: int = 1000
@@ -113,6 +124,9 @@ class TrainConfig:
     fp8_experts: bool = False
     """Train with the routed experts' products in fine-grained FP8 (simulated on CPU); the report then
     has the per-layer FP8 error of the final model (`fp8_error_per_layer`)."""
+    expert_parallel: int = 1
+    """D > 1: shard the routed experts over D ranks launched by `torchrun --nproc-per-node D` (NCCL on GPUs,
+    gloo on CPUs); `batch_size` must be divisible by D."""
     progress: bool = True
 
     def __post_init__(self) -> None:
@@ -126,9 +140,11 @@ class TrainConfig:
                 fail(name, "must be a path or None")
         if self.model_overrides is not None and not isinstance(self.model_overrides, dict):
             fail("model_overrides", "must be None or a dict of DeepSeekConfig fields")
-        for name in ("vocab_size", "seq_len", "batch_size", "grad_accum", "steps"):
+        for name in ("vocab_size", "seq_len", "batch_size", "grad_accum", "steps", "expert_parallel"):
             if not is_int(getattr(self, name)) or getattr(self, name) < 1:
                 fail(name, "must be an integer >= 1")
+        if self.batch_size % self.expert_parallel:
+            fail("batch_size", f"must be divisible by expert_parallel={self.expert_parallel} (it is the global batch)")
         if self.seq_len < 2:
             fail("seq_len", "must be >= 2 (a sequence predicts its next tokens)")
         for name in ("warmup_steps", "eval_every", "eval_batches", "save_every", "keep_last", "seed"):
@@ -387,8 +403,10 @@ class _Run:
         self.cfg = config
         self.corpus = corpus
         self.out = Path(config.out)
-        self.console = Console(stderr=True)
         self.device = _resolve_device(config.device)
+        self.rank, self.world = self._init_expert_parallel()
+        self.is_main = self.rank == 0
+        self.console = Console(stderr=True, quiet=not self.is_main)
         self.autocast = config.bf16
         if config.bf16 and self.device.type == "cuda" and not torch.cuda.is_bf16_supported():
             self.console.print("[yellow]bfloat16 autocast is not supported on this GPU: training in float32[/yellow]")
@@ -411,6 +429,8 @@ class _Run:
             ckpt.load_model_weights(self.model, step_dir)
             self.step = int(state["step"])
             self.totals = state["totals"]
+        if self.world > 1:
+            self.model.enable_expert_parallel()
         self.model.to(self.device).train()
         self.optimizer = build_optimizer(self.model, config)
         self.batches = data.PackedBatches(corpus.train, config.batch_size, config.seq_len, config.seed)
@@ -420,22 +440,55 @@ class _Run:
                 f"seq_len={config.seq_len}: use a larger corpus or a smaller --seq-len"
             )
         self.moe_layers = sorted(i for i in self.model.moe_layers() if i < self.model_config.num_hidden_layers)
-        self.out.mkdir(parents=True, exist_ok=True)
-        ckpt.remove_stale_staging(self.out)
-        write_json(self.out / CONFIG_NAME, config.to_dict())
-        if resume_from is None:  # files a run that died before its first checkpoint may have left
-            for name in (LOG_NAME, EVAL_LOG_NAME, REPORT_NAME, "loss.png", "expert_load.png"):
-                (self.out / name).unlink(missing_ok=True)
+        if self.is_main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            ckpt.remove_stale_staging(self.out)
+            write_json(self.out / CONFIG_NAME, config.to_dict())
+        if resume_from is None:
+            if self.is_main:  # files a run that died before its first checkpoint may have left
+                for name in (LOG_NAME, EVAL_LOG_NAME, REPORT_NAME, "loss.png", "expert_load.png"):
+                    (self.out / name).unlink(missing_ok=True)
         else:
+            if self.world > 1:  # the checkpoint holds every expert's optimizer state: keep this rank's
+                tensors = parallel.shard_experts(tensors, self.model, prefix="optimizer.")
             ckpt.load_optimizer_state(self.optimizer, self.model, state["optimizer"], tensors)
             self.batches.load_state_dict(state["data"])
             ckpt.set_rng_state(state["rng"], tensors)
-            for name in (LOG_NAME, EVAL_LOG_NAME):
-                _truncate_log(self.out / name, self.step)
+            if self.is_main:
+                for name in (LOG_NAME, EVAL_LOG_NAME):
+                    _truncate_log(self.out / name, self.step)
         self.last_saved = ckpt.read_last(self.out)
         self._boundary = self._snapshot()
         self._in_update = False
         self._eval_batches: list[Tensor] | None = None
+
+    def _init_expert_parallel(self) -> tuple[int, int]:
+        """(rank, D): join torchrun's process group when `expert_parallel` > 1 (its size must be D)."""
+        want = self.cfg.expert_parallel
+        if want == 1:
+            return 0, 1
+        rank, world = parallel.init_from_env(self.device.type)
+        if world != want:
+            raise ValueError(
+                f"TrainConfig.expert_parallel={want} is invalid: this run has {world} process(es); "
+                f"launch it with torchrun --nproc-per-node {want} -m deepmoe train ..."
+            )
+        if self.device.type == "cuda":
+            self.device = torch.device("cuda", torch.cuda.current_device())
+        return rank, world
+
+    def _all_reduce(self, values: list[float], mean: bool = True) -> list[float]:
+        """Means (or sums) over the ranks; the values themselves on one process."""
+        if self.world == 1:
+            return values
+        t = torch.tensor(values, dtype=torch.float64, device=self.device)
+        dist.all_reduce(t)
+        return (t / self.world if mean else t).tolist()
+
+    def _local(self, batch: Tensor) -> Tensor:
+        """This rank's share of a global batch."""
+        share = batch.shape[0] // self.world
+        return batch[self.rank * share : (self.rank + 1) * share]
 
     # -- state ------------------------------------------------------------------------------------
     def _snapshot(self) -> tuple[dict[str, Any], tuple]:
@@ -463,13 +516,25 @@ class _Run:
             "torch_version": torch.__version__,
         }
         tokenizer = getattr(self.corpus, "tokenizer", None)
-        try:
-            path = ckpt.save_training_checkpoint(self.out, self.step, self.model, self.optimizer, info, rng, tokenizer)
-        except (OSError, ValueError) as err:
+        weights, optimizer = self.model.state_dict(), ckpt.optimizer_state(self.optimizer, self.model)
+        if self.world > 1:  # every rank's experts, gathered on rank 0
+            weights = parallel.gather_experts(weights, self.model)
+            optimizer = optimizer[0], parallel.gather_experts(optimizer[1], self.model, prefix="optimizer.")
+        path, error = self.out / ckpt.step_dir_name(self.step), None
+        if self.is_main:
+            try:
+                path = ckpt.save_training_checkpoint(
+                    self.out, self.step, weights, self.model_config, optimizer, info, rng, tokenizer
+                )
+                ckpt.prune_checkpoints(self.out, self.cfg.keep_last)
+            except (OSError, ValueError) as err:
+                error = str(err)
+        if self.world > 1 and self._all_reduce([float(error is not None)])[0]:
+            error = error or "it failed on rank 0"
+        if error is not None:
             intact = f"{self.last_saved} is intact" if self.last_saved else "no earlier checkpoint exists"
-            raise TrainingError(f"writing the checkpoint of step {self.step} failed ({err}); {intact}") from err
+            raise TrainingError(f"writing the checkpoint of step {self.step} failed ({error}); {intact}")
         self.last_saved = path
-        ckpt.prune_checkpoints(self.out, self.cfg.keep_last)
         return path
 
     # -- one step ---------------------------------------------------------------------------------
@@ -486,18 +551,21 @@ class _Run:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         self.optimizer.zero_grad(set_to_none=True)
+        self._take_traffic()  # what evaluations sent is not this step's
         sums = {"loss": 0.0, "lm_loss": 0.0, "aux_loss": 0.0, "mtp_loss": 0.0}
         stats = []
         tokens = 0
         for micro in range(cfg.grad_accum):
-            batch = next(self.batches).to(self.device, non_blocking=True)
+            batch = next(self.batches)
+            tokens += batch.numel()
+            batch = self._local(batch).to(self.device, non_blocking=True)
             try:
                 with self._autocast():
                     out = self.model(batch, labels=batch)
             except ValueError as err:
                 raise TrainingError(self._stop_message(f"the forward pass failed ({err})")) from err
             loss = out.loss.float()
-            value = loss.item()
+            value = self._all_reduce([loss.item()])[0]
             if not math.isfinite(value):
                 raise TrainingError(
                     self._stop_message(f"the loss is {value} (micro-batch {micro + 1} of {cfg.grad_accum})")
@@ -508,12 +576,18 @@ class _Run:
                 part = getattr(out, name)
                 sums[name] += float(part.detach()) if part is not None else 0.0
             stats.append(out.routing_stats)
-            tokens += batch.numel()
         max_norm = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm))
+        if self.world > 1:
+            parallel.sync_gradients(self.model)
+            grad_norm = parallel.clip_grad_norm(self.model, max_norm)
+            for name, value in zip(("lm_loss", "aux_loss", "mtp_loss"), self._all_reduce(
+                [sums["lm_loss"], sums["aux_loss"], sums["mtp_loss"]]), strict=True):  # fmt: skip
+                sums[name] = value
+        else:
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm))
         if not math.isfinite(grad_norm):
             raise TrainingError(self._stop_message(f"the gradient norm is {grad_norm}"))
-        merged = merge_routing_stats(stats)
+        merged = self._global_stats(merge_routing_stats(stats))
         self._in_update = True
         self.optimizer.step()
         self.model.update_expert_bias(merged)
@@ -524,6 +598,8 @@ class _Run:
         record.update({k: v / cfg.grad_accum for k, v in sums.items()})
         record["grad_norm"] = grad_norm
         record["tokens"] = tokens
+        if self.world > 1:
+            record["comm_bytes_per_rank"] = self._all_reduce([float(self._take_traffic())])[0]
         main = [merged[i] for i in self.moe_layers if i in merged]
         record["layers"] = [i for i in self.moe_layers if i in merged]
         record["maxvio"] = [float(s.max_vio) for s in main]
@@ -537,26 +613,64 @@ class _Run:
             self.totals["dropped_slots"][key] = self.totals["dropped_slots"].get(key, 0) + slots - kept_slots
         return record
 
+    def _take_traffic(self) -> int:
+        """Bytes this rank's MoE layers sent to other ranks since the last call (forward and backward)."""
+        layers = [m for m in self.model.moe_layers().values() if m.expert_parallel]
+        return sum(m.dispatcher.reset_traffic().total_bytes for m in layers)
+
+    def _global_stats(self, stats: dict[int, RoutingStats]) -> dict[int, RoutingStats]:
+        """Routing statistics over every rank's tokens: loads summed, entropy averaged, metrics recomputed."""
+        if self.world == 1:
+            return stats
+        layers = sorted(stats)
+        parts = [t for i in layers for t in (stats[i].tokens_per_expert, stats[i].kept_per_expert)]
+        flat = torch.cat(parts)
+        dist.all_reduce(flat)
+        loads = flat.split([t.numel() for t in parts])
+        entropy = self._all_reduce([float(stats[i].entropy) for i in layers])
+        per_layer = {
+            i: dataclasses.replace(
+                stats[i],
+                tokens_per_expert=loads[2 * j],
+                kept_per_expert=loads[2 * j + 1],
+                entropy=torch.tensor(entropy[j]),
+            )
+            for j, i in enumerate(layers)
+        }
+        return merge_routing_stats([per_layer])
+
     # -- evaluation -------------------------------------------------------------------------------
     @torch.no_grad()
     def evaluate(self, batches: list[Tensor]) -> dict[str, Any]:
-        """Mean next-token loss (lm loss only) and expert loads over `batches`, in eval mode."""
+        """Mean next-token loss (lm loss only) and expert loads over `batches`, in eval mode.
+
+        Expert-parallel: each rank takes its share of a batch; a batch that does not split evenly runs whole
+        on every rank and counts once (rank 0's)."""
         was_training = self.model.training
         self.model.eval()
         total, count = 0.0, 0
         load: dict[int, Tensor] = {}
         try:
             for batch in batches:
-                batch = batch.to(self.device)
+                even = batch.shape[0] % self.world == 0
+                counted = int(even or self.is_main)
+                batch = (self._local(batch) if even else batch).to(self.device)
                 with self._autocast():
                     out = self.model(batch, labels=batch, output_mtp=False)
-                n = batch.shape[0] * (batch.shape[1] - 1)
+                n = batch.shape[0] * (batch.shape[1] - 1) * counted
                 total += float(out.lm_loss.float()) * n
                 count += n
                 for idx, s in out.routing_stats.items():
-                    load[idx] = load.get(idx, 0) + s.tokens_per_expert.to("cpu")
+                    load[idx] = load.get(idx, 0) + s.tokens_per_expert.to("cpu") * counted
         finally:
             self.model.train(was_training)
+        if self.world > 1:
+            total, count = self._all_reduce([total, count], mean=False)
+            count = int(count)
+            for idx in sorted(load):
+                reduced = load[idx].to(self.device)
+                dist.all_reduce(reduced)
+                load[idx] = reduced.cpu()
         loss = total / count if count else float("nan")
         return {"loss": loss, "perplexity": math.exp(min(loss, 700.0)), "tokens": count, "load": load}
 
@@ -568,7 +682,8 @@ class _Run:
         result = self.evaluate(self._eval_batches)
         record = {"step": self.step, "heldout_loss": result["loss"], "heldout_perplexity": result["perplexity"]}
         record["maxvio"] = [float(max_violation(result["load"][i])) for i in self.moe_layers if i in result["load"]]
-        _append_jsonl(self.out / EVAL_LOG_NAME, record)
+        if self.is_main:
+            _append_jsonl(self.out / EVAL_LOG_NAME, record)
         return record
 
     # -- the loop ---------------------------------------------------------------------------------
@@ -578,18 +693,23 @@ class _Run:
         cfg = self.cfg
         stopper = _StopOnSigint(self.console)
         interrupted = False
-        bar = TrainingProgress(cfg.steps, self.step, self.console, enabled=cfg.progress)
+        bar = TrainingProgress(cfg.steps, self.step, self.console, enabled=cfg.progress and self.is_main)
         if cfg.progress:
-            params = sum(p.numel() for p in self.model.parameters())
+            counts = count_parameters(self.model_config)
+            params = counts.total + counts.mtp
+            ranks = f" x {self.world} ranks (expert parallel)" if self.world > 1 else ""
             self.console.print(
                 f"{'resuming' if self.step else 'training'} {cfg.preset} ({params / 1e6:.2f} M parameters, "
                 f"vocab {self.model_config.vocab_size}) on {self.corpus.train.numel():,} tokens, device "
-                f"{self.device}{', bf16 autocast' if self.autocast else ''}: step {self.step} -> {cfg.steps}, "
-                f"run directory {self.out}"
+                f"{self.device}{ranks}{', bf16 autocast' if self.autocast else ''}: step {self.step} -> "
+                f"{cfg.steps}, run directory {self.out}"
             )
+        log_path = self.out / LOG_NAME if self.is_main else os.devnull
         try:
-            with stopper, bar, open(self.out / LOG_NAME, "a", encoding="utf-8") as log:
+            with stopper, bar, open(log_path, "a", encoding="utf-8") as log:
                 while self.step < cfg.steps:
+                    if self.world > 1:  # every rank stops at the same step
+                        stopper.requested = bool(self._all_reduce([float(stopper.requested)])[0])
                     if stopper.requested:
                         interrupted = True
                         break
@@ -638,6 +758,8 @@ class _Run:
         data = _data()
         heldout = data.heldout_batches(self.corpus.heldout, self.cfg.batch_size, self.cfg.seq_len)
         result = self.evaluate(heldout)
+        if not self.is_main:
+            return {}
         _append_jsonl(
             self.out / EVAL_LOG_NAME,
             {
@@ -678,6 +800,7 @@ class _Run:
             "tokens_seen": self.totals["tokens"],
             "train_time_s": self.totals["train_time_s"],
             "final_train_loss": log[-1]["loss"] if log else None,
+            "expert_parallel": self.world,
             "parameters": params.total,
             "active_parameters": params.active,
             "preset": self.cfg.preset,
@@ -686,7 +809,15 @@ class _Run:
             "device": str(self.device),
             "config": self.cfg.to_dict(),
         }
-        if self.cfg.fp8_experts:
+        comm = [r["comm_bytes_per_rank"] for r in log if "comm_bytes_per_rank" in r]
+        if comm:
+            report["comm_bytes_per_step_per_rank"] = sum(comm) / len(comm)
+            if self.cfg.progress:
+                self.console.print(
+                    f"expert parallel over {self.world} ranks: {report['comm_bytes_per_step_per_rank'] / 1e6:.3f} MB "
+                    "sent per step per rank (all-to-all, forward + backward)"
+                )
+        if self.cfg.fp8_experts and self.world == 1:  # the error report runs the layers alone, not sharded
             from deepmoe.tools.fp8_report import fp8_error_per_layer
 
             report["fp8_error_per_layer"] = fp8_error_per_layer(self.model, heldout[0].to(self.device))
@@ -784,6 +915,13 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     parser.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None, help="bfloat16 autocast")
     parser.add_argument("--device", choices=DEVICES, default=None, help="auto (default): cuda if available")
     parser.add_argument("--out", default=None, help=f"run directory (default {d.out})")
+    parser.add_argument(
+        "--expert-parallel",
+        type=positive_int,
+        default=None,
+        metavar="N",
+        help="shard the routed experts over N ranks (launch with torchrun --nproc-per-node N); default 1",
+    )
     parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None, help="progress bar")
     return parser
 
@@ -815,9 +953,13 @@ def run_from_args(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:  # a second Ctrl-C, or one outside the training loop (checkpoints are atomic)
         print("deepmoe train: interrupted", file=sys.stderr)
         return 130
+    finally:
+        if dist.is_initialized():  # an expert-parallel run under torchrun
+            dist.destroy_process_group()
     if result.interrupted:
         return 130
-    print(f"trained {result.step} steps: checkpoint {result.checkpoint}, report {result.out_dir / REPORT_NAME}")
+    if os.environ.get("RANK", "0") == "0":  # torchrun's rank: one line for the whole expert-parallel run
+        print(f"trained {result.step} steps: checkpoint {result.checkpoint}, report {result.out_dir / REPORT_NAME}")
     return 0
 
 
