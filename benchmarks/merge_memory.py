@@ -1,0 +1,94 @@
+"""Peak resident memory of `deepmoe merge` (streaming, SPEC S4) against the checkpoint size, and of the
+naive merge (load both state dicts, average, save) for comparison.
+
+    python benchmarks/merge_memory.py [--experts 32] [--hidden 1024] [--keep DIR]
+
+Two random bfloat16 checkpoints of one architecture (a few hundred MB each, in 100 MB shards) are
+written to a temporary directory; each merge runs in a fresh Python process (Linux), which resets its
+peak RSS after the imports (/proc/self/clear_refs) and reports its RSS then and its peak (VmHWM) after
+the merge: the difference is what the merge itself needed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+from deepmoe.config import DeepSeekConfig
+from deepmoe.io.checkpoint import save_checkpoint
+from deepmoe.io.hf import expected_hf_shapes, expected_shapes
+from deepmoe.presets import get_preset
+
+CHILD = r"""
+import json, sys
+import torch
+from deepmoe.io.checkpoint import load_checkpoint, save_checkpoint
+from deepmoe.tools.merge import merge_checkpoints
+a, b, out, how = sys.argv[1:]
+def status(key):
+    return int(next(l.split()[1] for l in open("/proc/self/status") if l.startswith(key + ":")))
+open("/proc/self/clear_refs", "w").write("5")  # reset the peak (VmHWM) to the current RSS
+before = status("VmRSS")
+if how == "streaming":
+    merge_checkpoints([a, b], [0.5, 0.5], out, class_weights={"routed_experts": [0.2, 0.8]}, max_shard_size="100MB")
+else:
+    config, wa = load_checkpoint(a)
+    _, wb = load_checkpoint(b)
+    save_checkpoint({n: (0.5 * wa[n].float() + 0.5 * wb[n].float()).to(wa[n].dtype) for n in wa}, config, out,
+                    max_shard_size="100MB")
+after = status("VmHWM")
+print(json.dumps({"before_kib": before, "after_kib": after}))
+"""
+
+
+def random_checkpoint(config: DeepSeekConfig, path: Path, seed: int) -> int:
+    """Write random bfloat16 weights of `config` to `path`; returns the bytes of the weights."""
+    g = torch.Generator().manual_seed(seed)
+    state = {n: torch.randn(s, generator=g).mul_(0.02).to(torch.bfloat16) for n, s in expected_shapes(config).items()}
+    save_checkpoint(state, config, path, max_shard_size="100MB")
+    return sum(t.numel() * t.element_size() for t in state.values())
+
+
+def peak_rss(a: Path, b: Path, out: Path, how: str) -> tuple[int, int]:
+    """(RSS after the imports, peak RSS during the merge) of a fresh process, in bytes."""
+    result = subprocess.run([sys.executable, "-c", CHILD, str(a), str(b), str(out), how], capture_output=True,
+                            text=True, check=True)  # fmt: skip
+    rss = json.loads(result.stdout.strip().splitlines()[-1])
+    return rss["before_kib"] * 1024, rss["after_kib"] * 1024
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--experts", type=int, default=32, help="routed experts per MoE layer (default 32)")
+    parser.add_argument("--hidden", type=int, default=1024, help="hidden size (default 1024)")
+    parser.add_argument("--keep", default=None, help="write the checkpoints here instead of a temporary directory")
+    args = parser.parse_args()
+    fields = get_preset("tiny-v3").to_dict()
+    fields.update(hidden_size=args.hidden, num_nextn_predict_layers=0)
+    fields["moe"].update(hidden_size=args.hidden, n_routed_experts=args.experts, moe_intermediate_size=512)
+    config = DeepSeekConfig.from_dict(fields)
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(args.keep or tmp)
+        size = random_checkpoint(config, root / "a", 0)
+        random_checkpoint(config, root / "b", 1)
+        print(f"two random bfloat16 checkpoints of {size / 1e6:.0f} MB each ({args.experts} experts, H={args.hidden})")
+        largest = max(math.prod(s) for s in expected_hf_shapes(config, set()).values()) * 2
+        print(f"largest tensor on disk: {largest / 1e6:.1f} MB")
+        print("| merge | RSS after imports (MB) | peak RSS in the merge (MB) | increase (MB) | / one checkpoint |")
+        print("|---|---:|---:|---:|---:|")
+        for how in ("streaming", "naive"):
+            before, after = peak_rss(root / "a", root / "b", root / f"out-{how}", how)
+            label = "deepmoe merge (streaming)" if how == "streaming" else "naive (load both, average, save)"
+            up = after - before
+            print(f"| {label} | {before / 1e6:.0f} | {after / 1e6:.0f} | {up / 1e6:.0f} | {up / size:.2f} |")
+
+
+if __name__ == "__main__":
+    main()
