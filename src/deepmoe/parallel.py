@@ -37,8 +37,9 @@ def expert_parameters(model: nn.Module) -> list[nn.Parameter]:
 
 
 def _flat_all_reduce(tensors: list[Tensor], group: dist.ProcessGroup | None) -> None:
-    """Sum `tensors` over the group in place, as one flat buffer per dtype."""
-    for dtype in {t.dtype for t in tensors}:
+    """Sum `tensors` over the group in place, as one flat buffer per dtype (in first-seen order, the same
+    on every rank)."""
+    for dtype in dict.fromkeys(t.dtype for t in tensors):
         same = [t for t in tensors if t.dtype == dtype]
         flat = torch.cat([t.reshape(-1) for t in same])
         dist.all_reduce(flat, group=group)
