@@ -212,6 +212,7 @@ def build_parser() -> argparse.ArgumentParser:
     from deepmoe.tools.merge import add_merge_arguments, run_merge
     from deepmoe.tools.steer import add_steer_arguments, run_steer
     from deepmoe.tools.study import add_study_arguments, run_study_from_args
+    from deepmoe.tools.upcycle import add_upcycle_arguments, run_upcycle
     from deepmoe.train.trainer import add_train_arguments, run_from_args
 
     jobs = [  # (name, help, description, the module's argument builder, its runner)
@@ -258,6 +259,15 @@ def build_parser() -> argparse.ArgumentParser:
             "base tensor where the parents differ from it by less than δ (--threshold); streams tensor by tensor.",
             add_merge_arguments,
             run_merge,
+        ),
+        (
+            "upcycle",
+            "turn a dense checkpoint into a fine-grained MoE with the same function",
+            "Split each dense FFN of a deepmoe or Llama-style checkpoint into M experts of width I/M (K of them "
+            "shared), with a router and gates that make the MoE model compute the dense one at step 0 "
+            "(top-k = all routed experts); a smaller --top-k gives a sparse model to train further.",
+            add_upcycle_arguments,
+            run_upcycle,
         ),
         (
             "study",
