@@ -441,3 +441,10 @@ def test_init_from_starts_with_the_saved_weights(tmp_path):
     small_vocab = StandInCorpus(random_corpus().train % 32, random_corpus().heldout % 32, vocab_size=32)
     with pytest.raises(ValueError, match="vocab_size=64, but the tokenizer has 32"):
         train(tiny(tmp_path / "third", init_from=str(first.checkpoint)), small_vocab)
+
+
+def test_layers_cut_a_pyramid_and_refuse_to_extend_it(tmp_path):
+    run = train(tiny(tmp_path / "cut", preset="tiny-pyramid-moe", steps=1, layers=3), random_corpus())
+    assert from_pretrained(run.checkpoint).config.moe_experts_per_layer == [0, 8, 16]
+    with pytest.raises(ValueError, match="layers=5 is invalid: moe_experts_per_layer gives 4"):
+        train(tiny(tmp_path / "long", preset="tiny-pyramid-moe", layers=5), random_corpus())

@@ -226,6 +226,14 @@ def build_model_config(config: TrainConfig, vocab_size: int, eot_id: int | None 
     if config.layers is not None:
         fields["num_hidden_layers"] = config.layers
         fields["first_k_dense_replace"] = min(fields["first_k_dense_replace"], config.layers)
+        per_layer = fields.get("moe_experts_per_layer")
+        if per_layer is not None and config.layers > len(per_layer):
+            raise ValueError(
+                f"TrainConfig.layers={config.layers} is invalid: moe_experts_per_layer gives {len(per_layer)} layers' "
+                f"expert counts; set model_overrides.moe_experts_per_layer for {config.layers} layers"
+            )
+        if per_layer is not None:  # the first layers of a pyramid
+            fields["moe_experts_per_layer"] = per_layer[: config.layers]
     if config.hidden_size is not None:
         fields["hidden_size"] = config.hidden_size
         if fields.get("moe"):
