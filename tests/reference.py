@@ -116,6 +116,11 @@ def _differentiable_gate(layer, x_t, expert, chosen):
 
 
 # ---- losses, one expert / device / token at a time ----------------------------------------------
+# B1–B3 take the affinities normalised per token (s / Σ_j s_j: softmax scores unchanged, sigmoid ones as V3's B4)
+def normalised(scores):
+    return [[v / sum(row) for v in row] for row in scores]
+
+
 def expert_loss(scores, chosen, n, k):
     t_total = len(chosen)
     total = 0.0

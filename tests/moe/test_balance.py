@@ -11,13 +11,15 @@ from hypothesis import strategies as st
 
 from deepmoe import MoE, MoEConfig
 from deepmoe.moe.balance import (
+    balance_losses,
     coefficient_of_variation,
     expert_balance_loss,
     max_violation,
     routing_entropy,
     z_loss,
 )
-from reference import communication_loss, device_loss, expert_loss, sequence_loss
+from deepmoe.moe.router import RouterOutput
+from reference import communication_loss, device_loss, expert_loss, normalised, sequence_loss
 from strategies import moe_configs
 
 ALPHAS = dict(
@@ -42,9 +44,9 @@ def test_each_loss_matches_its_formula(cfg, batch, seq, seed):
     scores, chosen = r.scores.tolist(), [row.tolist() for row in r.topk_idx]
     n, k, d = cfg.n_routed_experts, cfg.num_experts_per_tok, cfg.n_devices
     expected = {
-        "expert": 0.003 * expert_loss(scores, chosen, n, k),
-        "device": 0.05 * device_loss(scores, chosen, n, k, d),
-        "communication": 0.02 * communication_loss(scores, chosen, n, d, cfg.max_devices_per_token),
+        "expert": 0.003 * expert_loss(normalised(scores), chosen, n, k),
+        "device": 0.05 * device_loss(normalised(scores), chosen, n, k, d),
+        "communication": 0.02 * communication_loss(normalised(scores), chosen, n, d, cfg.max_devices_per_token),
         "sequence": 1e-4 * sequence_loss(scores, chosen, n, k, batch),
     }
     for name, value in expected.items():
@@ -62,6 +64,22 @@ def test_balanced_routing_gives_the_loss_minimum_of_one():
     scores = torch.full((t, n), 1 / n)
     idx = torch.stack([torch.arange(t) % n, (torch.arange(t) + 4) % n], 1)  # K = 2, every expert 4 times
     assert expert_balance_loss(scores, idx).item() == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("score", [0.02, 0.5, 0.98])
+def test_sigmoid_expert_loss_cannot_fall_by_shrinking_every_score(score):
+    """With sigmoid affinities B1 averages s / Σ_j s_j: balanced routing gives the minimum 1 whatever the scale of
+    the scores (with raw scores it would be N·score, and training would shrink all scores instead of balancing)."""
+    n, t = 8, 16
+    cfg = MoEConfig(
+        hidden_size=8, moe_intermediate_size=4, n_routed_experts=n, num_experts_per_tok=2, scoring_func="sigmoid",
+        aux_loss_alpha=1.0, device_aux_loss_alpha=1.0, n_devices=2,
+    )  # fmt: skip
+    idx = torch.stack([torch.arange(t) % n, (torch.arange(t) + 4) % n], 1)
+    scores = torch.full((t, n), score)
+    routing = RouterOutput(scores.logit(), scores, idx, scores.gather(1, idx), None, 1)
+    losses = balance_losses(routing, cfg)
+    assert losses["expert"].item() == pytest.approx(1.0) and losses["device"].item() == pytest.approx(1.0)
 
 
 def test_zero_weights_give_no_terms_and_a_zero_aux_loss():

@@ -81,14 +81,18 @@ def routing_entropy(scores: Tensor) -> Tensor:
 def balance_losses(routing: RouterOutput, config: MoEConfig) -> dict[str, Tensor]:
     """Each enabled loss term, already multiplied by its weight (α); empty when all weights are 0."""
     s, idx = routing.scores, routing.topk_idx
+    # P_i of B1–B3 averages affinities that sum to 1 per token: softmax scores already do; sigmoid scores are
+    # normalised, s' = s / Σ_j s_j, as V3 does for B4 (raw sigmoid P_i would let the loss shrink every score
+    # instead of balancing the load)
+    p = s if config.scoring_func == "softmax" else s / s.sum(-1, keepdim=True)
     losses: dict[str, Tensor] = {}
     if config.aux_loss_alpha:
-        losses["expert"] = config.aux_loss_alpha * expert_balance_loss(s, idx)
+        losses["expert"] = config.aux_loss_alpha * expert_balance_loss(p, idx)
     if config.device_aux_loss_alpha:
-        losses["device"] = config.device_aux_loss_alpha * device_balance_loss(s, idx, config.n_devices)
+        losses["device"] = config.device_aux_loss_alpha * device_balance_loss(p, idx, config.n_devices)
     if config.comm_aux_loss_alpha:
         losses["communication"] = config.comm_aux_loss_alpha * communication_balance_loss(
-            s, idx, config.n_devices, config.max_devices_per_token
+            p, idx, config.n_devices, config.max_devices_per_token
         )
     if config.seq_aux_loss_alpha:
         losses["sequence"] = config.seq_aux_loss_alpha * sequence_balance_loss(s, idx, routing.batch_size)
