@@ -6,11 +6,11 @@ from __future__ import annotations
 
 import dataclasses
 import warnings
-from dataclasses import dataclass, field
 
 import pytest
 import torch
 
+from corpora import StandInCorpus
 from deepmoe.config import DeepSeekConfig
 from deepmoe.io import from_pretrained, load_config
 from deepmoe.model.decoder import DeepSeekForCausalLM
@@ -120,19 +120,6 @@ def test_save_and_load_keep_the_variant(tmp_path, name):
     ids = torch.randint(0, 64, (2, 9))
     with torch.no_grad():
         assert torch.equal(model(ids).logits, loaded(ids).logits)
-
-
-@dataclass
-class StandInCorpus:
-    """The fields of `deepmoe.train.data.TokenizedCorpus` the trainer reads."""
-
-    train: torch.Tensor
-    heldout: torch.Tensor
-    vocab_size: int = 64
-    tokenizer: object = None
-    eot_id: int = 0
-    domains: dict = field(default_factory=dict)
-    corpus_id: str = "stand-in"
 
 
 @pytest.mark.filterwarnings("ignore:config written as deepseek, but its MoE layers")

@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 
 import pytest
 import torch
 
+from corpora import StandInCorpus
 from deepmoe.cli import main
 from deepmoe.config import DeepSeekConfig
 from deepmoe.presets import get_preset
@@ -21,17 +22,6 @@ MICRO = replace(
     study.SCALES["quick"], hidden_size=32, seq_len=16, batch_size=2, steps=3, warmup_steps=1,
     eval_every=2, eval_batches=2, vocab_size=VOCAB,
 )  # fmt: skip
-
-
-@dataclass
-class StandInCorpus:
-    train: torch.Tensor
-    heldout: torch.Tensor
-    vocab_size: int = VOCAB
-    tokenizer: object = None
-    eot_id: int = 0
-    domains: dict = field(default_factory=dict)
-    corpus_id: str = "stand-in"
 
 
 @pytest.fixture

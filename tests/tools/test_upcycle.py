@@ -4,13 +4,13 @@ function at step 0, and training from it beats training the same MoE from scratc
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 import torch
 import transformers
 
+from corpora import StandInCorpus
 from deepmoe.cli import main
 from deepmoe.config import DeepSeekConfig
 from deepmoe.io import from_pretrained, load_config
@@ -128,19 +128,6 @@ def test_moe_checkpoint_is_refused(tmp_path, capsys):
     DeepSeekForCausalLM(config).save_pretrained(tmp_path / "moe_in")
     assert main(["upcycle", str(tmp_path / "moe_in"), "--experts-per-ffn", "4", "--out", str(tmp_path / "x")]) == 1
     assert "is already an MoE model" in capsys.readouterr().err
-
-
-@dataclass
-class StandInCorpus:
-    """The fields of `deepmoe.train.data.TokenizedCorpus` the trainer reads."""
-
-    train: torch.Tensor
-    heldout: torch.Tensor
-    vocab_size: int = VOCAB
-    tokenizer: object = None
-    eot_id: int = 0
-    domains: dict = field(default_factory=dict)
-    corpus_id: str = "stand-in"
 
 
 def test_training_from_the_upcycled_model_beats_training_from_scratch(tmp_path):

@@ -12,26 +12,14 @@ from __future__ import annotations
 
 import json
 import sys
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 import torch
 
+from corpora import StandInCorpus
+
 VOCAB = 64
-
-
-@dataclass
-class StandInCorpus:
-    """The fields of `TokenizedCorpus` the trainer reads: a learnable repeated pattern of token ids."""
-
-    train: torch.Tensor
-    heldout: torch.Tensor
-    vocab_size: int = VOCAB
-    tokenizer: object = None
-    eot_id: int = 0
-    domains: dict = field(default_factory=dict)
-    corpus_id: str = "pattern"
 
 
 def corpus() -> StandInCorpus:

@@ -12,12 +12,12 @@ import argparse
 import json
 import math
 import signal
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 import torch
 
+from corpora import StandInCorpus
 from deepmoe.io import from_pretrained, load_checkpoint
 from deepmoe.model.decoder import DeepSeekForCausalLM
 from deepmoe.presets import get_preset
@@ -36,19 +36,6 @@ from deepmoe.train.trainer import (
 
 VOCAB = 64
 PERIOD = 23
-
-
-@dataclass
-class StandInCorpus:
-    """The fields of `deepmoe.train.data.TokenizedCorpus` the trainer reads, from given token ids."""
-
-    train: torch.Tensor
-    heldout: torch.Tensor
-    vocab_size: int = VOCAB
-    tokenizer: object = None
-    eot_id: int = 0
-    domains: dict = field(default_factory=dict)
-    corpus_id: str = "stand-in"
 
 
 def pattern_corpus() -> StandInCorpus:
