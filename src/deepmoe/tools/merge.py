@@ -1,4 +1,4 @@
-"""Assembly of Experts (SPEC S4; Klingmann et al. 2025, the DeepSeek R1T/R1T2 "Chimera" models).
+"""Assembly of Experts (SPEC S4; Klagges et al. 2025, arXiv:2506.14794, the DeepSeek R1T/R1T2 "Chimera" models).
 
 A child of n parents of one architecture, tensor by tensor:
 
