@@ -114,6 +114,8 @@ def test_quick_architectures_study_writes_every_row(stand_in_corpus, tmp_path, c
     rows = json.loads((out / "results.json").read_text())
     assert [r["name"] for r in rows] == [v.name for v in study.architecture_variants(MICRO)]
     _finite_rows(rows)
+    assert all(r["tokens_per_second_side_by_side"] > 0 and math.isfinite(r["speed_vs_dense"]) for r in rows)
+    assert rows[0]["speed_vs_dense"] == 1.0
     active = [r["active_params"] for r in rows if r["equal_active"]]
     assert max(active) <= 1.02 * min(active)
     assert all(r["steps"] == MICRO.steps for r in rows)

@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
@@ -39,7 +40,16 @@ from deepmoe.io.files import atomic_write, write_json
 from deepmoe.presets import count_parameters
 from deepmoe.train.checkpoint import read_last
 from deepmoe.train.report import pyplot, read_jsonl, save_figure
-from deepmoe.train.trainer import EVAL_LOG_NAME, LOG_NAME, REPORT_NAME, TrainConfig, build_model_config, resume, train
+from deepmoe.train.trainer import (
+    EVAL_LOG_NAME,
+    LOG_NAME,
+    REPORT_NAME,
+    TrainConfig,
+    build_model_config,
+    build_optimizer,
+    resume,
+    train,
+)
 
 BASE_PRESET = "tiny-deepseek-moe"
 """MHA attention, softmax gate, no MTP: the DeepSeekMoE paper's setting."""
@@ -282,6 +292,35 @@ def redundancy_test(
     return rows
 
 
+def side_by_side_speed(
+    variants: Sequence[Variant], scale: StudyScale, corpus: Any, seed: int = 0, rounds: int = 5
+) -> dict[str, float]:
+    """Training tokens/s of each variant, measured side by side: the models (freshly initialised) take turns
+    for `rounds` rounds of 2 steps each (forward, backward, AdamW), and each keeps its median round, so a busy
+    machine slows them alike (the runs' own tokens/s were measured at different times)."""
+    from time import perf_counter
+
+    from deepmoe.model.decoder import DeepSeekForCausalLM
+
+    batch = corpus.train[: scale.batch_size * scale.seq_len].view(scale.batch_size, scale.seq_len)
+    models = {}
+    for variant in variants:
+        config = train_config(variant, scale, Path("unused"), seed)
+        torch.manual_seed(seed)
+        model = DeepSeekForCausalLM(build_model_config(config, corpus.vocab_size)).train()
+        models[variant.name] = (model, build_optimizer(model, config))
+    seconds: dict[str, list[float]] = {name: [] for name in models}
+    for _ in range(rounds):
+        for name, (model, optimizer) in models.items():
+            start = perf_counter()
+            for _ in range(2):
+                optimizer.zero_grad(set_to_none=True)
+                model(batch, labels=batch).loss.backward()
+                optimizer.step()
+            seconds[name].append((perf_counter() - start) / 2)
+    return {name: batch.numel() / statistics.median(times) for name, times in seconds.items()}
+
+
 @dataclass
 class StudyResult:
     rows: list[dict[str, Any]]
@@ -317,6 +356,11 @@ def run_study(
         rows.append(row)
     redundancy: dict[str, list[dict[str, Any]]] = {}
     if study == "architectures":
+        log("measuring training speed side by side")
+        speeds = side_by_side_speed(variants, scale, corpus, seed)
+        for row in rows:
+            row["tokens_per_second_side_by_side"] = speeds[row["name"]]
+            row["speed_vs_dense"] = speeds[row["name"]] / speeds["dense"]
         batches = data.heldout_batches(corpus.heldout, scale.batch_size, scale.seq_len, max_batches=scale.eval_batches)
         for name in ("gshard", "deepseekmoe"):
             redundancy[name] = redundancy_test(read_last(out / "runs" / name), batches)
@@ -340,21 +384,25 @@ def _millions(n: int) -> str:
 
 def markdown_table(rows: Sequence[dict[str, Any]], study: str) -> str:
     if study == "architectures":
-        head = "| model | experts | active params (non-emb) | total params | held-out loss | MaxVio | tokens/s |"
-        lines = [head, "|---|---|---:|---:|---:|---:|---:|"]
+        head = (
+            "| model | experts | active params (non-emb) | total params | held-out loss | MaxVio "
+            "| tokens/s (side by side) | speed vs dense |"
+        )
+        lines = [head, "|---|---|---:|---:|---:|---:|---:|---:|"]
         for r in rows:
             lines.append(
                 f"| {r['name']} | {r['description']} | {_millions(r['active_params'])} "
                 f"({_millions(r['active_params_non_embedding'])}) | {_millions(r['total_params'])} "
-                f"| {r['heldout_loss']:.4f} | {r['maxvio']:.3f} | {r['tokens_per_second']:,.0f} |"
+                f"| {r['heldout_loss']:.4f} | {r['maxvio']:.3f} | {r['tokens_per_second_side_by_side']:,.0f} "
+                f"| {r['speed_vs_dense']:.2f}× |"
             )
     else:
-        head = "| method | held-out loss | MaxVio (global) | MaxVio (batch) | dead experts | tokens/s |"
-        lines = [head, "|---|---:|---:|---:|---:|---:|"]
+        head = "| method | held-out loss | MaxVio (global) | MaxVio (batch) | dead experts |"
+        lines = [head, "|---|---:|---:|---:|---:|"]
         for r in rows:
             lines.append(
                 f"| {r['description']} | {r['heldout_loss']:.4f} | {r['maxvio']:.3f} | {r['maxvio_batch']:.3f} "
-                f"| {r['dead_experts']} | {r['tokens_per_second']:,.0f} |"
+                f"| {r['dead_experts']} |"
             )
     return "\n".join(lines)
 
