@@ -271,13 +271,14 @@ def test_ctrl_c_saves_and_the_resumed_run_is_bitwise_equal(tmp_path, monkeypatch
             signal.raise_signal(signal.SIGINT)
 
     out = tmp_path / "run"
+    handler = signal.getsignal(signal.SIGINT)  # default_int_handler, or SIG_IGN in a background job
     with monkeypatch.context() as patch:
         ForwardHook(patch, interrupt)
         result = train(tiny(out, grad_accum=2), random_corpus())
     saved = 3 if how == "exception" else 4
     assert result.interrupted and result.step == saved
     assert (out / "last").read_text().strip() == f"step-{saved}" and not (out / "report.json").exists()
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    assert signal.getsignal(signal.SIGINT) is handler  # restored
     result = resume(out, random_corpus())
     assert result.step == 6 and not result.interrupted
     assert_same_checkpoint(out / "step-6", straight_run / "step-6")
