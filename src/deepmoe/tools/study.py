@@ -94,10 +94,10 @@ class StudyScale:
 
 
 SCALES = {
-    # ~3 min per study on 2 cores: a smoke run of the whole pipeline, too small to be evidence
+    # ~2 min per study on 2 quiet cores: a smoke run of the whole pipeline, too small to be evidence
     "quick": StudyScale(
         hidden_size=64, layers=3, active_ffn=128, n_experts=8, granularity=2, shared=1,
-        seq_len=64, batch_size=8, steps=250, warmup_steps=25, lr=3e-3, eval_every=50, eval_batches=8,
+        seq_len=64, batch_size=8, steps=150, warmup_steps=15, lr=3e-3, eval_every=50, eval_batches=8,
     ),
     # ~30 min per study on 2 cores (one thread per run)
     "default": StudyScale(
@@ -479,7 +479,7 @@ def plot_redundancy(redundancy: dict[str, list[dict[str, Any]]], path: Path) -> 
 def add_study_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("study", choices=STUDIES, help="which comparison to run")
     parser.add_argument(
-        "--quick", action="store_true", help="a small smoke-test scale (about a minute per study on 2 cores)"
+        "--quick", action="store_true", help="a small smoke-test scale (about 2 minutes per study on 2 quiet cores)"
     )
     parser.add_argument("--out", default=None, help="output directory (default runs/study-STUDY[-quick])")
     parser.add_argument("--steps", type=positive_int, default=None, help="override the scale's training steps")
