@@ -79,7 +79,7 @@ _MODEL_EXTRAS = ("mtp_loss_weight", "moe_experts_per_layer")
 # ---- config ------------------------------------------------------------------------------------
 
 
-def _rope_from_hf(d: dict[str, Any], default_theta: float) -> tuple[float, dict[str, Any] | None]:
+def rope_from_hf(d: dict[str, Any], default_theta: float) -> tuple[float, dict[str, Any] | None]:
     """(rope_theta, rope_scaling) from the original names or transformers 5's `rope_parameters`."""
     scaling = d.get("rope_scaling") or d.get("rope_parameters") or {}  # transformers: rope_scaling wins
     if not isinstance(scaling, dict):
@@ -116,7 +116,7 @@ def config_from_hf(d: dict[str, Any]) -> DeepSeekConfig:
         raise ValueError("config mlp_bias=True is not supported: deepmoe's FFNs have no bias")
     extras = d.get("deepmoe") or {}
     layers = get("num_hidden_layers")
-    rope_theta, rope_scaling = _rope_from_hf(d, defaults["rope_theta"])
+    rope_theta, rope_scaling = rope_from_hf(d, defaults["rope_theta"])
     fields: dict[str, Any] = dict(
         model_type=model_type, vocab_size=get("vocab_size"), hidden_size=get("hidden_size"),
         intermediate_size=get("intermediate_size"), num_hidden_layers=layers,

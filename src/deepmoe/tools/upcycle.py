@@ -37,8 +37,7 @@ from torch import Tensor
 
 from deepmoe.config import DeepSeekConfig, MoEConfig
 from deepmoe.io.checkpoint import CONFIG_NAME, SafetensorsCheckpoint, load_checkpoint, read_json
-from deepmoe.io.hf import _rope_from_hf as rope_from_hf
-from deepmoe.io.hf import expected_shapes
+from deepmoe.io.hf import expected_shapes, rope_from_hf
 from deepmoe.model.decoder import DeepSeekForCausalLM
 from deepmoe.moe import MoE
 
