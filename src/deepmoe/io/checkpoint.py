@@ -208,42 +208,50 @@ def parse_size(size: int | str) -> int:
     return value
 
 
+def plan_shards(sizes: Iterable[tuple[str, int]], max_shard_size: int) -> list[list[str]]:
+    """(name, nbytes) items in order, greedily packed into shards of at most `max_shard_size` bytes
+    (a larger tensor gets a shard of its own)."""
+    shards: list[list[str]] = [[]]
+    size = 0
+    for name, nbytes in sizes:
+        if shards[-1] and size + nbytes > max_shard_size:
+            shards.append([])
+            size = 0
+        shards[-1].append(name)
+        size += nbytes
+    return shards
+
+
+def shard_file_name(index: int, n_shards: int) -> str:
+    """`model.safetensors` for a single shard, else `model-0000i-of-0000n.safetensors` (i from 0)."""
+    return WEIGHTS_NAME if n_shards == 1 else f"model-{index + 1:05d}-of-{n_shards:05d}.safetensors"
+
+
 def write_shards(
     items: Iterable[tuple[str, int, Callable[[], Tensor]]],
     directory: Path,
     max_shard_size: int,
     metadata: dict[str, str] | None = None,
 ) -> dict[str, str]:
-    """Write (name, nbytes, make_tensor) items in order into `directory`, greedily packed into
-    shards of at most `max_shard_size` bytes (a larger tensor gets a shard of its own).
-
-    One shard is written as `model.safetensors`; several as `model-0000i-of-0000n.safetensors`
-    plus `model.safetensors.index.json`. Each file is fsynced. Returns name -> file name.
+    """Write (name, nbytes, make_tensor) items in order into `directory`, packed by `plan_shards`;
+    several shards get `model.safetensors.index.json`. Each file is fsynced. Returns name -> file name.
     """
-    shards: list[list[tuple[str, Callable[[], Tensor]]]] = [[]]
-    size = total = 0
-    for name, nbytes, make in items:
-        if shards[-1] and size + nbytes > max_shard_size:
-            shards.append([])
-            size = 0
-        shards[-1].append((name, make))
-        size += nbytes
-        total += nbytes
-    n = len(shards)
+    items = list(items)
+    makers = {name: make for name, _, make in items}
+    shards = plan_shards(((name, nbytes) for name, nbytes, _ in items), max_shard_size)
     weight_map: dict[str, str] = {}
     for i, shard in enumerate(shards):
-        file = WEIGHTS_NAME if n == 1 else f"model-{i + 1:05d}-of-{n:05d}.safetensors"
-        tensors = {}
-        for name, make in shard:
-            # own, contiguous storage: safetensors refuses views that share memory (expert slices, tied copies)
-            tensors[name] = make().detach().to("cpu").contiguous().clone()
-            weight_map[name] = file
+        file = shard_file_name(i, len(shards))
+        # own, contiguous storage: safetensors refuses views that share memory (expert slices, tied copies)
+        tensors = {name: makers[name]().detach().to("cpu").contiguous().clone() for name in shard}
+        weight_map.update(dict.fromkeys(shard, file))
         path = directory / file
         st_torch.save_file(tensors, str(path), metadata={"format": "pt", **(metadata or {})})
         del tensors
         make_readable(path)  # safetensors creates its files 0600
         fsync_path(path)
-    if n > 1:
+    if len(shards) > 1:
+        total = sum(nbytes for _, nbytes, _ in items)
         write_json(directory / INDEX_NAME, {"metadata": {"total_size": total}, "weight_map": weight_map})
     return weight_map
 

@@ -36,11 +36,12 @@ from torch import Tensor
 from deepmoe.io.checkpoint import (
     CONFIG_NAME,
     INDEX_NAME,
-    WEIGHTS_NAME,
     CheckpointError,
     SafetensorsCheckpoint,
     load_config,
     parse_size,
+    plan_shards,
+    shard_file_name,
 )
 from deepmoe.io.files import atomic_directory, fsync_path, write_json
 
@@ -197,19 +198,6 @@ class ShardWriter:
         data = rows.contiguous().view(torch.uint8).numpy() if rows.dim() else rows.reshape(1).view(torch.uint8).numpy()
         self.file.write(memoryview(data))
         self.written += data.nbytes
-
-
-def plan_shards(sizes: list[tuple[str, int]], max_shard_size: int) -> list[list[str]]:
-    """Names greedily packed into shards of at most max_shard_size bytes (a larger tensor alone)."""
-    shards: list[list[str]] = [[]]
-    size = 0
-    for name, nbytes in sizes:
-        if shards[-1] and size + nbytes > max_shard_size:
-            shards.append([])
-            size = 0
-        shards[-1].append(name)
-        size += nbytes
-    return shards
 
 
 # ---- checks ----------------------------------------------------------------------------------------
@@ -395,7 +383,7 @@ def merge_checkpoints(
             shards = plan_shards(sizes, limit)
             weight_map = {}
             for i, shard in enumerate(shards):
-                file = WEIGHTS_NAME if len(shards) == 1 else f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+                file = shard_file_name(i, len(shards))
                 with ShardWriter(tmp / file, [(n, base[n].dtype, base[n].shape) for n in shard]) as writer:
                     for name in shard:
                         _write_tensor(writer, name, plan(name), tensors, files)
