@@ -231,14 +231,13 @@ def run_variant(variant: Variant, scale: StudyScale, run_dir: Path, corpus: Any,
     """Train (or reuse, or resume) one variant; its result row."""
     config = train_config(variant, scale, run_dir, seed)
     report_path = run_dir / REPORT_NAME
-    if read_last(run_dir) is None:
-        report = train(config, corpus).report
-    elif not report_path.exists():
-        report = resume(run_dir, corpus).report
-    else:
+    if report_path.exists():
         report = json.loads(report_path.read_text())
-    if report is None:
-        raise KeyboardInterrupt
+    else:
+        result = train(config, corpus) if read_last(run_dir) is None else resume(run_dir, corpus)
+        if result.interrupted:  # saved; the next study run resumes it
+            raise KeyboardInterrupt
+        report = result.report
     params = count_parameters(build_model_config(config, corpus.vocab_size))
     log = read_jsonl(run_dir / LOG_NAME)
     return {
@@ -261,15 +260,15 @@ def run_variant(variant: Variant, scale: StudyScale, run_dir: Path, corpus: Any,
     }
 
 
-@torch.no_grad()
 def redundancy_test(
     checkpoint: str | os.PathLike, batches: Sequence[torch.Tensor], fractions: Sequence[float] = DISABLED_FRACTIONS
 ) -> list[dict[str, Any]]:
     """DeepSeekMoE §4.5: held-out loss when each token's top-scored routed experts (a fraction of N_r)
     are disabled in every MoE layer and top-K is taken from the rest."""
     from deepmoe.io import from_pretrained
+    from deepmoe.tools.esft import evaluate_loss
 
-    model = from_pretrained(checkpoint).eval()
+    model = from_pretrained(checkpoint)
     layers = list(model.moe_layers().values())
     n = min(layer.config.n_routed_experts for layer in layers)
     k = layers[0].config.num_experts_per_tok
@@ -278,12 +277,7 @@ def redundancy_test(
         disabled = min(round(fraction * n), n - k)
         for layer in layers:
             layer.gate.set_expert_mask(disable_top=disabled)
-        total, count = 0.0, 0
-        for batch in batches:
-            tokens = batch.shape[0] * (batch.shape[1] - 1)
-            total += float(model(batch, labels=batch, output_mtp=False).lm_loss) * tokens
-            count += tokens
-        rows.append({"fraction": fraction, "disabled": disabled, "heldout_loss": total / count})
+        rows.append({"fraction": fraction, "disabled": disabled, "heldout_loss": evaluate_loss(model, batches)})
     for layer in layers:
         layer.gate.clear_expert_mask()
     base = rows[0]["heldout_loss"]
