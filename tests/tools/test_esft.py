@@ -1,4 +1,5 @@
-"""ESFT (SPEC S3): the two expert scores against hand-computed examples, the cumulative selection rule,
+"""ESFT (SPEC S3): the two expert scores against hand-computed examples, the selection rule against a plain
+reference of the paper's (raw scores against p, no per-layer normalisation),
 training that changes only the selected expert slices (bit-identical elsewhere, AdamW weight decay
 included), the expert delta (round trip, size, bad files) and the `deepmoe esft` command end to end."""
 
@@ -57,10 +58,13 @@ HAND = _routing(4, [3, 3, 1, 1], [2.5 * 2.2, 2.5 * 1.0, 2.5 * 0.3, 2.5 * 0.5])
 
 
 def test_average_gate_score_by_hand():
-    # g_i = (1/T) Σ_t g_i,t = 2.5 · [0.55, 0.25, 0.075, 0.125]; normalised over the layer: [0.55, 0.25, 0.075, 0.125]
+    # g_i = (1/T) Σ_t g_i,t = 2.5 · [0.55, 0.25, 0.075, 0.125], raw: ESFT does not normalise it over the layer,
+    # so the layer sums to 2.5 (the routed scaling factor), not 1
     scores = expert_scores({1: HAND}, "gate")[1]
     assert scores.dtype == torch.float64
-    assert torch.allclose(scores, torch.tensor([0.55, 0.25, 0.075, 0.125], dtype=torch.float64), atol=1e-12)
+    assert torch.allclose(scores, torch.tensor([1.375, 0.625, 0.1875, 0.3125], dtype=torch.float64), atol=1e-12)
+    assert select_experts({1: scores}, 0.9) == {1: [0]}  # 1.375 >= 0.9 (as shares it took [0, 1, 3])
+    assert select_experts({1: scores}, 1.5) == {1: [0, 1]}  # p above 1 is reachable with the scaling factor
 
 
 def test_token_selection_ratio_by_hand():
@@ -72,20 +76,22 @@ def test_token_selection_ratio_by_hand():
 def test_scores_of_a_layer_without_tokens_are_zero_and_method_is_checked():
     empty = _routing(0, [0, 0, 0], [0.0, 0.0, 0.0])
     assert torch.equal(expert_scores({2: empty}, "gate")[2], torch.zeros(3, dtype=torch.float64))
-    assert select_experts(expert_scores({2: empty}, "token"), 0.5) == {2: []}
+    assert select_experts(expert_scores({2: empty}, "token"), 0.5) == {2: [0, 1, 2]}  # total 0 < p: every expert
     with pytest.raises(ValueError, match="method='mean'"):
         expert_scores({1: HAND}, "mean")
 
 
-def test_scores_from_a_real_routing_pass_are_distributions():
+def test_scores_from_a_real_routing_pass():
     model = _tiny_model()
     routing = collect_routing(model, [torch.randint(0, VOCAB, (2, 16))])
-    for method in ("gate", "token"):
+    scale = model.config.moe.routed_scaling_factor  # 2.5; tiny-v3 normalises the top-K weights, then scales
+    for method, total in (("gate", scale), ("token", 1.0)):
         for layer, s in expert_scores(routing, method).items():
-            assert s.shape == (16,) and torch.allclose(s.sum(), torch.tensor(1.0, dtype=torch.float64)), layer
+            assert s.shape == (16,) and abs(float(s.sum()) - total) < 1e-6, (method, layer)
     k = model.config.moe.num_experts_per_tok
     r = routing[1]
     assert torch.allclose(expert_scores(routing, "token")[1], r.counts.double() / (r.tokens * k))
+    assert torch.equal(expert_scores(routing, "gate")[1], r.gate_sum / r.tokens)
 
 
 @pytest.mark.parametrize(
@@ -114,11 +120,97 @@ def test_select_ties_zero_scores_and_rounding():
     assert select_experts(zeros, 1.0) == {0: [1, 3]}  # experts scoring 0 are never needed
     tenths = {0: torch.full((10,), 0.1, dtype=torch.float64)}  # cumulative sums like 0.30000000000000004
     assert [len(select_experts(tenths, p / 10)[0]) for p in range(1, 11)] == list(range(1, 11))
-    unnormalised = {0: torch.tensor([2.0, 6.0, 2.0])}  # shares of the total
-    assert select_experts(unnormalised, 0.7) == {0: [0, 1]}
-    for bad in (0.0, -0.1, 1.5, float("nan")):
+    unnormalised = {0: torch.tensor([2.0, 6.0, 2.0])}  # p is compared with the scores, not shares of the total
+    assert select_experts(unnormalised, 0.7) == {0: [1]}
+    for bad in (0.0, -0.1, float("nan"), float("inf"), True):
         with pytest.raises(ValueError, match="p="):
             select_experts(ties, bad)
+
+
+def _paper_rule(scores: dict[int, list[float]], p: float) -> dict[int, list[int]]:
+    """ESFT's selection as the paper and the authors' generate_expert_config.py state it, written out plainly:
+    per layer, walk the experts by decreasing score (equal scores: lower index first), adding each while the
+    running sum of the raw scores is still below p. A layer whose scores sum to less than p gets them all."""
+    selected = {}
+    for layer, values in scores.items():
+        ranked = sorted(range(len(values)), key=lambda i: (-values[i], i))
+        running, taken = 0.0, []
+        for i in ranked:
+            if running >= p:
+                break
+            taken.append(i)
+            running += values[i]
+        selected[layer] = sorted(taken)
+    return selected
+
+
+# Binary fractions, so every running sum is exact. Layer 1 is gate-like (sums to 0.4375, like V2-Lite's
+# unnormalised top-6 softmax weights), with ties; layer 2 sums to 0.25; layer 3 is a selection ratio (sums to 1);
+# layer 4 saw nothing.
+PAPER_SCORES = {
+    1: [0.125, 0.0625, 0.0625, 0.03125, 0.125, 0.0, 0.03125, 0.0],
+    2: [0.0625, 0.0625, 0.0625, 0.0625],
+    3: [0.375, 0.125, 0.375, 0.125],
+    4: [0.0, 0.0, 0.0],
+}
+
+
+@pytest.mark.parametrize("p", [0.0625, 0.125, 0.2, 0.25, 0.3, 0.4, 0.4375, 0.5, 0.75, 0.8, 1.0, 1.5])
+def test_selection_follows_the_papers_rule(p):
+    tensors = {layer: torch.tensor(v, dtype=torch.float64) for layer, v in PAPER_SCORES.items()}
+    assert select_experts(tensors, p) == _paper_rule(PAPER_SCORES, p)
+
+
+def test_the_papers_rule_by_hand():
+    # the reference itself, checked by hand: ties by lower index, Σ >= p inclusive, a total below p takes all
+    assert _paper_rule(PAPER_SCORES, 0.2) == {1: [0, 4], 2: [0, 1, 2, 3], 3: [0], 4: [0, 1, 2]}
+    assert _paper_rule(PAPER_SCORES, 0.25) == {1: [0, 4], 2: [0, 1, 2, 3], 3: [0], 4: [0, 1, 2]}
+    assert _paper_rule(PAPER_SCORES, 0.3) == {1: [0, 1, 4], 2: [0, 1, 2, 3], 3: [0], 4: [0, 1, 2]}
+    assert _paper_rule(PAPER_SCORES, 0.4375) == {1: [0, 1, 2, 3, 4, 6], 2: [0, 1, 2, 3], 3: [0, 2], 4: [0, 1, 2]}
+    assert _paper_rule(PAPER_SCORES, 0.5) == {1: list(range(8)), 2: [0, 1, 2, 3], 3: [0, 2], 4: [0, 1, 2]}
+    assert _paper_rule(PAPER_SCORES, 0.125)[2] == [0, 1]
+    # per-layer shares (the old rule) picked far fewer in the gate-like layer: 0.125 / 0.4375 = 0.29 >= 0.2
+    shares = {1: torch.tensor(PAPER_SCORES[1], dtype=torch.float64) / 0.4375}
+    assert select_experts(shares, 0.5) == {1: [0, 4]}
+
+
+def _v2_lite_like_gate(seed: int, tokens: int = 512, experts: int = 64, k: int = 6) -> torch.Tensor:
+    """The average gate of a layer like DeepSeek-V2-Lite's: top-6 softmax weights, not normalised, scale 1."""
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.randn(tokens, experts, generator=g, dtype=torch.float64) + torch.randn(
+        experts, generator=g, dtype=torch.float64
+    )
+    weights, index = logits.softmax(-1).topk(k, dim=-1)
+    return torch.zeros(tokens, experts, dtype=torch.float64).scatter(1, index, weights).mean(0)
+
+
+def test_v2_lite_like_gate_scores_against_p():
+    gate = _v2_lite_like_gate(0)
+    assert 0.45 < float(gate.sum()) < 0.46  # V2-Lite's published layer sums are 0.26-0.53
+    plain = {0: gate.tolist()}
+    counts = {p: len(select_experts({0: gate}, p)[0]) for p in (0.1, 0.2, 0.3, 0.5)}
+    assert counts == {p: len(_paper_rule(plain, p)[0]) for p in counts}
+    assert counts == {0.1: 3, 0.2: 8, 0.3: 14, 0.5: 64}  # 0.5 is more than the layer holds: every expert
+    shares = {0: gate / gate.sum()}  # what normalising per layer picked: 1, 2, 5 and 9 experts
+    assert [len(select_experts(shares, p)[0]) for p in (0.1, 0.2, 0.3, 0.5)] == [1, 2, 5, 9]
+
+
+def test_tiny_v3_gate_selection_follows_the_paper():
+    model = _tiny_model()
+    routing = collect_routing(model, _batches())
+    scores = expert_scores(routing, "gate")
+    assert set(scores) == {1, 2}
+    for layer, s in scores.items():  # the raw average gate: tiny-v3's normalised top-4 weights × 2.5
+        assert torch.equal(s, routing[layer].gate_sum / routing[layer].tokens)
+        assert abs(float(s.sum()) - 2.5) < 1e-6
+    plain = {layer: s.tolist() for layer, s in scores.items()}
+    for p in (0.2, 0.5, 1.0, 2.0, 3.0):
+        assert select_experts(scores, p) == _paper_rule(plain, p), p
+    assert {la: len(e) for la, e in select_experts(scores, 0.2).items()} == {1: 1, 2: 1}
+    assert {la: len(e) for la, e in select_experts(scores, 1.0).items()} == {1: 5, 2: 4}
+    assert select_experts(scores, 3.0) == {1: list(range(16)), 2: list(range(16))}  # above the 2.5 a layer holds
+    normalised = {layer: s / s.sum() for layer, s in scores.items()}  # the old rule picked 2 per layer at 0.2
+    assert {la: len(e) for la, e in select_experts(normalised, 0.2).items()} == {1: 2, 2: 2}
 
 
 # ---- training ------------------------------------------------------------------------------------
@@ -349,6 +441,7 @@ def test_esft_command_end_to_end(tmp_path, capsys):
     tokenizer.save(str(checkpoint / "tokenizer.json"))
 
     parser = add_esft_arguments(argparse.ArgumentParser())
+    (tmp_path / "delta").mkdir()  # an empty directory is a fine target
     args = parser.parse_args(
         [str(checkpoint), "--data", str(tmp_path / "task.py"), "--out", str(tmp_path / "delta"), "--steps", "3",
          "--lr", "3e-3", "--seq-len", "32", "--batch-size", "4", "--score-tokens", "512", "--p", "0.3",
@@ -360,6 +453,8 @@ def test_esft_command_end_to_end(tmp_path, capsys):
     assert summary["delta_bytes"] < summary["checkpoint_bytes"] / 4
     assert 0 < summary["trainable_parameters"] < summary["routed_expert_parameters"]
     assert {"loss_after_full", "selection"} <= set(summary)
+    assert all(abs(v - 2.5) < 1e-6 for v in summary["layer_score"].values())  # raw gate: tiny-v3's scaling factor
+    assert all(0.3 <= v < 2.5 for v in summary["selected_score"].values())  # p = 0.3 is reached, on the raw scores
     assert load_delta(tmp_path / "delta")["selection"] == {int(k): v for k, v in summary["selection"].items()}
 
     bad = parser.parse_args([str(checkpoint), "--data", "bundled:nothing", "--out", str(tmp_path / "d2")])
@@ -369,6 +464,35 @@ def test_esft_command_end_to_end(tmp_path, capsys):
     refused = parser.parse_args([str(checkpoint), "--data", str(tmp_path / "task.py"), "--out", str(checkpoint)])
     assert run_esft(refused) == 1
     assert "not a delta directory" in capsys.readouterr().err
+    again = parser.parse_args([*argv_again(checkpoint, tmp_path), "--out", str(tmp_path / "delta")])
+    assert run_esft(again) == 0  # its own delta directory is replaced
+    assert load_delta(tmp_path / "delta")["training"]["steps"] == 1
+
+
+def argv_again(checkpoint: Path, tmp_path: Path) -> list[str]:
+    return [str(checkpoint), "--data", str(tmp_path / "task.py"), "--steps", "1", "--seq-len", "32", "--batch-size",
+            "2", "--score-tokens", "128", "--device", "cpu", "--json", "--no-progress"]  # fmt: skip
+
+
+def test_esft_out_refuses_what_it_did_not_write(tmp_path, capsys):
+    parser = add_esft_arguments(argparse.ArgumentParser())
+    foreign = tmp_path / "results"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("keep me")
+    (tmp_path / "fake").mkdir()
+    (tmp_path / "fake" / DELTA_META).write_text('{"format": "something else"}')  # a delta.json, but not ours
+    (tmp_path / "file.bin").write_bytes(b"\x00keep")
+    for target in (foreign, tmp_path / "fake", tmp_path / "file.bin"):
+        # refused before the model is even read (there is none at "nowhere")
+        args = parser.parse_args(["nowhere", "--data", "bundled:code", "--out", str(target)])
+        assert run_esft(args) == 1
+        err = capsys.readouterr().err
+        assert f"--out {target}: exists and is not a delta directory" in err and "refusing" in err
+    assert (foreign / "notes.txt").read_text() == "keep me" and sorted(p.name for p in foreign.iterdir()) == [
+        "notes.txt"
+    ]
+    assert (tmp_path / "fake" / DELTA_META).read_text() == '{"format": "something else"}'
+    assert (tmp_path / "file.bin").read_bytes() == b"\x00keep"
 
 
 def test_from_pretrained_applies_a_delta(tmp_path):

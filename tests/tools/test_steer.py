@@ -106,7 +106,8 @@ def test_plan_respects_the_routers_limits():
 
     forced = steering_plan(scores, k=16, per_layer=True, action="force", config=moe)
     assert forced["layers"] == {"1": [0, 1, 2, 3], "2": [12, 13, 14, 15]}
-    assert all("num_experts_per_tok" in s["reason"] for s in forced["skipped"])
+    assert len(forced["dropped"]) == 24 and not forced["skipped"]
+    assert all("num_experts_per_tok=4" in s["reason"] for s in forced["dropped"])
 
     disabled = steering_plan(scores, k=16, per_layer=True, action="disable", config=moe)
     for layer in ("1", "2"):
@@ -119,8 +120,61 @@ def test_plan_respects_the_routers_limits():
                 router.set_expert_mask(disabled=[*off, skip["expert"]])
     assert disabled["skipped"] and any("skipped" in note for note in disabled["notes"])
 
-    # global k goes by rank over layers: layer 1's scores are all larger than layer 2's
-    assert steering_plan(scores, k=6, action="force", config=moe)["layers"] == {"1": [0, 1, 2, 3], "2": [14, 15]}
+    # global k goes by rank over layers: layer 1's scores are all larger than layer 2's, so the top 6 are all
+    # layer 1's; it forces 4 and drops 2 (SteerMoE), or, with full_layer="next", layer 2's best two take their place
+    top6 = steering_plan(scores, k=6, action="force", config=moe)
+    assert top6["layers"] == {"1": [0, 1, 2, 3]} and [d["expert"] for d in top6["dropped"]] == [4, 5]
+    assert any("dropped" in note for note in top6["notes"]) and top6["full_layer"] == "drop"
+    refilled = steering_plan(scores, k=6, action="force", config=moe, full_layer="next")
+    assert refilled["layers"] == {"1": [0, 1, 2, 3], "2": [14, 15]} and not refilled["dropped"]
+    with pytest.raises(ValueError, match="full_layer"):
+        steering_plan(scores, action="force", full_layer="spill")
+
+
+def _steermoe_force(scores: list[tuple[int, int, float]], k: int, experts_per_tok: int) -> dict[str, list[int]]:
+    """SteerMoE's forcing (adobe-research/SteerMoE, src/utils.py `steer_moe`) written out plainly for side A:
+    rank by risk difference (here: descending, ties by layer, then expert), keep the positive ones, take the
+    first k of them, then force each in turn only while its layer forces fewer than num_experts_per_tok."""
+    positive = sorted((s for s in scores if s[2] > 0), key=lambda s: (-s[2], s[0], s[1]))
+    forced: dict[int, list[int]] = {}
+    for layer, expert, _ in positive[:k]:
+        if len(forced.get(layer, [])) < experts_per_tok:
+            forced.setdefault(layer, []).append(expert)
+    return {str(layer): sorted(experts) for layer, experts in sorted(forced.items())}
+
+
+# Three layers of 16 experts, binary-fraction scores, ranks interleaved across layers; ties within layer 3 and
+# across layers 1/2; negative scores (side B) in between that side A never takes.
+STEER_SCORES = (
+    [(1, e, (40 - 2 * e) / 64) for e in range(7)]  # 40/64, 38/64, ..., 28/64
+    + [(2, e, (39 - 4 * e) / 64) for e in range(5)]  # 39/64, 35/64, ..., 23/64
+    + [(3, e, 32 / 64) for e in range(6)]  # six ties at 32/64
+    + [(2, 5, 38 / 64), (1, 9, -50 / 64), (3, 9, -1 / 64), (2, 9, 1 / 64)]
+)
+
+
+@pytest.mark.parametrize("k", [0, 1, 3, 5, 6, 8, 10, 12, 14, 16, 20, 30])
+def test_force_drops_candidates_of_full_layers_as_steermoe(k):
+    moe = get_preset("tiny-v3").moe  # K = 4
+    plan = steering_plan(STEER_SCORES, side="A", k=k, action="force", config=moe)
+    assert plan["layers"] == _steermoe_force(STEER_SCORES, k, moe.num_experts_per_tok)
+    positives = sum(s[2] > 0 for s in STEER_SCORES)
+    assert len(plan["selected"]) + len(plan["dropped"]) == min(k, positives)  # dropped ones count toward k
+    for experts in plan["layers"].values():
+        Router(moe).set_expert_mask(forced=experts)  # each layer's mask is one the router accepts
+
+
+def test_steermoe_reference_by_hand():
+    # the ranking: (1,0) 40, (2,0) 39, (1,1) 38, (2,5) 38, (1,2) 36, (2,1) 35, (1,3) 34, (1,4) 32, (3,0..5) 32, ...
+    assert _steermoe_force(STEER_SCORES, 6, 4) == {"1": [0, 1, 2], "2": [0, 1, 5]}
+    # (1,4) is layer 1's fifth: dropped; then the layer-3 ties in index order, until k = 10 runs out
+    assert _steermoe_force(STEER_SCORES, 10, 4) == {"1": [0, 1, 2, 3], "2": [0, 1, 5], "3": [0, 1]}
+    moe = get_preset("tiny-v3").moe
+    plan = steering_plan(STEER_SCORES, k=10, action="force", config=moe)
+    assert [(d["layer"], d["expert"]) for d in plan["dropped"]] == [(1, 4)]
+    # the deepmoe option takes the next-ranked expert instead: 10 forced
+    refill = steering_plan(STEER_SCORES, k=10, action="force", config=moe, full_layer="next")
+    assert refill["layers"] == {"1": [0, 1, 2, 3], "2": [0, 1, 5], "3": [0, 1, 2]}
 
 
 def _model(seed: int = 0) -> DeepSeekForCausalLM:
@@ -258,5 +312,40 @@ def test_run_steer_with_pairs_and_with_sources(checkpoint, tmp_path, capsys):
     assert run_steer(args) == 0
     plan = json.loads(out.read_text())
     assert plan["side"] == "B" and plan["action"] == "force" and len(plan["selected"]) <= 3
+    assert plan["full_layer"] == "drop" and len(plan["selected"]) + len(plan["dropped"]) == 3
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.txt", "b.txt", "pairs.jsonl", "steer.json"]  # replaced
     with pytest.raises(ValueError, match="give both --a SRC and --b SRC"):
         run_steer(_args(str(checkpoint), "--a", "x.txt", "--out", str(out)))
+
+
+def test_steer_out_never_overwrites_a_file_it_did_not_write(tmp_path):
+    from deepmoe.tools.steer import check_steering_target, run_steer
+
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text('{"a": "to be", "b": "def f():"}\n')
+    targets = {
+        "notes.txt": b"my notes\n",
+        "config.json": b'{"hidden_size": 128}\n',
+        "broken.json": b'{"format": "deepmoe-steering", ',
+        "binary.bin": b"\xff\xfe\x00",
+        "other.json": b'{"format": "deepmoe-steering", "action": "mute", "layers": {}}',
+        "handmade.json": b'{"action": "disable", "layers": {"1": [0]}}',  # readable, but not written by steer
+    }
+    for name, data in targets.items():
+        (tmp_path / name).write_bytes(data)
+    (tmp_path / "folder").mkdir()
+    for name in [*targets, "folder"]:
+        target = tmp_path / name
+        # refused before any work: the model path does not even exist
+        with pytest.raises(ValueError, match=rf"--out {target}: exists and is not a steering file") as error:
+            run_steer(_args(str(tmp_path / "nowhere"), "--pairs", str(pairs), "--out", str(target)))
+        assert "refusing to overwrite" in str(error.value)
+    for name, data in targets.items():
+        assert (tmp_path / name).read_bytes() == data
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([*targets, "folder", "pairs.jsonl"])
+    with pytest.raises(ValueError, match="does not exist"):
+        check_steering_target(tmp_path / "missing" / "steer.json")
+    check_steering_target(tmp_path / "new.json")  # a new file is fine
+    ours = steering_plan(STEER_SCORES, k=2)
+    write_json(tmp_path / "ours.json", ours)
+    check_steering_target(tmp_path / "ours.json")  # a steering file may be replaced

@@ -2,16 +2,28 @@
 Specialized Fine-Tuning for Sparse Architectural Large Language Models", DeepSeek's ESFT).
 
 1. Score the routed experts of every MoE layer on task data (`collect_routing` over a slice of it), with
-   one of ESFT's two relevance scores, T = tokens seen, K = experts per token, g_i,t = the gate weight of
-   expert i for token t (0 when i is not among the token's top K):
+   one of ESFT's two relevance scores (paper §3.2), T = tokens seen, K = experts per token, g_i,t = the
+   gate weight of expert i for token t as the router returns it, i.e. the weight its output is multiplied
+   by (after the top-K normalisation and routed_scaling_factor; 0 when i is not among the token's top K):
 
-   - average gate score ("gate"):  g_i = (1/T) Σ_t g_i,t, normalised over the layer's experts,
-     score_i = g_i / Σ_j g_j. (With normalised top-K weights Σ_j g_j = 1, or the routed scaling factor;
-     the normalisation makes the share a distribution either way.)
-   - token selection ratio ("token"): r_i = (1/(T·K)) Σ_t 1[i ∈ TopK_t], which already sums to 1.
+   - average gate score ("gate"):  g_i = (1/T) Σ_t g_i,t, the raw average, NOT normalised over the layer.
+     A layer's scores sum to the mean total gate weight per token: 1 with normalised top-K weights,
+     routed_scaling_factor with V3's scaling (2.5 on tiny-v3), about 0.26-0.53 on DeepSeek-V2-Lite whose
+     top-6 softmax weights are not normalised.
+   - token selection ratio ("token"): r_i = (1/(T·K)) Σ_t 1[i ∈ TopK_t], which sums to 1.
+
+   The paper averages over the tokens of each sample, then over samples; the windows scored here all have
+   the same length, so that is the same as (1/T) Σ_t. The authors' published scores (deepseek-ai/ESFT,
+   results/expert_scores/*/summary.json) are these raw averages: gate layer sums 0.26-0.53, token sums 1.
+   (Their scripts/expert/generate_expert_config.py divides by np.sum(..., axis=0), a sum over layers,
+   which does not reproduce those files; the weights are those DeepSeek-V2's MoEGate returns, which for
+   V2-Lite, norm_topk_prob=False and routed_scaling_factor=1, are the top-6 softmax probabilities.)
 
 2. Select per layer the smallest set of experts, taken by decreasing score (ties: lower index first), whose
-   cumulative share reaches p (`select_experts`).
+   summed score reaches p: Σ ≥ p on the raw scores above, not on shares of the layer's total
+   (`select_experts`); a layer whose total is below p gets every expert. This is the paper's rule and
+   the authors' scripts/expert/generate_expert_config.py loop, so p means a share of the layer's expert
+   choices for "token" (0 < p <= 1) but gate weight for "gate" (a V2-Lite layer never reaches p = 0.6).
 
 3. Fine-tune only those experts' slices of the stacked expert tensors (`esft_finetune`, AdamW on the
    next-token loss); attention, embeddings, norms, head, routers (weights and selection bias), shared
@@ -42,7 +54,7 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 from deepmoe.argtypes import positive_int
-from deepmoe.io.delta import DELTA_META, check_selection, delta_size, save_delta
+from deepmoe.io.delta import DELTA_FORMAT, DELTA_META, check_selection, delta_size, save_delta
 from deepmoe.tools.routing import LayerRouting
 
 METHODS = ("gate", "token")
@@ -52,9 +64,11 @@ METHODS = ("gate", "token")
 
 
 def expert_scores(routing: Mapping[int, LayerRouting], method: str = "gate") -> dict[int, Tensor]:
-    """Per MoE layer, each routed expert's share [N] (float64, sums to 1, or all 0 for a layer that saw no
-    token): `method` "gate" = average gate score g_i = (1/T) Σ_t g_i,t normalised by Σ_j g_j; "token" = token
-    selection ratio r_i = (tokens choosing i) / (T·K). See the module doc."""
+    """Per MoE layer, each routed expert's ESFT relevance score [N] (float64; all 0 for a layer that saw
+    no token). `method` "gate": the average gate score g_i = (1/T) Σ_t g_i,t, raw (the layer's scores sum
+    to the mean total gate weight per token, e.g. routed_scaling_factor with normalised top-K weights);
+    "token": the token selection ratio r_i = (tokens choosing i) / (T·K), which sums to 1. See the module
+    doc: `select_experts` compares p with these values as they are."""
     if method not in METHODS:
         raise ValueError(
             f"method={method!r} is invalid: choose 'gate' (average gate score) or 'token' (selection ratio)"
@@ -62,11 +76,11 @@ def expert_scores(routing: Mapping[int, LayerRouting], method: str = "gate") -> 
     out: dict[int, Tensor] = {}
     for layer, r in routing.items():
         if method == "gate":
-            value = r.average_gate.double()  # (1/T) Σ_t g_i,t
+            out[layer] = r.average_gate.double()  # (1/T) Σ_t g_i,t, not normalised (ESFT's g_i)
         else:
             value = r.counts.double()  # Σ_t 1[i ∈ TopK_t]; Σ_i of it is T·K
-        total = value.sum()
-        out[layer] = value / total if total > 0 else torch.zeros_like(value)
+            total = value.sum()
+            out[layer] = value / total if total > 0 else torch.zeros_like(value)
     return out
 
 
@@ -74,30 +88,30 @@ def expert_scores(routing: Mapping[int, LayerRouting], method: str = "gate") -> 
 
 
 def select_experts(scores: Mapping[int, Tensor], p: float = 0.2, tolerance: float = 1e-9) -> dict[int, list[int]]:
-    """Per layer, the smallest set of experts whose cumulative share of the layer's total score reaches `p`
-    (0 < p <= 1), taken by decreasing score, ties broken by lower expert index; returned sorted.
+    """Per layer, the smallest set of experts whose summed score reaches `p` (Σ ≥ p), taken by decreasing
+    score, ties broken by lower expert index; returned sorted. ESFT's rule: `p` is compared with the scores
+    as given (`expert_scores`), not with shares of the layer's total, so for the token selection ratio p is
+    a share of the layer's expert choices, for the average gate score an amount of gate weight.
 
-    Experts scoring 0 are never needed (with p = 1 the set is every expert with a positive score); a layer
-    whose scores are all 0 gets no expert. `tolerance` absorbs rounding in the cumulative sum.
+    A layer whose scores sum to less than `p` gets every expert (zero-scored ones included), as in the
+    ESFT authors' selection script; otherwise experts scoring 0 are never needed. `p` > 0 (above 1 only
+    the gate score of a layer with routed_scaling_factor > 1 can reach it). `tolerance` absorbs rounding
+    in the cumulative sum.
     """
-    if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0.0 < p <= 1.0 or math.isnan(p):
-        raise ValueError(f"p={p!r} is invalid: must be in (0, 1]")
+    if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0.0 < p < math.inf:
+        raise ValueError(f"p={p!r} is invalid: must be a finite number > 0")
     out: dict[int, list[int]] = {}
     for layer, score in scores.items():
         values = [float(v) for v in torch.as_tensor(score, dtype=torch.float64).flatten()]
         if any(v < 0 or not math.isfinite(v) for v in values):
             raise ValueError(f"layer {layer}: scores must be finite and >= 0")
-        total = sum(values)
         chosen: list[int] = []
-        if total > 0:
-            cumulative = 0.0
-            for i in sorted(range(len(values)), key=lambda i: (-values[i], i)):
-                if values[i] == 0.0:
-                    break
-                chosen.append(i)
-                cumulative += values[i] / total
-                if cumulative >= p - tolerance:
-                    break
+        cumulative = 0.0
+        for i in sorted(range(len(values)), key=lambda i: (-values[i], i)):
+            if cumulative >= p - tolerance:
+                break
+            chosen.append(i)
+            cumulative += values[i]
         out[layer] = sorted(chosen)
     return out
 
@@ -322,9 +336,20 @@ def add_esft_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
         "--method",
         choices=METHODS,
         default="gate",
-        help="expert score: gate = average gate score (default), token = token selection ratio",
+        help="expert score (default gate): gate = average gate score, each expert's mean gate weight per token, "
+        "not normalised, so a layer's scores sum to its mean total gate weight per token (1 with normalised "
+        "top-K weights, routed_scaling_factor = 2.5 on V3-style models, 0.26-0.53 in ESFT's V2-Lite scores); "
+        "token = token selection ratio, each expert's share of the layer's expert choices (sums to 1)",
     )
-    add("--p", type=float, default=0.2, help="cumulative score share to select per layer (default 0.2)")
+    add(
+        "--p",
+        type=float,
+        default=0.2,
+        help="per layer, take experts by decreasing score until their summed score reaches P (ESFT's threshold, "
+        "on the raw scores, not on shares of the layer's total): a share of the expert choices with --method "
+        "token (0 < P <= 1), an amount of gate weight with --method gate (P > 0); a layer whose scores sum to "
+        "less than P gets every expert (default 0.2)",
+    )
     add("--steps", type=positive_int, default=100, help="fine-tuning steps (default 100)")
     add("--lr", type=float, default=1e-4, help="AdamW learning rate, constant (default 1e-4)")
     add("--weight-decay", type=float, default=0.0, help="AdamW decoupled weight decay (default 0)")
@@ -368,15 +393,39 @@ def _check_args(args: argparse.Namespace) -> None:
             raise ValueError(f"--{name.replace('_', '-')}={getattr(args, name)} must be >= 1")
     if not 0.0 < args.eval_fraction < 1.0:
         raise ValueError(f"--eval-fraction={args.eval_fraction} must be in (0, 1)")
-    if not 0.0 < args.p <= 1.0:
-        raise ValueError(f"--p={args.p} must be in (0, 1]")
+    if not 0.0 < args.p < math.inf:
+        raise ValueError(f"--p={args.p} must be a finite number > 0")
+    if args.method == "token" and args.p > 1.0:
+        raise ValueError(f"--p={args.p}: token selection ratios sum to 1 in every layer, so p must be <= 1")
     if not args.lr > 0 or not math.isfinite(args.lr):
         raise ValueError(f"--lr={args.lr} must be a finite number > 0")
     if args.weight_decay < 0 or args.grad_clip < 0:
         raise ValueError("--weight-decay and --grad-clip must be >= 0")
-    out = Path(args.out)  # refused before any work rather than after the training
-    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / DELTA_META).is_file())):
-        raise ValueError(f"--out {out}: exists and is not a delta directory: refusing to replace it")
+    _check_out(Path(args.out))  # refused before any work rather than after the training
+
+
+def _check_out(out: Path) -> None:
+    """--out may be new, an empty directory, or a delta directory (replaced as a whole); anything else
+    is refused, so that ESFT never replaces what it did not write."""
+    if not out.exists() and not out.is_symlink():
+        return
+    if out.is_dir() and not out.is_symlink():
+        entries = list(out.iterdir())
+        if not entries:
+            return
+        meta = out / DELTA_META
+        try:
+            ours = json.loads(meta.read_text(encoding="utf-8")).get("format") == DELTA_FORMAT
+        except (OSError, UnicodeDecodeError, ValueError, AttributeError):
+            ours = False
+        if ours:
+            return
+        shown = ", ".join(sorted(e.name for e in entries)[:4]) + (" ..." if len(entries) > 4 else "")
+        raise ValueError(
+            f"--out {out}: exists and is not a delta directory (it holds {shown}; no deepmoe {DELTA_META}): "
+            "refusing to replace it; choose a new or empty directory"
+        )
+    raise ValueError(f"--out {out}: exists and is not a delta directory: refusing to replace it")
 
 
 def _device(name: str) -> torch.device:
@@ -500,7 +549,12 @@ def _run(args: argparse.Namespace) -> dict[str, Any]:
         "eval_tokens": int(sum(b.numel() for b in eval_batches)),
         "score_tokens": int(sum(b.numel() for b in score_batches)),
         "selection": {str(k): v for k, v in selection.items()},
-        "selected_share": {str(k): float(scores[k][v].sum()) if v else 0.0 for k, v in selection.items()},
+        "selected_score": {str(k): float(scores[k][v].sum()) if v else 0.0 for k, v in selection.items()},
+        "layer_score": {str(k): float(scores[k].sum()) for k in selection},
+        "selected_share": {
+            str(k): float(scores[k][v].sum() / scores[k].sum()) if v and scores[k].sum() > 0 else 0.0
+            for k, v in selection.items()
+        },
         "trainable_parameters": trainable,
         "total_parameters": total_params,
         "routed_expert_parameters": routed_expert_parameters(model),
@@ -542,10 +596,17 @@ def _print_summary(s: dict[str, Any]) -> None:
 
     console = Console()
     layers = Table(title=f"ESFT expert selection ({s['method']} score, p={s['p']})")
-    for column in ("layer", "experts", "selected", "score share"):
+    for column in ("layer", "experts", "selected", "Σ score (vs p)", "layer total", "share"):
         layers.add_column(column, justify="right")
     for layer, experts in s["selection"].items():
-        layers.add_row(layer, str(len(experts)), " ".join(map(str, experts)), f"{s['selected_share'][layer]:.3f}")
+        layers.add_row(
+            layer,
+            str(len(experts)),
+            " ".join(map(str, experts)),
+            f"{s['selected_score'][layer]:.3f}",
+            f"{s['layer_score'][layer]:.3f}",
+            f"{s['selected_share'][layer]:.1%}",
+        )
     console.print(layers)
     table = Table(title=f"ESFT on {s['model']} → {s['delta']}", show_header=False)
     trainable, total, routed = s["trainable_parameters"], s["total_parameters"], s["routed_expert_parameters"]

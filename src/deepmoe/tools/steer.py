@@ -21,8 +21,20 @@ the top k of every layer.
 Steering (SPEC R6) goes through the router's expert-mask hook (`Router.set_expert_mask`), no weight
 changes: "disable" = never routed (selection score −∞), "force" = always routed (+∞). A plan never
 forces more experts in a layer than num_experts_per_tok, and never disables so many that a token can
-no longer fill its K slots (the router's own validation decides; experts it refuses are skipped and
-listed under "skipped" with the reason).
+no longer fill its K slots (the router's own validation decides).
+
+A forced candidate whose layer already forces K = num_experts_per_tok experts is dropped and still
+counts toward k (`full_layer="drop"`, the default), as in SteerMoE's reference code
+(adobe-research/SteerMoE, src/utils.py `steer_moe`: the top k of the global |risk difference| ranking
+are taken first, then a positive one is set only while its layer has fewer than K set), so k is the
+number of ranked candidates looked at and fewer may be forced; they are listed under "dropped".
+`full_layer="next"` (a deepmoe option) skips them and takes the next-ranked expert instead, forcing k
+where the layers allow. Other refusals of the router (a disable that would leave a token too few
+reachable experts; SteerMoE has no such limit) are skipped, listed under "skipped" with the reason,
+and the next expert in rank order is tried.
+
+`deepmoe steer --out FILE` replaces FILE only if it is a steering file (this module's JSON format);
+anything else is refused before any work.
 """
 
 from __future__ import annotations
@@ -46,6 +58,7 @@ from deepmoe.tools.routing import LayerRouting, collect_routing, fixed_batches, 
 STEERING_FORMAT = "deepmoe-steering"
 STEERING_VERSION = 1
 ACTIONS = ("disable", "force")
+FULL_LAYER = ("drop", "next")
 METHODS = ("frequency", "gate")
 
 Score = tuple[int, int, float]
@@ -141,21 +154,28 @@ def steering_plan(
     action: str = "disable",
     per_layer: bool = False,
     config: Any = None,
+    full_layer: str = "drop",
 ) -> dict[str, Any]:
     """A JSON-serialisable steering plan: the top `k` experts of `side` to `action`.
 
     Experts of `side` are those whose score has its sign (A: > 0, B: < 0), taken in rank order: `k` of
     all (layer, expert) pairs, or `k` in every layer with `per_layer`. With `config` (the model, or its
-    MoEConfig) every layer's mask is checked by the router's validation as it grows: an expert that
-    would force more than num_experts_per_tok experts, or leave a token too few reachable experts, is
-    skipped (listed under "skipped" with the reason) and the next one in rank order is tried.
+    MoEConfig) every layer's mask is checked as it grows. With `action="force"`, a candidate whose layer
+    already forces num_experts_per_tok experts is, with `full_layer="drop"` (SteerMoE), dropped and
+    still counted toward k (listed under "dropped"); with `full_layer="next"`, skipped without counting,
+    so the next one in rank order takes its place. Any other mask the router refuses (e.g. a disable
+    that leaves a token too few reachable experts) is skipped (listed under "skipped" with the reason)
+    and the next one in rank order is tried.
 
-    Returns {"format", "version", "action", "side", "k", "per_layer", "layers": {"layer": [experts]},
-    "selected": [{layer, expert, score}], "skipped": [...], "notes": [...], "scores": [[l, e, s], ...]}.
+    Returns {"format", "version", "action", "side", "k", "per_layer", "full_layer", "layers": {"layer":
+    [experts]}, "selected": [{layer, expert, score}], "dropped": [...], "skipped": [...], "notes": [...],
+    "scores": [[l, e, s], ...]}.
     """
     side = _side(side)
     if action not in ACTIONS:
         raise ValueError(f"action must be one of {', '.join(ACTIONS)}, got {action!r}")
+    if full_layer not in FULL_LAYER:
+        raise ValueError(f"full_layer must be one of {', '.join(FULL_LAYER)}, got {full_layer!r}")
     if isinstance(k, bool) or not isinstance(k, int) or k < 0:
         raise ValueError(f"k must be an integer >= 0, got {k!r}")
     ranked = rank_scores(scores, side)
@@ -168,10 +188,13 @@ def steering_plan(
 
     chosen: dict[int, list[int]] = {}
     selected: list[dict[str, Any]] = []
+    dropped: list[dict[str, Any]] = []
+    dropped_in: dict[int, int] = {}
     skipped: list[dict[str, Any]] = []
     for layer, expert, score in candidates:
         taken = chosen.setdefault(layer, [])
-        if (len(taken) if per_layer else len(selected)) >= k:
+        counted = len(taken) + dropped_in.get(layer, 0) if per_layer else len(selected) + len(dropped)
+        if counted >= k:
             if per_layer:
                 continue
             break
@@ -182,10 +205,20 @@ def steering_plan(
                 layer_config = configs[layer]
             else:
                 layer_config = configs
+            entry = {"layer": layer, "expert": expert, "score": score}
+            limit = layer_config.num_experts_per_tok
+            if action == "force" and len(taken) >= limit:
+                reason = f"layer {layer} already forces num_experts_per_tok={limit} experts"
+                if full_layer == "drop":
+                    dropped.append({**entry, "reason": reason})
+                    dropped_in[layer] = dropped_in.get(layer, 0) + 1
+                else:
+                    skipped.append({**entry, "reason": reason})
+                continue
             trial = [*taken, expert]
             reason = _mask_error(layer_config, trial if action == "disable" else [], trial if action == "force" else [])
             if reason is not None:
-                skipped.append({"layer": layer, "expert": expert, "score": score, "reason": reason})
+                skipped.append({**entry, "reason": reason})
                 continue
         taken.append(expert)
         selected.append({"layer": layer, "expert": expert, "score": score})
@@ -201,6 +234,11 @@ def steering_plan(
             )
     elif len(selected) < k:
         notes.append(f"only {len(selected)} of the {k} requested experts of side {side} could be {action}d")
+    if dropped:
+        notes.append(
+            f"{len(dropped)} of the top experts fell in layers already forcing num_experts_per_tok experts and were "
+            "dropped, counted toward k as in SteerMoE (full_layer='next' takes the next-ranked ones instead)"
+        )
     if skipped:
         notes.append(f"{len(skipped)} experts skipped: the router refuses the mask they would make")
     return {
@@ -210,8 +248,10 @@ def steering_plan(
         "side": side,
         "k": k,
         "per_layer": per_layer,
+        "full_layer": full_layer,
         "layers": layers,
         "selected": selected,
+        "dropped": dropped,
         "skipped": skipped,
         "notes": notes,
         "scores": [[layer, expert, score] for layer, expert, score in ranked],
@@ -354,13 +394,15 @@ def steering_effect(
     side: str = "A",
     action: str = "disable",
     per_layer: bool = False,
+    full_layer: str = "drop",
 ) -> list[dict[str, Any]]:
     """Held-out mean token loss (nats) on A and on B with the top k experts of `side` switched, per k.
 
     k counts experts over all layers in global rank order (or per layer with `per_layer`), through
-    `steering_plan(..., config=model)`, so the router's limits hold. Rows: {"k", "experts" (switched in
-    all), "per_layer" ({layer: n} over the scored layers), "loss_a", "loss_b", "delta_a", "delta_b"
-    (against the unsteered model), "notes" (the plan's)}. The model's masks are restored afterwards.
+    `steering_plan(..., config=model, full_layer=full_layer)`, so the router's limits hold. Rows: {"k",
+    "experts" (switched in all), "per_layer" ({layer: n} over the scored layers), "loss_a", "loss_b",
+    "delta_a", "delta_b" (against the unsteered model), "notes" (the plan's)}. The model's masks are
+    restored afterwards.
     """
     scores = list(scores)
     scored_layers = sorted({layer for layer, _, _ in scores})
@@ -370,7 +412,9 @@ def steering_effect(
         clear_steering(model)
         base = (mean_token_loss(model, batches_a), mean_token_loss(model, batches_b))
         for k in ks:
-            plan = steering_plan(scores, side=side, k=k, action=action, per_layer=per_layer, config=model)
+            plan = steering_plan(
+                scores, side=side, k=k, action=action, per_layer=per_layer, config=model, full_layer=full_layer
+            )
             applied = apply_steering(model, plan)
             loss_a, loss_b = (mean_token_loss(model, batches_a), mean_token_loss(model, batches_b)) if applied else base
             rows.append(
@@ -388,6 +432,46 @@ def steering_effect(
     finally:
         _restore_masks(model, saved)
     return rows
+
+
+# ------------------------------------------------------------------------------------------------ output
+
+
+def check_steering_target(path: str | os.PathLike) -> None:
+    """Refuse (one ValueError naming it) to write the steering file `path` over anything but a steering
+    file: a JSON object with "format": "deepmoe-steering" that `load_steering` reads. A missing `path` is
+    fine when its directory exists."""
+    path = Path(path)
+    if not path.exists() and not path.is_symlink():
+        if not path.parent.is_dir():
+            raise ValueError(f"--out {path}: the directory {path.parent} does not exist")
+        return
+    refuse = f"--out {path}: exists and is not a steering file"
+    advice = "refusing to overwrite it; choose another path"
+    if not path.is_file():
+        raise ValueError(f"{refuse} (not a regular file): {advice}")
+    try:
+        text = path.read_text(encoding="utf-8")
+        data = json.loads(text)
+        if not isinstance(data, dict) or data.get("format") != STEERING_FORMAT:
+            raise ValueError(f'no "format": "{STEERING_FORMAT}"')
+        load_steering(data)
+    except (OSError, UnicodeDecodeError, ValueError) as error:
+        reason = str(error).removeprefix("steering plan: ")
+        if isinstance(error, json.JSONDecodeError):
+            reason = "not valid JSON"
+        elif isinstance(error, UnicodeDecodeError):
+            reason = "not UTF-8 text"
+        raise ValueError(f"{refuse} ({reason}): {advice}") from None
+
+
+def write_steering(path: str | os.PathLike, output: Mapping[str, Any]) -> Path:
+    """Write the steering file `path` (atomically; `check_steering_target` first, so only a steering file
+    is ever replaced)."""
+    from deepmoe.io.files import write_json
+
+    check_steering_target(path)
+    return write_json(path, output)
 
 
 # ------------------------------------------------------------------------------------------------ inputs
@@ -474,12 +558,24 @@ def add_steer_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--pairs", metavar="FILE", help='JSONL of {"a": text, "b": text} lines (instead of --a/--b)')
     parser.add_argument("--out", required=True, metavar="FILE", help="steering file to write (JSON)")
     parser.add_argument("--side", choices=["a", "b"], default="a", help="whose top experts to steer (default a)")
-    parser.add_argument("--top", type=_nonnegative_int, default=8, help="experts to steer (default 8)")
+    parser.add_argument(
+        "--top",
+        type=_nonnegative_int,
+        default=8,
+        help="top-ranked experts to steer (default 8; with --action force see --full-layer)",
+    )
     parser.add_argument(
         "--per-layer", action="store_true", help="--top and --ks count experts per layer (default: over all layers)"
     )
     parser.add_argument(
         "--action", choices=ACTIONS, default="disable", help="never route them, or always (default disable)"
+    )
+    parser.add_argument(
+        "--full-layer",
+        choices=FULL_LAYER,
+        default="drop",
+        help="with --action force, a top expert whose layer already forces num_experts_per_tok experts: drop = "
+        "dropped, still counted in --top (SteerMoE; default), next = skipped, the next-ranked expert taken instead",
     )
     parser.add_argument(
         "--method", choices=METHODS, default="frequency", help="score by activation frequency (default) or mean gate"
@@ -552,11 +648,12 @@ def run_steer(args: argparse.Namespace) -> int:
     from rich.table import Table
 
     from deepmoe.io import from_pretrained
-    from deepmoe.io.files import write_json
 
     console = Console()
     if args.pairs is None and (args.a is None or args.b is None):
         raise ValueError("give both --a SRC and --b SRC (files, folders or bundled:DOMAIN), or --pairs FILE")
+    check_steering_target(args.out)  # before any work; again when writing
+    full_layer = getattr(args, "full_layer", "drop")
     device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     model = from_pretrained(args.model, device=device).eval()
     if not model.moe_layers():
@@ -568,12 +665,15 @@ def run_steer(args: argparse.Namespace) -> int:
     routing = {s: collect_routing(model, bs) for s, bs in to.items()}
     scores = score_experts(routing["a"], routing["b"], method=args.method)
     side = args.side.upper()
-    plan = steering_plan(scores, side=side, k=args.top, action=args.action, per_layer=args.per_layer, config=model)
+    plan = steering_plan(
+        scores, side=side, k=args.top, action=args.action, per_layer=args.per_layer, config=model, full_layer=full_layer
+    )
     freq = {s: activation_frequencies(r, args.method) for s, r in routing.items()}
     name_a = args.a if args.pairs is None else "A"
     name_b = args.b if args.pairs is None else "B"
 
     selected = {(s["layer"], s["expert"]) for s in plan["selected"]}
+    dropped = {(s["layer"], s["expert"]) for s in plan["dropped"]}
     ranking = [s for s in rank_scores(scores, side) if (1 if side == "A" else -1) * s[2] > 0][: args.show]
     label = "p" if args.method == "frequency" else "gate"
     table = Table(title=f"Top {side} experts ({args.method}: score = {label}_A − {label}_B)")
@@ -587,7 +687,7 @@ def run_steer(args: argparse.Namespace) -> int:
             f"{freq['a'][layer][expert]:.3f}",
             f"{freq['b'][layer][expert]:.3f}",
             f"{score:+.3f}",
-            "✓" if (layer, expert) in selected else "",
+            "✓" if (layer, expert) in selected else "dropped (layer full)" if (layer, expert) in dropped else "",
         )
     console.print(table)
 
@@ -600,8 +700,9 @@ def run_steer(args: argparse.Namespace) -> int:
         unit = "per layer" if args.per_layer else "in all"
         for steer_side in ("A", "B"):
             rows = steering_effect(
-                model, ev["a"], ev["b"], scores, ks, side=steer_side, action=args.action, per_layer=args.per_layer
-            )
+                model, ev["a"], ev["b"], scores, ks, side=steer_side, action=args.action, per_layer=args.per_layer,
+                full_layer=full_layer,
+            )  # fmt: skip
             output["effect"][steer_side] = rows
             source = name_a if steer_side == "A" else name_b
             effect = Table(
@@ -629,7 +730,7 @@ def run_steer(args: argparse.Namespace) -> int:
                     f"{row['delta_b']:+.4f}",
                 )
             console.print(effect)
-    write_json(args.out, output)
+    write_steering(args.out, output)
     chosen = "; ".join(f"layer {layer}: {experts}" for layer, experts in plan["layers"].items()) or "none"
     console.print(f"steering file {args.out}: {args.action} {len(plan['selected'])} {side} experts ({chosen})")
     for note in plan["notes"]:
@@ -641,6 +742,7 @@ __all__ = [
     "activation_frequencies",
     "add_steer_arguments",
     "apply_steering",
+    "check_steering_target",
     "clear_steering",
     "load_pairs",
     "load_steering",
@@ -651,4 +753,5 @@ __all__ = [
     "steering_effect",
     "steering_plan",
     "text_batches",
+    "write_steering",
 ]
