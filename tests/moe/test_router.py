@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import sys
+
+import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from deepmoe import MoE, MoEConfig
+from deepmoe.moe.router import Router
 from reference import capacity_keep, route
 from strategies import moe_configs, random_bias
 
@@ -283,3 +287,224 @@ def test_bad_disable_top_is_refused():
         gate.set_expert_mask(disable_top=-1)
     with pytest.raises(ValueError, match="cannot be combined"):
         gate.set_expert_mask(disabled=[1], disable_top=1)
+
+
+# ---- masks given as bool masks or ids (finding 9) -------------------------------------------------------------
+def _gate(**fields) -> Router:
+    cfg = dict(hidden_size=8, moe_intermediate_size=4, n_routed_experts=8, n_shared_experts=0, num_experts_per_tok=2)
+    return Router(MoEConfig(**{**cfg, **fields}))
+
+
+@pytest.mark.parametrize(
+    "make", [lambda m: m, lambda m: m.tolist(), lambda m: m.numpy(), lambda m: list(m.numpy())], ids=str
+)
+def test_a_bool_mask_is_a_mask_not_ids(make):
+    gate = _gate()
+    mask = torch.zeros(8, dtype=torch.bool)
+    mask[5] = True
+    gate.set_expert_mask(disabled=make(mask))
+    assert gate.disabled_experts.tolist() == mask.tolist()
+    gate.set_expert_mask(forced=make(mask))
+    assert gate.forced_experts.tolist() == mask.tolist() and not gate.disabled_experts.any()
+    gate.set_expert_mask(disabled=make(torch.zeros(8, dtype=torch.bool)))  # all False: nothing disabled
+    assert not gate.disabled_experts.any() and not gate.has_expert_mask
+    x = torch.randn(32, 8)
+    gate.set_expert_mask(disabled=make(mask), forced=make(torch.arange(8) == 2))
+    idx = gate(x).topk_idx
+    assert not (idx == 5).any() and (idx == 2).any(-1).all()
+
+
+@pytest.mark.parametrize(
+    "ids", [[5, 3], (5, 3), range(3, 6, 2), torch.tensor([5, 3]), np.array([5, 3]), [np.int64(5), torch.tensor(3)]]
+)
+def test_integer_ids_are_accepted(ids):
+    gate = _gate()
+    gate.set_expert_mask(disabled=ids)
+    assert gate.disabled_experts.nonzero().flatten().tolist() == [3, 5]
+
+
+@pytest.mark.parametrize(
+    "what, value, message",
+    [
+        ("disabled", [2.9], "disabled expert ids must be integers"),
+        ("disabled", [2.0], "disabled expert ids must be integers"),
+        ("forced", torch.tensor([1.0]), "forced expert ids must be integers"),
+        ("disabled", np.array([2.5]), "disabled expert ids must be integers"),
+        ("forced", ["1"], "forced expert ids must be integers"),
+        ("disabled", [True, 3], "disabled mixes bools and expert ids"),
+        ("disabled", torch.zeros(7, dtype=torch.bool), r"disabled is a bool mask of shape \(7,\)"),
+        ("forced", [True] * 9, r"forced is a bool mask of shape \(9,\)"),
+        ("disabled", torch.zeros(2, 8, dtype=torch.bool), "disabled is a bool mask of shape"),
+        ("forced", torch.tensor([[1, 2]]), "forced expert ids must be a flat list"),
+        ("disabled", [-1], "out of range"),
+        ("disabled", 1.0, "disabled must be expert ids or a bool mask"),
+    ],
+)
+def test_bad_expert_selections_are_refused(what, value, message):
+    gate = _gate()
+    gate.set_expert_mask(disabled=[7])
+    with pytest.raises(ValueError, match=message):
+        gate.set_expert_mask(**{what: value})
+    assert gate.disabled_experts.nonzero().flatten().tolist() == [7]  # a refused mask changes nothing
+
+
+# ---- forced experts and group limits (finding 10) --------------------------------------------------------------
+def test_groups_without_a_score_fill_the_slots_in_index_order_as_the_reference():
+    """noaux_tc: groups 0–2 keep one enabled expert each, so they tie at −inf; the token takes group 3 and the
+    first of them (group 0), so expert 0 is reachable, 2 and 4 are not, and every choice is an enabled expert."""
+    cfg = MoEConfig(
+        hidden_size=8, moe_intermediate_size=4, n_routed_experts=8, n_shared_experts=0, num_experts_per_tok=2,
+        scoring_func="sigmoid", topk_method="noaux_tc", n_group=4, topk_group=2, use_expert_bias=True,
+    )  # fmt: skip
+    layer = _layer(cfg, 3)
+    layer.gate.set_expert_mask(disabled=[1, 3, 5])
+    layer.gate.e_score_correction_bias.copy_(torch.tensor([1.0, 0.0, 0.5, 0.0, 0.7, 0.0, 0.0, 0.0]))
+    x = torch.randn(32, 8)
+    routing = layer.gate(x)
+    assert set(routing.topk_idx.flatten().tolist()) <= {0, 6, 7}
+    assert (routing.topk_idx == 0).any(-1).all()  # its bias makes it the best of the reachable experts
+    _assert_matches_reference(layer, x, routing, disabled=[1, 3, 5])
+
+
+# ---- meta-device init (finding 11) -----------------------------------------------------------------------------
+def test_reset_parameters_initialises_a_meta_router():
+    cfg = MoEConfig(
+        hidden_size=8, moe_intermediate_size=4, n_routed_experts=8, n_shared_experts=0, num_experts_per_tok=2,
+        scoring_func="sigmoid", topk_method="noaux_tc", n_group=4, topk_group=2, use_expert_bias=True,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    eager = Router(cfg)
+    eager.e_score_correction_bias.copy_(torch.randn(8))
+    with torch.device("meta"):
+        lazy = Router(cfg)
+    for _ in range(3):  # whatever memory to_empty hands out
+        lazy.to_empty(device="cpu")
+        lazy.e_score_correction_bias.fill_(float("nan"))
+        lazy.disabled_experts.fill_(True)
+        lazy.reset_parameters()
+        assert torch.equal(lazy.e_score_correction_bias, torch.zeros(8))
+        assert not lazy.disabled_experts.any() and not lazy.forced_experts.any() and not lazy.has_expert_mask
+        assert torch.isfinite(lazy.weight).all() and lazy.weight.abs().max() <= 1 / 8**0.5
+    lazy.load_state_dict(eager.state_dict())
+    x = torch.randn(16, 8)
+    a, b = eager(x), lazy(x)
+    assert torch.equal(a.topk_idx, b.topk_idx) and torch.equal(a.topk_weight, b.topk_weight)
+
+
+# ---- the bias stays float32 (finding 12) -----------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "cast",
+    [
+        lambda m: m.to(torch.bfloat16),
+        lambda m: m.half(),
+        lambda m: m.bfloat16(),
+        lambda m: m.to("cpu", torch.bfloat16),
+        lambda m: m.double(),
+        lambda m: torch.nn.Sequential(m).to(torch.bfloat16)[0],
+    ],
+    ids=["to", "half", "bfloat16", "to device and dtype", "double", "parent"],
+)
+def test_module_casts_keep_the_bias_float32(cast):
+    cfg = MoEConfig(
+        hidden_size=8, moe_intermediate_size=4, n_routed_experts=4, n_shared_experts=0, num_experts_per_tok=1,
+        use_expert_bias=True, bias_update_speed=1e-3,
+    )  # fmt: skip
+    gate = Router(cfg)
+    gate.e_score_correction_bias.copy_(torch.tensor([0.1234567, -0.5, 0.0, 1e-4]))
+    before = gate.e_score_correction_bias.clone()
+    gate = cast(gate)
+    assert gate.weight.dtype != torch.float32
+    assert gate.e_score_correction_bias.dtype == torch.float32
+    assert torch.equal(gate.e_score_correction_bias, before)
+    gate.e_score_correction_bias.zero_()
+    for _ in range(1000):
+        gate.update_bias(torch.tensor([0, 10, 0, 10]))
+    assert gate.e_score_correction_bias.tolist() == pytest.approx([1.0, -1.0, 1.0, -1.0], abs=1e-4)
+    assert gate.e_score_correction_bias.dtype == torch.float32
+
+
+def test_load_state_dict_assign_keeps_the_bias_float32():
+    cfg = MoEConfig(
+        hidden_size=8, moe_intermediate_size=4, n_routed_experts=4, n_shared_experts=0, num_experts_per_tok=1,
+        use_expert_bias=True,
+    )  # fmt: skip
+    gate = Router(cfg)
+    state = {k: v.to(torch.bfloat16) for k, v in gate.state_dict().items()}
+    gate.load_state_dict(state, assign=True)
+    assert gate.e_score_correction_bias.dtype == torch.float32
+
+
+def test_a_bf16_router_selects_as_float32_math_on_its_weights():
+    """Scores differ by ~1e-5, the bias by 1e-3 (finer than bf16 resolves near 1.0): the bias decides."""
+    cfg = MoEConfig(
+        hidden_size=16, moe_intermediate_size=4, n_routed_experts=16, n_shared_experts=0, num_experts_per_tok=4,
+        scoring_func="sigmoid", use_expert_bias=True, norm_topk_prob=True,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    gate = Router(cfg)
+    with torch.no_grad():
+        gate.weight.mul_(1e-4)
+        gate.e_score_correction_bias.copy_(1.0 + 1e-3 * torch.randperm(16).float())
+    reference = Router(cfg)
+    half = Router(cfg)
+    half.load_state_dict(gate.state_dict())
+    half.to(torch.bfloat16)
+    reference.load_state_dict({**gate.state_dict(), "weight": half.weight.float()})
+    x = torch.randn(32, 16)
+    got, want = half(x.bfloat16()), reference(x.bfloat16().float())
+    assert torch.equal(got.topk_idx, want.topk_idx)
+    assert torch.equal(got.topk_weight, want.topk_weight)
+    assert set(got.topk_idx.flatten().tolist()) == set(gate.e_score_correction_bias.topk(4).indices.tolist())
+
+
+# ---- data-parallel bias updates (finding 16) -------------------------------------------------------------------
+BIAS_STEPS, BIAS_EXPERTS = 4, 8
+
+
+def _rank_load(rank: int, step: int) -> torch.Tensor:
+    load = torch.randint(0, 20, (BIAS_EXPERTS,), generator=torch.Generator().manual_seed(100 * step + rank))
+    return load.float() / 7 if step == BIAS_STEPS - 1 else load  # the last step: a float load
+
+
+def _bias_router() -> Router:
+    cfg = MoEConfig(
+        hidden_size=8, moe_intermediate_size=4, n_routed_experts=BIAS_EXPERTS, n_shared_experts=0,
+        num_experts_per_tok=2, use_expert_bias=True, bias_update_speed=0.01,
+    )  # fmt: skip
+    return Router(cfg)
+
+
+def bias_worker(out: str) -> None:
+    import torch.distributed as dist
+
+    from deepmoe.parallel import init_from_env
+    from distributed import write_result
+
+    torch.set_num_threads(1)
+    rank, world = init_from_env("cpu")
+    synced, local = _bias_router(), _bias_router()
+    for step in range(BIAS_STEPS):
+        load = _rank_load(rank, step)
+        synced.update_bias(load, process_group=dist.group.WORLD)
+        local.update_bias(load)
+        assert torch.equal(load, _rank_load(rank, step))  # the caller's load is not summed in place
+    result = {"synced": synced.e_score_correction_bias.tolist(), "local": local.e_score_correction_bias.tolist()}
+    write_result(out, rank, result)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def test_update_bias_over_a_process_group_sums_the_load(tmp_path):
+    from distributed import launch
+
+    ranks = launch(2, __file__, ["bias"], tmp_path)
+    single = _bias_router()
+    for step in range(BIAS_STEPS):
+        single.update_bias(_rank_load(0, step) + _rank_load(1, step))
+    assert ranks[0]["synced"] == ranks[1]["synced"] == single.e_score_correction_bias.tolist()
+    assert ranks[0]["local"] != ranks[1]["local"]  # without the group each rank follows its own load
+
+
+if __name__ == "__main__":
+    if sys.argv[1] == "bias":
+        bias_worker(sys.argv[2])

@@ -7,10 +7,11 @@ All router math runs in float32.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -35,22 +36,101 @@ class RouterOutput:
     """Number of sequences the T tokens form (sequence-major), for per-sequence quantities."""
 
 
-def _index_mask(indices: Iterable[int] | Tensor | None, n: int, what: str) -> Tensor:
-    mask = torch.zeros(n, dtype=torch.bool)
-    if indices is None:
+ExpertSelection = Iterable[int] | Iterable[bool] | Tensor | None
+"""Expert ids (ints, an integer tensor or array) or a bool mask of length N_r (a bool tensor, array or list)."""
+
+
+def _index_mask(experts: ExpertSelection, n: int, what: str) -> Tensor:
+    """[n] bool (CPU) from `experts`: None, integer expert ids, or a bool mask of length n.
+
+    Raises ValueError naming `what` for anything else: non-integer ids (floats, even 2.0), a mix of bools
+    and ids, a bool mask of another length, or ids outside [0, n − 1]. An empty selection means no experts.
+    """
+    mask = torch.zeros(n, dtype=torch.bool, device="cpu")
+    if experts is None:
         return mask
-    idx = torch.as_tensor(list(indices) if not isinstance(indices, Tensor) else indices, dtype=torch.long)
+    if isinstance(experts, Tensor) or hasattr(experts, "__array__"):  # a tensor or a numpy array
+        try:
+            values = torch.as_tensor(experts, device="cpu").detach()
+        except (TypeError, ValueError, RuntimeError) as error:
+            raise ValueError(f"{what} must be expert ids or a bool mask of length {n}: {error}") from None
+        if values.numel() == 0:  # e.g. np.array([]), whose dtype is float64: no experts
+            return mask
+        is_mask = values.dtype == torch.bool
+        if not is_mask and (values.is_floating_point() or values.is_complex()):
+            raise ValueError(f"{what} expert ids must be integers, got a {values.dtype} tensor {values.tolist()}")
+    elif isinstance(experts, (int, bool)) or not isinstance(experts, Iterable):
+        if isinstance(experts, bool) or not isinstance(experts, int):
+            raise ValueError(f"{what} must be expert ids or a bool mask of length {n}, got {experts!r}")
+        values, is_mask = torch.tensor([experts], device="cpu"), False
+    else:
+        items = list(experts)
+        kinds = set()
+        for item in items:
+            try:
+                value = torch.as_tensor(item, device="cpu")
+            except (TypeError, ValueError, RuntimeError):
+                value = None
+            if value is None or value.is_floating_point() or value.is_complex():
+                raise ValueError(f"{what} expert ids must be integers (or a bool mask), got {item!r}")
+            if value.numel() != 1:
+                raise ValueError(f"{what} must hold single expert ids (or bools), got {item!r}")
+            kinds.add(value.dtype == torch.bool)
+        if len(kinds) > 1:
+            raise ValueError(f"{what} mixes bools and expert ids: pass either ids or a bool mask of length {n}")
+        is_mask = kinds == {True}
+        dtype = torch.bool if is_mask else torch.long
+        values = torch.tensor([bool(v) if is_mask else int(v) for v in items], dtype=dtype, device="cpu")
+    if is_mask:
+        if values.shape != (n,):
+            raise ValueError(
+                f"{what} is a bool mask of shape {tuple(values.shape)}: a mask needs one entry per routed expert ({n},)"
+            )
+        return values.clone()
+    if values.dim() > 1:
+        raise ValueError(f"{what} expert ids must be a flat list, got shape {tuple(values.shape)}")
+    idx = values.long().reshape(-1)
     if idx.numel() and (idx.min() < 0 or idx.max() >= n):
         raise ValueError(f"{what} experts {idx.tolist()} are out of range: expert ids must be in [0, {n - 1}]")
     mask[idx] = True
     return mask
 
 
+def worst_case_reach(config: MoEConfig, disabled: Tensor, forced: Tensor) -> int:
+    """The fewest experts (forced ones included) any token can choose from under this mask, over every
+    possible score and selection bias; `disabled`, `forced` [N_r] bool. The router needs it >= K_r.
+
+    Without group limits a token reaches every enabled expert. With them (M = topk_group < G = n_group) a
+    token keeps every group holding a forced expert (they take F of its M group slots, or all of them when
+    F > M) and fills the other max(0, M − F) slots with the best-scoring remaining groups. A group scores
+    finite only when it has enough enabled experts for its score: 1 for group_limited_greedy (the max), 2
+    for noaux_tc (the sum of the top-2 biased scores), −inf otherwise. Any choice of finite-scoring groups
+    can win (the bias is arbitrary), so the worst case takes the ones with the fewest enabled experts; when
+    there are too few of them the rest of the slots go to −inf groups in index order (the router breaks
+    group ties by index), which for noaux_tc may include a group with a single enabled expert.
+    """
+    cfg = config
+    enabled = ~disabled.cpu()
+    if cfg.topk_method == "greedy" or cfg.topk_group >= cfg.n_group:
+        return int(enabled.sum())
+    live = enabled.view(cfg.n_group, cfg.experts_per_group).sum(-1).tolist()
+    forced_groups = forced.cpu().view(cfg.n_group, cfg.experts_per_group).any(-1).tolist()
+    need = 2 if cfg.topk_method == "noaux_tc" else 1
+    slots = max(0, cfg.topk_group - sum(forced_groups))
+    others = [g for g in range(cfg.n_group) if not forced_groups[g]]
+    scored = sorted(live[g] for g in others if live[g] >= need)
+    unscored = [live[g] for g in others if live[g] < need]  # in index order
+    reach = sum(live[g] for g in range(cfg.n_group) if forced_groups[g]) + sum(scored[:slots])
+    return reach + sum(unscored[: max(0, slots - len(scored))])
+
+
 class Router(nn.Module):
     """DeepSeek top-K gate with group limits, selection bias, capacity and masks.
 
     Parameters use HF names: `weight` [N_r, H] (the expert centroids e_i) and,
-    with aux-loss-free balancing, the buffer `e_score_correction_bias` [N_r] (b_i).
+    with aux-loss-free balancing, the buffer `e_score_correction_bias` [N_r] (b_i). The bias is routing
+    state and stays float32 when the module is cast (`.to(torch.bfloat16)`, `.half()`, a parent's cast):
+    in bf16 its γ = 1e-3 steps would round away and the selection would change.
     """
 
     def __init__(self, config: MoEConfig):
@@ -68,22 +148,51 @@ class Router(nn.Module):
         self.has_expert_mask = False
         self.reset_parameters()
 
+    @torch.no_grad()
     def reset_parameters(self) -> None:
+        """Initialise everything the router owns (also after `to_empty`, whose memory is uninitialised):
+        `weight` Kaiming-uniform (as nn.Linear), the selection bias b = 0, and no expert mask."""
         nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
+        if self.e_score_correction_bias is not None:
+            self.e_score_correction_bias.zero_()
+        self.disabled_experts.fill_(False)
+        self.forced_experts.fill_(False)
+        self.disable_top = 0
+        self.has_expert_mask = False
+
+    # ---- the bias stays float32 ---------------------------------------------------------------------------
+    def _apply(self, fn: Callable[[Tensor], Tensor], recurse: bool = True) -> Router:
+        bias = self.e_score_correction_bias
+        super()._apply(fn, recurse)
+        self._keep_bias_float32(bias)
+        return self
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self._keep_bias_float32(None)  # load_state_dict(assign=True) may have put a bf16 tensor in place
+
+    def _keep_bias_float32(self, before: Tensor | None) -> None:
+        """A dtype cast (as RotaryEmbedding's θ): keep the float32 bias from `before`, follow the new device."""
+        after = self.e_score_correction_bias
+        if after is not None and after.dtype != torch.float32:
+            source = before if before is not None and before.dtype == torch.float32 else after
+            self.e_score_correction_bias = source.to(device=after.device, dtype=torch.float32)
 
     # ---- R6: masks ---------------------------------------------------------------------------
     def set_expert_mask(
         self,
-        disabled: Iterable[int] | Tensor | None = None,
-        forced: Iterable[int] | Tensor | None = None,
+        disabled: ExpertSelection = None,
+        forced: ExpertSelection = None,
         disable_top: int = 0,
     ) -> None:
         """Never choose `disabled` experts; always choose `forced` ones (inference steering).
+        Each is None, expert ids (ints, an integer tensor or array) or a bool mask of length N_r.
         `disable_top`: per token, its `disable_top` highest-affinity experts may not be chosen either
         (the DeepSeekMoE redundancy test, §4.5: top-K is taken from the remaining experts).
 
-        Raises ValueError if the ids are out of range, overlap, if more experts are
-        forced than a token chooses, or if the remaining experts cannot fill K_r slots.
+        Raises ValueError if the ids are not integers or out of range, a bool mask has the wrong length,
+        the two overlap, more experts are forced than a token chooses, or some token (for some scores and
+        bias) could not fill its K_r slots with enabled experts of its groups (`worst_case_reach`).
         """
         cfg = self.config
         n, k = cfg.n_routed_experts, cfg.num_experts_per_tok
@@ -102,15 +211,17 @@ class Router(nn.Module):
             raise ValueError(f"experts {torch.nonzero(off & on).flatten().tolist()} are both disabled and forced")
         if on.sum() > k:
             raise ValueError(f"{int(on.sum())} forced experts exceed num_experts_per_tok={k}")
-        # Worst case reach: a token may pick the topk_group eligible groups with the fewest live experts.
-        live = (~off).view(cfg.n_group, cfg.experts_per_group).sum(-1)
-        need = 2 if cfg.topk_method == "noaux_tc" else 1
-        eligible = live[live >= need].sort().values
-        reach = int(eligible[: cfg.topk_group].sum()) if len(eligible) >= cfg.topk_group else 0
+        reach = worst_case_reach(cfg, off, on)
         if reach < k:
+            detail = ""
+            if cfg.topk_method != "greedy" and cfg.topk_group < cfg.n_group:
+                detail = f" in its topk_group={cfg.topk_group} groups (a forced expert's group always takes one"
+                if cfg.topk_method == "noaux_tc":
+                    detail += "; noaux_tc ranks only groups with >= 2 enabled experts: it sums their top-2 scores"
+                detail += ")"
             raise ValueError(
-                f"disabling {int(off.sum())} experts leaves a token only {reach} reachable experts in its "
-                f"{cfg.topk_group} groups, fewer than num_experts_per_tok={k}"
+                f"disabling {int(off.sum())} and forcing {int(on.sum())} experts leaves some token only {reach} "
+                f"reachable experts{detail}, fewer than num_experts_per_tok={k}"
             )
         self.disabled_experts.copy_(off)
         self.forced_experts.copy_(on)
@@ -122,16 +233,25 @@ class Router(nn.Module):
 
     # ---- R4: aux-loss-free bias ---------------------------------------------------------------
     @torch.no_grad()
-    def update_bias(self, load: Tensor) -> None:
-        """b_i += γ·sign(mean(load) − load_i), `load` [N_r] = tokens routed to each expert."""
-        if self.e_score_correction_bias is None:
+    def update_bias(self, load: Tensor, process_group: dist.ProcessGroup | None = None) -> None:
+        """b_i += γ·sign(mean(load) − load_i), `load` [N_r] = tokens routed to each expert.
+
+        Data parallelism (DDP, FSDP): each rank only counts its own tokens, so pass the data-parallel
+        `process_group` (`torch.distributed.group.WORLD` for the default group): `load` is then summed over
+        the group before the sign step and every rank takes the same step. The default, None, communicates
+        nothing: under DDP the ranks' biases would drift apart (and DDP's buffer broadcast keeps rank 0's).
+        """
+        bias = self.e_score_correction_bias
+        if bias is None:
             raise ValueError("update_bias needs MoEConfig.use_expert_bias=True")
-        if load.shape != self.e_score_correction_bias.shape:
-            raise ValueError(
-                f"load must have shape {tuple(self.e_score_correction_bias.shape)}, got {tuple(load.shape)}"
-            )
-        load = load.to(self.e_score_correction_bias)
-        self.e_score_correction_bias.add_(self.config.bias_update_speed * torch.sign(load.mean() - load))
+        if load.shape != bias.shape:
+            raise ValueError(f"load must have shape {tuple(bias.shape)}, got {tuple(load.shape)}")
+        exact = not (load.is_floating_point() or load.is_complex())  # token counts: exact integer arithmetic
+        load = load.detach().to(device=bias.device, dtype=torch.int64 if exact else torch.float32, copy=True)
+        if process_group is not None:
+            dist.all_reduce(load, op=dist.ReduceOp.SUM, group=process_group)
+        above_mean = load.sum() - load * load.numel() if exact else load.mean() - load  # same sign as mean − load_i
+        bias.add_(self.config.bias_update_speed * torch.sign(above_mean).to(bias.dtype))
 
     # ---- forward ------------------------------------------------------------------------------
     def forward(self, x: Tensor, batch_size: int = 1) -> RouterOutput:
@@ -156,6 +276,11 @@ class Router(nn.Module):
         if masked:
             choice = choice.masked_fill(self.forced_experts, math.inf)
         topk_idx = choice.topk(cfg.num_experts_per_tok, dim=-1).indices  # [T, K]
+        if masked and torch.isneginf(choice.gather(1, topk_idx)).any():  # set_expert_mask's reach check forbids it
+            raise RuntimeError(
+                "MoE router had to choose a disabled or out-of-group expert: the expert mask leaves a token too few "
+                "(set_expert_mask refuses such masks; was the mask or the config changed after it?)"
+            )
 
         topk_weight = scores.gather(1, topk_idx)
         if cfg.norm_topk_prob:
@@ -180,7 +305,8 @@ class Router(nn.Module):
         forced_groups = self.forced_experts.view(cfg.n_group, cfg.experts_per_group).any(-1) if masked else None
         if forced_groups is not None:
             group_scores = group_scores.masked_fill(forced_groups, math.inf)
-        top_groups = group_scores.topk(cfg.topk_group, dim=-1).indices
+        # ties (−inf groups under a mask) go to the lower group index, as `worst_case_reach` assumes
+        top_groups = group_scores.sort(dim=-1, descending=True, stable=True).indices[:, : cfg.topk_group]
         keep = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, top_groups, True)
         if forced_groups is not None:
             keep |= forced_groups  # a forced expert's group always counts as chosen
