@@ -56,25 +56,45 @@ class KVCache:
         return sum(math.prod(t.shape[2:]) * t.element_size() for cached in self.layers.values() for t in cached)
 
 
-def causal_attention(q: Tensor, k: Tensor, v: Tensor, scale: float, offset: int, group: int = 1) -> Tensor:
+def causal_attention(
+    q: Tensor, k: Tensor, v: Tensor, scale: float, offset: int, group: int = 1, key_mask: Tensor | None = None
+) -> Tensor:
     """softmax(q·kᵀ · scale, causal) · v with scaled_dot_product_attention.
 
     q: [B, S·group, h, d_qk]; k: [B, T, h, d_qk]; v: [B, T, h, d_v] -> [B, S·group, h, d_v]. Query row i is token
     i // group, at index offset + i // group of the T keys (the first `offset` of which are cached), and sees the
     keys at indices <= its own. group > 1 holds `group` query heads that share a key/value head in consecutive rows.
+    key_mask [B, T] bool, False at padding: no query sees those keys, except a padding token itself (so that its
+    row, whose keys may all be padding, stays finite; what it computes is never seen by real tokens).
     """
     rows, keys = q.shape[1], k.shape[1]
-    causal = offset == 0 and group == 1  # the plain causal square: SDPA's is_causal
+    causal = offset == 0 and group == 1 and key_mask is None  # the plain causal square: SDPA's is_causal
     mask = None
-    if rows > group and not causal:  # several tokens after cached ones, or in grouped rows (one token sees all)
+    if key_mask is not None or (rows > group and not causal):  # tokens after cached ones, grouped rows, padding
         last = torch.arange(rows, device=q.device) // group + offset  # [S·group], index of each row's token
-        mask = torch.arange(keys, device=q.device) <= last[:, None]  # [S·group, T]
+        key_index = torch.arange(keys, device=q.device)
+        mask = key_index <= last[:, None]  # [S·group, T]
+        if key_mask is not None:
+            own = key_index == last[:, None]
+            mask = (mask & (key_mask.bool()[:, None, :] | own)).unsqueeze(1)  # [B, 1, S·group, T]
     q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, h, L, d]
     d_v = v.shape[-1]
     if d_v < q.shape[-1]:  # fused SDPA kernels want one head width: pad v (MLA: d_v < d_nope + d_rope)
         v = F.pad(v, (0, q.shape[-1] - d_v))
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=scale)
     return out[..., :d_v].transpose(1, 2)
+
+
+def _rope(rotary: RotaryEmbedding, positions: Tensor) -> tuple[Tensor, Tensor]:
+    """cos, sin for positions [S] (shared by the batch) → [S, d/2], or per row [B, S] → [B·S, d/2]."""
+    return rotary(positions.reshape(-1))
+
+
+def _rotate(x: Tensor, cos: Tensor, sin: Tensor, interleaved: bool) -> Tensor:
+    """apply_rotary on x [B, S, n, d] with cos, sin [S, d/2] or, for per-row positions, [B·S, d/2]."""
+    if cos.shape[0] == x.shape[1]:
+        return apply_rotary(x, cos, sin, interleaved)
+    return apply_rotary(x.reshape(1, -1, *x.shape[2:]), cos, sin, interleaved).view(x.shape)
 
 
 class MultiHeadLatentAttention(nn.Module):
@@ -117,18 +137,21 @@ class MultiHeadLatentAttention(nn.Module):
         self.rotary = RotaryEmbedding(config)
         self.softmax_scale = softmax_scale(config)
 
-    def forward(self, x: Tensor, positions: Tensor, cache: KVCache | None = None) -> Tensor:
-        """x: [B, S, H]; positions: [S] absolute positions of x's tokens, which follow the cached ones."""
+    def forward(
+        self, x: Tensor, positions: Tensor, cache: KVCache | None = None, key_mask: Tensor | None = None
+    ) -> Tensor:
+        """x: [B, S, H]; positions: [S] (or per row [B, S]) absolute positions of x's tokens, which follow the
+        cached ones; key_mask: [B, T] bool over the cached and new tokens, False at padding."""
         bsz, seqlen, _ = x.shape
         q = self.q_proj(x) if self.q_lora_rank is None else self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
         q = q.view(bsz, seqlen, self.n_heads, -1)
         q_nope, q_rope = q.split([self.qk_nope_head_dim, self.qk_rope_head_dim], dim=-1)  # [B, S, n, d_n / d_r]
-        cos, sin = self.rotary(positions)
-        q_rope = apply_rotary(q_rope, cos, sin, self.rope_interleave)
+        cos, sin = _rope(self.rotary, positions)
+        q_rope = _rotate(q_rope, cos, sin, self.rope_interleave)
 
         c_kv, k_rope = self.kv_a_proj_with_mqa(x).split([self.kv_lora_rank, self.qk_rope_head_dim], dim=-1)
         c_kv = self.kv_a_layernorm(c_kv)  # [B, S, d_c]
-        k_rope = apply_rotary(k_rope.unsqueeze(2), cos, sin, self.rope_interleave).squeeze(2)  # [B, S, d_r]
+        k_rope = _rotate(k_rope.unsqueeze(2), cos, sin, self.rope_interleave).squeeze(2)  # [B, S, d_r]
         if cache is not None:
             c_kv, k_rope = cache.update(self.layer_idx, c_kv, k_rope)  # [B, T, d_c], [B, T, d_r]
         offset = c_kv.shape[1] - seqlen
@@ -138,7 +161,7 @@ class MultiHeadLatentAttention(nn.Module):
             q_latent = torch.einsum("bshd,hdc->bshc", q_nope, w_kv_b[:, : self.qk_nope_head_dim])  # W_UKᵀ q^C
             q = torch.cat((q_latent, q_rope), dim=-1).view(bsz, seqlen * self.n_heads, 1, -1)  # [B, S·n, 1, d_c+d_r]
             k = torch.cat((c_kv, k_rope), dim=-1).unsqueeze(2)  # [B, T, 1, d_c + d_r]
-            out = causal_attention(q, k, c_kv.unsqueeze(2), self.softmax_scale, offset, group=self.n_heads)
+            out = causal_attention(q, k, c_kv.unsqueeze(2), self.softmax_scale, offset, self.n_heads, key_mask)
             out = out.view(bsz, seqlen, self.n_heads, self.kv_lora_rank)  # Σ p·c_KV per head
             out = torch.einsum("bshc,hdc->bshd", out, w_kv_b[:, self.qk_nope_head_dim :])  # W_UV: [B, S, n, d_v]
         else:
@@ -146,7 +169,7 @@ class MultiHeadLatentAttention(nn.Module):
             k_nope, v = kv.split([self.qk_nope_head_dim, self.v_head_dim], dim=-1)  # [B, T, n, d_n / d_v]
             k = torch.cat((k_nope, k_rope.unsqueeze(2).expand(-1, -1, self.n_heads, -1)), dim=-1)
             q = torch.cat((q_nope, q_rope), dim=-1)
-            out = causal_attention(q, k, v, self.softmax_scale, offset)  # [B, S, n, d_v]
+            out = causal_attention(q, k, v, self.softmax_scale, offset, key_mask=key_mask)  # [B, S, n, d_v]
         return self.o_proj(out.flatten(2))
 
 
@@ -171,19 +194,22 @@ class MultiHeadAttention(nn.Module):
         self.rotary = RotaryEmbedding(config)
         self.softmax_scale = softmax_scale(config)
 
-    def forward(self, x: Tensor, positions: Tensor, cache: KVCache | None = None) -> Tensor:
-        """x: [B, S, H]; positions: [S] absolute positions of x's tokens, which follow the cached ones."""
+    def forward(
+        self, x: Tensor, positions: Tensor, cache: KVCache | None = None, key_mask: Tensor | None = None
+    ) -> Tensor:
+        """x: [B, S, H]; positions: [S] (or per row [B, S]) absolute positions of x's tokens, which follow the
+        cached ones; key_mask: [B, T] bool over the cached and new tokens, False at padding."""
         bsz, seqlen, _ = x.shape
         group = self.n_heads // self.n_kv_heads
-        cos, sin = self.rotary(positions)
-        q = apply_rotary(self.q_proj(x).view(bsz, seqlen, self.n_heads, -1), cos, sin, self.rope_interleave)
-        k = apply_rotary(self.k_proj(x).view(bsz, seqlen, self.n_kv_heads, -1), cos, sin, self.rope_interleave)
+        cos, sin = _rope(self.rotary, positions)
+        q = _rotate(self.q_proj(x).view(bsz, seqlen, self.n_heads, -1), cos, sin, self.rope_interleave)
+        k = _rotate(self.k_proj(x).view(bsz, seqlen, self.n_kv_heads, -1), cos, sin, self.rope_interleave)
         v = self.v_proj(x).view(bsz, seqlen, self.n_kv_heads, -1)
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)  # [B, T, n_kv, d]
         # query head j uses key/value head j // group: put the group's heads in consecutive rows
         q = q.unflatten(2, (self.n_kv_heads, group)).transpose(2, 3).flatten(1, 2)  # [B, S·group, n_kv, d]
-        out = causal_attention(q, k, v, self.softmax_scale, k.shape[1] - seqlen, group)  # [B, S·group, n_kv, d]
+        out = causal_attention(q, k, v, self.softmax_scale, k.shape[1] - seqlen, group, key_mask)  # [B, S·g, n_kv, d]
         out = out.unflatten(1, (seqlen, group)).transpose(2, 3)  # [B, S, n_kv, group, d]
         return self.o_proj(out.flatten(2))
 

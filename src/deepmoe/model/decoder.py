@@ -56,9 +56,9 @@ class DecoderLayer(nn.Module):
         else:
             self.mlp = SwiGLU(config.hidden_size, config.intermediate_size)
 
-    def forward(self, x: Tensor, positions: Tensor, cache: KVCache | None):
-        """x [B, S, H] → ([B, S, H], the MoE output or None)."""
-        x = x + self.self_attn(self.input_layernorm(x), positions, cache)
+    def forward(self, x: Tensor, positions: Tensor, cache: KVCache | None, key_mask: Tensor | None = None):
+        """x [B, S, H] → ([B, S, H], the MoE output or None); key_mask [B, T] bool, False at padding keys."""
+        x = x + self.self_attn(self.input_layernorm(x), positions, cache, key_mask)
         h = self.post_attention_layernorm(x)
         if isinstance(self.mlp, MoE):
             moe_out = self.mlp(h)
@@ -176,11 +176,16 @@ class DeepSeekForCausalLM(nn.Module):
         past_key_values: KVCache | None = None,
         use_cache: bool = False,
         output_mtp: bool | None = None,
+        attention_mask: Tensor | None = None,
     ) -> CausalLMOutput:
         """input_ids [B, S] → logits [B, S, V]; `labels` [B, S] (−100 = ignore) are shifted inside, as in HF.
 
         The MTP modules run when `output_mtp` is set, by default when labels are given (training);
         never with a cache.
+
+        `attention_mask` [B, past + S] of 0/1 over the cached and new tokens (as in HF) marks padding: padded keys
+        are masked out of attention and positions count real tokens only (a left-padded row's first token is at
+        position 0). What the padding positions themselves output is meaningless.
         """
         cfg = self.config
         cache = past_key_values if past_key_values is not None else (KVCache() if use_cache else None)
@@ -188,13 +193,18 @@ class DeepSeekForCausalLM(nn.Module):
         self._check_input(input_ids, start)
         seq = input_ids.shape[1]
         positions = torch.arange(start, start + seq, device=input_ids.device)
+        key_mask = None
+        if attention_mask is not None:
+            key_mask = self._key_mask(attention_mask, input_ids.shape[0], start + seq)
+            if key_mask is not None:
+                positions = (key_mask.long().cumsum(-1) - 1).clamp(min=0)[:, start:]  # [B, S]
 
         embeddings = self.model.embed_tokens(input_ids)
         x = embeddings
         stats: dict[int, RoutingStats] = {}
         aux = embeddings.new_zeros((), dtype=torch.float32)
         for layer in self.model.layers:
-            x, moe_out = layer(x, positions, cache)
+            x, moe_out = layer(x, positions, cache, key_mask)
             if moe_out is not None:
                 stats[layer.layer_idx] = moe_out.stats
                 aux = aux + moe_out.aux_loss
@@ -204,6 +214,8 @@ class DeepSeekForCausalLM(nn.Module):
         if output_mtp is None:
             output_mtp = labels is not None
         if self.model.mtp and output_mtp and cache is None:
+            if key_mask is not None:
+                raise ValueError("the MTP modules do not take padding: give an attention_mask of ones or none")
             self._multi_token_prediction(x, embeddings, out)
         if labels is not None:
             out.lm_loss = F.cross_entropy(
@@ -222,6 +234,16 @@ class DeepSeekForCausalLM(nn.Module):
                     out.mtp_loss = cfg.mtp_loss_weight / len(out.mtp_logits) * sum(depth_losses)
                     out.loss = out.loss + out.mtp_loss
         return out
+
+    def _key_mask(self, attention_mask: Tensor, batch: int, length: int) -> Tensor | None:
+        """attention_mask [B, past + S] of 0/1 → bool [B, past + S], or None when nothing is padding."""
+        if not isinstance(attention_mask, Tensor) or tuple(attention_mask.shape) != (batch, length):
+            shape = tuple(attention_mask.shape) if isinstance(attention_mask, Tensor) else type(attention_mask).__name__
+            raise ValueError(f"attention_mask must be a tensor [batch, past + seq] = [{batch}, {length}], got {shape}")
+        if not ((attention_mask == 0) | (attention_mask == 1)).all():
+            raise ValueError("attention_mask must hold only 0 (padding) and 1 (token)")
+        key_mask = attention_mask.to(self.model.embed_tokens.weight.device) == 1
+        return None if key_mask.all() else key_mask
 
     def _multi_token_prediction(self, hidden: Tensor, embeddings: Tensor, out: CausalLMOutput) -> None:
         """Depth k uses h^{k-1}_{0..S-k-1} and Emb(t_{k..S-1}); fills out.mtp_logits, stats and aux loss."""
