@@ -122,50 +122,107 @@ def _inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_sampling_flags(args: argparse.Namespace) -> None:
+    """Refuse flag combinations that would be ignored: top-k/top-p without sampling, sampling with --speculative."""
+    given = [flag for flag, value in (("--top-k", args.top_k), ("--top-p", args.top_p)) if value is not None]
+    if args.speculative and (args.temperature > 0 or given):
+        flags = ([f"--temperature {args.temperature:g}"] if args.temperature > 0 else []) + given
+        raise ValueError(f"--speculative decodes greedily: drop {' and '.join(flags)} (or drop --speculative)")
+    if given and args.temperature == 0:
+        raise ValueError(
+            f"{' and '.join(given)} only apply when sampling: set --temperature to a value > 0 (0 decodes greedily)"
+        )
+
+
 def _generate(args: argparse.Namespace) -> int:
+    _check_sampling_flags(args)
+
     import torch
 
     from deepmoe.io import from_pretrained
-    from deepmoe.model.generate import generate, generate_speculative
+    from deepmoe.model.generate import TextStreamer, generate, generate_speculative
 
+    tokenizer = _load_tokenizer(args.model) if args.prompt is not None else None
     model = from_pretrained(args.model, dtype=getattr(torch, args.dtype), delta=args.delta).eval()
     if args.steer is not None:
         from deepmoe.tools.steer import apply_steering
 
         apply_steering(model, args.steer)
-    tokenizer = None
-    if args.prompt is not None:
-        tokenizer = _load_tokenizer(args.model)
-        ids = tokenizer.encode(args.prompt).ids
-    else:
-        ids = args.ids
+    ids = tokenizer.encode(args.prompt).ids if tokenizer is not None else args.ids
     if not ids:
         raise ValueError("the prompt is empty: give --prompt TEXT or --ids ID [ID ...]")
     input_ids = torch.tensor([ids], dtype=torch.long)
+    eos = [] if args.no_eos else args.eos  # None: the checkpoint's eos_token_id
 
-    def stream(token: torch.Tensor) -> None:
-        text = tokenizer.decode([int(token[0])]) if tokenizer else f" {int(token[0])}"
-        print(text, end="", flush=True)
+    if tokenizer is not None:  # print whole characters only: one may span several tokens
+        streamer = TextStreamer(tokenizer)
+        stream, finish = streamer, streamer.end
+    else:
+
+        def stream(token: torch.Tensor) -> None:
+            print(f" {int(token[0])}", end="", flush=True)
+
+        def finish() -> None:
+            pass
 
     if args.speculative:
-        _, stats = generate_speculative(model, input_ids, args.max_new_tokens, eos_token_id=args.eos, streamer=stream)
+        _, stats = generate_speculative(model, input_ids, args.max_new_tokens, eos_token_id=eos, streamer=stream)
+        finish()
         print(f"\n[MTP drafts accepted: {stats.accepted}/{stats.drafted} = {stats.acceptance_rate:.0%}]")
         return 0
-    generator = torch.Generator().manual_seed(args.seed)
     generate(
         model,
         input_ids,
         args.max_new_tokens,
         do_sample=args.temperature > 0,
-        temperature=args.temperature or 1.0,
+        temperature=args.temperature if args.temperature > 0 else 1.0,
         top_k=args.top_k,
         top_p=args.top_p,
-        eos_token_id=args.eos,
-        generator=generator,
+        eos_token_id=eos,
+        generator=torch.Generator().manual_seed(args.seed),
         streamer=stream,
     )
+    finish()
     print()
     return 0
+
+
+def _temperature(text: str) -> float:
+    """A finite number >= 0 (argparse type)."""
+    value = _finite_float(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0 (0 = greedy), got {text}")
+    return value
+
+
+def _top_p(text: str) -> float:
+    """A number in (0, 1] (argparse type)."""
+    value = _finite_float(text)
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {text}")
+    return value
+
+
+def _finite_float(text: str) -> float:
+    import math
+
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid float value: {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
+    return value
+
+
+def _token_id(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid int value: {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be a token id >= 0, got {value}")
+    return value
 
 
 def _load_tokenizer(model_dir: str):
@@ -176,7 +233,10 @@ def _load_tokenizer(model_dir: str):
     path = Path(model_dir) / "tokenizer.json"
     if not path.is_file():
         raise ValueError(f"{path} not found: give token ids with --ids instead of --prompt")
-    return Tokenizer.from_file(str(path))
+    try:
+        return Tokenizer.from_file(str(path))
+    except Exception as error:  # noqa: BLE001 - the tokenizers library raises its own Exception
+        raise ValueError(f"{path} is not a readable tokenizer: {str(error).splitlines()[0]}") from error
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -305,11 +365,26 @@ def build_parser() -> argparse.ArgumentParser:
     source.add_argument("--prompt", help="prompt text (needs tokenizer.json in the checkpoint)")
     source.add_argument("--ids", type=int, nargs="+", help="prompt token ids")
     gen.add_argument("--max-new-tokens", type=positive_int, default=32)
-    gen.add_argument("--temperature", type=float, default=0.0, help="0 (default): greedy")
-    gen.add_argument("--top-k", type=positive_int, default=None)
-    gen.add_argument("--top-p", type=float, default=None)
-    gen.add_argument("--speculative", action="store_true", help="greedy, drafting with the MTP module")
-    gen.add_argument("--eos", type=int, default=None, help="stop at this token id")
+    gen.add_argument(
+        "--temperature", type=_temperature, default=0.0, help="0 (default): greedy; > 0: sample at this temperature"
+    )
+    gen.add_argument(
+        "--top-k", type=positive_int, default=None, help="sample among the k likeliest (with --temperature)"
+    )
+    gen.add_argument("--top-p", type=_top_p, default=None, help="nucleus sampling, p in (0, 1] (with --temperature)")
+    gen.add_argument(
+        "--speculative", action="store_true", help="greedy, drafting with the MTP module (no sampling flags)"
+    )
+    eos = gen.add_mutually_exclusive_group()
+    eos.add_argument(
+        "--eos",
+        type=_token_id,
+        action="append",
+        default=None,
+        metavar="ID",
+        help="stop at this token id (repeat for several; default: the checkpoint's eos_token_id)",
+    )
+    eos.add_argument("--no-eos", action="store_true", help="do not stop at the checkpoint's eos_token_id")
     gen.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     gen.add_argument("--seed", type=int, default=0)
     gen.add_argument("--steer", metavar="FILE", default=None, help="steering file from `deepmoe steer`")

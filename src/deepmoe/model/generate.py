@@ -1,14 +1,17 @@
-"""Decoding (SPEC M6): greedy and sampled generation with the KV cache, and greedy speculative
-decoding that drafts with the multi-token-prediction module and verifies with the main model.
+"""Decoding (SPEC M6): greedy and sampled generation with the KV cache, for left-padded batches too, greedy
+speculative decoding that drafts with the multi-token-prediction module and verifies with the main model, and
+incremental detokenisation of the streamed ids (`IncrementalDecoder`, `TextStreamer`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import math
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from deepmoe.model.attention import KVCache
 from deepmoe.model.decoder import DeepSeekForCausalLM
@@ -25,10 +28,9 @@ def sample_next(
     """logits [B, V] → token ids [B]: argmax, or a sample after temperature, top-k and top-p (nucleus) filters."""
     if not do_sample:
         return logits.argmax(-1)
-    if temperature <= 0:
-        raise ValueError(f"temperature must be > 0 when sampling, got {temperature}")
+    check_sampling_args(True, temperature, top_k, top_p)
     logits = logits.float() / temperature
-    if top_k is not None and top_k > 0:
+    if top_k is not None:
         kth = logits.topk(min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
     if top_p is not None and top_p < 1.0:
@@ -38,6 +40,100 @@ def sample_next(
         drop_sorted = probs.cumsum(-1) - probs > top_p
         logits = logits.masked_fill(drop_sorted.scatter(1, order, drop_sorted), float("-inf"))
     return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(-1)
+
+
+def _is_real(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def check_sampling_args(
+    do_sample: bool, temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None
+) -> None:
+    """ValueError (naming the argument) for a setting that is out of range or that decoding would ignore.
+
+    temperature is a finite number >= 0, and > 0 when sampling; top_k an integer >= 1; top_p a number in (0, 1].
+    do_sample=False decodes greedily: a temperature other than 1 (the default) or 0, a top_k or a top_p would
+    have no effect there, so they are refused.
+    """
+    if not isinstance(do_sample, bool):
+        raise ValueError(f"do_sample must be True or False, got {do_sample!r}")
+    if not _is_real(temperature) or temperature < 0:
+        raise ValueError(f"temperature must be a finite number >= 0, got {temperature!r}")
+    if top_k is not None and (not isinstance(top_k, int) or isinstance(top_k, bool) or top_k < 1):
+        raise ValueError(f"top_k must be None or an integer >= 1, got {top_k!r}")
+    if top_p is not None and (not _is_real(top_p) or not 0 < top_p <= 1):
+        raise ValueError(f"top_p must be None or a number in (0, 1], got {top_p!r}")
+    if do_sample:
+        if temperature == 0:
+            raise ValueError("temperature must be > 0 when sampling (do_sample=True); for greedy use do_sample=False")
+        return
+    unused = [f"{name}={value!r}" for name, value in (("top_k", top_k), ("top_p", top_p)) if value is not None]
+    if temperature not in (0, 1):
+        unused.insert(0, f"temperature={temperature!r}")
+    if unused:
+        raise ValueError(
+            f"{', '.join(unused)} only appl{'ies' if len(unused) == 1 else 'y'} when sampling: set do_sample=True "
+            f"(do_sample=False decodes greedily)"
+        )
+
+
+def _eos_ids(eos_token_id, model: DeepSeekForCausalLM) -> list[int]:
+    """The stop ids: `eos_token_id` (an int or a list of ints; [] = never stop), else the config's."""
+    if eos_token_id is None:
+        eos_token_id = model.config.eos_token_id
+        if eos_token_id is None:
+            return []
+    ids = [eos_token_id] if not isinstance(eos_token_id, (list, tuple)) else list(eos_token_id)
+    if not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ids):
+        raise ValueError(f"eos_token_id must be None, an integer >= 0 or a list of them, got {eos_token_id!r}")
+    return ids
+
+
+def _pad_id(pad_token_id: int | None, model: DeepSeekForCausalLM, eos: list[int]) -> int:
+    """What finished rows are filled with: `pad_token_id`, else config.pad_token_id, else the (first) EOS id."""
+    vocab = model.config.vocab_size
+    if pad_token_id is not None:
+        if not isinstance(pad_token_id, int) or isinstance(pad_token_id, bool) or not 0 <= pad_token_id < vocab:
+            raise ValueError(f"pad_token_id must be None or an integer in [0, {vocab}), got {pad_token_id!r}")
+        return pad_token_id
+    if model.config.pad_token_id is not None:
+        return model.config.pad_token_id
+    return eos[0] if eos else 0
+
+
+def _check_attention_mask(attention_mask, input_ids: Tensor) -> Tensor | None:
+    """A [B, S] tensor of 0/1 (left padding: each row's zeros come first) → int64 on input_ids' device."""
+    if attention_mask is None:
+        return None
+    if not isinstance(attention_mask, Tensor):
+        raise ValueError(f"attention_mask must be a tensor [batch, seq] of 0/1, got {type(attention_mask).__name__}")
+    if attention_mask.shape != input_ids.shape:
+        raise ValueError(
+            f"attention_mask must have the shape of input_ids {tuple(input_ids.shape)}, "
+            f"got {tuple(attention_mask.shape)}"
+        )
+    if attention_mask.dtype.is_complex or not ((attention_mask == 0) | (attention_mask == 1)).all():
+        raise ValueError("attention_mask must hold only 0 (padding) and 1 (token)")
+    mask = attention_mask.to(device=input_ids.device, dtype=torch.long)
+    if (mask[:, 1:] < mask[:, :-1]).any() or not mask[:, -1].all():
+        raise ValueError(
+            "attention_mask must be left padding: in each row the zeros come first and the last token is real "
+            "(a row with no token is refused too)"
+        )
+    return mask
+
+
+@contextmanager
+def _inference(model: nn.Module) -> Iterator[None]:
+    """Run the model as at inference (eval: no capacity dropping, so one row's tokens, padding included,
+    cannot change another's routing), then restore every module's mode."""
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield
+    finally:
+        for module, training in modes:
+            module.training = training
 
 
 def _check_generation_args(model: DeepSeekForCausalLM, input_ids: Tensor, max_new_tokens: int) -> None:
@@ -61,34 +157,51 @@ def generate(
     temperature: float = 1.0,
     top_k: int | None = None,
     top_p: float | None = None,
-    eos_token_id: int | None = None,
+    eos_token_id: int | list[int] | None = None,
     use_cache: bool = True,
     generator: torch.Generator | None = None,
     streamer: Callable[[Tensor], None] | None = None,
+    *,
+    attention_mask: Tensor | None = None,
+    pad_token_id: int | None = None,
 ) -> Tensor:
     """input_ids [B, S] → [B, S + n]: the prompt followed by up to `max_new_tokens` new tokens.
 
-    Rows that produced `eos_token_id` are padded with it until every row has. `streamer` is
-    called with each new column of tokens [B]. Without the cache every step re-runs the
-    whole sequence (the reference the cached path is tested against).
+    do_sample=False decodes greedily; do_sample=True samples after `temperature` (> 0), `top_k` and `top_p`
+    (see `check_sampling_args`: settings that would be ignored are refused). `attention_mask` [B, S] of 0/1
+    marks left padding: a padded row then decodes exactly as its prompt alone (positions count from its
+    first real token, padded keys are masked out). `eos_token_id` (an int or a list; default
+    config.eos_token_id; [] never stops): a row that produced one is then filled with `pad_token_id`
+    (default config.pad_token_id, else the EOS id) until every row has. `streamer` is called with each new
+    column of tokens [B]. Without the cache every step re-runs the whole sequence (the reference the cached
+    path is tested against). The model runs in eval mode (its modes are restored afterwards).
     """
     _check_generation_args(model, input_ids, max_new_tokens)
+    check_sampling_args(do_sample, temperature, top_k, top_p)
+    mask = _check_attention_mask(attention_mask, input_ids)
+    eos = _eos_ids(eos_token_id, model)
+    pad = _pad_id(pad_token_id, model, eos)
+    eos_ids = torch.tensor(eos, dtype=input_ids.dtype, device=input_ids.device)
     cache = KVCache() if use_cache else None
     tokens = input_ids
     step_input = input_ids
     finished = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
-    for _ in range(max_new_tokens):
-        logits = model(step_input if use_cache else tokens, past_key_values=cache).logits[:, -1]
-        next_token = sample_next(logits, do_sample, temperature, top_k, top_p, generator)
-        if eos_token_id is not None:
-            next_token = next_token.masked_fill(finished, eos_token_id)
-            finished |= next_token == eos_token_id
-        tokens = torch.cat([tokens, next_token[:, None]], dim=1)
-        step_input = next_token[:, None]
-        if streamer is not None:
-            streamer(next_token)
-        if eos_token_id is not None and finished.all():
-            break
+    with _inference(model):
+        for _ in range(max_new_tokens):
+            extra = {} if mask is None else {"attention_mask": mask}
+            logits = model(step_input if use_cache else tokens, past_key_values=cache, **extra).logits[:, -1]
+            next_token = sample_next(logits, do_sample, temperature, top_k, top_p, generator).to(tokens.dtype)
+            if eos:
+                next_token = next_token.masked_fill(finished, pad)
+                finished |= torch.isin(next_token, eos_ids)
+            tokens = torch.cat([tokens, next_token[:, None]], dim=1)
+            step_input = next_token[:, None]
+            if mask is not None:
+                mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
+            if streamer is not None:
+                streamer(next_token)
+            if eos and finished.all():
+                break
     return tokens
 
 
@@ -107,19 +220,38 @@ def generate_speculative(
     model: DeepSeekForCausalLM,
     input_ids: Tensor,
     max_new_tokens: int = 32,
-    eos_token_id: int | None = None,
+    eos_token_id: int | list[int] | None = None,
     streamer: Callable[[Tensor], None] | None = None,
+    *,
+    attention_mask: Tensor | None = None,
 ) -> tuple[Tensor, SpeculativeStats]:
     """Greedy decoding that drafts one token with the first MTP module and verifies it with the main
     model: the tokens equal plain greedy decoding; accepted drafts save main-model passes.
 
-    input_ids [1, S] → ([1, S + n], stats).
+    input_ids [1, S] → ([1, S + n], stats). `eos_token_id` as in `generate` (default config.eos_token_id).
+    One unpadded sequence only: an `attention_mask` with padding is refused. Greedy only: there is no
+    sampling here.
     """
     if not model.model.mtp:
         raise ValueError("speculative decoding needs a model with num_nextn_predict_layers >= 1")
     _check_generation_args(model, input_ids, max_new_tokens)
     if input_ids.shape[0] != 1:
         raise ValueError(f"speculative decoding takes one sequence [1, seq], got {tuple(input_ids.shape)}")
+    mask = _check_attention_mask(attention_mask, input_ids)
+    if mask is not None and not mask.all():
+        raise ValueError("speculative decoding takes one unpadded sequence: attention_mask has padding (zeros)")
+    eos = _eos_ids(eos_token_id, model)
+    with _inference(model):
+        return _speculative(model, input_ids, max_new_tokens, eos, streamer)
+
+
+def _speculative(
+    model: DeepSeekForCausalLM,
+    input_ids: Tensor,
+    max_new_tokens: int,
+    eos: list[int],
+    streamer: Callable[[Tensor], None] | None,
+) -> tuple[Tensor, SpeculativeStats]:
     mtp = model.model.mtp[0]
     cache, stats = KVCache(), SpeculativeStats()
     n_main = model.config.num_hidden_layers
@@ -141,7 +273,7 @@ def generate_speculative(
         emitted.append(token)
         if streamer is not None:
             streamer(token.view(1))
-        return (eos_token_id is not None and int(token) == eos_token_id) or len(emitted) >= max_new_tokens
+        return int(token) in eos or len(emitted) >= max_new_tokens
 
     if max_new_tokens == 0:
         return input_ids, stats
@@ -168,3 +300,66 @@ def generate_speculative(
             token = predictions[:, :1]
         guess = draft(new_hidden, next_ids)
     return torch.cat([input_ids, *emitted], dim=1), stats
+
+
+class IncrementalDecoder:
+    """Token ids in, text out in pieces that hold only whole characters, for streaming.
+
+    A byte-level BPE splits a multi-byte character (東, é, —, “) over several tokens, so decoding one token at a
+    time prints U+FFFD. `push` decodes a window of the ids (from the last piece written on) and returns the new
+    text once it no longer ends in U+FFFD (an unfinished character); `flush` returns whatever is left, e.g. a
+    truly invalid byte sequence at the end. The pieces joined equal `tokenizer.decode(all ids)`.
+
+    `tokenizer` is anything with `decode(list[int], **decode_kwargs) -> str` (a `tokenizers.Tokenizer`, a
+    transformers tokenizer).
+    """
+
+    def __init__(self, tokenizer, **decode_kwargs) -> None:
+        self.tokenizer = tokenizer
+        self.decode_kwargs = decode_kwargs
+        self.ids: list[int] = []
+        self._start = 0  # the window: ids[_start:_done] decode to the text already returned last time
+        self._done = 0
+
+    def _decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, **self.decode_kwargs)
+
+    def _take(self, complete_only: bool) -> str:
+        written = self._decode(self.ids[self._start : self._done])
+        text = self._decode(self.ids[self._start :])
+        if complete_only and (len(text) <= len(written) or text.endswith("\ufffd")):
+            return ""
+        self._start, self._done = self._done, len(self.ids)
+        return text[len(written) :]
+
+    def push(self, ids: int | Iterable[int] | Tensor) -> str:
+        """Add one id or several; the text they complete ("" while a character is unfinished)."""
+        if isinstance(ids, Tensor):
+            ids = ids.reshape(-1).tolist()
+        self.ids.extend([int(ids)] if isinstance(ids, int) else (int(i) for i in ids))
+        return self._take(complete_only=True)
+
+    def flush(self) -> str:
+        """The text not returned yet, unfinished characters included (as U+FFFD)."""
+        return self._take(complete_only=False)
+
+
+class TextStreamer:
+    """A `streamer` for `generate` / `generate_speculative` on one sequence: hands each piece of whole
+    characters to `on_text` (default: print it); call `end()` after generation for the rest."""
+
+    def __init__(self, tokenizer, on_text: Callable[[str], None] | None = None, **decode_kwargs) -> None:
+        self.decoder = IncrementalDecoder(tokenizer, **decode_kwargs)
+        self.on_text = on_text if on_text is not None else (lambda text: print(text, end="", flush=True))
+
+    def __call__(self, token: Tensor) -> None:
+        if token.numel() != 1:
+            raise ValueError(f"TextStreamer streams one sequence: got a column of {token.numel()} tokens")
+        self._write(self.decoder.push(int(token.reshape(-1)[0])))
+
+    def end(self) -> None:
+        self._write(self.decoder.flush())
+
+    def _write(self, text: str) -> None:
+        if text:
+            self.on_text(text)
