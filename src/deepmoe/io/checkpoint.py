@@ -25,7 +25,7 @@ from safetensors import torch as st_torch
 from torch import Tensor, nn
 
 from deepmoe.config import DeepSeekConfig
-from deepmoe.io.files import atomic_directory, fsync_path, make_readable, write_json
+from deepmoe.io.files import atomic_directory, fsync_path, make_readable, visible_entries, write_json
 from deepmoe.io.hf import (
     config_from_hf,
     config_to_hf,
@@ -43,6 +43,8 @@ INDEX_NAME = "model.safetensors.index.json"
 SCALE_SUFFIX = "_scale_inv"
 FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
 _SHARD_NAME = re.compile(r"model-\d{5}-of-\d{5}\.safetensors")
+TOKENIZER_FILES = re.compile(r"(tokenizer.*|special_tokens_map\.json|generation_config\.json|vocab\..*|merges\.txt)")
+"""Files beside the weights that belong to a HF checkpoint (tokenizer, generation settings)."""
 
 
 class CheckpointError(ValueError):
@@ -265,6 +267,18 @@ def _checkpoint_files(directory: Path) -> set[str]:
     except (OSError, ValueError, AttributeError, TypeError):
         pass
     return names
+
+
+def checkpoint_output(record: str) -> Callable[[Path], bool]:
+    """Whether a directory is a checkpoint a command wrote before and may replace: it holds the command's
+    `record` file (e.g. merge.json) and otherwise only checkpoint files (config, weights, tokenizer)."""
+
+    def replaceable(directory: Path) -> bool:
+        own = _checkpoint_files(directory) | {record}
+        names = visible_entries(directory)
+        return record in names and all(n in own or TOKENIZER_FILES.fullmatch(n) for n in names)
+
+    return replaceable
 
 
 # ---- HF checkpoints of deepmoe models -------------------------------------------------------------

@@ -1,11 +1,17 @@
 """Atomic writes, the one implementation for checkpoints, reports, logs and caches: a file (or a
 directory) is written next to its target under a temporary name, fsynced, then renamed into place, so
 that a reader or a crash sees the old contents or the new ones, never a mixture.
+
+And the one guard of every command's output directory (`claim_directory`): a lock against a second
+process writing the same target, and a refusal of a non-empty target that is not the command's own
+kind of output, so that no command deletes or overwrites what it did not create.
 """
 
 from __future__ import annotations
 
 import ctypes
+import errno
+import fcntl
 import json
 import os
 import shutil
@@ -113,9 +119,10 @@ def atomic_directory(
     offers it, else two renames (the old directory is put back if the second fails). If the block
     raises, the temporary directory is removed and `target` is left as it was.
     """
-    target = Path(target)
+    target = Path(os.path.abspath(target))
     if target.exists() and not target.is_dir():
         raise NotADirectoryError(f"{target}: exists and is not a directory")
+    _refuse_current_directory(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:
@@ -149,3 +156,105 @@ def atomic_directory(
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+# ---- output directories of commands ---------------------------------------------------------------
+
+
+class OutputDirectoryError(ValueError):
+    """A command's output directory cannot be used: another process is writing it, or it holds files
+    that are not this command's own output (the message names them)."""
+
+
+LOCK_SUFFIX = ".lock"
+
+
+def _refuse_current_directory(target: Path) -> None:
+    cwd = Path.cwd()
+    if target == cwd or target in cwd.parents:
+        raise OutputDirectoryError(
+            f"{target}: is the current directory (or holds it) and cannot be replaced: write into a new "
+            "subdirectory instead"
+        )
+
+
+def visible_entries(directory: Path) -> list[str]:
+    """Names in `directory`, without the temporaries and locks of this module's writers."""
+    return sorted(e.name for e in directory.iterdir() if not is_temporary(e.name) and not _is_lock(directory, e.name))
+
+
+def _is_lock(directory: Path, name: str) -> bool:
+    return name.startswith(".") and name.endswith(LOCK_SUFFIX)
+
+
+def _listing(names: list[str], most: int = 4) -> str:
+    shown = ", ".join(names[:most])
+    return shown + (f" and {len(names) - most} more" if len(names) > most else "")
+
+
+@contextmanager
+def claim_directory(
+    target: str | os.PathLike, kind: str, replaceable: Callable[[Path], bool] | None = None
+) -> Iterator[Path]:
+    """Hold the output directory `target` of one command for the duration of the block.
+
+    Refused (`OutputDirectoryError`, before anything is written): `target` is a file; another process
+    holds it (an exclusive `flock` on `.NAME.lock` beside it, released when the block ends or the process
+    dies); or it exists, is not empty, and `replaceable(target)` does not say it is this command's own
+    kind of output (`kind`, used in the message). Yields the absolute path; creates nothing in it.
+    """
+    target = Path(os.path.abspath(target))
+    if target.exists() and not target.is_dir():
+        raise OutputDirectoryError(f"{target}: exists and is not a directory")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    lock = target.parent / f".{target.name}{LOCK_SUFFIX}"
+    fd = _acquire(lock, target)
+    try:
+        entries = visible_entries(target) if target.is_dir() else []
+        if entries and not (replaceable is not None and replaceable(target)):
+            raise OutputDirectoryError(
+                f"{target}: is not empty and is not a {kind} (it holds {_listing(entries)}): refusing to write "
+                "there; choose a new or empty directory"
+            )
+        yield target
+    finally:
+        lock.unlink(missing_ok=True)  # while still holding it: a waiter then finds its file gone and retries
+        os.close(fd)
+
+
+def refuse_overlap(target: str | os.PathLike, inputs: Collection[str | os.PathLike], what: str) -> None:
+    """`OutputDirectoryError` where the output `target` is one of `inputs` or holds or lies inside one."""
+    target = Path(os.path.realpath(target))
+    for source in inputs:
+        source = Path(os.path.realpath(source))
+        if source == target:
+            raise OutputDirectoryError(f"{target}: is {what}: write the output elsewhere")
+        if source in target.parents or target in source.parents:
+            raise OutputDirectoryError(f"{target}: overlaps {what}, {source} (one holds the other): write the "
+                                       "output elsewhere")  # fmt: skip
+
+
+def _acquire(lock: Path, target: Path) -> int:
+    """An fd holding an exclusive flock on the file `lock` (the path's current file, not an unlinked one)."""
+    while True:
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as err:
+            holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip()
+            os.close(fd)
+            if err.errno not in (errno.EWOULDBLOCK, errno.EACCES):
+                raise
+            raise OutputDirectoryError(
+                f"{target}: another process{f' (pid {holder})' if holder else ''} is writing it; wait for it "
+                "to finish or choose another directory"
+            ) from None
+        try:
+            same = os.fstat(fd).st_ino == os.stat(lock).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, str(os.getpid()).encode(), 0)
+            return fd
+        os.close(fd)  # the holder removed the file as we opened it: lock the new one

@@ -44,8 +44,10 @@ from __future__ import annotations
 import argparse
 import csv
 import io
+import json
 import math
 import os
+import re
 import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -55,7 +57,7 @@ import torch
 from torch import Tensor
 
 from deepmoe.argtypes import positive_int
-from deepmoe.io.files import atomic_write
+from deepmoe.io.files import atomic_write, claim_directory, visible_entries
 from deepmoe.moe.balance import coefficient_of_variation, max_violation
 from deepmoe.tools.routing import LayerRouting, collect_routing
 
@@ -487,11 +489,34 @@ def write_analysis(report: dict[str, Any], out_dir: str | os.PathLike) -> list[P
     """Write `report` to `out_dir` (created): report.json, layers.csv, load.csv, js.csv,
     specific_experts.csv, coactivation.csv, vocabulary.csv, load_heatmap.png and, per layer L,
     sources_layer_L.png and coactivation_layer_L.png. Every file is written atomically.
-    Returns the paths written."""
+    Returns the paths written. A non-empty `out_dir` is refused unless it holds an earlier analysis.
+    """
+    with claim_directory(out_dir, "routing analysis (deepmoe analyze)", is_analysis) as out:
+        out.mkdir(exist_ok=True)
+        return _write_analysis(report, out)
+
+
+_ANALYSIS_FILE = re.compile(r"report\.json|(layers|load|js|specific_experts|coactivation|vocabulary)\.csv"
+                            r"|load_heatmap\.png|(sources|coactivation)_layer_\d+\.png")  # fmt: skip
+
+
+def is_analysis(directory: Path) -> bool:
+    """Whether `directory` holds only what `write_analysis` writes, with its report.json."""
+    try:
+        report = json.loads((directory / "report.json").read_text())
+    except (OSError, ValueError):
+        return False
+    names = visible_entries(directory)
+    return (
+        isinstance(report, dict)
+        and {"sources", "layers"} <= report.keys()
+        and all(_ANALYSIS_FILE.fullmatch(n) for n in names)
+    )
+
+
+def _write_analysis(report: dict[str, Any], out: Path) -> list[Path]:
     from deepmoe.train.report import write_report
 
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     layers = report["layers"]
     names = list(report["sources"])
     written = [write_report(out / "report.json", report)]

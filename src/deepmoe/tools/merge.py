@@ -36,14 +36,16 @@ from torch import Tensor
 from deepmoe.io.checkpoint import (
     CONFIG_NAME,
     INDEX_NAME,
+    TOKENIZER_FILES,
     CheckpointError,
     SafetensorsCheckpoint,
+    checkpoint_output,
     load_config,
     parse_size,
     plan_shards,
     shard_file_name,
 )
-from deepmoe.io.files import atomic_directory, fsync_path, write_json
+from deepmoe.io.files import atomic_directory, claim_directory, fsync_path, refuse_overlap, write_json
 
 TENSOR_CLASSES = (
     "routed_experts",
@@ -63,7 +65,6 @@ CHUNK_BYTES = 64 * 2**20
 DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 _CODES = {dtype: code for code, dtype in DTYPES.items()}
 MERGE_RECORD = "merge.json"
-_COPIED = re.compile(r"(tokenizer.*|special_tokens_map\.json|generation_config\.json|vocab\..*|merges\.txt)")
 # settings that only change training, not the function a checkpoint computes: parents may differ in them
 _TRAINING_ONLY = {
     "initializer_range", "mtp_loss_weight", "bos_token_id", "eos_token_id", "pad_token_id",
@@ -342,6 +343,8 @@ def merge_checkpoints(
     table = resolve_weights(len(paths), weights, class_weights)
     if out is None and not dry_run:
         raise ValueError("give the output directory (--out), or ask for a dry run")
+    if not dry_run:
+        refuse_overlap(out, paths, "a parent")
     limit = parse_size(max_shard_size)
     tensors = check_parents(paths)
     base = tensors[0]
@@ -379,7 +382,8 @@ def merge_checkpoints(
             for name in names:
                 plan(name)
             return report
-        with atomic_directory(Path(out)) as tmp:
+        claim = claim_directory(out, f"merged checkpoint ({MERGE_RECORD})", checkpoint_output(MERGE_RECORD))
+        with claim as target, atomic_directory(target) as tmp:
             shards = plan_shards(sizes, limit)
             weight_map = {}
             for i, shard in enumerate(shards):
@@ -393,7 +397,7 @@ def merge_checkpoints(
                 write_json(tmp / INDEX_NAME, {"metadata": {"total_size": sum(n for _, n in sizes)},
                                               "weight_map": weight_map})  # fmt: skip
             for entry in sorted(paths[0].iterdir()):
-                if entry.is_file() and (entry.name == CONFIG_NAME or _COPIED.fullmatch(entry.name)):
+                if entry.is_file() and (entry.name == CONFIG_NAME or TOKENIZER_FILES.fullmatch(entry.name)):
                     shutil.copyfile(entry, tmp / entry.name)
                     fsync_path(tmp / entry.name)
             write_json(tmp / MERGE_RECORD, report.to_dict())

@@ -36,7 +36,7 @@ from typing import Any
 import torch
 
 from deepmoe.argtypes import positive_int
-from deepmoe.io.files import atomic_write, write_json
+from deepmoe.io.files import atomic_write, claim_directory, visible_entries, write_json
 from deepmoe.presets import count_parameters
 from deepmoe.train.checkpoint import read_last
 from deepmoe.train.report import pyplot, read_jsonl, save_figure
@@ -332,41 +332,54 @@ def run_study(
     log=print,
 ) -> StudyResult:
     """Train every variant of `study` into `out/runs/NAME`, then write `out/results.json` (the rows),
-    `table.md`, `loss.png`, `maxvio.png` (and, for architectures, `redundancy.json`/`.png`)."""
+    `table.md`, `loss.png`, `maxvio.png` (and, for architectures, `redundancy.json`/`.png`). A non-empty
+    `out` is refused unless it holds an earlier study's runs, which are reused or continued."""
     from deepmoe.train import data
 
-    out = Path(out)
-    variants = variants_of(study, scale)
-    if corpus is None:
-        corpus = data.prepare_corpus(None, scale.vocab_size)
-    rows = []
-    for i, variant in enumerate(variants, 1):
-        log(f"[{i}/{len(variants)}] {variant.name}: {variant.description}")
-        row = run_variant(variant, scale, out / "runs" / variant.name, corpus, seed)
-        log(
-            f"    held-out loss {row['heldout_loss']:.4f}, MaxVio {row['maxvio']:.3f}, "
-            f"{row['tokens_per_second']:,.0f} tokens/s"
-        )
-        rows.append(row)
-    redundancy: dict[str, list[dict[str, Any]]] = {}
-    if study == "architectures":
-        log("measuring training speed side by side")
-        speeds = side_by_side_speed(variants, scale, corpus, seed)
-        for row in rows:
-            row["tokens_per_second_side_by_side"] = speeds[row["name"]]
-            row["speed_vs_dense"] = speeds[row["name"]] / speeds["dense"]
-        batches = data.heldout_batches(corpus.heldout, scale.batch_size, scale.seq_len, max_batches=scale.eval_batches)
-        for name in ("gshard", "deepseekmoe"):
-            redundancy[name] = redundancy_test(read_last(out / "runs" / name), batches)
-    files = [write_json(out / "results.json", rows)]
-    files.append(atomic_write(out / "table.md", markdown_table(rows, study) + "\n"))
-    files.append(plot_curves(rows, "loss", out / "loss.png"))
-    files.append(plot_curves(rows, "maxvio", out / "maxvio.png"))
-    if redundancy:
-        files.append(write_json(out / "redundancy.json", redundancy))
-        files.append(atomic_write(out / "redundancy.md", redundancy_table(redundancy) + "\n"))
-        files.append(plot_redundancy(redundancy, out / "redundancy.png"))
-    return StudyResult(rows, redundancy, files)
+    with claim_directory(out, "study directory (deepmoe study)", is_study) as out:
+        variants = variants_of(study, scale)
+        if corpus is None:
+            corpus = data.prepare_corpus(None, scale.vocab_size)
+        rows = []
+        for i, variant in enumerate(variants, 1):
+            log(f"[{i}/{len(variants)}] {variant.name}: {variant.description}")
+            row = run_variant(variant, scale, out / "runs" / variant.name, corpus, seed)
+            log(
+                f"    held-out loss {row['heldout_loss']:.4f}, MaxVio {row['maxvio']:.3f}, "
+                f"{row['tokens_per_second']:,.0f} tokens/s"
+            )
+            rows.append(row)
+        redundancy: dict[str, list[dict[str, Any]]] = {}
+        if study == "architectures":
+            log("measuring training speed side by side")
+            speeds = side_by_side_speed(variants, scale, corpus, seed)
+            for row in rows:
+                row["tokens_per_second_side_by_side"] = speeds[row["name"]]
+                row["speed_vs_dense"] = speeds[row["name"]] / speeds["dense"]
+            batches = data.heldout_batches(
+                corpus.heldout, scale.batch_size, scale.seq_len, max_batches=scale.eval_batches
+            )
+            for name in ("gshard", "deepseekmoe"):
+                redundancy[name] = redundancy_test(read_last(out / "runs" / name), batches)
+        files = [write_json(out / "results.json", rows)]
+        files.append(atomic_write(out / "table.md", markdown_table(rows, study) + "\n"))
+        files.append(plot_curves(rows, "loss", out / "loss.png"))
+        files.append(plot_curves(rows, "maxvio", out / "maxvio.png"))
+        if redundancy:
+            files.append(write_json(out / "redundancy.json", redundancy))
+            files.append(atomic_write(out / "redundancy.md", redundancy_table(redundancy) + "\n"))
+            files.append(plot_redundancy(redundancy, out / "redundancy.png"))
+        return StudyResult(rows, redundancy, files)
+
+
+_STUDY_FILES = {"runs", "results.json", "table.md", "loss.png", "maxvio.png", "redundancy.json", "redundancy.md",
+                "redundancy.png"}  # fmt: skip
+
+
+def is_study(directory: Path) -> bool:
+    """Whether `directory` holds a study's runs (to continue) and only what `run_study` writes."""
+    names = visible_entries(directory)
+    return "runs" in names and set(names) <= _STUDY_FILES
 
 
 # ---- tables and plots ---------------------------------------------------------------------------

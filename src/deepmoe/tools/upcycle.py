@@ -36,12 +36,21 @@ import torch
 from torch import Tensor
 
 from deepmoe.config import DeepSeekConfig, MoEConfig
-from deepmoe.io.checkpoint import CONFIG_NAME, SafetensorsCheckpoint, load_checkpoint, read_json
+from deepmoe.io.checkpoint import (
+    CONFIG_NAME,
+    TOKENIZER_FILES,
+    SafetensorsCheckpoint,
+    checkpoint_output,
+    load_checkpoint,
+    read_json,
+)
+from deepmoe.io.files import atomic_directory, claim_directory, fsync_path, refuse_overlap, write_json
 from deepmoe.io.hf import expected_shapes, rope_from_hf
 from deepmoe.model.decoder import DeepSeekForCausalLM
 from deepmoe.moe import MoE
 
-_COPIED = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json")
+UPCYCLE_RECORD = "upcycle.json"
+"""The options and the step-0 check of an upcycled checkpoint, written beside its weights."""
 
 
 def config_from_llama(raw: dict[str, Any]) -> DeepSeekConfig:
@@ -221,10 +230,44 @@ def upcycle(
     """Upcycle the dense checkpoint `dense_path` into an MoE checkpoint `out` (None: do not save).
 
     `check`: measure the relative logit error of the upcycled model against the dense one.
-    The output has the dense model's tokenizer files.
+    The output has the dense model's tokenizer files and `upcycle.json` (the options); an existing
+    non-empty `out` is refused unless it is an earlier upcycle's output.
     """
     if not isinstance(noise, (int, float)) or not math.isfinite(noise) or noise < 0:
         raise ValueError(f"--noise {noise!r} is invalid: must be a finite number >= 0")
+    if out is None:
+        return _upcycle(dense_path, experts_per_ffn, shared, top_k, replicas, noise, keep_dense, check, seed)[0]
+    refuse_overlap(out, [dense_path], "the dense checkpoint")
+    with claim_directory(out, f"upcycled checkpoint ({UPCYCLE_RECORD})", checkpoint_output(UPCYCLE_RECORD)) as target:
+        result, model = _upcycle(dense_path, experts_per_ffn, shared, top_k, replicas, noise, keep_dense, check, seed)
+        with atomic_directory(target) as tmp:
+            model.save_pretrained(tmp)
+            for entry in sorted(Path(dense_path).iterdir()):
+                if entry.is_file() and TOKENIZER_FILES.fullmatch(entry.name):
+                    shutil.copyfile(entry, tmp / entry.name)
+                    fsync_path(tmp / entry.name)
+            record = {
+                "dense": os.path.abspath(dense_path), "experts_per_ffn": experts_per_ffn, "shared": shared,
+                "top_k": top_k, "replicas": replicas, "noise": noise, "keep_dense": keep_dense, "seed": seed,
+                "function_preserved": result.function_preserved, "relative_error": result.relative_error,
+            }  # fmt: skip
+            write_json(tmp / UPCYCLE_RECORD, record)
+        result.out = target
+    return result
+
+
+def _upcycle(
+    dense_path: str | os.PathLike,
+    experts_per_ffn: int,
+    shared: int,
+    top_k: int | None,
+    replicas: int,
+    noise: float,
+    keep_dense: int,
+    check: bool,
+    seed: int,
+) -> tuple[UpcycleResult, DeepSeekForCausalLM]:
+    """The upcycled model (eval mode) and its result, not saved."""
     dense_config, state = load_dense(dense_path)
     config = upcycled_config(dense_config, experts_per_ffn, shared, top_k, replicas, keep_dense)
     model = DeepSeekForCausalLM(config)
@@ -236,12 +279,7 @@ def upcycle(
         dense = DeepSeekForCausalLM(dense_config)
         dense.load_state_dict(state, strict=True)
         result.relative_error = relative_logit_error(dense.eval(), model, seed)
-    if out is not None:
-        result.out = model.save_pretrained(out)
-        for name in _COPIED:
-            if (Path(dense_path) / name).is_file():
-                shutil.copyfile(Path(dense_path) / name, Path(out) / name)
-    return result
+    return result, model
 
 
 # ---- command line ------------------------------------------------------------------------------
