@@ -136,15 +136,19 @@ def test_training_from_the_upcycled_model_beats_training_from_scratch(tmp_path):
     g = torch.Generator().manual_seed(0)
     stream = torch.randperm(VOCAB, generator=g)[:23].repeat(400)  # a learnable stream
     corpus = StandInCorpus(stream[:8000].clone(), stream[8000:9000].clone())
-    common = dict(preset="tiny-deepseek-moe", layers=2, hidden_size=32, seq_len=32, batch_size=4, lr=1e-2,
-                  min_lr=1e-3, warmup_steps=2, eval_every=0, eval_batches=2, save_every=0, progress=False)  # fmt: skip
-    dense = train(TrainConfig(**common, steps=40, model_overrides={"moe": None}, out=str(tmp_path / "dense")), corpus)
+    common = dict(seq_len=32, batch_size=4, lr=1e-2, min_lr=1e-3, warmup_steps=2, eval_every=0, eval_batches=2,
+                  save_every=0, progress=False)  # fmt: skip
+    shape = dict(preset="tiny-deepseek-moe", layers=2, hidden_size=32)  # init_from takes the shape from the model
+    dense = train(TrainConfig(**common, **shape, steps=40, model_overrides={"moe": None}, out=str(tmp_path / "dense")),
+                  corpus)  # fmt: skip
     upcycle(dense.checkpoint, tmp_path / "upcycled", experts_per_ffn=8, shared=2, top_k=2)
     config = load_config(tmp_path / "upcycled")
     overrides = {k: v for k, v in config.to_dict().items() if k not in ("vocab_size", "eos_token_id")}
     after = train(
         TrainConfig(**common, steps=15, init_from=str(tmp_path / "upcycled"), out=str(tmp_path / "a")), corpus
     )
-    scratch = train(TrainConfig(**common, steps=15, model_overrides=overrides, out=str(tmp_path / "s")), corpus)
+    scratch = train(
+        TrainConfig(**common, **shape, steps=15, model_overrides=overrides, out=str(tmp_path / "s")), corpus
+    )
     assert load_config(scratch.checkpoint) == load_config(after.checkpoint) == config  # the same MoE model
     assert after.report["heldout_loss"] < scratch.report["heldout_loss"] - 0.5

@@ -363,17 +363,24 @@ def test_bf16_autocast_trains(tmp_path):
     assert all(t.dtype == torch.float32 for t in weights.values())
 
 
+def write_texts(texts: Path, seed: int = 0, shift: int = 0) -> Path:
+    """Six small documents of random sentences over a few words (`shift` changes the word order)."""
+    texts.mkdir()
+    words = "the quick brown fox jumps over a lazy dog while seven wizards quietly hex jolly boxers".split()
+    words = words[shift:] + words[:shift]
+    g = torch.Generator().manual_seed(seed)
+    for i in range(6):
+        lines = [" ".join(words[j] for j in torch.randint(0, len(words) - shift, (12,), generator=g))
+                 for _ in range(120)]  # fmt: skip
+        (texts / f"doc{i}.txt").write_text("\n".join(lines) + "\n")
+    return texts
+
+
 def test_real_corpus_end_to_end(tmp_path, monkeypatch):
     """prepare_corpus on a small text folder: the model gets the tokenizer's vocabulary, the checkpoint its
     tokenizer.json."""
     monkeypatch.setenv("DEEPMOE_CACHE", str(tmp_path / "cache"))
-    texts = tmp_path / "texts"
-    texts.mkdir()
-    words = "the quick brown fox jumps over a lazy dog while seven wizards quietly hex jolly boxers".split()
-    g = torch.Generator().manual_seed(0)
-    for i in range(6):
-        lines = [" ".join(words[j] for j in torch.randint(0, len(words), (12,), generator=g)) for _ in range(120)]
-        (texts / f"doc{i}.txt").write_text("\n".join(lines) + "\n")
+    texts = write_texts(tmp_path / "texts")
     out = tmp_path / "run"
     assert cli(["--data", str(texts), "--vocab-size", "300", "--preset", "tiny-v3", "--layers", "2", "--hidden",
                 "64", "--seq-len", "32", "--batch-size", "4", "--steps", "2", "--eval-batches", "2", "--no-progress",
@@ -418,17 +425,88 @@ def test_model_overrides_build_the_run_model(tmp_path):
     )
 
 
+def from_checkpoint(out: Path, init_from: Path, **overrides) -> TrainConfig:
+    """`tiny` without the options that shape a model: with init_from the checkpoint is the model."""
+    options = {**tiny(out).to_dict(), "preset": None, "vocab_size": None, "layers": None, "hidden_size": None}
+    return TrainConfig(**{**options, "init_from": str(init_from), **overrides})
+
+
 def test_init_from_starts_with_the_saved_weights(tmp_path):
     first = train(tiny(tmp_path / "first", steps=2), random_corpus())
     start = from_pretrained(first.checkpoint)
-    second = tiny(tmp_path / "second", steps=1, lr=1e-9, min_lr=0, init_from=str(first.checkpoint))
+    second = from_checkpoint(tmp_path / "second", first.checkpoint, steps=1, lr=1e-9, min_lr=0)
     after = from_pretrained(train(second, random_corpus()).checkpoint)
     for (name, a), (_, b) in zip(start.state_dict().items(), after.state_dict().items(), strict=True):
         step = 0.001 if name.endswith("e_score_correction_bias") else 1e-6  # one bias update of γ=0.001
         assert torch.allclose(a, b, atol=step * 1.01), name
-    small_vocab = StandInCorpus(random_corpus().train % 32, random_corpus().heldout % 32, vocab_size=32)
-    with pytest.raises(ValueError, match="vocab_size=64, but the tokenizer has 32"):
-        train(tiny(tmp_path / "third", init_from=str(first.checkpoint)), small_vocab)
+    big_vocab = StandInCorpus(random_corpus().train * 2, random_corpus().heldout * 2, vocab_size=128)
+    with pytest.raises(ValueError, match="vocab_size=64, but its tokenizer has 128"):
+        train(from_checkpoint(tmp_path / "third", first.checkpoint), big_vocab)
+
+
+@pytest.mark.parametrize(
+    "option, value", [("preset", "tiny-v2"), ("layers", 1), ("hidden_size", 32), ("vocab_size", 64),
+                      ("model_overrides", {"num_hidden_layers": 1})],
+)  # fmt: skip
+def test_init_from_refuses_options_that_shape_another_model(tmp_path, option, value):
+    """They used to be recorded in report.json while the checkpoint's own model was trained."""
+    with pytest.raises(ValueError, match=rf"TrainConfig\.{option}=.*cannot be set with init_from"):
+        from_checkpoint(tmp_path / "run", tmp_path / "ckpt", **{option: value})
+
+
+def test_init_from_applies_the_moe_training_options(tmp_path):
+    first = train(tiny(tmp_path / "first", steps=1), random_corpus())
+    second = train(from_checkpoint(tmp_path / "second", first.checkpoint, steps=1, bias_update_speed=0.5),
+                   random_corpus())  # fmt: skip
+    assert load_checkpoint(second.checkpoint)[0].moe.bias_update_speed == 0.5
+    bias = "model.layers.1.mlp.gate.e_score_correction_bias"
+    moved = load_checkpoint(second.checkpoint)[1][bias] - load_checkpoint(first.checkpoint)[1][bias]
+    assert torch.allclose(moved.abs()[moved != 0], torch.tensor(0.5))  # one update of γ = 0.5
+
+
+def test_init_from_uses_the_checkpoints_tokenizer(tmp_path, monkeypatch):
+    """Not one retrained on --data: equal sizes once hid 62 of 330 ids mapped differently."""
+    monkeypatch.setenv("DEEPMOE_CACHE", str(tmp_path / "cache"))
+    first_texts, second_texts = write_texts(tmp_path / "a", seed=0), write_texts(tmp_path / "b", seed=1, shift=3)
+    assert cli(["--data", str(first_texts), "--vocab-size", "300", "--preset", "tiny-v3", "--layers", "2",
+                "--hidden", "64", "--seq-len", "32", "--batch-size", "4", "--steps", "1", "--eval-batches", "2",
+                "--no-progress", "--out", str(tmp_path / "first")]) == 0  # fmt: skip
+    own = (tmp_path / "first" / "step-1" / "tokenizer.json").read_text()
+    retrained = data.prepare_corpus(second_texts, vocab_size=300).tokenizer
+    assert retrained.to_str() != own  # what --data alone would have given
+    assert cli(["--data", str(second_texts), "--init-from", str(tmp_path / "first" / "step-1"), "--seq-len", "32",
+                "--batch-size", "4", "--steps", "1", "--eval-batches", "2", "--no-progress",
+                "--out", str(tmp_path / "second")]) == 0  # fmt: skip
+    assert (tmp_path / "second" / "step-1" / "tokenizer.json").read_text() == own
+    assert cli(["--init-from", str(tmp_path / "first" / "step-1"), "--layers", "4", "--steps", "1",
+                "--out", str(tmp_path / "third")]) == 1  # fmt: skip
+    assert not (tmp_path / "third").exists()
+
+
+def test_init_from_without_a_tokenizer_is_refused(tmp_path):
+    model = DeepSeekForCausalLM(get_preset("tiny-v3"))
+    model.save_pretrained(tmp_path / "hf")  # weights and config only, as transformers saves a model
+    with pytest.raises(ValueError, match=r"hf/tokenizer\.json not found: init_from needs the tokenizer"):
+        train(from_checkpoint(tmp_path / "run", tmp_path / "hf"))
+
+
+# ---- extending a run: the schedule ------------------------------------------------------------
+
+
+def test_resume_with_more_steps_keeps_the_learning_rate_schedule(tmp_path):
+    """--resume --steps 8 after a 4-step run: the LR continues at min_lr (no jump back up), and the run
+    equals a straight one with --steps 8 --schedule-steps 4; an explicit --schedule-steps is obeyed."""
+    corpus = random_corpus()
+    train(tiny(tmp_path / "run", steps=4), corpus)
+    resume(tmp_path / "run", corpus, steps=8)
+    lrs = [json.loads(line)["lr"] for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    straight = tiny(tmp_path / "straight", steps=8, schedule_steps=4)
+    assert lrs == [lr_at(s, straight) for s in range(8)] and lrs[4:] == [straight.min_lr] * 4
+    train(straight, corpus)
+    assert_same_checkpoint(tmp_path / "run" / "step-8", tmp_path / "straight" / "step-8")
+    resume(tmp_path / "run", corpus, steps=10, schedule_steps=10)
+    lrs = [json.loads(line)["lr"] for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert lrs[8:] == [lr_at(s, tiny(tmp_path, steps=10)) for s in (8, 9)]
 
 
 def test_layers_cut_a_pyramid_and_refuse_to_extend_it(tmp_path):

@@ -420,20 +420,30 @@ def prepare_corpus(
     vocab_size: int = 4096,
     heldout_fraction: float = 0.05,
     cache_dir: str | os.PathLike | None = None,
+    tokenizer: Tokenizer | None = None,
+    eot_id: int | None = None,
 ) -> TokenizedCorpus:
     """Read (``data``: a file or folder; ``None``: the bundled corpus), split by document, train or load the
     tokenizer (on the train split), and tokenize; the ids are cached beside the tokenizer.
 
+    ``tokenizer``: use this one (e.g. a checkpoint's) instead of training one of ``vocab_size``; its
+    ``EOT_TOKEN``, else ``eot_id`` (e.g. the model's eos_token_id), ends each document.
     Streams: documents in the order of a hash of their name, each followed by the end-of-text token.
     """
-    _check_vocab_size(vocab_size)
+    if tokenizer is None:
+        _check_vocab_size(vocab_size)
     if not 0.0 < heldout_fraction < 1.0:
         raise ValueError(f"heldout_fraction={heldout_fraction} must be in (0, 1)")
     sources = bundled_corpus() if data is None else read_text_path(data)
     corpus_id = corpus_hash(sources)
     train_docs, heldout_docs = split_documents(sources, heldout_fraction)
-    tokenizer = get_tokenizer(train_docs, vocab_size, cache_dir)
-    eot_id = tokenizer.token_to_id(EOT_TOKEN)
+    if tokenizer is None:
+        tokenizer = get_tokenizer(train_docs, vocab_size, cache_dir)
+    else:
+        vocab_size = tokenizer.get_vocab_size()
+    eot_id = tokenizer.token_to_id(EOT_TOKEN) if tokenizer.token_to_id(EOT_TOKEN) is not None else eot_id
+    if eot_id is None:
+        raise ValueError(f"the tokenizer has no end-of-text token {EOT_TOKEN!r} and no eos_token_id was given")
     real_vocab = tokenizer.get_vocab_size()
 
     docs = train_docs + heldout_docs

@@ -45,13 +45,14 @@ from torch import Tensor
 from deepmoe import parallel
 from deepmoe.argtypes import positive_int
 from deepmoe.config import DeepSeekConfig, check, is_int, is_real
-from deepmoe.io.checkpoint import CheckpointError, read_json
-from deepmoe.io.files import atomic_write, write_json
+from deepmoe.io.checkpoint import CheckpointError, load_config, read_json
+from deepmoe.io.files import atomic_write, claim_directory, visible_entries, write_json
 from deepmoe.model.decoder import DeepSeekForCausalLM
 from deepmoe.moe.balance import RoutingStats, coefficient_of_variation, max_violation
 from deepmoe.presets import PRESETS, count_parameters, get_preset
 from deepmoe.train import checkpoint as ckpt
 
+DEFAULT_PRESET, DEFAULT_VOCAB_SIZE = "tiny-v3", 4096
 SCHEDULES = ("cosine", "wsd")
 DEVICES = ("auto", "cpu", "cuda")
 LOG_NAME, EVAL_LOG_NAME, REPORT_NAME, CONFIG_NAME = "log.jsonl", "eval.jsonl", "report.json", "train_config.json"
@@ -70,11 +71,13 @@ class TrainingError(RuntimeError):
 class TrainConfig:
     """Options of a training run; validated on construction (ValueError naming the field)."""
 
-    preset: str = "tiny-v3"
+    preset: str | None = None
+    """Model preset; None: tiny-v3 (with `init_from`: must be None, the checkpoint is the model)."""
     data: str | None = None
     """Text corpus (file or directory) for `prepare_corpus`; None: the corpus bundled with deepmoe."""
-    vocab_size: int = 4096
-    """Tokenizer vocabulary size; the model's vocab_size is set to the tokenizer's."""
+    vocab_size: int | None = None
+    """Vocabulary of the tokenizer trained on the corpus (None: 4096); the model's vocab_size is set to the
+    tokenizer's. With `init_from`: must be None, the checkpoint's tokenizer.json is used."""
     seq_len: int = 256
     batch_size: int = 16
     """Sequences per micro-batch over all ranks (each of the `expert_parallel` ranks trains on its share)."""
@@ -89,7 +92,8 @@ class TrainConfig:
     `decay_fraction` of the steps."""
     decay_fraction: float = 0.2
     schedule_steps: int | None = None
-    """Length of the LR schedule; None: `steps`. Set it when a run will be continued past `steps`."""
+    """Length of the LR schedule; None: `steps`. Resuming with a larger `steps` keeps the run's schedule
+    length (the LR stays at min_lr past its end) unless `schedule_steps` is given."""
     weight_decay: float = 0.1
     beta1: float = 0.9
     beta2: float = 0.95
@@ -113,14 +117,16 @@ class TrainConfig:
     """DeepSeekConfig fields set on top of the preset's (HF names); a "moe" dict updates the preset's MoE
     fields, "moe": null makes every layer dense. How the study and the DeepSpeed-MoE variants build models."""
     init_from: str | None = None
-    """HF-format checkpoint directory whose weights (and config) start the run instead of a random
-    initialisation, e.g. an upcycled model; its vocab_size must equal the tokenizer's."""
+    """HF-format checkpoint directory whose model (config and weights) and tokenizer.json start the run
+    instead of a random initialisation, e.g. an upcycled model. The model's shape then comes from the
+    checkpoint: `preset`, `vocab_size`, `layers`, `hidden_size` and `model_overrides` must be None."""
     layers: int | None = None
     """Override the preset's num_hidden_layers."""
     hidden_size: int | None = None
     """Override the preset's hidden_size (and its MoE layers')."""
     bias_update_speed: float | None = None
-    """Override γ of aux-loss-free balancing (b_i += γ·sign(mean load − load_i)) in the MoE layers."""
+    """Override γ of aux-loss-free balancing (b_i += γ·sign(mean load − load_i)) in the MoE layers
+    (also of an `init_from` model)."""
     fp8_experts: bool = False
     """Train with the routed experts' products in fine-grained FP8 (simulated on CPU); the report then
     has the per-layer FP8 error of the final model (`fp8_error_per_layer`)."""
@@ -133,14 +139,24 @@ class TrainConfig:
         def fail(name: str, allowed: str) -> None:
             check(self, False, name, allowed)
 
-        if self.preset not in PRESETS:
-            fail("preset", f"must be one of {', '.join(PRESETS)}")
         for name in ("data", "init_from"):
             if getattr(self, name) is not None and not isinstance(getattr(self, name), (str, os.PathLike)):
                 fail(name, "must be a path or None")
+        if self.init_from is not None:
+            for name in ("preset", "vocab_size", "layers", "hidden_size", "model_overrides"):
+                if getattr(self, name) is not None:
+                    fail(name, f"cannot be set with init_from={os.fspath(self.init_from)!r}: the model and its "
+                         "tokenizer come from that checkpoint")  # fmt: skip
+        else:
+            self.preset = DEFAULT_PRESET if self.preset is None else self.preset
+            self.vocab_size = DEFAULT_VOCAB_SIZE if self.vocab_size is None else self.vocab_size
+            if self.preset not in PRESETS:
+                fail("preset", f"must be one of {', '.join(PRESETS)}")
         if self.model_overrides is not None and not isinstance(self.model_overrides, dict):
             fail("model_overrides", "must be None or a dict of DeepSeekConfig fields")
-        for name in ("vocab_size", "seq_len", "batch_size", "grad_accum", "steps", "expert_parallel"):
+        if self.vocab_size is not None and (not is_int(self.vocab_size) or self.vocab_size < 1):
+            fail("vocab_size", "must be an integer >= 1")
+        for name in ("seq_len", "batch_size", "grad_accum", "steps", "expert_parallel"):
             if not is_int(getattr(self, name)) or getattr(self, name) < 1:
                 fail(name, "must be an integer >= 1")
         if self.batch_size % self.expert_parallel:
@@ -303,9 +319,11 @@ def train(config: TrainConfig, corpus: Any = None) -> TrainResult:
     out = Path(config.out)
     if (out / ckpt.LAST_NAME).exists():
         raise ValueError(f"{out} already holds a run ({out / ckpt.LAST_NAME}): continue it with --resume {out}")
-    if config.data is not None:  # saved with the run: --resume may run from another directory
-        config = dataclasses.replace(config, data=os.path.abspath(config.data))
-    return _Run(config, _load_corpus(config, corpus)).run()
+    for name in ("data", "init_from"):  # saved with the run: --resume may run from another directory
+        if getattr(config, name) is not None:
+            config = dataclasses.replace(config, **{name: os.path.abspath(getattr(config, name))})
+    with _hold_run_directory(out, _is_unstarted_run):
+        return _Run(config, _load_corpus(config, corpus)).run()
 
 
 def resume(out_dir: str | os.PathLike, corpus: Any = None, **overrides: Any) -> TrainResult:
@@ -317,8 +335,17 @@ def resume(out_dir: str | os.PathLike, corpus: Any = None, **overrides: Any) -> 
     step_dir = ckpt.read_last(out)
     if step_dir is None:
         raise ValueError(f"{out}: no complete checkpoint to resume from ({out / ckpt.LAST_NAME} not found)")
+    with _hold_run_directory(out, lambda _: True):
+        return _resume(out, step_dir, corpus, overrides)
+
+
+def _resume(out: Path, step_dir: Path, corpus: Any, overrides: dict[str, Any]) -> TrainResult:
     state, tensors = ckpt.read_training_state(step_dir)
     saved = dict(state["train_config"])
+    if saved.get("init_from") is not None:  # runs saved before init_from refused them: the values were unused
+        saved.update(preset=None, vocab_size=None)
+    if overrides.get("steps", saved["steps"]) != saved["steps"] and "schedule_steps" not in overrides:
+        overrides = {**overrides, "schedule_steps": saved.get("schedule_steps") or saved["steps"]}
     changed = sorted(k for k, v in overrides.items() if k not in RESUME_OVERRIDABLE and saved.get(k) != v)
     changed = [k for k in changed if not (k == "out" and Path(overrides[k]).resolve() == out.resolve())]
     if changed:
@@ -330,7 +357,7 @@ def resume(out_dir: str | os.PathLike, corpus: Any = None, **overrides: Any) -> 
     config = TrainConfig.from_dict({**saved, **overrides, "out": os.fspath(out)})
     if state["step"] > config.steps:
         raise ValueError(f"the run in {out} is already at step {state['step']}, past --steps {config.steps}")
-    corpus = _load_corpus(config, corpus)
+    corpus = _load_corpus(config, corpus, step_dir)
     if getattr(corpus, "corpus_id", None) != state.get("corpus_id"):
         raise ValueError(
             f"the corpus differs from the one the run in {out} was trained on "
@@ -339,10 +366,41 @@ def resume(out_dir: str | os.PathLike, corpus: Any = None, **overrides: Any) -> 
     return _Run(config, corpus, resume_from=(step_dir, state, tensors)).run()
 
 
-def _load_corpus(config: TrainConfig, corpus: Any) -> Any:
+def _hold_run_directory(out: Path, replaceable):
+    """`claim_directory` of the run directory, on rank 0 of an expert-parallel run (the others write nothing)."""
+    if os.environ.get("RANK", "0") != "0":
+        return nullcontext(out)
+    return claim_directory(out, "deepmoe run directory", replaceable)
+
+
+def _is_unstarted_run(directory: Path) -> bool:
+    """A run that stopped before its first checkpoint: its options and logs only (a new run replaces them)."""
+    names = set(visible_entries(directory))
+    return CONFIG_NAME in names and names <= {CONFIG_NAME, LOG_NAME, EVAL_LOG_NAME}
+
+
+def _load_corpus(config: TrainConfig, corpus: Any, step_dir: Path | None = None) -> Any:
+    """`corpus`, or the run's corpus tokenized with the tokenizer saved in the resumed checkpoint `step_dir`,
+    else `init_from`'s, else one trained on the corpus (deterministic: a resumed run gets the same)."""
     if corpus is not None:
         return corpus
-    return _data().prepare_corpus(config.data, vocab_size=config.vocab_size)
+    if step_dir is not None and (step_dir / ckpt.TOKENIZER_NAME).is_file():
+        source = step_dir
+    elif config.init_from is not None:
+        source = Path(config.init_from)
+    else:
+        return _data().prepare_corpus(config.data, vocab_size=config.vocab_size)
+    path = source / ckpt.TOKENIZER_NAME
+    if not path.is_file():
+        raise ValueError(
+            f"{path} not found: init_from needs the tokenizer its model was trained with, saved beside its weights"
+        )
+    from tokenizers import Tokenizer
+
+    tokenizer = Tokenizer.from_file(str(path))
+    eos = read_json(source / "config.json", "model config").get("eos_token_id")
+    eos = eos[0] if isinstance(eos, list) and eos else eos
+    return _data().prepare_corpus(config.data, tokenizer=tokenizer, eot_id=eos)
 
 
 def _data():
@@ -353,14 +411,25 @@ def _data():
 # ---- the run ------------------------------------------------------------------------------------
 
 
-def _initial_model(path: str | os.PathLike, vocab_size: int) -> DeepSeekForCausalLM:
-    """The float32 model saved in `path`, checked against the tokenizer's vocabulary."""
-    model = DeepSeekForCausalLM.from_pretrained(path, dtype=torch.float32)
-    if model.config.vocab_size != vocab_size:
+def _initial_model(config: TrainConfig, vocab_size: int) -> DeepSeekForCausalLM:
+    """The float32 model saved in `config.init_from`, with the run's MoE training options (γ, FP8 experts),
+    checked against the tokenizer's vocabulary."""
+    model_config = load_config(config.init_from)
+    if model_config.moe is not None:
+        changes = {"fp8_experts": config.fp8_experts}
+        if config.bias_update_speed is not None:
+            changes["bias_update_speed"] = config.bias_update_speed
+        model_config = dataclasses.replace(model_config, moe=dataclasses.replace(model_config.moe, **changes))
+    elif config.bias_update_speed is not None or config.fp8_experts:
+        raise ValueError(f"init_from={config.init_from!r} is a dense model: bias_update_speed and fp8_experts "
+                         "apply to MoE layers only")  # fmt: skip
+    if vocab_size > model_config.vocab_size:
         raise ValueError(
-            f"init_from={os.fspath(path)!r} has vocab_size={model.config.vocab_size}, but the tokenizer has "
-            f"{vocab_size}: start from a model trained with the same tokenizer (--vocab-size)"
+            f"init_from={config.init_from!r} has vocab_size={model_config.vocab_size}, but its tokenizer has "
+            f"{vocab_size} tokens"
         )
+    model = DeepSeekForCausalLM(model_config)
+    ckpt.load_model_weights(model, config.init_from)
     return model
 
 
@@ -426,7 +495,7 @@ class _Run:
                 self.model_config = build_model_config(config, corpus.vocab_size, getattr(corpus, "eot_id", None))
                 self.model = DeepSeekForCausalLM(self.model_config)
             else:
-                self.model = _initial_model(config.init_from, corpus.vocab_size)
+                self.model = _initial_model(config, corpus.vocab_size)
                 self.model_config = self.model.config
             self.step = 0
             self.totals = {"tokens": 0, "train_time_s": 0.0, "routed_slots": {}, "dropped_slots": {}}
@@ -706,11 +775,13 @@ class _Run:
             counts = count_parameters(self.model_config)
             params = counts.total + counts.mtp
             ranks = f" x {self.world} ranks (expert parallel)" if self.world > 1 else ""
+            schedule = cfg.schedule_steps or cfg.steps
             self.console.print(
-                f"{'resuming' if self.step else 'training'} {cfg.preset} ({params / 1e6:.2f} M parameters, "
-                f"vocab {self.model_config.vocab_size}) on {self.corpus.train.numel():,} tokens, device "
+                f"{'resuming' if self.step else 'training'} {cfg.preset or cfg.init_from} ({params / 1e6:.2f} M "
+                f"parameters, vocab {self.model_config.vocab_size}) on {self.corpus.train.numel():,} tokens, device "
                 f"{self.device}{ranks}{', bf16 autocast' if self.autocast else ''}: step {self.step} -> "
                 f"{cfg.steps}, run directory {self.out}"
+                + (f"; LR schedule of {schedule} steps (min_lr after it)" if schedule != cfg.steps else "")
             )
         log_path = self.out / LOG_NAME if self.is_main else os.devnull
         try:
