@@ -170,7 +170,7 @@ def test_a_run_that_died_before_its_first_checkpoint_is_restarted(tmp_path):
 # ---- a second process on the same target is refused --------------------------------------------
 
 
-@pytest.mark.parametrize("command", ["merge", "upcycle", "study", "train"])
+@pytest.mark.parametrize("command", ["merge", "upcycle", "study", "train", "esft"])
 def test_a_target_held_by_another_process_is_refused(tmp_path, parents, capsys, command):
     out = tmp_path / "out"
     argv = {
@@ -178,6 +178,7 @@ def test_a_target_held_by_another_process_is_refused(tmp_path, parents, capsys, 
         "upcycle": ["upcycle", str(dense_checkpoint(tmp_path / "dense")), "--experts-per-ffn", "4", "--out", str(out)],
         "study": ["study", "balancing", "--quick", "--out", str(out)],
         "train": ["train", "--out", str(out)],
+        "esft": ["esft", str(parents[0]), "--data", "bundled:code", "--out", str(out)],
     }[command]
     with claim_directory(out, "test"):  # what the other process holds while it writes
         refused(argv, capsys, "another process", f"pid {os.getpid()}")

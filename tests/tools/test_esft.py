@@ -487,7 +487,8 @@ def test_esft_out_refuses_what_it_did_not_write(tmp_path, capsys):
         args = parser.parse_args(["nowhere", "--data", "bundled:code", "--out", str(target)])
         assert run_esft(args) == 1
         err = capsys.readouterr().err
-        assert f"--out {target}: exists and is not a delta directory" in err and "refusing" in err
+        kind = "is not empty and is not a delta directory" if target.is_dir() else "exists and is not a directory"
+        assert err.count("\n") == 1 and f"{target}: {kind}" in err
     assert (foreign / "notes.txt").read_text() == "keep me" and sorted(p.name for p in foreign.iterdir()) == [
         "notes.txt"
     ]

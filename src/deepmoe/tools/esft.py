@@ -55,6 +55,7 @@ from torch.nn.utils import parametrize
 
 from deepmoe.argtypes import positive_int
 from deepmoe.io.delta import DELTA_FORMAT, DELTA_META, check_selection, delta_size, save_delta
+from deepmoe.io.files import claim_directory
 from deepmoe.tools.routing import LayerRouting
 
 METHODS = ("gate", "token")
@@ -401,31 +402,14 @@ def _check_args(args: argparse.Namespace) -> None:
         raise ValueError(f"--lr={args.lr} must be a finite number > 0")
     if args.weight_decay < 0 or args.grad_clip < 0:
         raise ValueError("--weight-decay and --grad-clip must be >= 0")
-    _check_out(Path(args.out))  # refused before any work rather than after the training
 
 
-def _check_out(out: Path) -> None:
-    """--out may be new, an empty directory, or a delta directory (replaced as a whole); anything else
-    is refused, so that ESFT never replaces what it did not write."""
-    if not out.exists() and not out.is_symlink():
-        return
-    if out.is_dir() and not out.is_symlink():
-        entries = list(out.iterdir())
-        if not entries:
-            return
-        meta = out / DELTA_META
-        try:
-            ours = json.loads(meta.read_text(encoding="utf-8")).get("format") == DELTA_FORMAT
-        except (OSError, UnicodeDecodeError, ValueError, AttributeError):
-            ours = False
-        if ours:
-            return
-        shown = ", ".join(sorted(e.name for e in entries)[:4]) + (" ..." if len(entries) > 4 else "")
-        raise ValueError(
-            f"--out {out}: exists and is not a delta directory (it holds {shown}; no deepmoe {DELTA_META}): "
-            "refusing to replace it; choose a new or empty directory"
-        )
-    raise ValueError(f"--out {out}: exists and is not a delta directory: refusing to replace it")
+def is_delta(directory: Path) -> bool:
+    """Whether `directory` is an expert delta (its deepmoe delta.json), which a new delta may replace."""
+    try:
+        return json.loads((directory / DELTA_META).read_text(encoding="utf-8")).get("format") == DELTA_FORMAT
+    except (OSError, UnicodeDecodeError, ValueError, AttributeError):
+        return False
 
 
 def _device(name: str) -> torch.device:
@@ -459,8 +443,9 @@ def run_esft(args: argparse.Namespace) -> int:
     1 on an error (one line on stderr), 130 on Ctrl-C (nothing written)."""
     from deepmoe.io.checkpoint import CheckpointError
 
-    try:
-        summary = _run(args)
+    try:  # the output is claimed before any work rather than refused after the training
+        with claim_directory(args.out, f"delta directory ({DELTA_META})", is_delta):
+            summary = _run(args)
     except (CheckpointError, ValueError, OSError) as err:
         print(f"deepmoe esft: error: {err}", file=sys.stderr)
         return 1
