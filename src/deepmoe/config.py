@@ -33,9 +33,13 @@ def is_real(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
-@dataclass
+@dataclass(frozen=True)
 class MoEConfig:
     """One DeepSeekMoE layer (SPEC R1–R6, B1–B5, E1–E3).
+
+    Frozen: a setting cannot be changed in place (several layers may share one config, and a bad value
+    would only fail deep inside a forward). Change it with `dataclasses.replace(config, field=value)`,
+    which validates the new config at once, and give it to one layer with `layer.config = new_config`.
 
     Notation of the papers: H = `hidden_size`, N_r = `n_routed_experts`,
     N_s = `n_shared_experts`, K_r = `num_experts_per_tok`, G = `n_group`,
@@ -210,6 +214,11 @@ ATTENTION_TYPES = ("mla", "mha")
 @dataclass
 class DeepSeekConfig:
     """A DeepSeek causal LM (SPEC M1–M4). Field names follow HF's config.json of each model_type.
+
+    Mutable, like Hugging Face configs (`config.num_hidden_layers = 2` before building a model): it is a
+    recipe that the model's constructor reads once. Its `moe` is a frozen `MoEConfig`
+    (`config.moe = dataclasses.replace(config.moe, ...)`); a built model's MoE layers each hold theirs
+    (`model.moe_layers()[i].config`), so changing one layer's routing never changes another's.
 
     `moe` is the routed layer's config (None: every FFN is dense); its hidden_size must
     equal this config's. Layer i uses the MoE FFN when `moe` is set, i >= first_k_dense_replace

@@ -4,7 +4,9 @@ Launched by `torchrun` (which sets RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MA
 gloo on CPUs. The D ranks of the expert-parallel group are also data-parallel for everything that is not a
 routed expert: those weights are replicated and their gradients averaged; each rank's routed experts are
 its own, their gradients (already summed over every rank's tokens by the all-to-all's backward) are scaled
-to the same global mean.
+to the same global mean: `sync_gradients` does both; under DistributedDataParallel, DDP averages the replicated
+weights (the experts are marked for it to ignore, `ignore_experts_in_ddp`) and `scale_expert_gradients` scales
+the experts'.
 """
 
 from __future__ import annotations
@@ -34,6 +36,38 @@ def init_from_env(device_type: str = "cpu") -> tuple[int, int]:
 def expert_parameters(model: nn.Module) -> list[nn.Parameter]:
     """The routed-expert weights of the layers that shard them (one rank's slice each)."""
     return [p for m in model.modules() if isinstance(m, MoE) and m.expert_parallel for p in m.experts.parameters()]
+
+
+def ignore_experts_in_ddp(module: nn.Module) -> list[str]:
+    """Mark the sharded routed experts under `module` for `DistributedDataParallel(module)` to leave alone, and
+    return their names (relative to `module`; names marked before are kept).
+
+    DDP would otherwise broadcast rank 0's experts over every rank's own shard when it wraps the module, and
+    average the gradients of different experts. Call it on the module given to DDP, after
+    `enable_expert_parallel` and before `DistributedDataParallel(...)`; `DeepSeekForCausalLM` and `MoE` do it
+    for themselves in their `enable_expert_parallel`, so it is needed only when DDP wraps another module around
+    them. Then, after each backward, `scale_expert_gradients` (DDP averages only the replicated weights).
+    """
+    from torch.nn.parallel import DistributedDataParallel
+
+    experts = {id(p) for p in expert_parameters(module)}
+    names = list(getattr(module, "_ddp_params_and_buffers_to_ignore", ()))
+    names += [name for name, p in module.named_parameters() if id(p) in experts and name not in names]
+    DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(module, names)
+    return names
+
+
+@torch.no_grad()
+def scale_expert_gradients(model: nn.Module, group: dist.ProcessGroup | None = None) -> None:
+    """Under DDP, after each backward: divide the local experts' gradients by D (the size of `group`).
+
+    DDP averages the replicated weights' gradients and leaves the experts alone (`ignore_experts_in_ddp`); an
+    expert's gradient already sums every rank's tokens (the all-to-all's backward), so dividing by D makes it
+    the gradient of the mean loss over the global batch, as `sync_gradients` does without DDP."""
+    world = dist.get_world_size(group)
+    for p in expert_parameters(model):
+        if p.grad is not None:
+            p.grad.div_(world)
 
 
 def _flat_all_reduce(tensors: list[Tensor], group: dist.ProcessGroup | None) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -109,7 +110,7 @@ class DeepSeekForCausalLM(nn.Module):
         self.model = DeepSeekModel(config)
         if not config.tie_word_embeddings:
             self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
-        self.reset_parameters()
+        self._init_weights()  # the modules have just initialised themselves (reset_parameters replays that)
 
     def head(self, x: Tensor) -> Tensor:
         weight = self.model.embed_tokens.weight if self.config.tie_word_embeddings else self.lm_head.weight
@@ -117,6 +118,30 @@ class DeepSeekForCausalLM(nn.Module):
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
+        """Initialise every parameter and buffer exactly as the constructor does — what a model built on the
+        meta device needs once materialised::
+
+            with torch.device("meta"):
+                model = DeepSeekForCausalLM(config)
+            model.to_empty(device="cuda")
+            model.reset_parameters()  # then load_state_dict(...), or train from here
+
+        `to_empty` leaves memory uninitialised, including the buffers no checkpoint holds (RoPE's θ, the
+        router's expert masks), so this step is needed even before `load_state_dict`. It replays the
+        constructor: each module that owns a parameter or buffer runs its own `reset_parameters` (nn.Linear's
+        and nn.Embedding's init, the router's, the routed experts', RoPE's θ), in construction order, then the
+        model's scheme (`_init_weights`). Under the same seed and on the same device, the values are the
+        constructor's, bit for bit. MTP modules included.
+        """
+        for module in self.modules():
+            owns = next(module.parameters(recurse=False), None) is not None
+            owns = owns or next(module.buffers(recurse=False), None) is not None
+            if module is not self and owns and hasattr(module, "reset_parameters"):
+                module.reset_parameters()
+        self._init_weights()
+
+    @torch.no_grad()
+    def _init_weights(self) -> None:
         """HF's init: N(0, initializer_range) for every matrix, ones for norms, zeros for the bias b."""
         std = self.config.initializer_range
         for module in self.modules():
@@ -148,8 +173,11 @@ class DeepSeekForCausalLM(nn.Module):
     def enable_expert_parallel(self, group=None) -> None:
         """Shard every MoE layer's routed experts over the ranks of `group` (see `MoE.enable_expert_parallel`);
         load or build the full model on every rank first, then call this."""
+        from deepmoe.parallel import ignore_experts_in_ddp
+
         for layer in self.moe_layers().values():
             layer.enable_expert_parallel(group)
+        ignore_experts_in_ddp(self)  # DistributedDataParallel(model) leaves each rank's experts alone
 
     def _check_input(self, input_ids: Tensor, past_length: int) -> None:
         cfg = self.config
@@ -208,6 +236,9 @@ class DeepSeekForCausalLM(nn.Module):
             if moe_out is not None:
                 stats[layer.layer_idx] = moe_out.stats
                 aux = aux + moe_out.aux_loss
+        idle = self._idle_mtp_anchor(seq, labels is not None, output_mtp, cache is not None)
+        if idle is not None:
+            x = x + idle
         logits = self.head(self.model.norm(x))
         out = CausalLMOutput(logits=logits, aux_loss=aux, routing_stats=stats, past_key_values=cache, hidden_states=x)
 
@@ -245,6 +276,31 @@ class DeepSeekForCausalLM(nn.Module):
         key_mask = attention_mask.to(self.model.embed_tokens.weight.device) == 1
         return None if key_mask.all() else key_mask
 
+    def _idle_mtp_anchor(self, seq: int, has_labels: bool, output_mtp: bool | None, cached: bool) -> Tensor | None:
+        """0 · (an element of each parameter of the MTP modules this forward leaves without a gradient), to add
+        to the hidden state when training under torch.distributed; None otherwise.
+
+        The MTP modules run only with labels (or output_mtp=True), and a depth's loss needs a sequence longer
+        than k + 1. DistributedDataParallel with find_unused_parameters=False needs every parameter to get a
+        gradient (0 will do) at every step, or its next step fails: a forward without labels would break it.
+        FSDP2's sharded parameters (DTensors) are left out: FSDP does not need this.
+        """
+        if not (self.model.mtp and self.training and torch.is_grad_enabled()):
+            return None
+        if not (dist.is_available() and dist.is_initialized()):
+            return None
+        from torch.distributed.tensor import DTensor
+
+        runs = (has_labels if output_mtp is None else output_mtp) and not cached
+        params = [
+            p
+            for k, module in enumerate(self.model.mtp, start=1)
+            if not runs or seq - k < (2 if has_labels else 1)
+            for p in module.parameters()
+            if p.requires_grad and not isinstance(p, DTensor)
+        ]
+        return sum(p.reshape(-1)[:1].sum() for p in params) * 0.0 if params else None
+
     def _multi_token_prediction(self, hidden: Tensor, embeddings: Tensor, out: CausalLMOutput) -> None:
         """Depth k uses h^{k-1}_{0..S-k-1} and Emb(t_{k..S-1}); fills out.mtp_logits, stats and aux loss."""
         seq = hidden.shape[1]
@@ -280,8 +336,9 @@ class DeepSeekForCausalLM(nn.Module):
         return generate(self, input_ids, max_new_tokens=max_new_tokens, **kwargs)
 
     @torch.no_grad()
-    def update_expert_bias(self, stats: dict[int, RoutingStats]) -> None:
-        """Aux-loss-free balancing step (R4) for every MoE layer with a selection bias."""
+    def update_expert_bias(self, stats: dict[int, RoutingStats], process_group=None) -> None:
+        """Aux-loss-free balancing step (R4) for every MoE layer with a selection bias. `process_group`: the
+        data-parallel ranks whose loads are summed first (see `MoE.update_bias`); None: `stats` as they are."""
         for idx, layer in self.moe_layers().items():
             if layer.config.use_expert_bias and idx in stats:
-                layer.update_bias(stats[idx].tokens_per_expert)
+                layer.update_bias(stats[idx].tokens_per_expert, process_group=process_group)

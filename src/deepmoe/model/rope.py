@@ -81,8 +81,8 @@ class YaRN:
         return yarn_mscale(self.factor)
 
     def inv_freq(self, dim: int, base: float) -> Tensor:
-        """θ' [dim/2], float32."""
-        pos_freqs = base ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim)
+        """θ' [dim/2], float32, computed on the CPU (the same bits whatever the default device)."""
+        pos_freqs = base ** (torch.arange(0, dim, 2, dtype=torch.float32, device="cpu") / dim)
 
         def correction_dim(rotations: float) -> float:
             wavelengths = self.original_max_position_embeddings / (rotations * 2 * math.pi)
@@ -92,7 +92,7 @@ class YaRN:
         high = min(math.ceil(correction_dim(self.beta_slow)), dim - 1)
         if low == high:
             high += 0.001  # no singular ramp
-        gamma = 1 - ((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)
+        gamma = 1 - ((torch.arange(dim // 2, dtype=torch.float32, device="cpu") - low) / (high - low)).clamp(0, 1)
         return 1.0 / (self.factor * pos_freqs) * (1 - gamma) + 1.0 / pos_freqs * gamma
 
 
@@ -111,18 +111,35 @@ class RotaryEmbedding(nn.Module):
     d is qk_rope_head_dim for MLA (the decoupled key/query part) and the whole head_dim for MHA. θ is a
     non-persistent float32 buffer: checkpoints do not hold it, and casting the module (`model.to(torch.bfloat16)`)
     keeps it in float32, since a bf16 θ would be off by whole turns at positions in the thousands.
+    Since no checkpoint restores θ, a module built on the meta device and materialised with `to_empty` must
+    call `reset_parameters()` (the model's `reset_parameters` does), which recomputes it.
     """
 
     def __init__(self, config: DeepSeekConfig) -> None:
         super().__init__()
-        dim = config.qk_rope_head_dim if config.attention_type == "mla" else config.head_dim
-        yarn = YaRN.from_config(config)
-        if yarn is None:
-            inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
+        self.dim = config.qk_rope_head_dim if config.attention_type == "mla" else config.head_dim
+        self.base = config.rope_theta
+        self.yarn = YaRN.from_config(config)
+        self.register_buffer("inv_freq", torch.empty(self.dim // 2, dtype=torch.float32), persistent=False)
+        self.attention_factor = 1.0 if self.yarn is None else self.yarn.cos_sin_factor()
+        self.reset_parameters()
+
+    def compute_inv_freq(self) -> Tensor:
+        """θ (or YaRN's θ') [d/2], float32, on the CPU."""
+        if self.yarn is not None:
+            return self.yarn.inv_freq(self.dim, self.base)
+        return 1.0 / (self.base ** (torch.arange(0, self.dim, 2, dtype=torch.float32, device="cpu") / self.dim))
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """(Re)compute θ into the buffer, on the buffer's device, keeping it float32."""
+        if self.inv_freq.is_meta:  # nothing to compute: to_empty + reset_parameters will
+            return
+        inv_freq = self.compute_inv_freq()
+        if self.inv_freq.dtype == torch.float32:
+            self.inv_freq.copy_(inv_freq)
         else:
-            inv_freq = yarn.inv_freq(dim, config.rope_theta)
-        self.register_buffer("inv_freq", inv_freq, persistent=False)
-        self.attention_factor = 1.0 if yarn is None else yarn.cos_sin_factor()
+            self.inv_freq = inv_freq.to(self.inv_freq.device)
 
     def forward(self, positions: Tensor) -> tuple[Tensor, Tensor]:
         freqs = positions.float()[:, None] * self.inv_freq  # [S, d/2]

@@ -30,6 +30,11 @@ class SwiGLU(nn.Module):
         self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
         self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
 
+    def reset_parameters(self) -> None:
+        """nn.Linear's init of the three projections, in the constructor's order (same seed, same values)."""
+        for proj in (self.gate_proj, self.up_proj, self.down_proj):
+            proj.reset_parameters()
+
     def forward(self, x: Tensor) -> Tensor:
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 

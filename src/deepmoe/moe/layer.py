@@ -31,9 +31,16 @@ class MoEOutput:
     stats: RoutingStats | None = None
 
 
+# the settings a layer's weights are shaped by: a config given to a built layer must keep them
+_SHAPE_FIELDS = ("hidden_size", "moe_intermediate_size", "n_routed_experts", "n_shared_experts", "use_expert_bias")
+
+
 class MoE(nn.Module):
     """DeepSeekMoE layer (fine-grained routed experts + shared experts), HF parameter names:
     `gate` (router), `experts` (stacked routed experts), `shared_experts` (one SwiGLU).
+
+    Built on the meta device (`with torch.device("meta")`), it is materialised with `to_empty(device=...)`
+    followed by `reset_parameters()` (then `load_state_dict`, if weights are loaded).
     """
 
     def __init__(self, config: MoEConfig):
@@ -53,6 +60,50 @@ class MoE(nn.Module):
             else None
         )
         self.dispatcher: LocalDispatcher | ExpertParallelDispatcher = LocalDispatcher(config.n_routed_experts)
+
+    @property
+    def config(self) -> MoEConfig:
+        """This layer's settings, a frozen `MoEConfig`. Change them for this layer only with
+        `layer.config = dataclasses.replace(layer.config, field=value)`: `replace` validates the values at once,
+        and the layer refuses a config that does not fit its weights (their shapes, the expert-parallel size,
+        the router's expert mask)."""
+        return self._config
+
+    @config.setter
+    def config(self, config: MoEConfig) -> None:
+        if not isinstance(config, MoEConfig):
+            raise TypeError(f"MoE.config must be a MoEConfig, got {type(config).__name__}")
+        old: MoEConfig | None = self.__dict__.get("_config")
+        if old is not None:
+            for name in _SHAPE_FIELDS:
+                if getattr(config, name) != getattr(old, name):
+                    raise ValueError(
+                        f"MoEConfig.{name}={getattr(config, name)!r} is invalid for this layer: its weights were "
+                        f"built with {name}={getattr(old, name)!r} (build a new layer to change it)"
+                    )
+            if self.expert_parallel and config.n_devices != self.dispatcher.world:
+                raise ValueError(
+                    f"MoEConfig.n_devices={config.n_devices} is invalid for this layer: its experts are sharded "
+                    f"over {self.dispatcher.world} ranks"
+                )
+        self._config = config
+        gate: Router | None = self._modules.get("gate")
+        if gate is not None:
+            gate.config = config
+            if gate.has_expert_mask:  # the mask must still leave every token K_r experts
+                try:
+                    gate.set_expert_mask(
+                        disabled=gate.disabled_experts.nonzero().flatten().tolist() or None,
+                        forced=gate.forced_experts.nonzero().flatten().tolist() or None,
+                        disable_top=gate.disable_top,
+                    )
+                except ValueError as err:
+                    self._config = gate.config = old
+                    raise ValueError(f"the new MoEConfig does not fit the router's expert mask: {err}") from None
+        experts: RoutedExperts | None = self._modules.get("experts")
+        if experts is not None:
+            experts.implementation = config.experts_implementation
+            experts.fp8 = config.fp8_experts
 
     @property
     def expert_parallel(self) -> bool:
@@ -75,19 +126,39 @@ class MoE(nn.Module):
         if n % world:
             raise ValueError(f"MoEConfig.n_routed_experts={n} must be divisible by the expert-parallel size {world}")
         self.config = dataclasses.replace(self.config, n_devices=world)
-        self.gate.config = self.config
         self.dispatcher = ExpertParallelDispatcher(n, group)
         lo, hi = rank * n // world, (rank + 1) * n // world
         experts = self.experts
         experts.gate_up_proj = nn.Parameter(experts.gate_up_proj[lo:hi].clone())
         experts.down_proj = nn.Parameter(experts.down_proj[lo:hi].clone())
         experts.n_experts = hi - lo
+        # DistributedDataParallel(layer) must neither broadcast rank 0's experts over the others' nor average
+        # different experts' gradients; a model holding the layer marks them for its root (see
+        # deepmoe.parallel.ignore_experts_in_ddp)
+        self._ddp_params_and_buffers_to_ignore = [f"experts.{name}" for name, _ in experts.named_parameters()]
 
-    def forward(self, hidden_states: Tensor) -> MoEOutput:
-        """hidden_states [B, S, H] or [T, H] (a [T, H] input counts as one sequence)."""
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """Initialise every weight and buffer as the constructor does — router (bias b = 0, no expert mask),
+        routed experts, shared experts, in that order, so the same seed gives the same values."""
+        self.gate.reset_parameters()
+        self.experts.reset_parameters()
+        if self.shared_experts is not None:
+            self.shared_experts.reset_parameters()
+
+    def forward(self, hidden_states: Tensor, batch_size: int | None = None) -> MoEOutput:
+        """hidden_states [B, S, H], or [T, H]: `batch_size` sequences of T / batch_size tokens each, one after the
+        other (token t is in sequence t // (T / batch_size)) → an output of the same shape.
+
+        The sequence layout matters to the per-sequence quantities: the sequence-wise balance loss (B4) and
+        `no_drop_fraction` (which never drops the tokens of the first sequences). A [T, H] input without
+        `batch_size` is ONE sequence of T tokens, not a batch: to flatten [B, S, H] to [B·S, H] and get the
+        same losses, dropping and outputs, pass batch_size=B. With [B, S, H] input, batch_size is B (giving
+        another value is an error).
+        """
         self._check_input(hidden_states)
         shape = hidden_states.shape
-        batch_size = shape[0] if hidden_states.dim() == 3 else 1
+        batch_size = self._check_batch_size(hidden_states, batch_size)
         x = hidden_states.reshape(-1, shape[-1])  # [T, H]
 
         routing = self.gate(x, batch_size)
@@ -100,9 +171,30 @@ class MoE(nn.Module):
         aux_loss = sum(losses.values()) if losses else x.new_zeros((), dtype=torch.float32)
         return MoEOutput(out.view(shape).to(hidden_states.dtype), aux_loss, losses, routing, routing_stats(routing))
 
-    def update_bias(self, load: Tensor) -> None:
-        """Aux-loss-free balancing step (R4); `load` [N_r] = tokens routed to each expert."""
-        self.gate.update_bias(load)
+    def update_bias(self, load: Tensor, process_group: dist.ProcessGroup | None = None) -> None:
+        """Aux-loss-free balancing step (R4); `load` [N_r] = tokens routed to each expert by this process.
+
+        With data (or expert) parallelism, each rank's load is only its own batch's: give `process_group` (the
+        data-parallel ranks) and the router sums the load over it first, so every rank makes the same step
+        from the global load (see `Router.update_bias`). None: `load` is used as it is.
+        """
+        self.gate.update_bias(load, process_group=process_group)
+
+    @staticmethod
+    def _check_batch_size(x: Tensor, batch_size: int | None) -> int:
+        """The number of sequences of x (see `forward`)."""
+        if x.dim() == 3:
+            if batch_size is not None and batch_size != x.shape[0]:
+                raise ValueError(f"batch_size={batch_size!r} does not match the input's batch of {x.shape[0]}")
+            return x.shape[0]
+        if batch_size is None:
+            return 1
+        tokens = x.shape[0]
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1 or tokens % batch_size:
+            raise ValueError(
+                f"batch_size={batch_size!r} is invalid: must be an integer >= 1 that divides the {tokens} tokens"
+            )
+        return batch_size
 
     def _check_input(self, x: Tensor) -> None:
         h = self.config.hidden_size
