@@ -130,7 +130,8 @@ def _check_sampling_flags(args: argparse.Namespace) -> None:
         raise ValueError(f"--speculative decodes greedily: drop {' and '.join(flags)} (or drop --speculative)")
     if given and args.temperature == 0:
         raise ValueError(
-            f"{' and '.join(given)} only apply when sampling: set --temperature to a value > 0 (0 decodes greedily)"
+            f"{' and '.join(given)} {'apply' if len(given) > 1 else 'applies'} only when sampling: set --temperature "
+            "to a value > 0 (0 decodes greedily)"
         )
 
 
