@@ -8,7 +8,7 @@ import sys
 from rich.console import Console
 from rich.table import Table
 
-from deepmoe.argtypes import positive_int
+from deepmoe.argtypes import non_negative_float, non_negative_int, positive_int, unit_interval
 from deepmoe.runtime import keep_freed_memory
 
 DEMO_PROMPTS = ("ROMEO:\n", "def fibonacci(n):\n")
@@ -188,44 +188,6 @@ def _generate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _temperature(text: str) -> float:
-    """A finite number >= 0 (argparse type)."""
-    value = _finite_float(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0 (0 = greedy), got {text}")
-    return value
-
-
-def _top_p(text: str) -> float:
-    """A number in (0, 1] (argparse type)."""
-    value = _finite_float(text)
-    if not 0 < value <= 1:
-        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {text}")
-    return value
-
-
-def _finite_float(text: str) -> float:
-    import math
-
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"invalid float value: {text!r}") from None
-    if not math.isfinite(value):
-        raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
-    return value
-
-
-def _token_id(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"invalid int value: {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be a token id >= 0, got {value}")
-    return value
-
-
 def _load_tokenizer(model_dir: str):
     from pathlib import Path
 
@@ -367,19 +329,24 @@ def build_parser() -> argparse.ArgumentParser:
     source.add_argument("--ids", type=int, nargs="+", help="prompt token ids")
     gen.add_argument("--max-new-tokens", type=positive_int, default=32)
     gen.add_argument(
-        "--temperature", type=_temperature, default=0.0, help="0 (default): greedy; > 0: sample at this temperature"
+        "--temperature",
+        type=non_negative_float,
+        default=0.0,
+        help="0 (default): greedy; > 0: sample at this temperature",
     )
     gen.add_argument(
         "--top-k", type=positive_int, default=None, help="sample among the k likeliest (with --temperature)"
     )
-    gen.add_argument("--top-p", type=_top_p, default=None, help="nucleus sampling, p in (0, 1] (with --temperature)")
+    gen.add_argument(
+        "--top-p", type=unit_interval, default=None, help="nucleus sampling, p in (0, 1] (with --temperature)"
+    )
     gen.add_argument(
         "--speculative", action="store_true", help="greedy, drafting with the MTP module (no sampling flags)"
     )
     eos = gen.add_mutually_exclusive_group()
     eos.add_argument(
         "--eos",
-        type=_token_id,
+        type=non_negative_int,
         action="append",
         default=None,
         metavar="ID",
