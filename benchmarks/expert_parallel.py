@@ -1,5 +1,6 @@
-"""Expert parallelism (SPEC D1, issue 8): bytes moved per token with device-limited routing, and wall time
+"""Expert parallelism (issue 8): bytes moved per token with device-limited routing, and wall time
 per step with 1, 2, 4 processes — gloo processes on this machine's CPUs, launched by this script.
+The scheme: docs/design.md#d1-expert-parallelism.
 
 1. Bytes per token on D ranks: one V2-style MoE layer (softmax, K_r = 6 of N_r = 32 experts, H = 256), a
    forward + backward on each rank's tokens, for device-limited routing with M = 1..D (group_limited_greedy,

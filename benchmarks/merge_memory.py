@@ -1,5 +1,5 @@
-"""Peak resident memory of `deepmoe merge` (streaming, SPEC S4) against the checkpoint size, and of the
-naive merge (load both state dicts, average, save) for comparison.
+"""Peak resident memory of `deepmoe merge` (streaming) against the checkpoint size, and of the
+naive merge (load both state dicts, average, save) for comparison. The merge: docs/design.md#s4-assembly-of-experts.
 
     python benchmarks/merge_memory.py [--experts 32] [--hidden 1024] [--keep DIR]
 

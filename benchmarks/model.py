@@ -1,4 +1,4 @@
-"""Whole-model speed: deepmoe against transformers on one checkpoint (SPEC §4, issue 3).
+"""Whole-model speed: deepmoe against transformers on one checkpoint (issue 3; results in docs/benchmarks.md).
 
 Saves a random tiny-v3 model (or loads --checkpoint), loads it into deepmoe and into transformers'
 DeepseekV3ForCausalLM, and times, interleaved round by round (medians): a training step's forward

@@ -1,4 +1,4 @@
-"""MoE layer speed, measured side by side in one run (SPEC §4, issue 2).
+"""MoE layer speed, measured side by side in one run (docs/design.md#e3-grouped-expert-compute, issue 2).
 
 For each layer shape and dtype, times forward (no grad) and forward+backward of:
   - dense floor: one SwiGLU FFN of width (K_r + N_s)·I, the same active FLOPs per token;

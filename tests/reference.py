@@ -1,4 +1,4 @@
-"""Plain, slow, per-token reference implementations of the SPEC formulas.
+"""Plain, slow, per-token reference implementations of the formulas in docs/design.md.
 
 Written independently of the library: Python loops over tokens and experts,
 lists and sorted(), one small matrix-vector product at a time.

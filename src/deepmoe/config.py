@@ -35,7 +35,7 @@ def is_real(value: Any) -> bool:
 
 @dataclass(frozen=True)
 class MoEConfig:
-    """One DeepSeekMoE layer (SPEC R1–R6, B1–B5, E1–E3).
+    """One DeepSeekMoE layer (R1–R6, B1–B5, E1–E3 in docs/design.md).
 
     Frozen: a setting cannot be changed in place (several layers may share one config, and a bad value
     would only fail deep inside a forward). Change it with `dataclasses.replace(config, field=value)`,
@@ -213,7 +213,7 @@ ATTENTION_TYPES = ("mla", "mha")
 
 @dataclass
 class DeepSeekConfig:
-    """A DeepSeek causal LM (SPEC M1–M4). Field names follow HF's config.json of each model_type.
+    """A DeepSeek causal LM (M1–M4 in docs/design.md). Field names follow HF's config.json of each model_type.
 
     Mutable, like Hugging Face configs (`config.num_hidden_layers = 2` before building a model): it is a
     recipe that the model's constructor reads once. Its `moe` is a frozen `MoEConfig`
@@ -224,7 +224,7 @@ class DeepSeekConfig:
     equal this config's. Layer i uses the MoE FFN when `moe` is set, i >= first_k_dense_replace
     and i % moe_layer_freq == 0.
 
-    DeepSpeed-MoE's variants (SPEC E4) are configs: Pyramid-MoE sets `moe_experts_per_layer`
+    DeepSpeed-MoE's variants (docs/design.md, E4) are configs: Pyramid-MoE sets `moe_experts_per_layer`
     (more experts in later layers); Residual-MoE is a fixed dense MLP plus a top-1 routed
     correction, i.e. `n_shared_experts=1, num_experts_per_tok=1` (preset `tiny-residual-moe`).
     """

@@ -1,4 +1,4 @@
-"""Process-group plumbing for expert parallelism (SPEC D1) on `torch.distributed`.
+"""Process-group plumbing for expert parallelism (docs/design.md#d1-expert-parallelism) on `torch.distributed`.
 
 Launched by `torchrun` (which sets RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT): NCCL on GPUs,
 gloo on CPUs. The D ranks of the expert-parallel group are also data-parallel for everything that is not a

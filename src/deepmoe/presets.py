@@ -1,4 +1,4 @@
-"""Published DeepSeek shapes and tiny CPU-sized versions of each (SPEC M4), and parameter counts."""
+"""Published DeepSeek shapes and tiny CPU-sized versions of each (docs/design.md#m4-presets), and parameter counts."""
 
 from __future__ import annotations
 
@@ -189,7 +189,7 @@ PRESETS = {
         _tiny(_deepseek_v2(), n_group=4, topk_group=2, n_devices=4, routed_scaling_factor=1.0), q_lora_rank=None
     ),
     "tiny-v3": lambda: _tiny(_deepseek_v3(), n_group=4, topk_group=2),
-    # DeepSpeed-MoE's variants (SPEC E4), as configs of the same model
+    # DeepSpeed-MoE's variants as configs (docs/design.md#e4-layer-placement-and-the-deepspeed-moe-variants)
     "tiny-pyramid-moe": _tiny_pyramid_moe,
     "tiny-residual-moe": _tiny_residual_moe,
 }

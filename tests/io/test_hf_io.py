@@ -1,4 +1,5 @@
-"""Hugging Face format I/O (SPEC M5, §5): config.json mapping for deepseek / deepseek_v2 / deepseek_v3,
+"""Hugging Face format I/O (docs/design.md#m5-hugging-face-checkpoints): config.json mapping for deepseek /
+deepseek_v2 / deepseek_v3,
 safetensors loading (transformers' and DeepSeek's layouts, shards, FP8), bad files, atomic sharded
 saving, and logits parity with transformers in both directions."""
 

@@ -1,4 +1,5 @@
-"""DeepSpeed-MoE's variants as configs (SPEC E4): Pyramid-MoE (`moe_experts_per_layer`) and
+"""DeepSpeed-MoE's variants as configs (docs/design.md#e4-layer-placement-and-the-deepspeed-moe-variants):
+Pyramid-MoE (`moe_experts_per_layer`) and
 Residual-MoE (a shared dense MLP plus a top-1 routed correction): validation, the built layers,
 parameter counts against a hand count, the HF round trip, and a few training steps of each preset."""
 

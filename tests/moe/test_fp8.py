@@ -1,4 +1,5 @@
-"""Fine-grained FP8 (SPEC T4): 1×128 activation tiles, 128×128 weight blocks, e4m3, float32 scales."""
+"""Fine-grained FP8 (DeepSeek-V3 §3.3, docs/design.md#t4-fine-grained-fp8): 1×128 activation tiles, 128×128
+weight blocks, e4m3, float32 scales."""
 
 from __future__ import annotations
 

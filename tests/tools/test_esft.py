@@ -1,4 +1,5 @@
-"""ESFT (SPEC S3): the two expert scores against hand-computed examples, the selection rule against a plain
+"""ESFT (docs/design.md#s3-expert-specialised-fine-tuning): the two expert scores against hand-computed
+examples, the selection rule against a plain
 reference of the paper's (raw scores against p, no per-layer normalisation),
 training that changes only the selected expert slices (bit-identical elsewhere, AdamW weight decay
 included), the expert delta (round trip, size, bad files) and the `deepmoe esft` command end to end."""

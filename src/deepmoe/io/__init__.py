@@ -1,5 +1,5 @@
-"""Hugging Face format I/O (SPEC M5): config.json and safetensors checkpoints of model_type
-deepseek, deepseek_v2 and deepseek_v3, read memory-mapped (no pickle) and written atomically."""
+"""Hugging Face format I/O (docs/design.md#m5-hugging-face-checkpoints): config.json and safetensors checkpoints of
+model_type deepseek, deepseek_v2 and deepseek_v3, read memory-mapped (no pickle) and written atomically."""
 
 from deepmoe.io.checkpoint import (
     CheckpointError,

@@ -1,5 +1,5 @@
-"""Checkpoint files (SPEC M5): safetensors reading (single file or sharded, memory-mapped, no
-pickle), block-wise FP8 dequantisation, atomic sharded writing, and on top of them
+"""Checkpoint files (docs/design.md#m5-hugging-face-checkpoints): safetensors reading (single file or sharded,
+memory-mapped, no pickle), block-wise FP8 dequantisation, atomic sharded writing, and on top of them
 `load_checkpoint` / `save_checkpoint` / `from_pretrained` / `save_pretrained` for HF-format
 DeepSeek checkpoints (names and config mapped by `deepmoe.io.hf`).
 

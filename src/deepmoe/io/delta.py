@@ -1,4 +1,5 @@
-"""Expert deltas (SPEC S3): the routed-expert slices that an expert-specialised fine-tune (ESFT) changed,
+"""Expert deltas (docs/design.md#s3-expert-specialised-fine-tuning): the routed-expert slices that an
+expert-specialised fine-tune (ESFT) changed,
 stored apart from the base checkpoint and applied on top of it.
 
 A delta is a directory of two files, written atomically (`deepmoe.io.files.atomic_directory`):

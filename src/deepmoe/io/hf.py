@@ -1,4 +1,5 @@
-"""Hugging Face format (SPEC M5), the mapping half: config.json <-> `DeepSeekConfig`, and
+"""Hugging Face format (docs/design.md#m5-hugging-face-checkpoints), the mapping half: config.json <->
+`DeepSeekConfig`, and
 checkpoint tensor names <-> deepmoe state-dict names (the files are read and written by
 `deepmoe.io.checkpoint`).
 

@@ -1,5 +1,5 @@
 """The DeepSeek causal LM: embedding → blocks (attention + dense or MoE FFN) → norm → head,
-plus the V3 multi-token-prediction modules (SPEC M2, M3).
+plus the V3 multi-token-prediction modules (docs/design.md#m2-decoder, docs/design.md#m3-multi-token-prediction).
 
 Parameter names are Hugging Face's (`model.layers.{i}.self_attn...`, `model.layers.{i}.mlp...`,
 `lm_head`), so a state dict maps one to one onto an HF checkpoint; the MTP modules live in

@@ -1,4 +1,5 @@
-"""Decoding (SPEC M6): greedy and sampled generation with the KV cache, for left-padded batches too, greedy
+"""Decoding (docs/design.md#m6-generation): greedy and sampled generation with the KV cache, for left-padded
+batches too, greedy
 speculative decoding that drafts with the multi-token-prediction module and verifies with the main model, and
 incremental detokenisation of the streamed ids (`IncrementalDecoder`, `TextStreamer`).
 """

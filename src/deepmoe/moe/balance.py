@@ -1,4 +1,4 @@
-"""Balance losses (SPEC B1–B5) and routing metrics (B6).
+"""Balance losses (B1–B5) and routing metrics (B6), docs/design.md#balance-losses-and-metrics.
 
 Pure functions of a `RouterOutput`; nothing here re-runs the router.
 Notation: T tokens, N = N_r routed experts, K = K_r chosen per token,

@@ -1,4 +1,4 @@
-"""Expert FFNs (SPEC E1–E3): a dense SwiGLU and the stacked routed experts.
+"""Expert FFNs (DeepSeekMoE §3.1–3.2; docs/design.md, E1–E3): a dense SwiGLU and the stacked routed experts.
 
 Routed experts are stored as HF's `DeepseekV3Experts` stores them:
 `gate_up_proj` [N_r, 2I, H] (gate rows first) and `down_proj` [N_r, H, I].

@@ -1,4 +1,4 @@
-"""Fine-grained FP8 GEMMs (SPEC T4; DeepSeek-V3 report §3.3).
+"""Fine-grained FP8 GEMMs (docs/design.md#t4-fine-grained-fp8; DeepSeek-V3 report §3.3).
 
 Activations are quantised per 1×128 tile (one token, 128 channels of the contraction
 dimension K), weights per 128×128 block, to `float8_e4m3fn` with one float32 scale per

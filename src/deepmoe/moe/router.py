@@ -1,4 +1,4 @@
-"""The gate: affinity scores → chosen experts and gate weights (SPEC R1–R6).
+"""The gate: affinity scores → chosen experts and gate weights (docs/design.md#routing, R1–R6).
 
 The router returns data (`RouterOutput`); it never computes experts.
 All router math runs in float32.

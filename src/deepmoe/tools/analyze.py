@@ -1,4 +1,5 @@
-"""`deepmoe analyze` (SPEC S1, B6): how a model routes one or more text sources.
+"""`deepmoe analyze`: how a model routes one or more text sources (docs/design.md#s1-routing-analysis and
+#b6-routing-metrics-and-maxvio).
 
 `analyze(model, sources)` runs the model over each source (`collect_routing`) and turns the sums into
 a JSON-serialisable report; `write_analysis(report, out_dir)` writes it as `report.json`, CSV tables
@@ -728,7 +729,7 @@ def run_analyze(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     """`python -m deepmoe.tools.analyze ...` (the same as `deepmoe analyze ...`)."""
     parser = add_analyze_arguments(
-        argparse.ArgumentParser(prog="deepmoe analyze", description="Routing analysis of a MoE model (SPEC S1).")
+        argparse.ArgumentParser(prog="deepmoe analyze", description="Routing analysis of a MoE model.")
     )
     return run_analyze(parser.parse_args(argv))
 

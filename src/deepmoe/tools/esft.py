@@ -1,4 +1,5 @@
-"""Expert-specialised fine-tuning (SPEC S3; Wang et al. 2024, "Let the Expert Stick to His Last: Expert-
+"""Expert-specialised fine-tuning (docs/design.md#s3-expert-specialised-fine-tuning;
+Wang et al. 2024, "Let the Expert Stick to His Last: Expert-
 Specialized Fine-Tuning for Sparse Architectural Large Language Models", DeepSeek's ESFT).
 
 1. Score the routed experts of every MoE layer on task data (`collect_routing` over a slice of it), with

@@ -1,4 +1,5 @@
-"""Assembly of Experts (SPEC S4; Klagges et al. 2025, arXiv:2506.14794, the DeepSeek R1T/R1T2 "Chimera" models).
+"""Assembly of Experts (docs/design.md#s4-assembly-of-experts; Klagges et al. 2025, arXiv:2506.14794, the
+DeepSeek R1T/R1T2 "Chimera" models).
 
 A child of n parents of one architecture, tensor by tensor:
 

@@ -1,4 +1,4 @@
-"""`deepmoe steer` (SPEC S2): SteerMoE-style steering by switching routed experts off or on.
+"""`deepmoe steer` (docs/design.md#s2-steering): SteerMoE-style steering by switching routed experts off or on.
 
 Scoring (SteerMoE, Fayyaz et al. 2025, "risk difference"). Behaviour A and behaviour B are given as
 text (two sources, or JSONL pairs). Both run through the model once; for MoE layer l and routed
@@ -18,7 +18,8 @@ B-specific first). A plan takes the top experts of one side, only those whose sc
 sign, either the top k of all (layer, expert) pairs ("spread over layers by rank", as SteerMoE) or
 the top k of every layer.
 
-Steering (SPEC R6) goes through the router's expert-mask hook (`Router.set_expert_mask`), no weight
+Steering (docs/design.md#r6-expert-masks-and-forcing) goes through the router's expert-mask hook
+(`Router.set_expert_mask`), no weight
 changes: "disable" = never routed (selection score −∞), "force" = always routed (+∞). A plan never
 forces more experts in a layer than num_experts_per_tok, and never disables so many that a token can
 no longer fill its K slots (the router's own validation decides).

@@ -1,4 +1,5 @@
-"""Upcycling (SPEC S5): a dense checkpoint becomes a fine-grained MoE that computes the same function.
+"""Upcycling (docs/design.md#s5-upcycling): a dense checkpoint becomes a fine-grained MoE that computes the
+same function.
 
 Each dense SwiGLU FFN(x) = W_down (silu(W_gate x) ⊙ W_up x) of width I is a sum of M slices of width
 w = I/M over its intermediate dimension (rows of W_gate and W_up, columns of W_down):

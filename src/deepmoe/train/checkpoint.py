@@ -1,4 +1,4 @@
-"""Training checkpoints (SPEC T3): `DIR/step-N/` holds the HF-format weights (`config.json` +
+"""Training checkpoints (docs/design.md#t3-checkpoints): `DIR/step-N/` holds the HF-format weights (`config.json` +
 `model.safetensors`, written by `deepmoe.io.save_checkpoint`), `training_state.safetensors` (optimizer
 state tensors and the torch RNG states) and `training_state.json` (everything else: step, schedule,
 python/numpy RNG states, data position, the run's options, the model config). No pickle anywhere.

@@ -1,4 +1,5 @@
-"""The trainer (SPEC T1, T3): AdamW, warmup + cosine or WSD schedule, gradient clipping and
+"""The trainer (docs/design.md#t1-trainer and #t3-checkpoints): AdamW, warmup + cosine or WSD schedule,
+gradient clipping and
 accumulation, the aux losses and MTP loss (in the model's loss), the aux-loss-free bias update after
 every step, optional bfloat16 autocast, a progress bar, a JSONL log, held-out evaluation, atomic
 resumable checkpoints, and an end-of-run report with plots.
@@ -10,7 +11,8 @@ Files of a run directory DIR:
   log.jsonl          one line per optimizer step; eval.jsonl: one line per held-out evaluation
   report.json, loss.png, expert_load.png   at the end of the run
 
-Expert parallelism (SPEC D1, `expert_parallel` = D > 1, launched by `torchrun --nproc-per-node D`): the D
+Expert parallelism (docs/design.md#d1-expert-parallelism; `expert_parallel` = D > 1, launched by
+`torchrun --nproc-per-node D`): the D
 ranks shard the routed experts and are data-parallel for everything else. `batch_size` stays the global
 batch: every rank draws the same batch and trains on its 1/D of the sequences, so a D-rank run follows the
 1-process run of the same options (exactly, when no batch-level quantity — capacity, B1–B3 — is involved:
