@@ -34,8 +34,9 @@ import signal
 import sys
 import threading
 import time
+import typing
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -69,73 +70,72 @@ class TrainingError(RuntimeError):
     and which checkpoint is intact."""
 
 
+def option(default: Any, help: str, flag: str | None = "", **argparse_options: Any) -> Any:
+    """A TrainConfig field that declares its command-line flag once: `help`, `flag` ("" = --field-name,
+    None = no flag: a --config file only) and argparse options (type, choices, metavar)."""
+    return field(default=default, metadata={"help": help, "flag": flag, "argparse": argparse_options})
+
+
 @dataclass
 class TrainConfig:
     """Options of a training run; validated on construction (ValueError naming the field)."""
 
-    preset: str | None = None
-    """Model preset; None: tiny-v3 (with `init_from`: must be None, the checkpoint is the model)."""
-    data: str | None = None
-    """Text corpus (file or directory) for `prepare_corpus`; None: the corpus bundled with deepmoe."""
-    vocab_size: int | None = None
-    """Vocabulary of the tokenizer trained on the corpus (None: 4096); the model's vocab_size is set to the
-    tokenizer's. With `init_from`: must be None, the checkpoint's tokenizer.json is used."""
-    seq_len: int = 256
-    batch_size: int = 16
-    """Sequences per micro-batch over all ranks (each of the `expert_parallel` ranks trains on its share)."""
-    grad_accum: int = 1
-    """Micro-batches of `batch_size` sequences per optimizer step."""
-    steps: int = 1000
-    lr: float = 2e-3
-    min_lr: float = 2e-4
-    warmup_steps: int = 100
-    schedule: str = "cosine"
-    """"cosine": warmup then cosine decay to min_lr; "wsd": warmup, stable, linear decay in the last
-    `decay_fraction` of the steps."""
-    decay_fraction: float = 0.2
-    schedule_steps: int | None = None
-    """Length of the LR schedule; None: `steps`. Resuming with a larger `steps` keeps the run's schedule
-    length (the LR stays at min_lr past its end) unless `schedule_steps` is given."""
-    weight_decay: float = 0.1
-    beta1: float = 0.9
-    beta2: float = 0.95
-    eps: float = 1e-8
-    grad_clip: float = 1.0
-    """Clip the global gradient norm to this; 0: no clipping."""
-    eval_every: int = 200
-    """Held-out evaluation every N steps (0: only at the end, on the whole held-out set)."""
-    eval_batches: int = 20
-    """Held-out batches of a periodic evaluation (0: all); the final one always uses the whole held-out set."""
-    save_every: int = 500
-    """Checkpoint every N steps (0: only at the end); one is always written at the end and on Ctrl-C."""
-    keep_last: int = 3
-    """Checkpoints kept (0: all)."""
-    seed: int = 0
-    bf16: bool = False
-    """bfloat16 autocast (weights and optimizer state stay float32)."""
-    device: str = "auto"
-    out: str = "runs/deepmoe"
-    model_overrides: dict[str, Any] | None = None
-    """DeepSeekConfig fields set on top of the preset's (HF names); a "moe" dict updates the preset's MoE
-    fields, "moe": null makes every layer dense. How the study and the DeepSpeed-MoE variants build models."""
-    init_from: str | None = None
-    """HF-format checkpoint directory whose model (config and weights) and tokenizer.json start the run
-    instead of a random initialisation, e.g. an upcycled model. The model's shape then comes from the
-    checkpoint: `preset`, `vocab_size`, `layers`, `hidden_size` and `model_overrides` must be None."""
-    layers: int | None = None
-    """Override the preset's num_hidden_layers."""
-    hidden_size: int | None = None
-    """Override the preset's hidden_size (and its MoE layers')."""
-    bias_update_speed: float | None = None
-    """Override γ of aux-loss-free balancing (b_i += γ·sign(mean load − load_i)) in the MoE layers
-    (also of an `init_from` model)."""
-    fp8_experts: bool = False
-    """Train with the routed experts' products in fine-grained FP8 (simulated on CPU); the report then
-    has the per-layer FP8 error of the final model (`fp8_error_per_layer`)."""
-    expert_parallel: int = 1
-    """D > 1: shard the routed experts over D ranks launched by `torchrun --nproc-per-node D` (NCCL on GPUs,
-    gloo on CPUs); `batch_size` must be divisible by D."""
-    progress: bool = True
+    preset: str | None = option(None, "model preset (default tiny-v3; none with --init-from)", choices=tuple(PRESETS))
+    data: str | None = option(None, "text file or directory (default: the corpus bundled with deepmoe)")
+    vocab_size: int | None = option(
+        None, "vocabulary of the tokenizer trained on the corpus (default 4096; the model gets the tokenizer's; "
+        "none with --init-from, whose tokenizer.json is used)"
+    )  # fmt: skip
+    seq_len: int = option(256, "tokens per sequence", type=positive_int)
+    batch_size: int = option(16, "sequences per micro-batch over all ranks (each expert-parallel rank trains on "
+                                 "its share)", type=positive_int)  # fmt: skip
+    grad_accum: int = option(1, "micro-batches per optimizer step", type=positive_int)
+    steps: int = option(1000, "optimizer steps in total", type=positive_int)
+    lr: float = option(2e-3, "peak learning rate")
+    min_lr: float = option(2e-4, "final learning rate")
+    warmup_steps: int = option(100, "linear warmup steps")
+    schedule: str = option("cosine", "cosine: warmup then cosine decay to min_lr; wsd: warmup, stable, linear "
+                                     "decay in the last decay_fraction of the steps", choices=SCHEDULES)  # fmt: skip
+    decay_fraction: float = option(0.2, "WSD: fraction of the steps that decay")
+    schedule_steps: int | None = option(
+        None, "length of the LR schedule (default: steps); resuming with more steps keeps the run's schedule "
+        "length (min_lr past its end) unless this is given"
+    )  # fmt: skip
+    weight_decay: float = option(0.1, "AdamW weight decay (matrices only)")
+    beta1: float = option(0.9, "AdamW β1")
+    beta2: float = option(0.95, "AdamW β2")
+    eps: float = option(1e-8, "AdamW ε")
+    grad_clip: float = option(1.0, "clip the global gradient norm to this; 0: off")
+    eval_every: int = option(200, "held-out evaluation every N steps (0: only at the end, on the whole set)")
+    eval_batches: int = option(20, "held-out batches per periodic evaluation (0: all; the final one uses all)")
+    save_every: int = option(500, "checkpoint every N steps (0: only at the end; also at the end and on Ctrl-C)")
+    keep_last: int = option(3, "checkpoints kept (0: all)")
+    seed: int = option(0, "seed of the weights and the data order")
+    bf16: bool = option(False, "bfloat16 autocast (weights and optimizer state stay float32)")
+    device: str = option("auto", "auto: cuda if available", choices=DEVICES)
+    out: str = option("runs/deepmoe", "run directory")
+    model_overrides: dict[str, Any] | None = option(
+        None, "DeepSeekConfig fields over the preset's (HF names); a 'moe' dict updates the MoE fields, 'moe': "
+        "null makes every layer dense (in a --config file only)", flag=None
+    )  # fmt: skip
+    init_from: str | None = option(
+        None, "start from this HF-format checkpoint's model and tokenizer.json (e.g. an upcycled model); the model's "
+        "shape comes from it", metavar="DIR"
+    )  # fmt: skip
+    layers: int | None = option(None, "override the preset's number of layers")
+    hidden_size: int | None = option(None, "override the preset's hidden size (and its MoE layers')", flag="--hidden")
+    bias_update_speed: float | None = option(
+        None, "γ of aux-loss-free balancing, b_i += γ·sign(mean load − load_i) (default: the model's)"
+    )  # fmt: skip
+    fp8_experts: bool = option(
+        False, "routed experts' products in fine-grained FP8, simulated on the CPU (the report gets the per-layer "
+        "FP8 error of the final model)"
+    )  # fmt: skip
+    expert_parallel: int = option(
+        1, "shard the routed experts over N ranks launched by torchrun --nproc-per-node N (NCCL on GPUs, gloo on "
+        "CPUs); batch_size must be divisible by N", type=positive_int, metavar="N"
+    )  # fmt: skip
+    progress: bool = option(True, "progress bar")
 
     def __post_init__(self) -> None:
         def fail(name: str, allowed: str) -> None:
@@ -936,74 +936,31 @@ def _truncate_log(path: Path, step: int) -> None:
 
 
 def add_train_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """The options of `deepmoe train`; every option defaults to None (= not given), so that a JSON
-    `--config` file and the options saved with a run (`--resume`) fill in what the flags leave out."""
-    d = TrainConfig()
+    """The options of `deepmoe train`, one per TrainConfig field (its type, default and help declared on
+    the field). Every flag defaults to None (= not given), so that a JSON `--config` file and the options
+    saved with a run (`--resume`) fill in what the flags leave out."""
     parser.add_argument(
         "--config", metavar="FILE", help="JSON file of options (TrainConfig field names); flags override it"
     )
     parser.add_argument(
         "--resume", metavar="DIR", help="continue the run in DIR (its saved options) up to --steps in total"
     )
-    parser.add_argument("--preset", choices=list(PRESETS), default=None, help=f"model preset (default {d.preset})")
-    parser.add_argument(
-        "--init-from", metavar="DIR", default=None, help="start from this HF-format checkpoint's weights"
-    )
-    parser.add_argument("--layers", type=int, default=None, help="override the preset's number of layers")
-    parser.add_argument(
-        "--hidden", dest="hidden_size", type=int, default=None, help="override the preset's hidden size"
-    )
-    parser.add_argument(
-        "--bias-update-speed", type=float, default=None, help="γ of aux-loss-free balancing (default: the preset's)"
-    )
-    parser.add_argument(
-        "--fp8-experts",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="routed experts' products in fine-grained FP8 (simulated on CPU)",
-    )
-    parser.add_argument("--data", default=None, help="text file or directory (default: the bundled corpus)")
-    parser.add_argument("--vocab-size", type=int, default=None, help=f"tokenizer vocabulary (default {d.vocab_size})")
-    parser.add_argument("--seq-len", type=positive_int, default=None, help=f"tokens per sequence (default {d.seq_len})")
-    parser.add_argument(
-        "--batch-size", type=positive_int, default=None, help=f"sequences per micro-batch (default {d.batch_size})"
-    )
-    parser.add_argument("--grad-accum", type=positive_int, default=None, help="micro-batches per step (default 1)")
-    parser.add_argument(
-        "--steps", type=positive_int, default=None, help=f"optimizer steps in total (default {d.steps})"
-    )
-    parser.add_argument("--lr", type=float, default=None, help=f"peak learning rate (default {d.lr})")
-    parser.add_argument("--min-lr", type=float, default=None, help=f"final learning rate (default {d.min_lr})")
-    parser.add_argument("--warmup-steps", type=int, default=None, help=f"linear warmup (default {d.warmup_steps})")
-    parser.add_argument("--schedule", choices=SCHEDULES, default=None, help="cosine (default) or wsd")
-    parser.add_argument("--decay-fraction", type=float, default=None, help="WSD: fraction of steps that decay (0.2)")
-    parser.add_argument("--schedule-steps", type=int, default=None, help="length of the LR schedule (default --steps)")
-    parser.add_argument(
-        "--weight-decay", type=float, default=None, help=f"AdamW weight decay (default {d.weight_decay})"
-    )
-    parser.add_argument(
-        "--grad-clip", type=float, default=None, help=f"max gradient norm, 0: off (default {d.grad_clip})"
-    )
-    parser.add_argument(
-        "--eval-every", type=int, default=None, help=f"held-out eval every N steps (default {d.eval_every})"
-    )
-    parser.add_argument("--eval-batches", type=int, default=None, help=f"batches per periodic eval ({d.eval_batches})")
-    parser.add_argument(
-        "--save-every", type=int, default=None, help=f"checkpoint every N steps (default {d.save_every})"
-    )
-    parser.add_argument("--keep-last", type=int, default=None, help=f"checkpoints kept, 0: all (default {d.keep_last})")
-    parser.add_argument("--seed", type=int, default=None, help="seed of weights and data order (default 0)")
-    parser.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None, help="bfloat16 autocast")
-    parser.add_argument("--device", choices=DEVICES, default=None, help="auto (default): cuda if available")
-    parser.add_argument("--out", default=None, help=f"run directory (default {d.out})")
-    parser.add_argument(
-        "--expert-parallel",
-        type=positive_int,
-        default=None,
-        metavar="N",
-        help="shard the routed experts over N ranks (launch with torchrun --nproc-per-node N); default 1",
-    )
-    parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None, help="progress bar")
+    types = typing.get_type_hints(TrainConfig)
+    for f in dataclasses.fields(TrainConfig):
+        flag = f.metadata["flag"]
+        if flag is None:
+            continue
+        kind = next(t for t in (bool, int, float, str) if t is types[f.name] or t in typing.get_args(types[f.name]))
+        options = dict(f.metadata["argparse"])
+        if kind is bool:
+            options["action"] = argparse.BooleanOptionalAction
+        else:
+            options.setdefault("type", kind)
+        shown = f" (default {f.default})" if f.default is not None and "default" not in f.metadata["help"] else ""
+        parser.add_argument(
+            flag or "--" + f.name.replace("_", "-"), dest=f.name, default=None, help=f.metadata["help"] + shown,
+            **options,
+        )  # fmt: skip
     return parser
 
 
