@@ -62,7 +62,7 @@ class DecoderLayer(nn.Module):
         x = x + self.self_attn(self.input_layernorm(x), positions, cache, key_mask)
         h = self.post_attention_layernorm(x)
         if isinstance(self.mlp, MoE):
-            moe_out = self.mlp(h)
+            moe_out = self.mlp(h, check_finite=False)  # no host sync per layer: the model checks its input ids
             return x + moe_out.hidden_states, moe_out
         return x + self.mlp(h), None
 
@@ -187,15 +187,17 @@ class DeepSeekForCausalLM(nn.Module):
             raise ValueError(f"input_ids must have shape [batch, seq], got {tuple(input_ids.shape)}")
         if input_ids.numel() == 0:
             raise ValueError("input_ids is empty: give at least one token")
-        low, high = int(input_ids.min()), int(input_ids.max())
-        if low < 0 or high >= cfg.vocab_size:
-            bad = low if low < 0 else high
-            raise ValueError(f"token id {bad} is outside the vocabulary [0, {cfg.vocab_size})")
         total = past_length + input_ids.shape[1]
         if total > cfg.max_position_embeddings:
             raise ValueError(
                 f"sequence of {total} tokens is longer than max_position_embeddings={cfg.max_position_embeddings}"
             )
+        if torch.compiler.is_compiling():  # the value checks read the ids on the host: eager mode only
+            return
+        low, high = torch.stack(torch.aminmax(input_ids)).tolist()  # one device→host sync per call, not per layer
+        if low < 0 or high >= cfg.vocab_size:
+            bad = low if low < 0 else high
+            raise ValueError(f"token id {bad} is outside the vocabulary [0, {cfg.vocab_size})")
 
     def forward(
         self,
@@ -210,6 +212,11 @@ class DeepSeekForCausalLM(nn.Module):
 
         The MTP modules run when `output_mtp` is set, by default when labels are given (training);
         never with a cache.
+
+        In eager mode the token ids (and `attention_mask`) are checked here, once per call (their values are read
+        on the host); the layers below do not sync (but for the experts' per-expert loop where no grouped kernel
+        exists; debug checks: `deepmoe.runtime.set_debug_checks`). Under torch.compile those value checks are
+        left out: validate the ids before calling.
 
         `attention_mask` [B, past + S] of 0/1 over the cached and new tokens (as in HF) marks padding: padded keys
         are masked out of attention and positions count real tokens only (a left-padded row's first token is at
@@ -271,9 +278,11 @@ class DeepSeekForCausalLM(nn.Module):
         if not isinstance(attention_mask, Tensor) or tuple(attention_mask.shape) != (batch, length):
             shape = tuple(attention_mask.shape) if isinstance(attention_mask, Tensor) else type(attention_mask).__name__
             raise ValueError(f"attention_mask must be a tensor [batch, past + seq] = [{batch}, {length}], got {shape}")
+        key_mask = attention_mask.to(self.model.embed_tokens.weight.device) == 1
+        if torch.compiler.is_compiling():  # no host reads in compiled code: the mask is always applied
+            return key_mask
         if not ((attention_mask == 0) | (attention_mask == 1)).all():
             raise ValueError("attention_mask must hold only 0 (padding) and 1 (token)")
-        key_mask = attention_mask.to(self.model.embed_tokens.weight.device) == 1
         return None if key_mask.all() else key_mask
 
     def _idle_mtp_anchor(self, seq: int, has_labels: bool, output_mtp: bool | None, cached: bool) -> Tensor | None:

@@ -13,12 +13,12 @@ import torch
 from torch import Tensor
 
 from deepmoe.config import MoEConfig
-from deepmoe.moe.router import RouterOutput
+from deepmoe.moe.router import RouterOutput, count_ids
 
 
 def expert_counts(topk_idx: Tensor, n_experts: int) -> Tensor:
     """[N] int64: how many of the T·K slots chose each expert (before any dropping)."""
-    return torch.bincount(topk_idx.reshape(-1), minlength=n_experts)
+    return count_ids(topk_idx, n_experts)
 
 
 def expert_balance_loss(scores: Tensor, topk_idx: Tensor) -> Tensor:
@@ -144,7 +144,7 @@ def routing_stats(routing: RouterOutput) -> RoutingStats:
     if routing.kept is None:
         kept, dropped = load, torch.zeros((), device=load.device)
     else:
-        kept = torch.bincount(routing.topk_idx[routing.kept], minlength=n)
+        kept = count_ids(routing.topk_idx.masked_fill(~routing.kept, n), n + 1)[:n]  # dropped slots count as n
         dropped = 1.0 - routing.kept.float().mean()
     return RoutingStats(
         tokens_per_expert=load,

@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from deepmoe.moe.router import RouterOutput
+from deepmoe.moe.router import RouterOutput, count_ids
 
 
 @dataclass
@@ -30,23 +30,29 @@ class DispatchState:
 
 
 class LocalDispatcher:
-    """Sort the T·K (token, expert) slots by expert; dropped slots are left out."""
+    """Sort the T·K (token, expert) slots by expert.
+
+    Shapes depend on T and K only, never on the routing (no device→host sync, `torch.compile` traces it
+    without a graph break): slots dropped by capacity stay in, after every kept row, with gate weight 0, and
+    are counted as the last expert's rows, so they add exactly 0 to their token (their product is computed:
+    the dropped fraction of the expert FLOPs).
+    """
 
     def __init__(self, n_experts: int):
         self.n_experts = n_experts
 
     def dispatch(self, x: Tensor, routing: RouterOutput) -> tuple[Tensor, Tensor, DispatchState]:
-        """x [T, H] → (rows [S, H] sorted by expert, tokens_per_expert [N_r], state); S ≤ T·K."""
+        """x [T, H] → (rows [S, H] sorted by expert, tokens_per_expert [N_r], state); S = T·K, dropped slots
+        (gate weight 0) last, in the last expert's count."""
         n, k = self.n_experts, routing.topk_idx.shape[1]
         flat_expert = routing.topk_idx.reshape(-1)
-        n_rows = flat_expert.numel()
         if routing.kept is not None:  # dropped slots get a sentinel id that sorts last
             flat_expert = flat_expert.masked_fill(~routing.kept.reshape(-1), n)
-        counts = torch.bincount(flat_expert, minlength=n + 1)[:n]
+            counts = count_ids(flat_expert, n + 1)
+            counts = torch.cat([counts[: n - 1], counts[n - 1 :].sum(0, keepdim=True)])  # the last expert takes them
+        else:
+            counts = count_ids(flat_expert, n)
         order = flat_expert.argsort(stable=True)
-        if routing.kept is not None:
-            n_rows = int(counts.sum())
-            order = order[:n_rows]
         token_idx = order // k
         rows = x.index_select(0, token_idx)
         return rows, counts, DispatchState(token_idx, routing.topk_weight.reshape(-1)[order], x.shape[0])

@@ -5,6 +5,12 @@ Routed experts are stored as HF's `DeepseekV3Experts` stores them:
 They compute on tokens already sorted by expert, with one grouped matrix
 product per projection (`torch.nn.functional.grouped_mm` / `torch._grouped_mm`),
 or a loop over the experts' contiguous slices where that kernel is missing.
+
+The product is the custom operator `torch.ops.deepmoe.grouped_mm` (with its own backward): what it does
+inside (kernel or loop, the alignment check, the loop's group sizes read on the host) is opaque to
+`torch.compile` and `torch.func`, which only see a [S, in] × [G, in, out] → [S, out] product. So the layer
+compiles with fullgraph=True for every dtype, and `torch.func.grad` works. Under compilation, bfloat16 calls
+torch's grouped product directly (the only dtype its compiler kernel takes), so that Inductor can lower it.
 """
 
 from __future__ import annotations
@@ -54,21 +60,130 @@ def grouped_mm_available(device_type: str, dtype: torch.dtype) -> bool:
 
 
 def _aligned(t: Tensor) -> bool:
-    """Grouped kernels want 16-byte aligned rows and storage."""
+    """Grouped kernels want 16-byte aligned rows and storage (`t` a real tensor)."""
+    return t.data_ptr() % 16 == 0 and _strides_aligned(t)
+
+
+def _strides_aligned(t: Tensor) -> bool:
+    """16-byte aligned rows: what can be checked of a traced (fake) tensor."""
     size = t.element_size()
-    return t.data_ptr() % 16 == 0 and all(s * size % 16 == 0 for s in t.stride() if s != 1)
+    return all(s * size % 16 == 0 for s in t.stride() if s != 1)
+
+
+def _bounds(offsets: Tensor) -> list[int]:
+    """[0, offsets...] on the host (a device→host copy: only the loops, inside the operators, read it)."""
+    return [0, *offsets.tolist()]
+
+
+def _grouped_matmul_eager(x: Tensor, weight: Tensor, offsets: Tensor, use_kernel: bool) -> Tensor:
+    if use_kernel and grouped_mm_available(x.device.type, x.dtype) and _aligned(x) and _aligned(weight):
+        return _GROUPED_MM(x, weight, offs=offsets)
+    bounds = _bounds(offsets)
+    out = x.new_empty(x.shape[0], weight.shape[-1])
+    for g, (a, b) in enumerate(zip(bounds[:-1], bounds[1:], strict=True)):
+        if b > a:
+            torch.matmul(x[a:b], weight[g], out=out[a:b])
+    return out
+
+
+@torch.library.custom_op("deepmoe::grouped_mm", mutates_args=())
+def _grouped_mm_op(x: Tensor, weight: Tensor, offsets: Tensor, use_kernel: bool) -> Tensor:
+    """x [S, in] sorted by group, weight [G, in, out], offsets [G] int32 (offsets[-1] == S) → [S, out]."""
+    return _grouped_matmul_eager(x, weight, offsets, use_kernel)
+
+
+@_grouped_mm_op.register_fake
+def _(x: Tensor, weight: Tensor, offsets: Tensor, use_kernel: bool) -> Tensor:
+    return x.new_empty(x.shape[0], weight.shape[-1])
+
+
+@torch.library.custom_op("deepmoe::grouped_mm_weight_grad", mutates_args=())
+def _weight_grad_op(x: Tensor, grad: Tensor, offsets: Tensor, use_kernel: bool) -> Tensor:
+    """The weight gradient of `grouped_mm`: [G, in, out], group g = x[rows of g]ᵀ @ grad[rows of g]."""
+    xt = x.t()
+    if use_kernel and grouped_mm_available(x.device.type, x.dtype) and _aligned(xt) and _aligned(grad):
+        return _GROUPED_MM(xt, grad, offs=offsets)
+    bounds = _bounds(offsets)
+    out = grad.new_zeros(offsets.shape[0], x.shape[1], grad.shape[1])
+    for g, (a, b) in enumerate(zip(bounds[:-1], bounds[1:], strict=True)):
+        if b > a:
+            torch.matmul(xt[:, a:b], grad[a:b], out=out[g])
+    return out
+
+
+@_weight_grad_op.register_fake
+def _(x: Tensor, grad: Tensor, offsets: Tensor, use_kernel: bool) -> Tensor:
+    return grad.new_empty(offsets.shape[0], x.shape[1], grad.shape[1])
+
+
+class _GroupedMatMul(torch.autograd.Function):
+    """Autograd of `grouped_mm` (forward, setup_context and backward apart, as `torch.func` needs; the
+    operators' own autograd wrapper does not work under `torch.func.grad`)."""
+
+    @staticmethod
+    def forward(x: Tensor, weight: Tensor, offsets: Tensor, use_kernel: bool) -> Tensor:
+        return _grouped_mm_op(x, weight, offsets, use_kernel)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        x, weight, offsets, use_kernel = inputs
+        ctx.save_for_backward(x, weight, offsets)
+        ctx.use_kernel = use_kernel
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        x, weight, offsets = ctx.saved_tensors
+        grad = grad.contiguous()
+        grad_x = grad_w = None
+        if ctx.needs_input_grad[0]:
+            grad_x = _GroupedMatMul.apply(grad, weight.transpose(1, 2), offsets, ctx.use_kernel)
+        if ctx.needs_input_grad[1]:
+            grad_w = _GroupedWeightGrad.apply(x, grad, offsets, ctx.use_kernel)
+        return grad_x, grad_w, None, None
+
+
+class _GroupedWeightGrad(torch.autograd.Function):
+    """Autograd of `grouped_mm_weight_grad` (double backward, and `torch.func` calling it in a backward)."""
+
+    @staticmethod
+    def forward(x: Tensor, grad: Tensor, offsets: Tensor, use_kernel: bool) -> Tensor:
+        return _weight_grad_op(x, grad, offsets, use_kernel)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        x, grad, offsets, use_kernel = inputs
+        ctx.save_for_backward(x, grad, offsets)
+        ctx.use_kernel = use_kernel
+
+    @staticmethod
+    def backward(ctx, dw: Tensor):
+        x, grad, offsets = ctx.saved_tensors
+        d_x = d_grad = None
+        if ctx.needs_input_grad[0]:  # w_g = x_gᵀ grad_g: d x_g = grad_g dw_gᵀ
+            d_x = _GroupedMatMul.apply(grad, dw.transpose(1, 2), offsets, ctx.use_kernel)
+        if ctx.needs_input_grad[1]:  # d grad_g = x_g dw_g
+            d_grad = _GroupedMatMul.apply(x, dw, offsets, ctx.use_kernel)
+        return d_x, d_grad, None, None
+
+
+@torch.compiler.assume_constant_result
+def _compiler_kernel(device_type: str, dtype: torch.dtype) -> bool:
+    """Whether compiled code may call torch's grouped product itself: its compiler (fake) kernel takes bf16 only."""
+    return dtype == torch.bfloat16 and grouped_mm_available(device_type, dtype)
 
 
 def grouped_matmul(x: Tensor, weight: Tensor, offsets: Tensor, use_kernel: bool) -> Tensor:
     """y[rows of group g] = x[rows of group g] @ weight[g].
 
-    x [S, in], weight [G, in, out], offsets [G] int32 = cumulative rows (offsets[-1] == S).
+    x [S, in], weight [G, in, out], offsets [G] int32 = cumulative rows (offsets[-1] == S). `use_kernel`: take
+    the grouped kernel where this build has it for (device, dtype) and the operands are aligned; else (or
+    with False) one product per group, whose sizes are read on the host.
     """
-    if use_kernel and _aligned(x) and _aligned(weight):
-        return _GROUPED_MM(x, weight, offs=offsets)
-    # fallback: one product per expert slice; `torch.cat` keeps autograd simple
-    bounds = [0, *offsets.tolist()]
-    return torch.cat([x[a:b] @ weight[g] for g, (a, b) in enumerate(zip(bounds[:-1], bounds[1:], strict=False))])
+    if use_kernel and torch.compiler.is_compiling() and _compiler_kernel(x.device.type, x.dtype):
+        # traced tensors have no address: the experts pass fresh activations and (views of) whole parameters
+        if _strides_aligned(x) and _strides_aligned(weight):
+            return _GROUPED_MM(x, weight, offs=offsets)
+    return _GroupedMatMul.apply(x, weight, offsets, use_kernel)
 
 
 class RoutedExperts(nn.Module):
@@ -92,11 +207,12 @@ class RoutedExperts(nn.Module):
             nn.init.uniform_(w, -bound, bound)
 
     def use_kernel(self, x: Tensor) -> bool:
+        """Whether to take the grouped kernel (where it exists for x's device and dtype): not for "loop"."""
         if self.implementation == "loop":
             return False
         if self.implementation == "grouped_mm" and _GROUPED_MM is None:
             raise RuntimeError("experts_implementation='grouped_mm' but this torch build has no grouped_mm")
-        return grouped_mm_available(x.device.type, x.dtype)
+        return True
 
     def _matmul(self, x: Tensor, weight: Tensor, offsets: Tensor, use_kernel: bool) -> Tensor:
         if self.fp8:

@@ -17,6 +17,7 @@ from deepmoe.moe.balance import RoutingStats, balance_losses, routing_stats
 from deepmoe.moe.dispatch import ExpertParallelDispatcher, LocalDispatcher
 from deepmoe.moe.experts import RoutedExperts, SwiGLU
 from deepmoe.moe.router import Router, RouterOutput
+from deepmoe.runtime import debug_checks_enabled
 
 
 @dataclass
@@ -146,7 +147,7 @@ class MoE(nn.Module):
         if self.shared_experts is not None:
             self.shared_experts.reset_parameters()
 
-    def forward(self, hidden_states: Tensor, batch_size: int | None = None) -> MoEOutput:
+    def forward(self, hidden_states: Tensor, batch_size: int | None = None, *, check_finite: bool = True) -> MoEOutput:
         """hidden_states [B, S, H], or [T, H]: `batch_size` sequences of T / batch_size tokens each, one after the
         other (token t is in sequence t // (T / batch_size)) → an output of the same shape.
 
@@ -155,8 +156,18 @@ class MoE(nn.Module):
         `batch_size` is ONE sequence of T tokens, not a batch: to flatten [B, S, H] to [B·S, H] and get the
         same losses, dropping and outputs, pass batch_size=B. With [B, S, H] input, batch_size is B (giving
         another value is an error).
+
+        `check_finite`: refuse an input holding NaN or inf (ValueError). Reading that answer is a device→host
+        sync, so it happens in eager mode only (never under torch.compile) and a model that calls its layers
+        from checked inputs passes False (`DeepSeekForCausalLM` does: only the debug checks of
+        `deepmoe.runtime.set_debug_checks` look at its layers' inputs). Nothing else in the forward syncs, except
+        what needs group sizes on the host: the experts' per-expert loop (no grouped kernel) and FP8 products,
+        and expert parallelism's exchanges.
         """
         self._check_input(hidden_states)
+        if (check_finite or debug_checks_enabled()) and not torch.compiler.is_compiling():
+            if not torch.isfinite(hidden_states).all():
+                raise ValueError("MoE got NaN or inf in its input: the hidden states must be finite")
         shape = hidden_states.shape
         batch_size = self._check_batch_size(hidden_states, batch_size)
         x = hidden_states.reshape(-1, shape[-1])  # [T, H]

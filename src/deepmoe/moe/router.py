@@ -1,7 +1,8 @@
 """The gate: affinity scores → chosen experts and gate weights (docs/design.md#routing, R1–R6).
 
 The router returns data (`RouterOutput`); it never computes experts.
-All router math runs in float32.
+All router math runs in float32. Its forward never reads a tensor's values on the host (no device→host
+sync): the checks that would are debug checks (`deepmoe.runtime.set_debug_checks`).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from deepmoe.config import MoEConfig
+from deepmoe.runtime import debug_checks_enabled
 
 
 @dataclass
@@ -34,6 +36,13 @@ class RouterOutput:
     """[T, K] bool, False where capacity dropped the slot; None when nothing can be dropped."""
     batch_size: int
     """Number of sequences the T tokens form (sequence-major), for per-sequence quantities."""
+
+
+def count_ids(ids: Tensor, n: int) -> Tensor:
+    """[n] int64, how often each id in [0, n) occurs in `ids`: `torch.bincount(ids, minlength=n)` with a
+    static shape (ids >= n are not allowed), which `torch.compile` traces without a graph break."""
+    ids = ids.reshape(-1)
+    return torch.zeros(n, dtype=torch.int64, device=ids.device).scatter_add_(0, ids, torch.ones_like(ids))
 
 
 ExpertSelection = Iterable[int] | Iterable[bool] | Tensor | None
@@ -259,7 +268,7 @@ class Router(nn.Module):
         cfg = self.config
         with torch.autocast(x.device.type, enabled=False):  # router math stays float32 under autocast
             logits = F.linear(x.float(), self.weight.float())  # [T, N]
-        if not torch.isfinite(logits).all():
+        if debug_checks_enabled() and not torch.isfinite(logits).all():  # a host sync: debug only
             raise ValueError("MoE router got NaN or inf: the layer input (or the router weight) is not finite")
         scores = logits.softmax(-1) if cfg.scoring_func == "softmax" else logits.sigmoid()
 
@@ -276,7 +285,8 @@ class Router(nn.Module):
         if masked:
             choice = choice.masked_fill(self.forced_experts, math.inf)
         topk_idx = choice.topk(cfg.num_experts_per_tok, dim=-1).indices  # [T, K]
-        if masked and torch.isneginf(choice.gather(1, topk_idx)).any():  # set_expert_mask's reach check forbids it
+        # set_expert_mask's reach check proves this never happens; asserting it costs a host sync: debug only
+        if masked and debug_checks_enabled() and torch.isneginf(choice.gather(1, topk_idx)).any():
             raise RuntimeError(
                 "MoE router had to choose a disabled or out-of-group expert: the expert mask leaves a token too few "
                 "(set_expert_mask refuses such masks; was the mask or the config changed after it?)"
@@ -339,7 +349,7 @@ class Router(nn.Module):
 
         order = priority.argsort(descending=True, stable=True)
         order = order[unit[order].argsort(stable=True)]  # grouped by unit, best first inside a unit
-        counts = torch.bincount(unit, minlength=n_units)
+        counts = count_ids(unit, n_units)
         starts = counts.cumsum(0) - counts
         rank = torch.empty_like(order)
         rank[order] = torch.arange(order.numel(), device=order.device) - starts[unit[order]]
