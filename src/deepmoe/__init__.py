@@ -1,8 +1,15 @@
 """deepmoe: DeepSeek-style Mixture-of-Experts models in PyTorch."""
 
 from deepmoe.config import DeepSeekConfig, MoEConfig
-from deepmoe.io import from_pretrained, save_pretrained
-from deepmoe.model import CausalLMOutput, DeepSeekForCausalLM, KVCache, generate, generate_speculative
+from deepmoe.model import (
+    CausalLMOutput,
+    DeepSeekForCausalLM,
+    KVCache,
+    from_pretrained,
+    generate,
+    generate_speculative,
+    save_pretrained,
+)
 from deepmoe.moe import MoE, MoEOutput, Router, RouterOutput, RoutingStats
 from deepmoe.presets import PRESETS, count_parameters, get_preset
 

@@ -21,7 +21,7 @@ def _demo(args: argparse.Namespace) -> int:
 
     import torch
 
-    from deepmoe.io import from_pretrained
+    from deepmoe.model import from_pretrained
     from deepmoe.model.generate import generate
     from deepmoe.train.checkpoint import read_last
     from deepmoe.train.report import summary_table
@@ -140,7 +140,7 @@ def _generate(args: argparse.Namespace) -> int:
 
     import torch
 
-    from deepmoe.io import from_pretrained
+    from deepmoe.model import from_pretrained
     from deepmoe.model.generate import TextStreamer, generate, generate_speculative
 
     tokenizer = _load_tokenizer(args.model) if args.prompt is not None else None
@@ -189,11 +189,11 @@ def _generate(args: argparse.Namespace) -> int:
 
 
 def _load_tokenizer(model_dir: str):
-    from pathlib import Path
-
     from tokenizers import Tokenizer
 
-    path = Path(model_dir) / "tokenizer.json"
+    from deepmoe.io.checkpoint import checkpoint_dir
+
+    path = checkpoint_dir(model_dir) / "tokenizer.json"
     if not path.is_file():
         raise ValueError(f"{path} not found: give token ids with --ids instead of --prompt")
     try:

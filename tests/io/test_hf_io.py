@@ -24,15 +24,14 @@ from deepmoe.io import (
     config_to_hf,
     dequantize_fp8,
     expected_shapes,
-    from_pretrained,
     load_checkpoint,
     load_config,
     parse_size,
     save_checkpoint,
-    save_pretrained,
 )
 from deepmoe.io import checkpoint as ckpt_module
 from deepmoe.io import files as files_module
+from deepmoe.model import from_pretrained, save_pretrained
 from deepmoe.presets import PRESETS
 
 transformers = pytest.importorskip("transformers")

@@ -13,7 +13,8 @@ import torch
 
 from corpora import StandInCorpus
 from deepmoe.config import DeepSeekConfig
-from deepmoe.io import from_pretrained, load_config
+from deepmoe.io import load_config
+from deepmoe.model import from_pretrained
 from deepmoe.model.decoder import DeepSeekForCausalLM
 from deepmoe.moe import MoE, SwiGLU
 from deepmoe.presets import count_parameters, get_preset

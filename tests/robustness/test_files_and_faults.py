@@ -28,8 +28,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from deepmoe.io import CheckpointError, from_pretrained, load_checkpoint
+from deepmoe.io import CheckpointError, load_checkpoint
 from deepmoe.io import checkpoint as ckpt_module
+from deepmoe.model import from_pretrained
 from deepmoe.model.decoder import DeepSeekForCausalLM
 from deepmoe.presets import get_preset
 from deepmoe.train import checkpoint as train_ckpt

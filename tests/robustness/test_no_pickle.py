@@ -18,7 +18,8 @@ import pytest
 import torch
 
 import deepmoe
-from deepmoe.io import CheckpointError, from_pretrained
+from deepmoe.io import CheckpointError
+from deepmoe.model import from_pretrained
 from deepmoe.model.decoder import DeepSeekForCausalLM
 from deepmoe.presets import get_preset
 from deepmoe.train import checkpoint as train_ckpt

@@ -15,8 +15,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from deepmoe import DeepSeekConfig, DeepSeekForCausalLM, get_preset
-from deepmoe.io import save_pretrained
 from deepmoe.io.delta import DELTA_META, DELTA_WEIGHTS, DeltaError, apply_delta, delta_size, load_delta, save_delta
+from deepmoe.model import save_pretrained
 from deepmoe.tools.esft import (
     add_esft_arguments,
     esft_finetune,

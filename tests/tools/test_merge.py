@@ -13,8 +13,9 @@ from safetensors.torch import save_file
 
 from deepmoe.cli import main
 from deepmoe.config import DeepSeekConfig, MoEConfig
-from deepmoe.io import from_pretrained, load_checkpoint, save_checkpoint
+from deepmoe.io import load_checkpoint, save_checkpoint
 from deepmoe.io.checkpoint import INDEX_NAME
+from deepmoe.model import from_pretrained
 from deepmoe.model.decoder import DeepSeekForCausalLM
 from deepmoe.model.generate import generate
 from deepmoe.tools.merge import merge_checkpoints, tensor_class

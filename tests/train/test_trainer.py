@@ -18,7 +18,8 @@ import pytest
 import torch
 
 from corpora import StandInCorpus
-from deepmoe.io import from_pretrained, load_checkpoint
+from deepmoe.io import load_checkpoint
+from deepmoe.model import from_pretrained
 from deepmoe.model.decoder import DeepSeekForCausalLM
 from deepmoe.presets import get_preset
 from deepmoe.train import checkpoint as ckpt

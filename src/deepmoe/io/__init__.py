@@ -1,30 +1,29 @@
 """Hugging Face format I/O (docs/design.md#m5-hugging-face-checkpoints): config.json and safetensors checkpoints of
-model_type deepseek, deepseek_v2 and deepseek_v3, read memory-mapped (no pickle) and written atomically."""
+model_type deepseek, deepseek_v2 and deepseek_v3, read memory-mapped (no pickle) and written atomically, as a
+config and a state dict (a model from them: `deepmoe.model.pretrained`)."""
 
 from deepmoe.io.checkpoint import (
     CheckpointError,
     SafetensorsCheckpoint,
+    checkpoint_dir,
     dequantize_fp8,
-    from_pretrained,
     load_checkpoint,
     load_config,
     parse_size,
     save_checkpoint,
-    save_pretrained,
 )
 from deepmoe.io.hf import config_from_hf, config_to_hf, expected_shapes
 
 __all__ = [
     "CheckpointError",
     "SafetensorsCheckpoint",
+    "checkpoint_dir",
     "config_from_hf",
     "config_to_hf",
     "dequantize_fp8",
     "expected_shapes",
-    "from_pretrained",
     "load_checkpoint",
     "load_config",
     "parse_size",
     "save_checkpoint",
-    "save_pretrained",
 ]

@@ -1,7 +1,11 @@
 """Checkpoint files (docs/design.md#m5-hugging-face-checkpoints): safetensors reading (single file or sharded,
 memory-mapped, no pickle), block-wise FP8 dequantisation, atomic sharded writing, and on top of them
-`load_checkpoint` / `save_checkpoint` / `from_pretrained` / `save_pretrained` for HF-format
-DeepSeek checkpoints (names and config mapped by `deepmoe.io.hf`).
+`load_config` / `load_checkpoint` / `save_checkpoint` for HF-format DeepSeek checkpoints: a config
+and a state dict, names and config mapped by `deepmoe.io.hf`. Building a model from them is
+`deepmoe.model.pretrained`'s.
+
+Wherever a checkpoint directory is read, a training run's directory will do too: its `last` file
+names its newest complete checkpoint (`checkpoint_dir`).
 
 Every problem with a file raises `CheckpointError`, one line naming the file and, where there is
 one, the tensor.
@@ -38,6 +42,8 @@ from deepmoe.io.hf import (
 )
 
 CONFIG_NAME = "config.json"
+LAST_NAME = "last"
+"""In a training run's directory: one line, the name of its newest complete checkpoint directory."""
 WEIGHTS_NAME = "model.safetensors"
 INDEX_NAME = "model.safetensors.index.json"
 SCALE_SUFFIX = "_scale_inv"
@@ -67,6 +73,31 @@ def read_json(path: Path, what: str = "file") -> dict[str, Any]:
     return data
 
 
+def read_last(run_dir: str | os.PathLike) -> Path | None:
+    """The checkpoint directory that the `last` file of a run directory names, or None when it has none."""
+    run_dir = Path(run_dir)
+    path = run_dir / LAST_NAME
+    if not path.is_file():
+        return None
+    name = path.read_text(encoding="utf-8").strip()
+    if not name or name in (".", "..") or Path(name).name != name:
+        raise CheckpointError(f"{path}: does not name a checkpoint directory (got {name!r})")
+    target = run_dir / name
+    if not target.is_dir():
+        raise CheckpointError(f"{path}: names {name}, but {target} does not exist")
+    return target
+
+
+def checkpoint_dir(path: str | os.PathLike) -> Path:
+    """The checkpoint directory that `path` means: a training run's directory (no config.json, a `last`
+    file) means its newest complete checkpoint; a checkpoint directory (a HF folder, a run's `step-N`) or
+    any other path means itself."""
+    path = Path(path)
+    if path.is_dir() and not (path / CONFIG_NAME).exists():
+        return read_last(path) or path
+    return path
+
+
 class SafetensorsCheckpoint:
     """The tensors of a checkpoint directory: `model.safetensors`, or the shards that
     `model.safetensors.index.json` lists. Files are memory-mapped by `safe_open`; a tensor's
@@ -76,7 +107,7 @@ class SafetensorsCheckpoint:
     """
 
     def __init__(self, directory: str | os.PathLike):
-        self.directory = Path(directory)
+        self.directory = checkpoint_dir(directory)
         if not self.directory.is_dir():
             raise CheckpointError(f"{self.directory}: checkpoint directory not found")
         self._handles: dict[str, Any] = {}
@@ -285,8 +316,8 @@ def checkpoint_output(record: str) -> Callable[[Path], bool]:
 
 
 def load_config(path: str | os.PathLike) -> DeepSeekConfig:
-    """`DeepSeekConfig` of a checkpoint directory (or a config.json path); errors name the file."""
-    return _read_config(Path(path))[0]
+    """`DeepSeekConfig` of a checkpoint directory, a run directory or a config.json path; errors name the file."""
+    return _read_config(checkpoint_dir(path))[0]
 
 
 def _read_config(path: Path) -> tuple[DeepSeekConfig, dict[str, Any]]:
@@ -310,7 +341,8 @@ def load_checkpoint(
     path: str | os.PathLike, dtype: torch.dtype | None = None, device: str | torch.device | None = None,
     check_finite: bool = True,
 ) -> tuple[DeepSeekConfig, dict[str, Tensor]]:  # fmt: skip
-    """Read a HF-format checkpoint directory: (config, deepmoe state dict).
+    """Read a HF-format checkpoint directory (or a run directory's newest checkpoint): (config, deepmoe
+    state dict).
 
     Reads config.json and `model.safetensors` or the shards of `model.safetensors.index.json`
     (memory-mapped), stacks per-expert tensors into `gate_up_proj`/`down_proj`, maps V3's MTP layers
@@ -318,7 +350,7 @@ def load_checkpoint(
     (None: as stored; FP8 weights to the config's torch_dtype, else bfloat16). The expert-bias
     buffers stay float32. Raises CheckpointError naming the file and tensor on any mismatch.
     """
-    directory = Path(path)
+    directory = checkpoint_dir(path)
     config, raw = _read_config(directory)
     quant = raw.get("quantization_config") or {}
     block = tuple(quant.get("weight_block_size") or (128, 128))
@@ -472,45 +504,3 @@ def save_checkpoint(
         write_shards(items(), tmp, limit)
         write_json(tmp / CONFIG_NAME, hf_config)
     return target
-
-
-def from_pretrained(
-    path: str | os.PathLike,
-    dtype: torch.dtype | None = None,
-    device: str | torch.device | None = None,
-    delta: str | os.PathLike | None = None,
-) -> nn.Module:
-    """A `DeepSeekForCausalLM` (eval mode) with the weights of a HF-format checkpoint directory,
-    plus an expert delta (`deepmoe esft`) applied on top when `delta` names one.
-
-    dtype None keeps the stored dtypes (FP8 weights become the config's torch_dtype).
-    """
-    from deepmoe.model.decoder import DeepSeekForCausalLM
-
-    config, state = load_checkpoint(path, dtype=dtype)
-    model = DeepSeekForCausalLM(config)
-    own = {n: tuple(t.shape) for n, t in model.state_dict().items()}
-    if own.keys() != state.keys():
-        missing, extra = sorted(own.keys() - state.keys()), sorted(state.keys() - own.keys())
-        raise CheckpointError(
-            f"{path}: DeepSeekForCausalLM does not match the checkpoint: it needs {_listing(missing) or 'nothing more'}"
-            f", the checkpoint has {_listing(extra) or 'nothing more'}"
-        )
-    for name, shape in own.items():
-        if tuple(state[name].shape) != shape:
-            raise CheckpointError(
-                f"{path}: tensor {name!r} has shape {list(state[name].shape)}, the model {list(shape)}"
-            )
-    model.load_state_dict(state, strict=True, assign=True)  # assign: keep the loaded dtypes
-    if delta is not None:
-        from deepmoe.io.delta import apply_delta  # delta.py builds on this module
-
-        apply_delta(model, delta)
-    if device is not None:
-        model.to(device)
-    return model.eval()
-
-
-def save_pretrained(model: nn.Module, path: str | os.PathLike, max_shard_size: int | str = "5GB") -> Path:
-    """`save_checkpoint(model, model.config, path, max_shard_size)`."""
-    return save_checkpoint(model, getattr(model, "config", None), path, max_shard_size=max_shard_size)

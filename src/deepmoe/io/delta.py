@@ -13,8 +13,9 @@ A delta is a directory of two files, written atomically (`deepmoe.io.files.atomi
   it to another model, or twice, is refused.
 
 `apply_delta(model, path)` validates everything (names, layers, experts, shapes, finiteness, base
-identity) before it writes a single value. Every problem raises `DeltaError` (a `ValueError`), one line
-naming the file and, where there is one, the tensor.
+identity) before it writes a single value; it needs of the model only its `config` and its parameters, and
+`merge_delta` applies a delta to a checkpoint's state dict without building a model. Every problem raises
+`DeltaError` (a `ValueError`), one line naming the file and, where there is one, the tensor.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from safetensors import torch as st_torch
 from torch import Tensor, nn
 
 from deepmoe.config import DeepSeekConfig
-from deepmoe.io.checkpoint import CheckpointError, load_checkpoint
+from deepmoe.io.checkpoint import CheckpointError, checkpoint_dir, load_checkpoint, save_checkpoint
 from deepmoe.io.files import atomic_directory, fsync_path, make_readable, write_json
 from deepmoe.io.hf import split_expert_shape, split_expert_tensor
 
@@ -317,14 +318,21 @@ def apply_delta(model: nn.Module, delta: str | os.PathLike | Mapping[str, Any], 
     training-only knobs) and, where the dtypes agree, bit-identical values in the slices being replaced (so
     a delta applied twice, or to another checkpoint, is refused). Values are cast to the model's dtype.
     """
+    _apply(dict(model.named_parameters()), getattr(model, "config", None), delta, check_base)
+    return model
+
+
+def _apply(
+    state: Mapping[str, Tensor], config: DeepSeekConfig | None, delta: str | os.PathLike | Mapping[str, Any],
+    check_base: bool,
+) -> None:  # fmt: skip
+    """`apply_delta` on the stacked expert tensors of `state` (a deepmoe state dict or a model's parameters)."""
     loaded = load_delta(delta) if isinstance(delta, (str, os.PathLike)) else delta
     where = loaded.get("path", "delta")
-    config = getattr(model, "config", None)
     if not isinstance(config, DeepSeekConfig) or config.moe is None:
         raise DeltaError(f"{where}: can only be applied to a DeepSeekForCausalLM with MoE layers")
-    moe_layers = model.moe_layers()
-    state = dict(model.named_parameters())
-    n_experts = config.moe.n_routed_experts
+    n_layers = config.num_hidden_layers + config.num_nextn_predict_layers
+    moe_layers = [i for i in range(n_layers) if config.is_moe_layer(i)]
     targets: dict[str, Tensor] = {}
     for name, t in loaded["tensors"].items():
         match = _NAME.fullmatch(name)
@@ -333,11 +341,11 @@ def apply_delta(model: nn.Module, delta: str | os.PathLike | Mapping[str, Any], 
         layer, expert, proj = int(match.group(1)), int(match.group(2)), match.group(3)
         if layer not in moe_layers:
             raise DeltaError(
-                f"{where}: tensor {name!r}: layer {layer} is not an MoE layer of this model "
-                f"(MoE layers: {sorted(moe_layers)})"
+                f"{where}: tensor {name!r}: layer {layer} is not an MoE layer of this model (MoE layers: {moe_layers})"
             )
+        n_experts = config.moe_config(layer).n_routed_experts
         if expert >= n_experts:
-            raise DeltaError(f"{where}: tensor {name!r}: this model has experts 0..{n_experts - 1} per layer")
+            raise DeltaError(f"{where}: tensor {name!r}: layer {layer} of this model has experts 0..{n_experts - 1}")
         fused = state[fused_expert_name(config, layer, _FUSED[proj])]
         want = split_expert_shape(tuple(fused.shape), expert, proj)
         if tuple(t.shape) != want:
@@ -366,7 +374,6 @@ def apply_delta(model: nn.Module, delta: str | os.PathLike | Mapping[str, Any], 
     with torch.no_grad():
         for name, target in targets.items():
             target.copy_(loaded["tensors"][name])
-    return model
 
 
 def _differing(a: Mapping[str, Any], b: Mapping[str, Any], prefix: str = "") -> list[str]:
@@ -389,12 +396,11 @@ def merge_delta(
     base: str | os.PathLike, delta: str | os.PathLike, out: str | os.PathLike, max_shard_size: int | str = "5GB"
 ) -> Path:
     """A full checkpoint `out` = the checkpoint `base` with `delta` applied (tokenizer.json copied along)."""
-    from deepmoe.io.checkpoint import from_pretrained, save_pretrained
-
-    model = from_pretrained(base)
-    apply_delta(model, delta)
-    target = save_pretrained(model, out, max_shard_size=max_shard_size)
-    tokenizer = Path(base) / "tokenizer.json"
+    base = checkpoint_dir(base)
+    config, state = load_checkpoint(base)
+    _apply(state, config, delta, check_base=True)
+    target = save_checkpoint(state, config, out, max_shard_size=max_shard_size)
+    tokenizer = base / "tokenizer.json"
     if tokenizer.is_file():
         shutil.copy2(tokenizer, Path(target) / "tokenizer.json")
     return target

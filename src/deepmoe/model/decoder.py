@@ -17,7 +17,9 @@ from torch import Tensor, nn
 
 from deepmoe.config import DeepSeekConfig
 from deepmoe.model.attention import KVCache, MultiHeadLatentAttention, build_attention
+from deepmoe.model.generate import generate
 from deepmoe.model.norm import RMSNorm
+from deepmoe.model.pretrained import load_pretrained, save_pretrained
 from deepmoe.moe import MoE, RoutingStats, SwiGLU
 from deepmoe.moe.experts import RoutedExperts
 from deepmoe.moe.router import Router
@@ -324,24 +326,19 @@ class DeepSeekForCausalLM(nn.Module):
                 out.routing_stats[module.block.layer_idx] = moe_out.stats
                 out.aux_loss = out.aux_loss + moe_out.aux_loss
 
-    # ---- Hugging Face-style entry points (the work is done in deepmoe.io and deepmoe.model.generate) ----
+    # ---- Hugging Face-style entry points (the work is done in deepmoe.model.pretrained and .generate) ----
     @classmethod
     def from_pretrained(cls, path, dtype: torch.dtype | None = None, device=None, delta=None) -> DeepSeekForCausalLM:
-        """Load a HF-format checkpoint directory (config.json + safetensors), optionally with an ESFT delta."""
-        from deepmoe.io import from_pretrained
-
-        return from_pretrained(path, dtype=dtype, device=device, delta=delta)
+        """Load a HF-format checkpoint directory (config.json + safetensors), a training step's directory or
+        a run directory (its newest complete step), optionally with an ESFT delta applied on top."""
+        return load_pretrained(cls, path, dtype=dtype, device=device, delta=delta)
 
     def save_pretrained(self, path, max_shard_size: int | str = "5GB"):
         """Write config.json + safetensors with HF's names for this model_type, atomically."""
-        from deepmoe.io import save_pretrained
-
         return save_pretrained(self, path, max_shard_size=max_shard_size)
 
     def generate(self, input_ids: Tensor, max_new_tokens: int = 32, **kwargs) -> Tensor:
         """The prompt followed by the new tokens [B, S + n]; see `deepmoe.model.generate.generate`."""
-        from deepmoe.model.generate import generate
-
         return generate(self, input_ids, max_new_tokens=max_new_tokens, **kwargs)
 
     @torch.no_grad()

@@ -10,12 +10,15 @@ import math
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
 
 from deepmoe.model.attention import KVCache
-from deepmoe.model.decoder import DeepSeekForCausalLM
+
+if TYPE_CHECKING:  # annotations only: the decoder's `generate` method builds on this module
+    from deepmoe.model.decoder import DeepSeekForCausalLM
 
 
 def sample_next(

@@ -58,6 +58,7 @@ import torch
 from torch import Tensor
 
 from deepmoe.argtypes import positive_int
+from deepmoe.io.checkpoint import checkpoint_dir
 from deepmoe.io.files import atomic_write, claim_directory, visible_entries
 from deepmoe.moe.balance import coefficient_of_variation, max_violation
 from deepmoe.tools.routing import LayerRouting, collect_routing
@@ -680,13 +681,13 @@ def run_analyze(args: argparse.Namespace) -> int:
     """`deepmoe analyze`: 0 on success, 1 (and one error line) when the model or a source is unusable."""
     from rich.console import Console
 
-    from deepmoe.io import from_pretrained
+    from deepmoe.model import from_pretrained
     from deepmoe.tools.routing import fixed_batches, source_tokens
 
     try:
         if len(set(args.data)) != len(args.data):
             raise ValueError(f"a source is given twice: {', '.join(args.data)}")
-        model_dir = Path(args.model)
+        model_dir = checkpoint_dir(args.model)
         if not model_dir.is_dir():
             raise ValueError(f"{model_dir} is not a checkpoint directory")
         tokenizer_path = model_dir / "tokenizer.json"

@@ -55,6 +55,7 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 from deepmoe.argtypes import positive_int
+from deepmoe.io.checkpoint import CheckpointError, SafetensorsCheckpoint, checkpoint_dir
 from deepmoe.io.delta import DELTA_FORMAT, DELTA_META, check_selection, delta_size, save_delta
 from deepmoe.io.files import claim_directory
 from deepmoe.tools.routing import LayerRouting
@@ -442,8 +443,6 @@ def _task_tokens(args: argparse.Namespace, tokenizer, eot_id: int | None) -> tup
 def run_esft(args: argparse.Namespace) -> int:
     """`deepmoe esft`: score, select, fine-tune, evaluate, write the delta, print a summary. 0 on success,
     1 on an error (one line on stderr), 130 on Ctrl-C (nothing written)."""
-    from deepmoe.io.checkpoint import CheckpointError
-
     try:  # the output is claimed before any work rather than refused after the training
         with claim_directory(args.out, f"delta directory ({DELTA_META})", is_delta):
             summary = _run(args)
@@ -464,12 +463,12 @@ def _run(args: argparse.Namespace) -> dict[str, Any]:
     from rich.console import Console
     from tokenizers import Tokenizer
 
-    from deepmoe.io.checkpoint import SafetensorsCheckpoint, from_pretrained
+    from deepmoe.model import from_pretrained
     from deepmoe.tools.routing import collect_routing, fixed_batches
     from deepmoe.train.data import EOT_TOKEN, PackedBatches
 
     _check_args(args)
-    model_dir = Path(args.model)
+    model_dir = checkpoint_dir(args.model)
     tokenizer_path = model_dir / "tokenizer.json"
     if not tokenizer_path.is_file():
         raise ValueError(f"{tokenizer_path} not found: ESFT needs the model's tokenizer to read the task text")

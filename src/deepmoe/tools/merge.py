@@ -40,6 +40,7 @@ from deepmoe.io.checkpoint import (
     TOKENIZER_FILES,
     CheckpointError,
     SafetensorsCheckpoint,
+    checkpoint_dir,
     checkpoint_output,
     load_config,
     parse_size,
@@ -338,7 +339,7 @@ def merge_checkpoints(
     `dry_run`: nothing is written; the report has, per class, the tensor count, bytes, the mean
     normalised difference of each parent to the base and how many tensors δ would keep.
     """
-    paths = [Path(p) for p in parents]
+    paths = [checkpoint_dir(p) for p in parents]
     if not is_number(threshold) or threshold < 0:
         raise ValueError(f"threshold δ={threshold!r} is invalid: must be a finite number >= 0")
     table = resolve_weights(len(paths), weights, class_weights)

@@ -53,6 +53,7 @@ from torch import Tensor
 
 from deepmoe.argtypes import positive_int
 from deepmoe.config import MoEConfig
+from deepmoe.io.checkpoint import checkpoint_dir
 from deepmoe.moe.router import Router
 from deepmoe.tools.routing import LayerRouting, collect_routing, fixed_batches, source_tokens
 
@@ -515,7 +516,7 @@ def text_batches(texts: Sequence[str], tokenizer, max_len: int) -> list[Tensor]:
 def _load_tokenizer(model_dir: str):
     from tokenizers import Tokenizer
 
-    path = Path(model_dir) / "tokenizer.json"
+    path = checkpoint_dir(model_dir) / "tokenizer.json"
     if not path.is_file():
         raise ValueError(f"{path} not found: steering reads text and needs the checkpoint's tokenizer")
     return Tokenizer.from_file(str(path))
@@ -648,7 +649,7 @@ def run_steer(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    from deepmoe.io import from_pretrained
+    from deepmoe.model import from_pretrained
 
     console = Console()
     if args.pairs is None and (args.a is None or args.b is None):

@@ -265,7 +265,7 @@ def redundancy_test(
 ) -> list[dict[str, Any]]:
     """DeepSeekMoE §4.5: held-out loss when each token's top-scored routed experts (a fraction of N_r)
     are disabled in every MoE layer and top-K is taken from the rest."""
-    from deepmoe.io import from_pretrained
+    from deepmoe.model import from_pretrained
     from deepmoe.tools.esft import evaluate_loss
 
     model = from_pretrained(checkpoint)

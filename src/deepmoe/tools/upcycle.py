@@ -41,6 +41,7 @@ from deepmoe.io.checkpoint import (
     CONFIG_NAME,
     TOKENIZER_FILES,
     SafetensorsCheckpoint,
+    checkpoint_dir,
     checkpoint_output,
     load_checkpoint,
     read_json,
@@ -81,7 +82,7 @@ def config_from_llama(raw: dict[str, Any]) -> DeepSeekConfig:
 
 def load_dense(path: str | os.PathLike) -> tuple[DeepSeekConfig, dict[str, Tensor]]:
     """(dense config, deepmoe state dict in float32) of a deepmoe dense or a Llama checkpoint directory."""
-    directory = Path(path)
+    directory = checkpoint_dir(path)
     raw = read_json(directory / CONFIG_NAME, CONFIG_NAME)
     if raw.get("model_type") == "llama":
         config = config_from_llama(raw)
@@ -243,7 +244,7 @@ def upcycle(
         result, model = _upcycle(dense_path, experts_per_ffn, shared, top_k, replicas, noise, keep_dense, check, seed)
         with atomic_directory(target) as tmp:
             model.save_pretrained(tmp)
-            for entry in sorted(Path(dense_path).iterdir()):
+            for entry in sorted(checkpoint_dir(dense_path).iterdir()):
                 if entry.is_file() and TOKENIZER_FILES.fullmatch(entry.name):
                     shutil.copyfile(entry, tmp / entry.name)
                     fsync_path(tmp / entry.name)

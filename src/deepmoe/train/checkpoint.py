@@ -4,7 +4,8 @@ state tensors and the torch RNG states) and `training_state.json` (everything el
 python/numpy RNG states, data position, the run's options, the model config). No pickle anywhere.
 
 A checkpoint is staged in a temporary directory next to its target, every file fsynced, then renamed
-into place; only then is `DIR/last` (one line: the checkpoint's directory name) replaced atomically.
+into place; only then is `DIR/last` (one line: the checkpoint's directory name; read by
+`deepmoe.io.checkpoint.read_last`, so that every command takes a run directory) replaced atomically.
 A crash at any moment leaves `last` naming a complete checkpoint.
 """
 
@@ -24,7 +25,7 @@ from safetensors import torch as st_torch
 from torch import Tensor, nn
 
 from deepmoe.config import DeepSeekConfig
-from deepmoe.io.checkpoint import CheckpointError, load_checkpoint, read_json, save_checkpoint
+from deepmoe.io.checkpoint import LAST_NAME, CheckpointError, load_checkpoint, read_json, read_last, save_checkpoint
 from deepmoe.io.files import (
     atomic_directory,
     atomic_write,
@@ -34,7 +35,6 @@ from deepmoe.io.files import (
     write_json,
 )
 
-LAST_NAME = "last"
 STATE_JSON = "training_state.json"
 STATE_TENSORS = "training_state.safetensors"
 TOKENIZER_NAME = "tokenizer.json"
@@ -145,21 +145,6 @@ def write_training_state(directory: Path, info: dict[str, Any], tensors: dict[st
     st_torch.save_file(tensors, str(path), metadata={"format": "pt"})
     fsync_path(path)
     write_json(directory / STATE_JSON, {"format": STATE_FORMAT, "version": STATE_VERSION, **info})
-
-
-def read_last(out_dir: str | os.PathLike) -> Path | None:
-    """The checkpoint directory `DIR/last` names, or None when there is no `last` file."""
-    out_dir = Path(out_dir)
-    path = out_dir / LAST_NAME
-    if not path.is_file():
-        return None
-    name = path.read_text(encoding="utf-8").strip()
-    if not _STEP_DIR.fullmatch(name):
-        raise CheckpointError(f"{path}: does not name a checkpoint directory (got {name!r})")
-    target = out_dir / name
-    if not target.is_dir():
-        raise CheckpointError(f"{path}: names {name}, but {target} does not exist")
-    return target
 
 
 def write_last(out_dir: Path, name: str) -> None:
