@@ -1,4 +1,4 @@
-"""A stand-in for `deepmoe.train.data.TokenizedCorpus`: the fields the trainer reads, from given token ids."""
+"""A stand-in for `deepmoe.data.TokenizedCorpus`: the fields the trainer reads, from given token ids."""
 
 from __future__ import annotations
 

@@ -23,8 +23,8 @@ def _demo(args: argparse.Namespace) -> int:
 
     from deepmoe.model import from_pretrained
     from deepmoe.model.generate import generate
+    from deepmoe.report import summary_table
     from deepmoe.train.checkpoint import read_last
-    from deepmoe.train.report import summary_table
     from deepmoe.train.trainer import TrainConfig, resume, train
 
     out = Path(args.out)

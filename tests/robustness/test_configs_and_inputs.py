@@ -14,8 +14,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from deepmoe import DeepSeekConfig, DeepSeekForCausalLM, MoE, MoEConfig
+from deepmoe.data import prepare_corpus, read_text_path
 from deepmoe.model.generate import generate, generate_speculative
-from deepmoe.train.data import prepare_corpus, read_text_path
 
 FUZZ = settings(
     max_examples=100,

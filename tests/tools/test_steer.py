@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from deepmoe import DeepSeekConfig, DeepSeekForCausalLM, get_preset
+from deepmoe.evaluate import heldout_loss
 from deepmoe.io.files import write_json
 from deepmoe.moe.router import Router
 from deepmoe.tools.routing import LayerRouting, collect_routing
@@ -18,7 +19,6 @@ from deepmoe.tools.steer import (
     apply_steering,
     clear_steering,
     load_pairs,
-    mean_token_loss,
     score_experts,
     steering_effect,
     steering_plan,
@@ -240,7 +240,7 @@ def test_steering_effect_rows_and_masks_restored():
     a, b = _two_sources()
     scores = score_experts(collect_routing(model, a), collect_routing(model, b))
     model.moe_layers()[3].gate.set_expert_mask(disabled=[0])  # a mask of the caller's, kept
-    base = (mean_token_loss(model, a), mean_token_loss(model, b))
+    base = (heldout_loss(model, a), heldout_loss(model, b))
     rows = steering_effect(model, a, b, scores, ks=(0, 2, 4), per_layer=True)
     assert [r["k"] for r in rows] == [0, 2, 4] and [r["experts"] for r in rows] == [0, 4, 8]
     assert rows[0]["delta_a"] == rows[0]["delta_b"] == 0
@@ -248,7 +248,7 @@ def test_steering_effect_rows_and_masks_restored():
     assert rows[2]["loss_a"] != rows[0]["loss_a"]
     assert model.moe_layers()[3].gate.disabled_experts.nonzero().flatten().tolist() == [0]
     assert not model.moe_layers()[1].gate.has_expert_mask
-    assert (mean_token_loss(model, a), mean_token_loss(model, b)) == base
+    assert (heldout_loss(model, a), heldout_loss(model, b)) == base
 
 
 def test_pairs_parse_and_a_bad_line_is_named(tmp_path):
@@ -266,7 +266,7 @@ def test_pairs_parse_and_a_bad_line_is_named(tmp_path):
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
-    from deepmoe.train.data import TextSource, get_tokenizer
+    from deepmoe.data import TextSource, get_tokenizer
 
     path = tmp_path_factory.mktemp("ckpt")
     texts = [TextSource("e", "english", "to be or not to be, that is the question " * 20)]

@@ -11,11 +11,11 @@ import pytest
 import torch
 
 from corpora import StandInCorpus
+from deepmoe import data
 from deepmoe.cli import main
 from deepmoe.config import DeepSeekConfig
 from deepmoe.presets import get_preset
 from deepmoe.tools import study
-from deepmoe.train import data
 
 VOCAB = 64
 MICRO = replace(

@@ -3,7 +3,7 @@ pruning, the report and the command line.
 
 The model is tiny-v3 cut to 2 layers of width 64 (one MoE layer with the V3 selection bias, plus the
 MTP module), on a stand-in corpus of token ids (`StandInCorpus`); the data pipeline is the real
-`deepmoe.train.data` (PackedBatches, heldout_batches, unigram_entropy).
+`deepmoe.data` (PackedBatches, heldout_batches, unigram_entropy).
 """
 
 from __future__ import annotations
@@ -18,12 +18,12 @@ import pytest
 import torch
 
 from corpora import StandInCorpus
+from deepmoe import data
 from deepmoe.io import load_checkpoint
 from deepmoe.model import from_pretrained
 from deepmoe.model.decoder import DeepSeekForCausalLM
 from deepmoe.presets import get_preset
 from deepmoe.train import checkpoint as ckpt
-from deepmoe.train import data
 from deepmoe.train.trainer import (
     TrainConfig,
     TrainingError,

@@ -517,7 +517,7 @@ def is_analysis(directory: Path) -> bool:
 
 
 def _write_analysis(report: dict[str, Any], out: Path) -> list[Path]:
-    from deepmoe.train.report import write_report
+    from deepmoe.report import write_report
 
     layers = report["layers"]
     names = list(report["sources"])

@@ -55,6 +55,7 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 from deepmoe.argtypes import positive_int
+from deepmoe.evaluate import heldout_loss
 from deepmoe.io.checkpoint import CheckpointError, SafetensorsCheckpoint, checkpoint_dir
 from deepmoe.io.delta import DELTA_FORMAT, DELTA_META, check_selection, delta_size, save_delta
 from deepmoe.io.files import claim_directory
@@ -285,27 +286,6 @@ def full_finetune(
 
 
 @torch.no_grad()
-def evaluate_loss(model: nn.Module, batches: Iterable[Tensor]) -> float:
-    """Mean next-token loss (nats per predicted token) of `model` over `batches` (eval mode, no MTP)."""
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
-    total, count = 0.0, 0
-    try:
-        for batch in batches:
-            batch = batch.to(device)
-            n = batch.shape[0] * (batch.shape[1] - 1)
-            if n == 0:
-                continue
-            total += float(model(batch, labels=batch, output_mtp=False).lm_loss) * n
-            count += n
-    finally:
-        model.train(was_training)
-    if count == 0:
-        raise ValueError("no tokens to evaluate on (sequences need at least 2 tokens)")
-    return total / count
-
-
 def trainable_parameters(model: nn.Module, selection: Mapping[int, list[int]]) -> int:
     """Parameters ESFT trains for `selection`: |experts| × (gate + up + down) per layer."""
     moe_layers = model.moe_layers()
@@ -463,9 +443,9 @@ def _run(args: argparse.Namespace) -> dict[str, Any]:
     from rich.console import Console
     from tokenizers import Tokenizer
 
+    from deepmoe.data import EOT_TOKEN, PackedBatches
     from deepmoe.model import from_pretrained
     from deepmoe.tools.routing import collect_routing, fixed_batches
-    from deepmoe.train.data import EOT_TOKEN, PackedBatches
 
     _check_args(args)
     model_dir = checkpoint_dir(args.model)
@@ -491,7 +471,7 @@ def _run(args: argparse.Namespace) -> dict[str, Any]:
     selection = select_experts(scores, args.p)
     eval_batches = fixed_batches(eval_tokens, args.seq_len, args.batch_size)
     base_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    loss_before = evaluate_loss(model, eval_batches)
+    loss_before = heldout_loss(model, eval_batches)
 
     console = Console(stderr=True)
     results: dict[str, dict[str, Any]] = {}
@@ -509,7 +489,7 @@ def _run(args: argparse.Namespace) -> dict[str, Any]:
 
             fn(model, *extra, batches, args.steps, lr=args.lr, weight_decay=args.weight_decay,
                grad_clip=args.grad_clip or None, on_step=on_step)  # fmt: skip
-        results[label] = {"loss_after": evaluate_loss(model, eval_batches), "train_loss_first": losses[0],
+        results[label] = {"loss_after": heldout_loss(model, eval_batches), "train_loss_first": losses[0],
                           "train_loss_last": losses[-1]}  # fmt: skip
 
     finetune("esft", esft_finetune, selection)
@@ -627,7 +607,6 @@ __all__ = [
     "METHODS",
     "add_esft_arguments",
     "esft_finetune",
-    "evaluate_loss",
     "expert_scores",
     "full_finetune",
     "run_esft",

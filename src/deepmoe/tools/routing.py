@@ -107,7 +107,7 @@ def source_tokens(source: str, tokenizer, eot_id: int | None = None) -> Tensor:
     (e.g. `bundled:english`, `bundled:code`): the held-out documents of that domain of the
     bundled corpus, which a model trained on the bundled corpus has not seen.
     """
-    from deepmoe.train.data import bundled_corpus, read_text_path, split_documents
+    from deepmoe.data import bundled_corpus, read_text_path, split_documents
 
     if source.startswith(BUNDLED_PREFIX):
         domain = source.removeprefix(BUNDLED_PREFIX)

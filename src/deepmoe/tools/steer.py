@@ -48,11 +48,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from deepmoe.argtypes import positive_int
 from deepmoe.config import MoEConfig
+from deepmoe.evaluate import heldout_loss
 from deepmoe.io.checkpoint import checkpoint_dir
 from deepmoe.moe.router import Router
 from deepmoe.tools.routing import LayerRouting, collect_routing, fixed_batches, source_tokens
@@ -365,28 +365,6 @@ def _device(model) -> torch.device:
     return next(model.parameters()).device
 
 
-@torch.no_grad()
-def mean_token_loss(model, batches: Iterable[Tensor]) -> float:
-    """Mean next-token cross-entropy (nats) over every predicted token of `batches` ([B, S] ids each)."""
-    device = _device(model)
-    was_training = model.training
-    model.eval()
-    total, count = 0.0, 0
-    try:
-        for batch in batches:
-            if batch.shape[1] < 2:
-                continue
-            batch = batch.to(device)
-            logits = model(batch, output_mtp=False).logits[:, :-1]
-            total += float(F.cross_entropy(logits.flatten(0, 1).float(), batch[:, 1:].flatten(), reduction="sum"))
-            count += batch[:, 1:].numel()
-    finally:
-        model.train(was_training)
-    if count == 0:
-        raise ValueError("no token to predict: every sequence is shorter than 2 tokens")
-    return total / count
-
-
 def steering_effect(
     model,
     batches_a: Sequence[Tensor],
@@ -412,13 +390,13 @@ def steering_effect(
     rows: list[dict[str, Any]] = []
     try:
         clear_steering(model)
-        base = (mean_token_loss(model, batches_a), mean_token_loss(model, batches_b))
+        base = (heldout_loss(model, batches_a), heldout_loss(model, batches_b))
         for k in ks:
             plan = steering_plan(
                 scores, side=side, k=k, action=action, per_layer=per_layer, config=model, full_layer=full_layer
             )
             applied = apply_steering(model, plan)
-            loss_a, loss_b = (mean_token_loss(model, batches_a), mean_token_loss(model, batches_b)) if applied else base
+            loss_a, loss_b = (heldout_loss(model, batches_a), heldout_loss(model, batches_b)) if applied else base
             rows.append(
                 {
                     "k": k,
@@ -523,7 +501,7 @@ def _load_tokenizer(model_dir: str):
 
 
 def _eot_id(tokenizer, config) -> int | None:
-    from deepmoe.train.data import EOT_TOKEN
+    from deepmoe.data import EOT_TOKEN
 
     eot = tokenizer.token_to_id(EOT_TOKEN)
     if eot is None:
@@ -748,7 +726,6 @@ __all__ = [
     "clear_steering",
     "load_pairs",
     "load_steering",
-    "mean_token_loss",
     "rank_scores",
     "run_steer",
     "score_experts",

@@ -36,10 +36,11 @@ from typing import Any
 import torch
 
 from deepmoe.argtypes import positive_int
+from deepmoe.evaluate import heldout_loss
 from deepmoe.io.files import atomic_write, claim_directory, visible_entries, write_json
 from deepmoe.presets import count_parameters
+from deepmoe.report import pyplot, read_jsonl, save_figure
 from deepmoe.train.checkpoint import read_last
-from deepmoe.train.report import pyplot, read_jsonl, save_figure
 from deepmoe.train.trainer import (
     EVAL_LOG_NAME,
     LOG_NAME,
@@ -266,7 +267,6 @@ def redundancy_test(
     """DeepSeekMoE §4.5: held-out loss when each token's top-scored routed experts (a fraction of N_r)
     are disabled in every MoE layer and top-K is taken from the rest."""
     from deepmoe.model import from_pretrained
-    from deepmoe.tools.esft import evaluate_loss
 
     model = from_pretrained(checkpoint)
     layers = list(model.moe_layers().values())
@@ -277,7 +277,7 @@ def redundancy_test(
         disabled = min(round(fraction * n), n - k)
         for layer in layers:
             layer.gate.set_expert_mask(disable_top=disabled)
-        rows.append({"fraction": fraction, "disabled": disabled, "heldout_loss": evaluate_loss(model, batches)})
+        rows.append({"fraction": fraction, "disabled": disabled, "heldout_loss": heldout_loss(model, batches)})
     for layer in layers:
         layer.gate.clear_expert_mask()
     base = rows[0]["heldout_loss"]
@@ -334,7 +334,7 @@ def run_study(
     """Train every variant of `study` into `out/runs/NAME`, then write `out/results.json` (the rows),
     `table.md`, `loss.png`, `maxvio.png` (and, for architectures, `redundancy.json`/`.png`). A non-empty
     `out` is refused unless it holds an earlier study's runs, which are reused or continued."""
-    from deepmoe.train import data
+    from deepmoe import data
 
     with claim_directory(out, "study directory (deepmoe study)", is_study) as out:
         variants = variants_of(study, scale)

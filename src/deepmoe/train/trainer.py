@@ -48,6 +48,7 @@ from torch import Tensor
 from deepmoe import parallel
 from deepmoe.argtypes import positive_int
 from deepmoe.config import DeepSeekConfig, check, is_int, is_real
+from deepmoe.evaluate import Evaluation, evaluate, fp8_error_per_layer
 from deepmoe.io.checkpoint import CheckpointError, load_config, read_json
 from deepmoe.io.files import atomic_write, claim_directory, visible_entries, write_json
 from deepmoe.model.decoder import DeepSeekForCausalLM
@@ -406,8 +407,8 @@ def _load_corpus(config: TrainConfig, corpus: Any, step_dir: Path | None = None)
 
 
 def _data():
-    """`deepmoe.train.data`, looked up when needed (tests may stand in for it)."""
-    return importlib.import_module("deepmoe.train.data")
+    """`deepmoe.data`, looked up when needed (tests may stand in for it)."""
+    return importlib.import_module("deepmoe.data")
 
 
 # ---- the run ------------------------------------------------------------------------------------
@@ -719,39 +720,23 @@ class _Run:
         return merge_routing_stats([per_layer])
 
     # -- evaluation -------------------------------------------------------------------------------
-    @torch.no_grad()
-    def evaluate(self, batches: list[Tensor]) -> dict[str, Any]:
-        """Mean next-token loss (lm loss only) and expert loads over `batches`, in eval mode.
+    def evaluate(self, batches: list[Tensor]) -> Evaluation:
+        """`deepmoe.evaluate.evaluate` over every rank: each rank takes its share of a batch; a batch that does
+        not split evenly runs whole on every rank and counts once (rank 0's)."""
 
-        Expert-parallel: each rank takes its share of a batch; a batch that does not split evenly runs whole
-        on every rank and counts once (rank 0's)."""
-        was_training = self.model.training
-        self.model.eval()
-        total, count = 0.0, 0
-        load: dict[int, Tensor] = {}
-        try:
-            for batch in batches:
-                even = batch.shape[0] % self.world == 0
-                counted = int(even or self.is_main)
-                batch = (self._local(batch) if even else batch).to(self.device)
-                with self._autocast():
-                    out = self.model(batch, labels=batch, output_mtp=False)
-                n = batch.shape[0] * (batch.shape[1] - 1) * counted
-                total += float(out.lm_loss.float()) * n
-                count += n
-                for idx, s in out.routing_stats.items():
-                    load[idx] = load.get(idx, 0) + s.tokens_per_expert.to("cpu") * counted
-        finally:
-            self.model.train(was_training)
+        def share(batch: Tensor) -> tuple[Tensor, bool]:
+            even = batch.shape[0] % self.world == 0
+            return (self._local(batch) if even else batch), even or self.is_main
+
+        result = evaluate(self.model, batches, self._autocast, share)
         if self.world > 1:
-            total, count = self._all_reduce([total, count], mean=False)
-            count = int(count)
-            for idx in sorted(load):
-                reduced = load[idx].to(self.device)
+            total, count = self._all_reduce([result.loss_sum, result.tokens], mean=False)
+            result.loss_sum, result.tokens = total, int(count)
+            for idx in sorted(result.load):
+                reduced = result.load[idx].to(self.device)
                 dist.all_reduce(reduced)
-                load[idx] = reduced.cpu()
-        loss = total / count if count else float("nan")
-        return {"loss": loss, "perplexity": math.exp(min(loss, 700.0)), "tokens": count, "load": load}
+                result.load[idx] = reduced.cpu()
+        return result
 
     def periodic_eval(self) -> dict[str, Any]:
         if self._eval_batches is None:
@@ -759,15 +744,15 @@ class _Run:
                 self.corpus.heldout, self.cfg.batch_size, self.cfg.seq_len, max_batches=self.cfg.eval_batches or None
             )
         result = self.evaluate(self._eval_batches)
-        record = {"step": self.step, "heldout_loss": result["loss"], "heldout_perplexity": result["perplexity"]}
-        record["maxvio"] = [float(max_violation(result["load"][i])) for i in self.moe_layers if i in result["load"]]
+        record = {"step": self.step, "heldout_loss": result.loss, "heldout_perplexity": result.perplexity}
+        record["maxvio"] = [float(max_violation(result.load[i])) for i in self.moe_layers if i in result.load]
         if self.is_main:
             _append_jsonl(self.out / EVAL_LOG_NAME, record)
         return record
 
     # -- the loop ---------------------------------------------------------------------------------
     def run(self) -> TrainResult:
-        from deepmoe.train.report import TrainingProgress
+        from deepmoe.report import TrainingProgress
 
         cfg = self.cfg
         stopper = _StopOnSigint(self.console)
@@ -834,7 +819,7 @@ class _Run:
 
     def finish(self) -> dict[str, Any]:
         """Evaluate on the whole held-out set; write report.json, loss.png, expert_load.png."""
-        from deepmoe.train import report as rep
+        from deepmoe import report as rep
 
         data = _data()
         heldout = data.heldout_batches(self.corpus.heldout, self.cfg.batch_size, self.cfg.seq_len)
@@ -845,13 +830,13 @@ class _Run:
             self.out / EVAL_LOG_NAME,
             {
                 "step": self.step,
-                "heldout_loss": result["loss"],
-                "heldout_perplexity": result["perplexity"],
+                "heldout_loss": result.loss,
+                "heldout_perplexity": result.perplexity,
                 "final": True,
             },
         )
-        layers = [i for i in self.moe_layers if i in result["load"]]
-        loads = [result["load"][i] for i in layers]
+        layers = [i for i in self.moe_layers if i in result.load]
+        loads = [result.load[i] for i in layers]
         routed = self.totals["routed_slots"]
         dropped = self.totals["dropped_slots"]
         total_routed = sum(routed.get(str(i), 0) for i in layers)
@@ -860,9 +845,9 @@ class _Run:
         log = rep.read_jsonl(self.out / LOG_NAME)
         report = {
             "steps": self.step,
-            "heldout_loss": result["loss"],
-            "heldout_perplexity": result["perplexity"],
-            "heldout_tokens": result["tokens"],
+            "heldout_loss": result.loss,
+            "heldout_perplexity": result.perplexity,
+            "heldout_tokens": result.tokens,
             "unigram_entropy": entropy,
             "unigram_perplexity": math.exp(entropy),
             "moe_layers": layers,
@@ -899,8 +884,6 @@ class _Run:
                     "sent per step per rank (all-to-all, forward + backward)"
                 )
         if self.cfg.fp8_experts and self.world == 1:  # the error report runs the layers alone, not sharded
-            from deepmoe.tools.fp8_report import fp8_error_per_layer
-
             report["fp8_error_per_layer"] = fp8_error_per_layer(self.model, heldout[0].to(self.device))
         rep.write_report(self.out / REPORT_NAME, report)
         rep.plot_losses(log, rep.read_jsonl(self.out / EVAL_LOG_NAME), self.out / "loss.png", entropy)

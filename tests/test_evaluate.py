@@ -5,9 +5,9 @@ from __future__ import annotations
 import torch
 
 from deepmoe.config import DeepSeekConfig
+from deepmoe.evaluate import fp8_error_per_layer
 from deepmoe.model.decoder import DeepSeekForCausalLM
 from deepmoe.presets import get_preset
-from deepmoe.tools.fp8_report import fp8_error_per_layer
 
 
 def tiny_model(hidden: int = 128) -> DeepSeekForCausalLM:

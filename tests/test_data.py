@@ -10,8 +10,8 @@ from collections import Counter
 import pytest
 import torch
 
-from deepmoe.train import data
-from deepmoe.train.data import (
+from deepmoe import data
+from deepmoe.data import (
     EOT_TOKEN,
     PackedBatches,
     TextSource,

@@ -1,4 +1,8 @@
-"""How far the routed experts' fine-grained FP8 products are from exact, layer by layer.
+"""Evaluating a model, one implementation for every caller (the trainer, ESFT, steering, the study):
+the held-out next-token loss with the expert loads it routed, and how far the routed experts'
+fine-grained FP8 products are from exact, layer by layer.
+
+FP8 error:
 
 The model runs once on `input_ids`; each MoE layer's routed-experts inputs (rows sorted by expert,
 tokens per expert, gate weight per row) are captured and the experts' output is recomputed from
@@ -10,12 +14,76 @@ norms against the reference, so the FP8 error is seen next to that of plain bf16
 from __future__ import annotations
 
 import copy
+import math
+from collections.abc import Callable, Iterable
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
 
 from deepmoe.model.decoder import DeepSeekForCausalLM
 from deepmoe.moe.experts import RoutedExperts
+
+
+@dataclass
+class Evaluation:
+    """Sums of a held-out pass: `loss_sum` nats over `tokens` predicted tokens, the routed slots per
+    expert (`load`, per MoE layer index), so that several processes' sums add up."""
+
+    loss_sum: float = 0.0
+    tokens: int = 0
+    load: dict[int, Tensor] = field(default_factory=dict)
+
+    @property
+    def loss(self) -> float:
+        """Mean next-token loss (nats per predicted token); NaN when there was nothing to predict."""
+        return self.loss_sum / self.tokens if self.tokens else float("nan")
+
+    @property
+    def perplexity(self) -> float:
+        return math.exp(min(self.loss, 700.0))
+
+
+@torch.no_grad()
+def evaluate(
+    model: DeepSeekForCausalLM,
+    batches: Iterable[Tensor],
+    autocast: Callable[[], AbstractContextManager] = nullcontext,
+    share: Callable[[Tensor], tuple[Tensor, bool]] | None = None,
+) -> Evaluation:
+    """The next-token loss (lm loss only, no MTP) of `model` over `batches` ([B, S] ids each) in eval mode,
+    and the expert loads. `share(batch)` gives this process's part of a batch and whether it counts (an
+    expert-parallel trainer's split); the model's training mode is restored afterwards."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    result = Evaluation()
+    try:
+        for batch in batches:
+            batch, counted = share(batch) if share is not None else (batch, True)
+            n = batch.shape[0] * (batch.shape[1] - 1) * int(counted)
+            if batch.shape[1] < 2:
+                continue
+            batch = batch.to(device)
+            with autocast():
+                out = model(batch, labels=batch, output_mtp=False)
+            result.loss_sum += float(out.lm_loss.float()) * n
+            result.tokens += n
+            for idx, s in out.routing_stats.items():
+                result.load[idx] = result.load.get(idx, 0) + s.tokens_per_expert.to("cpu") * int(counted)
+    finally:
+        model.train(was_training)
+    return result
+
+
+def heldout_loss(model: DeepSeekForCausalLM, batches: Iterable[Tensor]) -> float:
+    """Mean next-token loss (nats per predicted token) of `model` over `batches`; ValueError when no
+    sequence has 2 tokens."""
+    result = evaluate(model, batches)
+    if result.tokens == 0:
+        raise ValueError("no tokens to evaluate on (sequences need at least 2 tokens)")
+    return result.loss
 
 
 def _relative_error(out: Tensor, ref: Tensor) -> float:
