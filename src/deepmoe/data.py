@@ -339,6 +339,23 @@ def _check_vocab_size(vocab_size: int) -> None:
         raise ValueError(f"vocab_size={vocab_size!r} must be an integer in [{minimum}, {1 << 20}] (256 bytes + EOT)")
 
 
+TOKENIZER_FILE = "tokenizer.json"
+
+
+def load_tokenizer(model_dir: str | os.PathLike, needed_for: str = "reading text") -> Tokenizer:
+    """The `tokenizer.json` saved with a checkpoint (a run directory means its newest step): the one loader
+    of every command and tool. ValueError naming the file when it is missing or unreadable."""
+    from deepmoe.io.checkpoint import checkpoint_dir
+
+    path = checkpoint_dir(model_dir) / TOKENIZER_FILE
+    if not path.is_file():
+        raise ValueError(f"{path} not found: {needed_for} needs the checkpoint's tokenizer")
+    try:
+        return Tokenizer.from_file(str(path))
+    except Exception as error:  # noqa: BLE001 - the tokenizers library raises its own Exception
+        raise ValueError(f"{path} is not a readable tokenizer: {str(error).splitlines()[0]}") from error
+
+
 def _tokenizer_path(sources: list[TextSource], vocab_size: int, cache_dir) -> Path:
     key = hashlib.sha256(f"{_FORMAT}:{vocab_size}:{corpus_hash(sources)}".encode()).hexdigest()[:20]
     return resolve_cache_dir(cache_dir) / "tokenizers" / f"bpe-{vocab_size}-{key}.json"

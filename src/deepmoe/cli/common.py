@@ -11,15 +11,7 @@ def console() -> Console:
 
 
 def load_tokenizer(model_dir: str):
-    """The `tokenizer.json` of a checkpoint (a run directory means its newest step); ValueError if none."""
-    from tokenizers import Tokenizer
+    """The checkpoint's tokenizer for a --prompt (`deepmoe.data.load_tokenizer`)."""
+    from deepmoe.data import load_tokenizer
 
-    from deepmoe.io.checkpoint import checkpoint_dir
-
-    path = checkpoint_dir(model_dir) / "tokenizer.json"
-    if not path.is_file():
-        raise ValueError(f"{path} not found: give token ids with --ids instead of --prompt")
-    try:
-        return Tokenizer.from_file(str(path))
-    except Exception as error:  # noqa: BLE001 - the tokenizers library raises its own Exception
-        raise ValueError(f"{path} is not a readable tokenizer: {str(error).splitlines()[0]}") from error
+    return load_tokenizer(model_dir, needed_for="--prompt (or give token ids with --ids)")

@@ -393,14 +393,7 @@ def _load_corpus(config: TrainConfig, corpus: Any, step_dir: Path | None = None)
         source = Path(config.init_from)
     else:
         return _data().prepare_corpus(config.data, vocab_size=config.vocab_size)
-    path = source / ckpt.TOKENIZER_NAME
-    if not path.is_file():
-        raise ValueError(
-            f"{path} not found: init_from needs the tokenizer its model was trained with, saved beside its weights"
-        )
-    from tokenizers import Tokenizer
-
-    tokenizer = Tokenizer.from_file(str(path))
+    tokenizer = _data().load_tokenizer(source, needed_for="init_from (the tokenizer its model was trained with)")
     eos = read_json(source / "config.json", "model config").get("eos_token_id")
     eos = eos[0] if isinstance(eos, list) and eos else eos
     return _data().prepare_corpus(config.data, tokenizer=tokenizer, eot_id=eos)
