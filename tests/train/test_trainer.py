@@ -487,7 +487,7 @@ def test_init_from_uses_the_checkpoints_tokenizer(tmp_path, monkeypatch):
 def test_init_from_without_a_tokenizer_is_refused(tmp_path):
     model = DeepSeekForCausalLM(get_preset("tiny-v3"))
     model.save_pretrained(tmp_path / "hf")  # weights and config only, as transformers saves a model
-    with pytest.raises(ValueError, match=r"hf/tokenizer\.json not found: init_from \(the tokenizer its model was trained with\) needs"):
+    with pytest.raises(ValueError, match=r"hf/tokenizer\.json not found: init_from"):
         train(from_checkpoint(tmp_path / "run", tmp_path / "hf"))
 
 
