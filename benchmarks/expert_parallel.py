@@ -31,6 +31,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from deepmoe import MoE, MoEConfig
+from deepmoe.parallel import apply_expert_parallel
 
 LAYER = dict(hidden_size=256, moe_intermediate_size=128, n_routed_experts=32, n_shared_experts=2, num_experts_per_tok=6)
 
@@ -45,7 +46,7 @@ def build(config: MoEConfig, parallel: bool) -> MoE:
     torch.manual_seed(0)  # the same weights on every rank
     layer = MoE(config).train()
     if parallel:
-        layer.enable_expert_parallel()
+        apply_expert_parallel(layer)
     return layer
 
 

@@ -41,6 +41,7 @@ def run_case(name: str, rank: int, world: int) -> dict:
     import torch.distributed as dist
 
     from deepmoe import MoE, MoEConfig
+    from deepmoe.parallel import apply_expert_parallel
 
     options = dict(CASES[name])
     only_rank_0 = options.pop("disable_other_ranks", False)
@@ -66,7 +67,7 @@ def run_case(name: str, rank: int, world: int) -> dict:
     sum((o.hidden_states * upstream[s]).sum() + o.aux_loss for o, s in zip(ref_out, shards, strict=True)).backward()
 
     ep = copy.deepcopy(full)
-    ep.enable_expert_parallel()
+    apply_expert_parallel(ep)
     mine = x[shards[rank]].clone().requires_grad_()
     out = ep(mine)
     ((out.hidden_states * upstream[shards[rank]]).sum() + out.aux_loss).backward()

@@ -23,6 +23,7 @@ from deepmoe.model.pretrained import load_pretrained, save_pretrained
 from deepmoe.moe import MoE, RoutingStats, SwiGLU
 from deepmoe.moe.experts import RoutedExperts
 from deepmoe.moe.router import Router
+from deepmoe.parallel import apply_expert_parallel
 
 
 @dataclass
@@ -172,14 +173,11 @@ class DeepSeekForCausalLM(nn.Module):
         blocks = [*self.model.layers, *(m.block for m in self.model.mtp)]
         return {b.layer_idx: b.mlp for b in blocks if isinstance(b.mlp, MoE)}
 
-    def enable_expert_parallel(self, group=None) -> None:
-        """Shard every MoE layer's routed experts over the ranks of `group` (see `MoE.enable_expert_parallel`);
-        load or build the full model on every rank first, then call this."""
-        from deepmoe.parallel import ignore_experts_in_ddp
-
-        for layer in self.moe_layers().values():
-            layer.enable_expert_parallel(group)
-        ignore_experts_in_ddp(self)  # DistributedDataParallel(model) leaves each rank's experts alone
+    def enable_expert_parallel(self, group: dist.ProcessGroup | None = None) -> None:
+        """Shard every MoE layer's routed experts over the ranks of `group`, and mark them for
+        DistributedDataParallel(model) to leave alone: `deepmoe.parallel.apply_expert_parallel(model, group)`,
+        which this calls. Load or build the full model on every rank first, then call this."""
+        apply_expert_parallel(self, group)
 
     def _check_input(self, input_ids: Tensor, past_length: int) -> None:
         cfg = self.config

@@ -1,11 +1,13 @@
 """The DeepSeekMoE layer: router + dispatcher + routed experts + shared experts.
 
+The layer computes in one process with a `LocalDispatcher`; any other `Dispatcher` plugs in at the same seam
+(`deepmoe.parallel.apply_expert_parallel` shards the experts and installs the all-to-all one).
+
 h_t = Σ_{i ≤ N_s} FFN_i^(s)(u_t) + Σ_{i ≤ N_r} g_i,t FFN_i^(r)(u_t)   (the residual is added by the block)
 """
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
 
 import torch
@@ -14,7 +16,7 @@ from torch import Tensor, nn
 
 from deepmoe.config import MoEConfig
 from deepmoe.moe.balance import RoutingStats, balance_losses, routing_stats
-from deepmoe.moe.dispatch import ExpertParallelDispatcher, LocalDispatcher
+from deepmoe.moe.dispatch import Dispatcher, LocalDispatcher
 from deepmoe.moe.experts import RoutedExperts, SwiGLU
 from deepmoe.moe.router import Router, RouterOutput
 from deepmoe.runtime import debug_checks_enabled
@@ -42,9 +44,12 @@ class MoE(nn.Module):
 
     Built on the meta device (`with torch.device("meta")`), it is materialised with `to_empty(device=...)`
     followed by `reset_parameters()` (then `load_state_dict`, if weights are loaded).
+
+    `dispatcher` moves the tokens to the experts and back (`deepmoe.moe.dispatch.Dispatcher`); None: a
+    `LocalDispatcher` over all N_r experts. It is the attribute `dispatcher`, which can be replaced.
     """
 
-    def __init__(self, config: MoEConfig):
+    def __init__(self, config: MoEConfig, *, dispatcher: Dispatcher | None = None):
         super().__init__()
         self.config = config
         self.gate = Router(config)
@@ -60,7 +65,7 @@ class MoE(nn.Module):
             if config.n_shared_experts
             else None
         )
-        self.dispatcher: LocalDispatcher | ExpertParallelDispatcher = LocalDispatcher(config.n_routed_experts)
+        self.dispatcher: Dispatcher = dispatcher if dispatcher is not None else LocalDispatcher(config.n_routed_experts)
 
     @property
     def config(self) -> MoEConfig:
@@ -82,10 +87,11 @@ class MoE(nn.Module):
                         f"MoEConfig.{name}={getattr(config, name)!r} is invalid for this layer: its weights were "
                         f"built with {name}={getattr(old, name)!r} (build a new layer to change it)"
                     )
-            if self.expert_parallel and config.n_devices != self.dispatcher.world:
+            shards = old.n_routed_experts // self.experts.n_experts
+            if self.expert_parallel and config.n_devices != shards:
                 raise ValueError(
                     f"MoEConfig.n_devices={config.n_devices} is invalid for this layer: its experts are sharded "
-                    f"over {self.dispatcher.world} ranks"
+                    f"over {shards} ranks"
                 )
         self._config = config
         gate: Router | None = self._modules.get("gate")
@@ -108,35 +114,9 @@ class MoE(nn.Module):
 
     @property
     def expert_parallel(self) -> bool:
-        """Whether the routed experts are sharded over a process group (`enable_expert_parallel`)."""
-        return isinstance(self.dispatcher, ExpertParallelDispatcher)
-
-    @torch.no_grad()
-    def enable_expert_parallel(self, group: dist.ProcessGroup | None = None) -> None:
-        """Keep only this rank's routed experts [r·N_r/D, (r+1)·N_r/D) and dispatch with all-to-all over `group`
-        (D ranks; None: the default group). Router and shared experts stay replicated.
-
-        Each rank then computes exactly what this layer computes on the same (local) tokens: routing, capacity
-        and balance losses are per rank's batch, with n_devices = D so that B2, B3 and per-device capacity count
-        the real ranks. Device-limited routing (R3) bounds ranks when n_group == D (group g = rank g's experts).
-        """
-        if self.expert_parallel:
-            raise ValueError("expert parallelism is already enabled on this MoE layer")
-        world, rank = dist.get_world_size(group), dist.get_rank(group)
-        n = self.config.n_routed_experts
-        if n % world:
-            raise ValueError(f"MoEConfig.n_routed_experts={n} must be divisible by the expert-parallel size {world}")
-        self.config = dataclasses.replace(self.config, n_devices=world)
-        self.dispatcher = ExpertParallelDispatcher(n, group)
-        lo, hi = rank * n // world, (rank + 1) * n // world
-        experts = self.experts
-        experts.gate_up_proj = nn.Parameter(experts.gate_up_proj[lo:hi].clone())
-        experts.down_proj = nn.Parameter(experts.down_proj[lo:hi].clone())
-        experts.n_experts = hi - lo
-        # DistributedDataParallel(layer) must neither broadcast rank 0's experts over the others' nor average
-        # different experts' gradients; a model holding the layer marks them for its root (see
-        # deepmoe.parallel.ignore_experts_in_ddp)
-        self._ddp_params_and_buffers_to_ignore = [f"experts.{name}" for name, _ in experts.named_parameters()]
+        """Whether this layer holds only its rank's slice of the routed experts (sharded by
+        `deepmoe.parallel.apply_expert_parallel` over D > 1 ranks; a group of one rank holds them all)."""
+        return self.experts.n_experts < self.config.n_routed_experts
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
