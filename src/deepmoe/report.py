@@ -1,6 +1,6 @@
-"""What a training run shows: the progress bar (loss, tokens/s, MaxVio), the end-of-run report
-(`report.json`, a summary table) and its plots (`loss.png`: training and held-out loss against the
-unigram entropy; `expert_load.png`: a layer × expert heatmap of the held-out load).
+"""Reports and plots, one style for every caller: JSON Lines logs, reports as JSON (NaN and inf as null),
+and the figures (`loss.png`: training and held-out loss against the unigram entropy; `expert_load.png`: a
+layer × expert heatmap of the held-out load), written atomically.
 """
 
 from __future__ import annotations
@@ -129,89 +129,3 @@ def plot_expert_load(load: Sequence[Sequence[float]], layers: Sequence[int], pat
         return save_figure(fig, path)
     finally:
         plt.close(fig)
-
-
-# ---- console ------------------------------------------------------------------------------------
-
-
-def summary_table(report: dict[str, Any], out_dir: str | os.PathLike | None = None):
-    """A rich Table of the report's headline numbers."""
-    from rich.table import Table
-
-    table = Table(title=f"training report{f' ({out_dir})' if out_dir else ''}", show_header=False)
-
-    def fmt(value: Any) -> str:
-        if value is None:
-            return "-"
-        if isinstance(value, float):
-            return f"{value:.4g}"
-        if isinstance(value, list):
-            return ", ".join(fmt(v) for v in value)
-        return str(value)
-
-    for key in (
-        "steps",
-        "heldout_loss",
-        "heldout_perplexity",
-        "unigram_entropy",
-        "maxvio",
-        "dead_experts",
-        "dropped_fraction",
-        "tokens_per_second",
-    ):
-        table.add_row(key, fmt(report.get(key)))
-    return table
-
-
-class TrainingProgress:
-    """A rich progress bar showing step, loss, tokens/s and MaxVio (mean over the MoE layers).
-
-    A context manager; does nothing when `enabled` is False.
-    """
-
-    def __init__(self, total: int, completed: int, console, enabled: bool = True):
-        self.enabled = enabled
-        self.console = console
-        self._progress = None
-        if enabled:
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-            self._progress = Progress(
-                TextColumn("[bold]train[/bold]"),
-                BarColumn(),
-                MofNCompleteColumn(),
-                TextColumn("lm loss {task.fields[loss]}"),
-                TextColumn("{task.fields[tps]} tok/s"),
-                TextColumn("MaxVio {task.fields[maxvio]}"),
-                TimeRemainingColumn(),
-                console=console,
-            )
-            self._task = self._progress.add_task(
-                "train", total=total, completed=completed, loss="-", tps="-", maxvio="-"
-            )
-
-    def __enter__(self) -> TrainingProgress:
-        if self._progress is not None:
-            self._progress.start()
-        return self
-
-    def __exit__(self, *exc) -> bool:
-        if self._progress is not None:
-            self._progress.stop()
-        return False
-
-    def update(self, step: int, record: dict[str, Any]) -> None:
-        if self._progress is None:
-            return
-        maxvio = record.get("maxvio") or []
-        self._progress.update(
-            self._task,
-            completed=step,
-            loss=f"{record['lm_loss']:.4f}",
-            tps=f"{record.get('tokens_per_s', 0.0):,.0f}",
-            maxvio=f"{sum(maxvio) / len(maxvio):.3f}" if maxvio else "-",
-        )
-
-    def print(self, message: str) -> None:
-        if self._progress is not None:
-            self._progress.console.print(message)

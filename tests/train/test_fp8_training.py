@@ -10,8 +10,9 @@ import pytest
 import torch
 from test_trainer import pattern_corpus, tiny
 
+from deepmoe.cli.train import add_arguments, options_from_args
+from deepmoe.train import TrainConfig, resume, train
 from deepmoe.train import checkpoint as ckpt
-from deepmoe.train.trainer import TrainConfig, add_train_arguments, options_from_args, resume, train
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -43,7 +44,8 @@ def test_fp8_training_runs_and_reports_the_fp8_error(tmp_path):
 
 
 def test_fp8_experts_flag_and_default():
-    parser = add_train_arguments(argparse.ArgumentParser())
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
     assert options_from_args(parser.parse_args(["--fp8-experts"]))["fp8_experts"] is True
     assert options_from_args(parser.parse_args(["--no-fp8-experts"]))["fp8_experts"] is False
     assert "fp8_experts" not in options_from_args(parser.parse_args([]))

@@ -19,21 +19,14 @@ import torch
 
 from corpora import StandInCorpus
 from deepmoe import data
+from deepmoe.cli import main
+from deepmoe.cli.train import add_arguments, options_from_args
 from deepmoe.io import load_checkpoint
 from deepmoe.model import from_pretrained
 from deepmoe.model.decoder import DeepSeekForCausalLM
 from deepmoe.presets import get_preset
+from deepmoe.train import TrainConfig, TrainingError, lr_at, resume, train
 from deepmoe.train import checkpoint as ckpt
-from deepmoe.train.trainer import (
-    TrainConfig,
-    TrainingError,
-    add_train_arguments,
-    lr_at,
-    options_from_args,
-    resume,
-    run_from_args,
-    train,
-)
 
 VOCAB = 64
 PERIOD = 23
@@ -215,7 +208,8 @@ def test_train_config_names_the_bad_field(field, value):
 def test_config_file_then_flags(tmp_path):
     file = tmp_path / "opts.json"
     file.write_text(json.dumps({"steps": 7, "lr": 0.5, "schedule": "wsd"}))
-    parser = add_train_arguments(argparse.ArgumentParser())
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
     options = options_from_args(parser.parse_args(["--config", str(file), "--lr", "0.1", "--bf16"]))
     config = TrainConfig.from_dict(options)
     assert (config.steps, config.lr, config.schedule, config.bf16, config.batch_size) == (7, 0.1, "wsd", True, 16)
@@ -234,7 +228,7 @@ def test_seq_len_beyond_the_model_is_refused(tmp_path):
 
 
 def cli(argv: list[str]) -> int:
-    return run_from_args(add_train_arguments(argparse.ArgumentParser()).parse_args(argv))
+    return main(["train", *argv])
 
 
 def test_cli_resume_continues_bitwise(tmp_path, monkeypatch, straight_run, capsys):

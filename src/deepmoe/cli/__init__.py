@@ -9,6 +9,7 @@ import argparse
 import importlib
 import sys
 
+from deepmoe.cli.common import show_library_messages
 from deepmoe.runtime import keep_freed_memory
 
 COMMANDS = {  # name on the command line: module in deepmoe.cli
@@ -41,6 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     keep_freed_memory()
+    show_library_messages()
     try:
         return args.func(args)
     except (ValueError, OSError) as error:

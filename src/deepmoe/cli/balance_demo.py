@@ -6,8 +6,8 @@ import argparse
 
 from rich.table import Table
 
-from deepmoe.argtypes import positive_int
 from deepmoe.cli import common
+from deepmoe.cli.argtypes import positive_int
 
 HELP = "show aux-loss-free balancing fix a skewed router"
 DESCRIPTION = (

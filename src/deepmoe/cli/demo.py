@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import argparse
 
-from deepmoe.argtypes import positive_int
 from deepmoe.cli import common
+from deepmoe.cli.argtypes import positive_int
 from deepmoe.cli.common import load_tokenizer
+from deepmoe.cli.train import ProgressView, report_table
 
 HELP = "train the tiny model on the bundled corpus, report, plot, sample"
 DESCRIPTION = (
@@ -33,14 +34,12 @@ def run(args: argparse.Namespace) -> int:
 
     from deepmoe.model import from_pretrained
     from deepmoe.model.generate import generate
-    from deepmoe.report import summary_table
-    from deepmoe.train.checkpoint import read_last
+    from deepmoe.train.checkpoint import REPORT_NAME, read_last
     from deepmoe.train.trainer import TrainConfig, resume, train
 
     out = Path(args.out)
     console = common.console()
-    last = read_last(out)
-    if last is None:
+    if read_last(out) is None:
         console.print(f"[bold]Training tiny-v3[/bold] ({args.steps} steps) on the bundled corpus → {out}")
         config = TrainConfig(
             preset="tiny-v3",
@@ -51,14 +50,13 @@ def run(args: argparse.Namespace) -> int:
             save_every=100,
             seed=args.seed,
         )
-        result = train(config)
+        result = train(config, observer=ProgressView())
     else:
         console.print(f"[bold]Continuing the run in {out}[/bold] up to {args.steps} steps")
-        result = resume(out, steps=args.steps)
-        if result.step == int(last.name.removeprefix("step-")):  # nothing was left to train: show the report
-            console.print(summary_table(json.loads((out / "report.json").read_text()), out))
+        result = resume(out, steps=args.steps, observer=ProgressView())
     if result.interrupted:
         return 130
+    console.print(report_table(json.loads((out / REPORT_NAME).read_text()), out))
     console.print(f"plots: {out}/loss.png, {out}/expert_load.png; report: {out}/report.json")
 
     checkpoint = result.checkpoint

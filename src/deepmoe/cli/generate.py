@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from deepmoe.argtypes import non_negative_float, non_negative_int, positive_int, unit_interval
+from deepmoe.cli.argtypes import non_negative_float, non_negative_int, positive_int, unit_interval
 from deepmoe.cli.common import load_tokenizer
 
 HELP = "generate text from a checkpoint"

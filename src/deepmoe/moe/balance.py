@@ -155,3 +155,22 @@ def routing_stats(routing: RouterOutput) -> RoutingStats:
         dead_experts=(load == 0).sum(),
         dropped_fraction=dropped,
     )
+
+
+def merge_routing_stats(stats: list[dict[int, RoutingStats]]) -> dict[int, RoutingStats]:
+    """Routing statistics of several micro-batches as one: loads summed, metrics recomputed."""
+    merged: dict[int, RoutingStats] = {}
+    for idx in sorted({i for s in stats for i in s}):
+        parts = [s[idx] for s in stats if idx in s]
+        load = torch.stack([p.tokens_per_expert for p in parts]).sum(0)
+        kept = torch.stack([p.kept_per_expert for p in parts]).sum(0)
+        merged[idx] = RoutingStats(
+            tokens_per_expert=load,
+            kept_per_expert=kept,
+            max_vio=max_violation(load),
+            cv=coefficient_of_variation(load),
+            entropy=torch.stack([p.entropy.float() for p in parts]).mean(),
+            dead_experts=(load == 0).sum(),
+            dropped_fraction=1.0 - kept.sum().float() / load.sum().clamp_min(1).float(),
+        )
+    return merged

@@ -38,6 +38,9 @@ from deepmoe.io.files import (
 STATE_JSON = "training_state.json"
 STATE_TENSORS = "training_state.safetensors"
 TOKENIZER_NAME = "tokenizer.json"
+LOG_NAME, EVAL_LOG_NAME, REPORT_NAME, CONFIG_NAME = "log.jsonl", "eval.jsonl", "report.json", "train_config.json"
+"""The run directory's files beside its checkpoints: one line per step, one per held-out evaluation, the
+end-of-run report, the run's options."""
 STATE_FORMAT = "deepmoe-training-state"
 STATE_VERSION = 1
 _STEP_DIR = re.compile(r"step-(\d+)")

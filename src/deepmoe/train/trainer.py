@@ -23,20 +23,18 @@ gathered into the ordinary full format, so they load and resume with any number 
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import importlib
 import json
+import logging
 import math
 import os
 import random
 import signal
-import sys
 import threading
 import time
-import typing
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -46,257 +44,24 @@ import torch.distributed as dist
 from torch import Tensor
 
 from deepmoe import parallel
-from deepmoe.argtypes import positive_int
-from deepmoe.config import DeepSeekConfig, check, is_int, is_real
+from deepmoe.config import DeepSeekConfig
 from deepmoe.evaluate import Evaluation, evaluate, fp8_error_per_layer
-from deepmoe.io.checkpoint import CheckpointError, load_config, read_json
+from deepmoe.io.checkpoint import load_config, read_json
 from deepmoe.io.files import atomic_write, claim_directory, visible_entries, write_json
 from deepmoe.model.decoder import DeepSeekForCausalLM
-from deepmoe.moe.balance import RoutingStats, coefficient_of_variation, max_violation
-from deepmoe.presets import PRESETS, count_parameters, get_preset
+from deepmoe.moe.balance import RoutingStats, max_violation, merge_routing_stats
+from deepmoe.presets import count_parameters
 from deepmoe.train import checkpoint as ckpt
+from deepmoe.train.checkpoint import CONFIG_NAME, EVAL_LOG_NAME, LOG_NAME
+from deepmoe.train.config import RESUME_OVERRIDABLE, TrainConfig, build_model_config, build_optimizer, lr_at
+from deepmoe.train.report import run_report, write_run_files
 
-DEFAULT_PRESET, DEFAULT_VOCAB_SIZE = "tiny-v3", 4096
-SCHEDULES = ("cosine", "wsd")
-DEVICES = ("auto", "cpu", "cuda")
-LOG_NAME, EVAL_LOG_NAME, REPORT_NAME, CONFIG_NAME = "log.jsonl", "eval.jsonl", "report.json", "train_config.json"
-RESUME_OVERRIDABLE = frozenset(
-    {"steps", "schedule_steps", "lr", "min_lr", "grad_clip", "eval_every", "eval_batches", "save_every",
-     "keep_last", "device", "progress", "expert_parallel"}
-)  # fmt: skip
+logger = logging.getLogger(__name__)
 
 
 class TrainingError(RuntimeError):
     """The run had to stop (non-finite loss or gradient, a failed checkpoint write); the message says why
     and which checkpoint is intact."""
-
-
-def option(default: Any, help: str, flag: str | None = "", **argparse_options: Any) -> Any:
-    """A TrainConfig field that declares its command-line flag once: `help`, `flag` ("" = --field-name,
-    None = no flag: a --config file only) and argparse options (type, choices, metavar)."""
-    return field(default=default, metadata={"help": help, "flag": flag, "argparse": argparse_options})
-
-
-@dataclass
-class TrainConfig:
-    """Options of a training run; validated on construction (ValueError naming the field)."""
-
-    preset: str | None = option(None, "model preset (default tiny-v3; none with --init-from)", choices=tuple(PRESETS))
-    data: str | None = option(None, "text file or directory (default: the corpus bundled with deepmoe)")
-    vocab_size: int | None = option(
-        None, "vocabulary of the tokenizer trained on the corpus (default 4096; the model gets the tokenizer's; "
-        "none with --init-from, whose tokenizer.json is used)"
-    )  # fmt: skip
-    seq_len: int = option(256, "tokens per sequence", type=positive_int)
-    batch_size: int = option(16, "sequences per micro-batch over all ranks (each expert-parallel rank trains on "
-                                 "its share)", type=positive_int)  # fmt: skip
-    grad_accum: int = option(1, "micro-batches per optimizer step", type=positive_int)
-    steps: int = option(1000, "optimizer steps in total", type=positive_int)
-    lr: float = option(2e-3, "peak learning rate")
-    min_lr: float = option(2e-4, "final learning rate")
-    warmup_steps: int = option(100, "linear warmup steps")
-    schedule: str = option("cosine", "cosine: warmup then cosine decay to min_lr; wsd: warmup, stable, linear "
-                                     "decay in the last decay_fraction of the steps", choices=SCHEDULES)  # fmt: skip
-    decay_fraction: float = option(0.2, "WSD: fraction of the steps that decay")
-    schedule_steps: int | None = option(
-        None, "length of the LR schedule (default: steps); resuming with more steps keeps the run's schedule "
-        "length (min_lr past its end) unless this is given"
-    )  # fmt: skip
-    weight_decay: float = option(0.1, "AdamW weight decay (matrices only)")
-    beta1: float = option(0.9, "AdamW β1")
-    beta2: float = option(0.95, "AdamW β2")
-    eps: float = option(1e-8, "AdamW ε")
-    grad_clip: float = option(1.0, "clip the global gradient norm to this; 0: off")
-    eval_every: int = option(200, "held-out evaluation every N steps (0: only at the end, on the whole set)")
-    eval_batches: int = option(20, "held-out batches per periodic evaluation (0: all; the final one uses all)")
-    save_every: int = option(500, "checkpoint every N steps (0: only at the end; also at the end and on Ctrl-C)")
-    keep_last: int = option(3, "checkpoints kept (0: all)")
-    seed: int = option(0, "seed of the weights and the data order")
-    bf16: bool = option(False, "bfloat16 autocast (weights and optimizer state stay float32)")
-    device: str = option("auto", "auto: cuda if available", choices=DEVICES)
-    out: str = option("runs/deepmoe", "run directory")
-    model_overrides: dict[str, Any] | None = option(
-        None, "DeepSeekConfig fields over the preset's (HF names); a 'moe' dict updates the MoE fields, 'moe': "
-        "null makes every layer dense (in a --config file only)", flag=None
-    )  # fmt: skip
-    init_from: str | None = option(
-        None, "start from this HF-format checkpoint's model and tokenizer.json (e.g. an upcycled model); the model's "
-        "shape comes from it", metavar="DIR"
-    )  # fmt: skip
-    layers: int | None = option(None, "override the preset's number of layers")
-    hidden_size: int | None = option(None, "override the preset's hidden size (and its MoE layers')", flag="--hidden")
-    bias_update_speed: float | None = option(
-        None, "γ of aux-loss-free balancing, b_i += γ·sign(mean load − load_i) (default: the model's)"
-    )  # fmt: skip
-    fp8_experts: bool = option(
-        False, "routed experts' products in fine-grained FP8, simulated on the CPU (the report gets the per-layer "
-        "FP8 error of the final model)"
-    )  # fmt: skip
-    expert_parallel: int = option(
-        1, "shard the routed experts over N ranks launched by torchrun --nproc-per-node N (NCCL on GPUs, gloo on "
-        "CPUs); batch_size must be divisible by N", type=positive_int, metavar="N"
-    )  # fmt: skip
-    progress: bool = option(True, "progress bar")
-
-    def __post_init__(self) -> None:
-        def fail(name: str, allowed: str) -> None:
-            check(self, False, name, allowed)
-
-        for name in ("data", "init_from"):
-            if getattr(self, name) is not None and not isinstance(getattr(self, name), (str, os.PathLike)):
-                fail(name, "must be a path or None")
-        if self.init_from is not None:
-            for name in ("preset", "vocab_size", "layers", "hidden_size", "model_overrides"):
-                if getattr(self, name) is not None:
-                    fail(name, f"cannot be set with init_from={os.fspath(self.init_from)!r}: the model and its "
-                         "tokenizer come from that checkpoint")  # fmt: skip
-        else:
-            self.preset = DEFAULT_PRESET if self.preset is None else self.preset
-            self.vocab_size = DEFAULT_VOCAB_SIZE if self.vocab_size is None else self.vocab_size
-            if self.preset not in PRESETS:
-                fail("preset", f"must be one of {', '.join(PRESETS)}")
-        if self.model_overrides is not None and not isinstance(self.model_overrides, dict):
-            fail("model_overrides", "must be None or a dict of DeepSeekConfig fields")
-        if self.vocab_size is not None and (not is_int(self.vocab_size) or self.vocab_size < 1):
-            fail("vocab_size", "must be an integer >= 1")
-        for name in ("seq_len", "batch_size", "grad_accum", "steps", "expert_parallel"):
-            if not is_int(getattr(self, name)) or getattr(self, name) < 1:
-                fail(name, "must be an integer >= 1")
-        if self.batch_size % self.expert_parallel:
-            fail("batch_size", f"must be divisible by expert_parallel={self.expert_parallel} (it is the global batch)")
-        if self.seq_len < 2:
-            fail("seq_len", "must be >= 2 (a sequence predicts its next tokens)")
-        for name in ("warmup_steps", "eval_every", "eval_batches", "save_every", "keep_last", "seed"):
-            if not is_int(getattr(self, name)) or getattr(self, name) < 0:
-                fail(name, "must be an integer >= 0")
-        for name in ("schedule_steps", "layers", "hidden_size"):
-            value = getattr(self, name)
-            if value is not None and (not is_int(value) or value < 1):
-                fail(name, "must be None or an integer >= 1")
-        if self.bias_update_speed is not None and (not is_real(self.bias_update_speed) or self.bias_update_speed < 0):
-            fail("bias_update_speed", "must be None or a finite number >= 0")
-        if not is_real(self.lr) or self.lr <= 0:
-            fail("lr", "must be a finite number > 0")
-        if not is_real(self.min_lr) or not 0 <= self.min_lr <= self.lr:
-            fail("min_lr", f"must be in [0, lr={self.lr}]")
-        if self.schedule not in SCHEDULES:
-            fail("schedule", f"must be one of {SCHEDULES}")
-        if not is_real(self.decay_fraction) or not 0 <= self.decay_fraction <= 1:
-            fail("decay_fraction", "must be in [0, 1]")
-        for name in ("weight_decay", "grad_clip"):
-            if not is_real(getattr(self, name)) or getattr(self, name) < 0:
-                fail(name, "must be a finite number >= 0")
-        for name in ("beta1", "beta2"):
-            if not is_real(getattr(self, name)) or not 0 <= getattr(self, name) < 1:
-                fail(name, "must be in [0, 1)")
-        if not is_real(self.eps) or self.eps <= 0:
-            fail("eps", "must be a finite number > 0")
-        if self.device not in DEVICES:
-            fail("device", f"must be one of {DEVICES}")
-        if not isinstance(self.out, (str, os.PathLike)) or not str(self.out):
-            fail("out", "must be a directory path")
-        for name in ("bf16", "fp8_experts", "progress"):
-            if not isinstance(getattr(self, name), bool):
-                fail(name, "must be true or false")
-
-    @classmethod
-    def from_dict(cls, options: dict[str, Any]) -> TrainConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(options) - known)
-        if unknown:
-            raise ValueError(f"unknown training option(s) {', '.join(map(repr, unknown))}")
-        return cls(**options)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {k: (os.fspath(v) if isinstance(v, os.PathLike) else v) for k, v in asdict(self).items()}
-
-
-def lr_at(step: int, config: TrainConfig) -> float:
-    """Learning rate of optimizer update number `step + 1` (`step` = updates done before it).
-
-    Warmup: lr·(step+1)/warmup_steps for step < warmup_steps. Then, with T = schedule_steps or steps,
-    cosine: min_lr + (lr − min_lr)·½(1 + cos(π·p)), p = (step − warmup)/(T − 1 − warmup) clamped to [0, 1];
-    wsd: lr until the last round(decay_fraction·T) updates, which decay linearly to min_lr (reached at
-    the last update).
-    """
-    peak, floor, warm = config.lr, config.min_lr, config.warmup_steps
-    total = config.schedule_steps or config.steps
-    if step < warm:
-        return peak * (step + 1) / warm
-    if config.schedule == "cosine":
-        p = min(1.0, max(0.0, (step - warm) / max(1, total - 1 - warm)))
-        return floor + (peak - floor) * 0.5 * (1.0 + math.cos(math.pi * p))
-    decay_start = max(warm, total - round(config.decay_fraction * total))
-    if step < decay_start:
-        return peak
-    p = min(1.0, (step - decay_start + 1) / max(1, total - decay_start))
-    return peak + (floor - peak) * p
-
-
-def build_model_config(config: TrainConfig, vocab_size: int, eot_id: int | None = None) -> DeepSeekConfig:
-    """The preset's config with the tokenizer's vocab_size and the run's model overrides."""
-    fields = get_preset(config.preset).to_dict()
-    for name, value in (config.model_overrides or {}).items():
-        if name == "moe" and isinstance(value, dict) and fields.get("moe"):
-            fields["moe"] = {**fields["moe"], **value}
-        else:
-            fields[name] = value
-    fields.update(vocab_size=vocab_size, bos_token_id=None, eos_token_id=eot_id, pad_token_id=None)
-    if config.layers is not None:
-        fields["num_hidden_layers"] = config.layers
-        fields["first_k_dense_replace"] = min(fields["first_k_dense_replace"], config.layers)
-        per_layer = fields.get("moe_experts_per_layer")
-        if per_layer is not None and config.layers > len(per_layer):
-            raise ValueError(
-                f"TrainConfig.layers={config.layers} is invalid: moe_experts_per_layer gives {len(per_layer)} layers' "
-                f"expert counts; set model_overrides.moe_experts_per_layer for {config.layers} layers"
-            )
-        if per_layer is not None:  # the first layers of a pyramid
-            fields["moe_experts_per_layer"] = per_layer[: config.layers]
-    if config.hidden_size is not None:
-        fields["hidden_size"] = config.hidden_size
-        if fields.get("moe"):
-            fields["moe"]["hidden_size"] = config.hidden_size
-    if config.bias_update_speed is not None and fields.get("moe"):
-        fields["moe"]["bias_update_speed"] = config.bias_update_speed
-    if fields.get("moe"):
-        fields["moe"]["fp8_experts"] = config.fp8_experts
-    model_config = DeepSeekConfig.from_dict(fields)
-    if config.seq_len > model_config.max_position_embeddings:
-        raise ValueError(
-            f"TrainConfig.seq_len={config.seq_len} is invalid: preset {config.preset!r} allows at most "
-            f"max_position_embeddings={model_config.max_position_embeddings}"
-        )
-    return model_config
-
-
-def build_optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.AdamW:
-    """AdamW; weight decay on matrices (dim >= 2), none on norms and other vectors."""
-    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
-    rest = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
-    groups = [{"params": decay, "weight_decay": config.weight_decay}, {"params": rest, "weight_decay": 0.0}]
-    return torch.optim.AdamW(
-        [g for g in groups if g["params"]], lr=lr_at(0, config), betas=(config.beta1, config.beta2), eps=config.eps
-    )
-
-
-def merge_routing_stats(stats: list[dict[int, RoutingStats]]) -> dict[int, RoutingStats]:
-    """Routing statistics of several micro-batches as one: loads summed, metrics recomputed."""
-    merged: dict[int, RoutingStats] = {}
-    for idx in sorted({i for s in stats for i in s}):
-        parts = [s[idx] for s in stats if idx in s]
-        load = torch.stack([p.tokens_per_expert for p in parts]).sum(0)
-        kept = torch.stack([p.kept_per_expert for p in parts]).sum(0)
-        merged[idx] = RoutingStats(
-            tokens_per_expert=load,
-            kept_per_expert=kept,
-            max_vio=max_violation(load),
-            cv=coefficient_of_variation(load),
-            entropy=torch.stack([p.entropy.float() for p in parts]).mean(),
-            dead_experts=(load == 0).sum(),
-            dropped_fraction=1.0 - kept.sum().float() / load.sum().clamp_min(1).float(),
-        )
-    return merged
 
 
 @dataclass
@@ -310,13 +75,43 @@ class TrainResult:
     report: dict[str, Any] | None = None
 
 
+@dataclass
+class RunStart:
+    """What a run tells its observer when it starts."""
+
+    step: int
+    """Steps already done (a resumed run's)."""
+    steps: int
+    description: str
+    """One line: model, parameters, tokens, device, run directory."""
+    show_progress: bool
+    """The run's `progress` option, on the process that writes (rank 0)."""
+
+
+class TrainingObserver:
+    """Watches a run (the command line draws its progress bar): override what you need."""
+
+    def start(self, run: RunStart) -> None:
+        """Before the first step."""
+
+    def step(self, record: dict[str, Any]) -> None:
+        """After each optimizer step: the log.jsonl record (step, loss, lr, grad norm, tokens/s, MaxVio...)."""
+
+    def evaluation(self, record: dict[str, Any]) -> None:
+        """After each periodic held-out evaluation: the eval.jsonl record."""
+
+    def end(self) -> None:
+        """After the last step (or the interruption), before the final evaluation and report."""
+
+
 # ---- public entry points ------------------------------------------------------------------------
 
 
-def train(config: TrainConfig, corpus: Any = None) -> TrainResult:
+def train(config: TrainConfig, corpus: Any = None, observer: TrainingObserver | None = None) -> TrainResult:
     """Train a new run in `config.out` (refused if it already holds one: resume it instead).
 
     `corpus`: a `TokenizedCorpus`-like object; None: `prepare_corpus(config.data, config.vocab_size)`.
+    `observer` is told the run's start, each step and each evaluation (messages go to `logging`).
     Ctrl-C stops after the current step and saves; returns with `interrupted=True`.
     """
     out = Path(config.out)
@@ -326,10 +121,12 @@ def train(config: TrainConfig, corpus: Any = None) -> TrainResult:
         if getattr(config, name) is not None:
             config = dataclasses.replace(config, **{name: os.path.abspath(getattr(config, name))})
     with _hold_run_directory(out, _is_unstarted_run):
-        return _Run(config, _load_corpus(config, corpus)).run()
+        return _Run(config, _load_corpus(config, corpus), observer or TrainingObserver()).run()
 
 
-def resume(out_dir: str | os.PathLike, corpus: Any = None, **overrides: Any) -> TrainResult:
+def resume(
+    out_dir: str | os.PathLike, corpus: Any = None, observer: TrainingObserver | None = None, **overrides: Any
+) -> TrainResult:
     """Continue the run in `out_dir` from its newest checkpoint until `steps` (an override, else the saved
     value) optimizer steps in total. Only the options in `RESUME_OVERRIDABLE` may change; a run
     interrupted and resumed with the same options ends bitwise equal (on CPU) to an uninterrupted one.
@@ -339,10 +136,12 @@ def resume(out_dir: str | os.PathLike, corpus: Any = None, **overrides: Any) -> 
     if step_dir is None:
         raise ValueError(f"{out}: no complete checkpoint to resume from ({out / ckpt.LAST_NAME} not found)")
     with _hold_run_directory(out, lambda _: True):
-        return _resume(out, step_dir, corpus, overrides)
+        return _resume(out, step_dir, corpus, observer or TrainingObserver(), overrides)
 
 
-def _resume(out: Path, step_dir: Path, corpus: Any, overrides: dict[str, Any]) -> TrainResult:
+def _resume(
+    out: Path, step_dir: Path, corpus: Any, observer: TrainingObserver, overrides: dict[str, Any]
+) -> TrainResult:
     state, tensors = ckpt.read_training_state(step_dir)
     saved = dict(state["train_config"])
     if saved.get("init_from") is not None:  # runs saved before init_from refused them: the values were unused
@@ -366,7 +165,7 @@ def _resume(out: Path, step_dir: Path, corpus: Any, overrides: dict[str, Any]) -
             f"the corpus differs from the one the run in {out} was trained on "
             f"(corpus_id {getattr(corpus, 'corpus_id', None)!r}, expected {state.get('corpus_id')!r})"
         )
-    return _Run(config, corpus, resume_from=(step_dir, state, tensors)).run()
+    return _Run(config, corpus, observer, resume_from=(step_dir, state, tensors)).run()
 
 
 def _hold_run_directory(out: Path, replaceable):
@@ -447,9 +246,8 @@ class _StopOnSigint:
     """While active (main thread only), a first Ctrl-C asks the loop to stop after the current step;
     a second one raises KeyboardInterrupt at once."""
 
-    def __init__(self, console):
+    def __init__(self):
         self.requested = False
-        self.console = console
         self._previous = None
 
     def __enter__(self):
@@ -461,7 +259,7 @@ class _StopOnSigint:
         if self.requested:
             raise KeyboardInterrupt
         self.requested = True
-        self.console.print("[yellow]Ctrl-C: stopping after this step and saving (Ctrl-C again to stop now)[/yellow]")
+        logger.warning("Ctrl-C: stopping after this step and saving (Ctrl-C again to stop now)")
 
     def __exit__(self, *exc):
         if self._previous is not None:
@@ -470,19 +268,17 @@ class _StopOnSigint:
 
 
 class _Run:
-    def __init__(self, config: TrainConfig, corpus: Any, resume_from: tuple | None = None):
-        from rich.console import Console
-
+    def __init__(self, config: TrainConfig, corpus: Any, observer: TrainingObserver, resume_from: tuple | None = None):
         self.cfg = config
+        self.observer = observer
         self.corpus = corpus
         self.out = Path(config.out)
         self.device = _resolve_device(config.device)
         self.rank, self.world = self._init_expert_parallel()
         self.is_main = self.rank == 0
-        self.console = Console(stderr=True, quiet=not self.is_main)
         self.autocast = config.bf16
         if config.bf16 and self.device.type == "cuda" and not torch.cuda.is_bf16_supported():
-            self.console.print("[yellow]bfloat16 autocast is not supported on this GPU: training in float32[/yellow]")
+            logger.warning("bfloat16 autocast is not supported on this GPU: training in float32")
             self.autocast = False
         data = _data()
         if resume_from is None:
@@ -503,7 +299,7 @@ class _Run:
             self.step = int(state["step"])
             self.totals = state["totals"]
         if self.world > 1:
-            self.model.enable_expert_parallel()
+            parallel.apply_expert_parallel(self.model)
         self.model.to(self.device).train()
         self.optimizer = build_optimizer(self.model, config)
         self.batches = data.PackedBatches(corpus.train, config.batch_size, config.seq_len, config.seed)
@@ -519,7 +315,7 @@ class _Run:
             write_json(self.out / CONFIG_NAME, config.to_dict())
         if resume_from is None:
             if self.is_main:  # files a run that died before its first checkpoint may have left
-                for name in (LOG_NAME, EVAL_LOG_NAME, REPORT_NAME, "loss.png", "expert_load.png"):
+                for name in (LOG_NAME, EVAL_LOG_NAME):
                     (self.out / name).unlink(missing_ok=True)
         else:
             if self.world > 1:  # the checkpoint holds every expert's optimizer state: keep this rank's
@@ -745,144 +541,88 @@ class _Run:
 
     # -- the loop ---------------------------------------------------------------------------------
     def run(self) -> TrainResult:
-        from deepmoe.report import TrainingProgress
-
-        cfg = self.cfg
-        stopper = _StopOnSigint(self.console)
-        interrupted = False
-        bar = TrainingProgress(cfg.steps, self.step, self.console, enabled=cfg.progress and self.is_main)
-        if cfg.progress:
-            counts = count_parameters(self.model_config)
-            params = counts.total + counts.mtp
-            ranks = f" x {self.world} ranks (expert parallel)" if self.world > 1 else ""
-            schedule = cfg.schedule_steps or cfg.steps
-            self.console.print(
-                f"{'resuming' if self.step else 'training'} {cfg.preset or cfg.init_from} ({params / 1e6:.2f} M "
-                f"parameters, vocab {self.model_config.vocab_size}) on {self.corpus.train.numel():,} tokens, device "
-                f"{self.device}{ranks}{', bf16 autocast' if self.autocast else ''}: step {self.step} -> "
-                f"{cfg.steps}, run directory {self.out}"
-                + (f"; LR schedule of {schedule} steps (min_lr after it)" if schedule != cfg.steps else "")
-            )
-        log_path = self.out / LOG_NAME if self.is_main else os.devnull
+        """Steps until `steps`, with periodic evaluations and checkpoints; then the final checkpoint and the
+        report. Ctrl-C stops after the current step and saves."""
+        cfg, stopper = self.cfg, _StopOnSigint()
+        self.observer.start(RunStart(self.step, cfg.steps, self._description(), cfg.progress and self.is_main))
         try:
-            with stopper, bar, open(log_path, "a", encoding="utf-8") as log:
-                while self.step < cfg.steps:
-                    if self.world > 1:  # every rank stops at the same step
-                        stopper.requested = bool(self._all_reduce([float(stopper.requested)])[0])
-                    if stopper.requested:
-                        interrupted = True
-                        break
-                    start = time.perf_counter()
-                    record = self.train_step()
-                    elapsed = time.perf_counter() - start
-                    record["tokens_per_s"] = record["tokens"] / max(elapsed, 1e-9)
-                    self.totals["tokens"] += record["tokens"]
-                    self.totals["train_time_s"] += elapsed
+            with stopper, open(self.out / LOG_NAME if self.is_main else os.devnull, "a", encoding="utf-8") as log:
+                while self.step < cfg.steps and not self._stop_requested(stopper):
+                    record = self.timed_step()
                     log.write(json.dumps(record) + "\n")
                     log.flush()
-                    bar.update(self.step, record)
+                    self.observer.step(record)
                     if cfg.eval_every and self.step % cfg.eval_every == 0 and self.step < cfg.steps:
-                        ev = self.periodic_eval()
-                        bar.print(f"step {self.step}: held-out loss {ev['heldout_loss']:.4f}")
+                        self.observer.evaluation(self.periodic_eval())
                     if cfg.save_every and self.step % cfg.save_every == 0 and self.step < cfg.steps:
                         self.save()
-                if stopper.requested:
-                    interrupted = True
         except KeyboardInterrupt:
-            interrupted = True
+            stopper.requested = True
             if self._in_update:
                 where = f"{self.last_saved} is intact" if self.last_saved else "no checkpoint exists"
-                self.console.print(
-                    f"interrupted during the optimizer update of step {self.step + 1}: not saved; {where}"
+                logger.warning(
+                    "interrupted during the optimizer update of step %d: not saved; %s", self.step + 1, where
                 )
                 return TrainResult(self.step, self.out, self.last_saved, interrupted=True)
-        if interrupted:
+        finally:
+            self.observer.end()
+        if stopper.requested:
             path = self.save(self._boundary)
-            self.console.print(
-                f"interrupted: saved step {self.step} to {path}; continue with deepmoe train --resume {self.out}"
-            )
+            logger.warning("interrupted: saved step %d to %s; continue with deepmoe train --resume %s", self.step,
+                           path, self.out)  # fmt: skip
             return TrainResult(self.step, self.out, path, interrupted=True)
         path = self.save()
         try:
             report = self.finish()
         except KeyboardInterrupt:
-            self.console.print(f"interrupted while writing the report: step {self.step} is saved in {path}")
+            logger.warning("interrupted while writing the report: step %d is saved in %s", self.step, path)
             return TrainResult(self.step, self.out, path, interrupted=True)
         return TrainResult(self.step, self.out, path, report=report)
 
-    def finish(self) -> dict[str, Any]:
-        """Evaluate on the whole held-out set; write report.json, loss.png, expert_load.png."""
-        from deepmoe import report as rep
+    def _stop_requested(self, stopper: _StopOnSigint) -> bool:
+        """Whether Ctrl-C asked to stop (on any rank: every rank stops at the same step)."""
+        if self.world > 1:
+            stopper.requested = bool(self._all_reduce([float(stopper.requested)])[0])
+        return stopper.requested
 
-        data = _data()
-        heldout = data.heldout_batches(self.corpus.heldout, self.cfg.batch_size, self.cfg.seq_len)
+    def timed_step(self) -> dict[str, Any]:
+        """`train_step`, with its time and tokens/s added to the record and the run's totals."""
+        start = time.perf_counter()
+        record = self.train_step()
+        elapsed = time.perf_counter() - start
+        record["tokens_per_s"] = record["tokens"] / max(elapsed, 1e-9)
+        self.totals["tokens"] += record["tokens"]
+        self.totals["train_time_s"] += elapsed
+        return record
+
+    def _description(self) -> str:
+        cfg, counts = self.cfg, count_parameters(self.model_config)
+        ranks = f" x {self.world} ranks (expert parallel)" if self.world > 1 else ""
+        schedule = cfg.schedule_steps or cfg.steps
+        return (
+            f"{'resuming' if self.step else 'training'} {cfg.preset or cfg.init_from} "
+            f"({(counts.total + counts.mtp) / 1e6:.2f} M parameters, vocab {self.model_config.vocab_size}) on "
+            f"{self.corpus.train.numel():,} tokens, device {self.device}{ranks}"
+            f"{', bf16 autocast' if self.autocast else ''}: step {self.step} -> {cfg.steps}, run directory {self.out}"
+            + (f"; LR schedule of {schedule} steps (min_lr after it)" if schedule != cfg.steps else "")
+        )
+
+    def finish(self) -> dict[str, Any]:
+        """Evaluate on the whole held-out set; write report.json, loss.png, expert_load.png (rank 0)."""
+        heldout = _data().heldout_batches(self.corpus.heldout, self.cfg.batch_size, self.cfg.seq_len)
         result = self.evaluate(heldout)
         if not self.is_main:
             return {}
-        _append_jsonl(
-            self.out / EVAL_LOG_NAME,
-            {
-                "step": self.step,
-                "heldout_loss": result.loss,
-                "heldout_perplexity": result.perplexity,
-                "final": True,
-            },
-        )
-        layers = [i for i in self.moe_layers if i in result.load]
-        loads = [result.load[i] for i in layers]
-        routed = self.totals["routed_slots"]
-        dropped = self.totals["dropped_slots"]
-        total_routed = sum(routed.get(str(i), 0) for i in layers)
-        params = count_parameters(self.model_config)
-        entropy = float(data.unigram_entropy(self.corpus.train, self.corpus.vocab_size))
-        log = rep.read_jsonl(self.out / LOG_NAME)
-        report = {
-            "steps": self.step,
-            "heldout_loss": result.loss,
-            "heldout_perplexity": result.perplexity,
-            "heldout_tokens": result.tokens,
-            "unigram_entropy": entropy,
-            "unigram_perplexity": math.exp(entropy),
-            "moe_layers": layers,
-            "maxvio": [float(max_violation(x)) for x in loads],
-            "cv": [float(coefficient_of_variation(x)) for x in loads],
-            "dead_experts": int(sum(int((x == 0).sum()) for x in loads)),
-            "dead_experts_per_layer": [int((x == 0).sum()) for x in loads],
-            "expert_load": [(x.float() / x.sum().clamp_min(1)).tolist() for x in loads],
-            "dropped_fraction": sum(dropped.get(str(i), 0) for i in layers) / total_routed if total_routed else 0.0,
-            "dropped_fraction_per_layer": [
-                dropped.get(str(i), 0) / routed[str(i)] if routed.get(str(i)) else 0.0 for i in layers
-            ],
-            "tokens_per_second": self.totals["tokens"] / self.totals["train_time_s"]
-            if self.totals["train_time_s"]
-            else 0.0,
-            "tokens_seen": self.totals["tokens"],
-            "train_time_s": self.totals["train_time_s"],
-            "final_train_loss": log[-1]["loss"] if log else None,
-            "expert_parallel": self.world,
-            "parameters": params.total,
-            "active_parameters": params.active,
-            "preset": self.cfg.preset,
-            "corpus_id": getattr(self.corpus, "corpus_id", None),
-            "bf16": self.autocast,
-            "device": str(self.device),
-            "config": self.cfg.to_dict(),
-        }
-        comm = [r["comm_bytes_per_rank"] for r in log if "comm_bytes_per_rank" in r]
-        if comm:
-            report["comm_bytes_per_step_per_rank"] = sum(comm) / len(comm)
-            if self.cfg.progress:
-                self.console.print(
-                    f"expert parallel over {self.world} ranks: {report['comm_bytes_per_step_per_rank'] / 1e6:.3f} MB "
-                    "sent per step per rank (all-to-all, forward + backward)"
-                )
+        final = {"step": self.step, "heldout_loss": result.loss, "heldout_perplexity": result.perplexity}
+        _append_jsonl(self.out / EVAL_LOG_NAME, {**final, "final": True})
+        report = run_report(self.out, self.step, result, self.moe_layers, self.totals, self.model_config, self.cfg,
+                            self.corpus, self.world, self.autocast, str(self.device))  # fmt: skip
         if self.cfg.fp8_experts and self.world == 1:  # the error report runs the layers alone, not sharded
             report["fp8_error_per_layer"] = fp8_error_per_layer(self.model, heldout[0].to(self.device))
-        rep.write_report(self.out / REPORT_NAME, report)
-        rep.plot_losses(log, rep.read_jsonl(self.out / EVAL_LOG_NAME), self.out / "loss.png", entropy)
-        rep.plot_expert_load(report["expert_load"], layers, self.out / "expert_load.png")
-        if self.cfg.progress:
-            self.console.print(rep.summary_table(report, self.out))
+        if "comm_bytes_per_step_per_rank" in report:
+            logger.info("expert parallel over %d ranks: %.3f MB sent per step per rank (all-to-all, forward + "
+                        "backward)", self.world, report["comm_bytes_per_step_per_rank"] / 1e6)  # fmt: skip
+        write_run_files(self.out, report)
         return report
 
 
@@ -906,99 +646,3 @@ def _truncate_log(path: Path, step: int) -> None:
         except (ValueError, KeyError, TypeError):
             continue  # a line cut short by a kill
     atomic_write(path, "".join(line + "\n" for line in keep))
-
-
-# ---- command line -------------------------------------------------------------------------------
-
-
-def add_train_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """The options of `deepmoe train`, one per TrainConfig field (its type, default and help declared on
-    the field). Every flag defaults to None (= not given), so that a JSON `--config` file and the options
-    saved with a run (`--resume`) fill in what the flags leave out."""
-    parser.add_argument(
-        "--config", metavar="FILE", help="JSON file of options (TrainConfig field names); flags override it"
-    )
-    parser.add_argument(
-        "--resume", metavar="DIR", help="continue the run in DIR (its saved options) up to --steps in total"
-    )
-    types = typing.get_type_hints(TrainConfig)
-    for f in dataclasses.fields(TrainConfig):
-        flag = f.metadata["flag"]
-        if flag is None:
-            continue
-        kind = next(t for t in (bool, int, float, str) if t is types[f.name] or t in typing.get_args(types[f.name]))
-        options = dict(f.metadata["argparse"])
-        if kind is bool:
-            options["action"] = argparse.BooleanOptionalAction
-        else:
-            options.setdefault("type", kind)
-        shown = f" (default {f.default})" if f.default is not None and "default" not in f.metadata["help"] else ""
-        parser.add_argument(
-            flag or "--" + f.name.replace("_", "-"), dest=f.name, default=None, help=f.metadata["help"] + shown,
-            **options,
-        )  # fmt: skip
-    return parser
-
-
-def options_from_args(args: argparse.Namespace) -> dict[str, Any]:
-    """TrainConfig fields from a `--config` file, overridden by the flags given."""
-    options: dict[str, Any] = {}
-    if getattr(args, "config", None):
-        path = Path(args.config)
-        options.update(read_json(path, "training config"))
-    for f in dataclasses.fields(TrainConfig):
-        value = getattr(args, f.name, None)
-        if value is not None:
-            options[f.name] = value
-    return options
-
-
-def run_from_args(args: argparse.Namespace) -> int:
-    """`deepmoe train`: 0 when the run finished, 130 when Ctrl-C stopped it (after saving), 1 on an error."""
-    try:
-        options = options_from_args(args)
-        if getattr(args, "resume", None):
-            result = resume(args.resume, **options)
-        else:
-            result = train(TrainConfig.from_dict(options))
-    except (TrainingError, CheckpointError, ValueError, OSError) as err:
-        print(f"deepmoe train: error: {err}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:  # a second Ctrl-C, or one outside the training loop (checkpoints are atomic)
-        print("deepmoe train: interrupted", file=sys.stderr)
-        return 130
-    finally:
-        if dist.is_initialized():  # an expert-parallel run under torchrun
-            dist.destroy_process_group()
-    if result.interrupted:
-        return 130
-    if os.environ.get("RANK", "0") == "0":  # torchrun's rank: one line for the whole expert-parallel run
-        print(f"trained {result.step} steps: checkpoint {result.checkpoint}, report {result.out_dir / REPORT_NAME}")
-    return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    """`python -m deepmoe.train.trainer ...` (the same as `deepmoe train ...`)."""
-    parser = add_train_arguments(
-        argparse.ArgumentParser(prog="deepmoe train", description="Train a DeepSeek-style MoE LM.")
-    )
-    return run_from_args(parser.parse_args(argv))
-
-
-__all__ = [
-    "TrainConfig",
-    "TrainResult",
-    "TrainingError",
-    "add_train_arguments",
-    "build_model_config",
-    "build_optimizer",
-    "lr_at",
-    "merge_routing_stats",
-    "options_from_args",
-    "resume",
-    "run_from_args",
-    "train",
-]
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,0 +1,233 @@
+"""The options of a training run and what follows from them alone: `TrainConfig` (each field declares
+its command-line option once), the learning-rate schedule, the model config and the optimizer."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+
+from deepmoe.config import DeepSeekConfig, check, is_int, is_real
+from deepmoe.presets import PRESETS, get_preset
+
+DEFAULT_PRESET, DEFAULT_VOCAB_SIZE = "tiny-v3", 4096
+SCHEDULES = ("cosine", "wsd")
+DEVICES = ("auto", "cpu", "cuda")
+RESUME_OVERRIDABLE = frozenset(
+    {"steps", "schedule_steps", "lr", "min_lr", "grad_clip", "eval_every", "eval_batches", "save_every",
+     "keep_last", "device", "progress", "expert_parallel"}
+)  # fmt: skip
+"""Options a resumed run may change; the others are the run's."""
+
+
+def option(default: Any, help: str, flag: str | None = "", minimum: int | None = None, **details: Any) -> Any:
+    """A TrainConfig field that declares its command-line option once: `help`, `flag` ("" = --field-name,
+    None = no flag: a --config file only), the `minimum` of an integer, and `choices`/`metavar`."""
+    return field(default=default, metadata={"help": help, "flag": flag, "minimum": minimum, "details": details})
+
+
+@dataclass
+class TrainConfig:
+    """Options of a training run; validated on construction (ValueError naming the field)."""
+
+    preset: str | None = option(None, "model preset (default tiny-v3; none with --init-from)", choices=tuple(PRESETS))
+    data: str | None = option(None, "text file or directory (default: the corpus bundled with deepmoe)")
+    vocab_size: int | None = option(
+        None, "vocabulary of the tokenizer trained on the corpus (default 4096; the model gets the tokenizer's; "
+        "none with --init-from, whose tokenizer.json is used)"
+    )  # fmt: skip
+    seq_len: int = option(256, "tokens per sequence", minimum=1)
+    batch_size: int = option(16, "sequences per micro-batch over all ranks (each expert-parallel rank trains on "
+                                 "its share)", minimum=1)  # fmt: skip
+    grad_accum: int = option(1, "micro-batches per optimizer step", minimum=1)
+    steps: int = option(1000, "optimizer steps in total", minimum=1)
+    lr: float = option(2e-3, "peak learning rate")
+    min_lr: float = option(2e-4, "final learning rate")
+    warmup_steps: int = option(100, "linear warmup steps")
+    schedule: str = option("cosine", "cosine: warmup then cosine decay to min_lr; wsd: warmup, stable, linear "
+                                     "decay in the last decay_fraction of the steps", choices=SCHEDULES)  # fmt: skip
+    decay_fraction: float = option(0.2, "WSD: fraction of the steps that decay")
+    schedule_steps: int | None = option(
+        None, "length of the LR schedule (default: steps); resuming with more steps keeps the run's schedule "
+        "length (min_lr past its end) unless this is given"
+    )  # fmt: skip
+    weight_decay: float = option(0.1, "AdamW weight decay (matrices only)")
+    beta1: float = option(0.9, "AdamW β1")
+    beta2: float = option(0.95, "AdamW β2")
+    eps: float = option(1e-8, "AdamW ε")
+    grad_clip: float = option(1.0, "clip the global gradient norm to this; 0: off")
+    eval_every: int = option(200, "held-out evaluation every N steps (0: only at the end, on the whole set)")
+    eval_batches: int = option(20, "held-out batches per periodic evaluation (0: all; the final one uses all)")
+    save_every: int = option(500, "checkpoint every N steps (0: only at the end; also at the end and on Ctrl-C)")
+    keep_last: int = option(3, "checkpoints kept (0: all)")
+    seed: int = option(0, "seed of the weights and the data order")
+    bf16: bool = option(False, "bfloat16 autocast (weights and optimizer state stay float32)")
+    device: str = option("auto", "auto: cuda if available", choices=DEVICES)
+    out: str = option("runs/deepmoe", "run directory")
+    model_overrides: dict[str, Any] | None = option(
+        None, "DeepSeekConfig fields over the preset's (HF names); a 'moe' dict updates the MoE fields, 'moe': "
+        "null makes every layer dense (in a --config file only)", flag=None
+    )  # fmt: skip
+    init_from: str | None = option(
+        None, "start from this HF-format checkpoint's model and tokenizer.json (e.g. an upcycled model); the model's "
+        "shape comes from it", metavar="DIR"
+    )  # fmt: skip
+    layers: int | None = option(None, "override the preset's number of layers")
+    hidden_size: int | None = option(None, "override the preset's hidden size (and its MoE layers')", flag="--hidden")
+    bias_update_speed: float | None = option(
+        None, "γ of aux-loss-free balancing, b_i += γ·sign(mean load − load_i) (default: the model's)"
+    )  # fmt: skip
+    fp8_experts: bool = option(
+        False, "routed experts' products in fine-grained FP8, simulated on the CPU (the report gets the per-layer "
+        "FP8 error of the final model)"
+    )  # fmt: skip
+    expert_parallel: int = option(
+        1, "shard the routed experts over N ranks launched by torchrun --nproc-per-node N (NCCL on GPUs, gloo on "
+        "CPUs); batch_size must be divisible by N", minimum=1, metavar="N"
+    )  # fmt: skip
+    progress: bool = option(True, "progress bar")
+
+    def __post_init__(self) -> None:
+        def fail(name: str, allowed: str) -> None:
+            check(self, False, name, allowed)
+
+        for name in ("data", "init_from"):
+            if getattr(self, name) is not None and not isinstance(getattr(self, name), (str, os.PathLike)):
+                fail(name, "must be a path or None")
+        if self.init_from is not None:
+            for name in ("preset", "vocab_size", "layers", "hidden_size", "model_overrides"):
+                if getattr(self, name) is not None:
+                    fail(name, f"cannot be set with init_from={os.fspath(self.init_from)!r}: the model and its "
+                         "tokenizer come from that checkpoint")  # fmt: skip
+        else:
+            self.preset = DEFAULT_PRESET if self.preset is None else self.preset
+            self.vocab_size = DEFAULT_VOCAB_SIZE if self.vocab_size is None else self.vocab_size
+            if self.preset not in PRESETS:
+                fail("preset", f"must be one of {', '.join(PRESETS)}")
+        if self.model_overrides is not None and not isinstance(self.model_overrides, dict):
+            fail("model_overrides", "must be None or a dict of DeepSeekConfig fields")
+        if self.vocab_size is not None and (not is_int(self.vocab_size) or self.vocab_size < 1):
+            fail("vocab_size", "must be an integer >= 1")
+        for name in ("seq_len", "batch_size", "grad_accum", "steps", "expert_parallel"):
+            if not is_int(getattr(self, name)) or getattr(self, name) < 1:
+                fail(name, "must be an integer >= 1")
+        if self.batch_size % self.expert_parallel:
+            fail("batch_size", f"must be divisible by expert_parallel={self.expert_parallel} (it is the global batch)")
+        if self.seq_len < 2:
+            fail("seq_len", "must be >= 2 (a sequence predicts its next tokens)")
+        for name in ("warmup_steps", "eval_every", "eval_batches", "save_every", "keep_last", "seed"):
+            if not is_int(getattr(self, name)) or getattr(self, name) < 0:
+                fail(name, "must be an integer >= 0")
+        for name in ("schedule_steps", "layers", "hidden_size"):
+            value = getattr(self, name)
+            if value is not None and (not is_int(value) or value < 1):
+                fail(name, "must be None or an integer >= 1")
+        if self.bias_update_speed is not None and (not is_real(self.bias_update_speed) or self.bias_update_speed < 0):
+            fail("bias_update_speed", "must be None or a finite number >= 0")
+        if not is_real(self.lr) or self.lr <= 0:
+            fail("lr", "must be a finite number > 0")
+        if not is_real(self.min_lr) or not 0 <= self.min_lr <= self.lr:
+            fail("min_lr", f"must be in [0, lr={self.lr}]")
+        if self.schedule not in SCHEDULES:
+            fail("schedule", f"must be one of {SCHEDULES}")
+        if not is_real(self.decay_fraction) or not 0 <= self.decay_fraction <= 1:
+            fail("decay_fraction", "must be in [0, 1]")
+        for name in ("weight_decay", "grad_clip"):
+            if not is_real(getattr(self, name)) or getattr(self, name) < 0:
+                fail(name, "must be a finite number >= 0")
+        for name in ("beta1", "beta2"):
+            if not is_real(getattr(self, name)) or not 0 <= getattr(self, name) < 1:
+                fail(name, "must be in [0, 1)")
+        if not is_real(self.eps) or self.eps <= 0:
+            fail("eps", "must be a finite number > 0")
+        if self.device not in DEVICES:
+            fail("device", f"must be one of {DEVICES}")
+        if not isinstance(self.out, (str, os.PathLike)) or not str(self.out):
+            fail("out", "must be a directory path")
+        for name in ("bf16", "fp8_experts", "progress"):
+            if not isinstance(getattr(self, name), bool):
+                fail(name, "must be true or false")
+
+    @classmethod
+    def from_dict(cls, options: dict[str, Any]) -> TrainConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(options) - known)
+        if unknown:
+            raise ValueError(f"unknown training option(s) {', '.join(map(repr, unknown))}")
+        return cls(**options)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: (os.fspath(v) if isinstance(v, os.PathLike) else v) for k, v in asdict(self).items()}
+
+
+def lr_at(step: int, config: TrainConfig) -> float:
+    """Learning rate of optimizer update number `step + 1` (`step` = updates done before it).
+
+    Warmup: lr·(step+1)/warmup_steps for step < warmup_steps. Then, with T = schedule_steps or steps,
+    cosine: min_lr + (lr − min_lr)·½(1 + cos(π·p)), p = (step − warmup)/(T − 1 − warmup) clamped to [0, 1];
+    wsd: lr until the last round(decay_fraction·T) updates, which decay linearly to min_lr (reached at
+    the last update).
+    """
+    peak, floor, warm = config.lr, config.min_lr, config.warmup_steps
+    total = config.schedule_steps or config.steps
+    if step < warm:
+        return peak * (step + 1) / warm
+    if config.schedule == "cosine":
+        p = min(1.0, max(0.0, (step - warm) / max(1, total - 1 - warm)))
+        return floor + (peak - floor) * 0.5 * (1.0 + math.cos(math.pi * p))
+    decay_start = max(warm, total - round(config.decay_fraction * total))
+    if step < decay_start:
+        return peak
+    p = min(1.0, (step - decay_start + 1) / max(1, total - decay_start))
+    return peak + (floor - peak) * p
+
+
+def build_model_config(config: TrainConfig, vocab_size: int, eot_id: int | None = None) -> DeepSeekConfig:
+    """The preset's config with the tokenizer's vocab_size and the run's model overrides."""
+    fields = get_preset(config.preset).to_dict()
+    for name, value in (config.model_overrides or {}).items():
+        if name == "moe" and isinstance(value, dict) and fields.get("moe"):
+            fields["moe"] = {**fields["moe"], **value}
+        else:
+            fields[name] = value
+    fields.update(vocab_size=vocab_size, bos_token_id=None, eos_token_id=eot_id, pad_token_id=None)
+    if config.layers is not None:
+        fields["num_hidden_layers"] = config.layers
+        fields["first_k_dense_replace"] = min(fields["first_k_dense_replace"], config.layers)
+        per_layer = fields.get("moe_experts_per_layer")
+        if per_layer is not None and config.layers > len(per_layer):
+            raise ValueError(
+                f"TrainConfig.layers={config.layers} is invalid: moe_experts_per_layer gives {len(per_layer)} layers' "
+                f"expert counts; set model_overrides.moe_experts_per_layer for {config.layers} layers"
+            )
+        if per_layer is not None:  # the first layers of a pyramid
+            fields["moe_experts_per_layer"] = per_layer[: config.layers]
+    if config.hidden_size is not None:
+        fields["hidden_size"] = config.hidden_size
+        if fields.get("moe"):
+            fields["moe"]["hidden_size"] = config.hidden_size
+    if config.bias_update_speed is not None and fields.get("moe"):
+        fields["moe"]["bias_update_speed"] = config.bias_update_speed
+    if fields.get("moe"):
+        fields["moe"]["fp8_experts"] = config.fp8_experts
+    model_config = DeepSeekConfig.from_dict(fields)
+    if config.seq_len > model_config.max_position_embeddings:
+        raise ValueError(
+            f"TrainConfig.seq_len={config.seq_len} is invalid: preset {config.preset!r} allows at most "
+            f"max_position_embeddings={model_config.max_position_embeddings}"
+        )
+    return model_config
+
+
+def build_optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.AdamW:
+    """AdamW; weight decay on matrices (dim >= 2), none on norms and other vectors."""
+    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
+    rest = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": config.weight_decay}, {"params": rest, "weight_decay": 0.0}]
+    return torch.optim.AdamW(
+        [g for g in groups if g["params"]], lr=lr_at(0, config), betas=(config.beta1, config.beta2), eps=config.eps
+    )
