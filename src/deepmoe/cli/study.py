@@ -1,8 +1,16 @@
-"""`deepmoe study`."""
+"""`deepmoe study`: pick the scale, call `deepmoe.tools.study.run_study` with a printer for its progress,
+print the tables."""
 
 from __future__ import annotations
 
 import argparse
+import os
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+from deepmoe.cli import common
+from deepmoe.cli.argtypes import positive_int
 
 HELP = "the architecture or balancing study: train the compared models, print the table"
 DESCRIPTION = (
@@ -14,12 +22,32 @@ DESCRIPTION = (
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from deepmoe.tools.study import add_study_arguments
+    from deepmoe.tools.study import STUDIES
 
-    add_study_arguments(parser)
+    parser.add_argument("study", choices=STUDIES, help="which comparison to run")
+    parser.add_argument(
+        "--quick", action="store_true", help="a small smoke-test scale (about 2 minutes per study on 2 quiet cores)"
+    )
+    parser.add_argument("--out", default=None, help="output directory (default runs/study-STUDY[-quick])")
+    parser.add_argument("--steps", type=positive_int, default=None, help="override the scale's training steps")
+    parser.add_argument("--seed", type=int, default=0, help="seed of every run (default 0)")
 
 
 def run(args: argparse.Namespace) -> int:
-    from deepmoe.tools.study import run_study_from_args
+    from deepmoe.tools import study
 
-    return run_study_from_args(args)
+    scale = study.SCALES["quick" if args.quick else "default"]
+    if args.steps is not None:
+        scale = replace(scale, steps=args.steps, warmup_steps=min(scale.warmup_steps, args.steps // 10))
+    out = Path(args.out or f"runs/study-{args.study}{'-quick' if args.quick else ''}")
+    try:
+        result = study.run_study(args.study, out, scale, seed=args.seed, log=common.console().print)
+    except KeyboardInterrupt:
+        print(f"deepmoe study: interrupted; run the same command again to continue in {out}", file=sys.stderr)
+        return 130
+    print(study.markdown_table(result.rows, args.study))
+    if result.redundancy:
+        print()
+        print(study.redundancy_table(result.redundancy))
+    print(f"\nwrote {', '.join(os.fspath(f) for f in result.files)}")
+    return 0

@@ -40,6 +40,7 @@ from deepmoe.io.hf import (
     mtp_copies,
     split_expert_tensor,
 )
+from deepmoe.io.safetensors_stream import CheckpointError, StoredTensor, tensor_locations
 
 CONFIG_NAME = "config.json"
 LAST_NAME = "last"
@@ -51,10 +52,6 @@ FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
 _SHARD_NAME = re.compile(r"model-\d{5}-of-\d{5}\.safetensors")
 TOKENIZER_FILES = re.compile(r"(tokenizer.*|special_tokens_map\.json|generation_config\.json|vocab\..*|merges\.txt)")
 """Files beside the weights that belong to a HF checkpoint (tokenizer, generation settings)."""
-
-
-class CheckpointError(ValueError):
-    """A checkpoint directory or file is missing, unreadable, or does not match its config."""
 
 
 # ---- reading ------------------------------------------------------------------------------------
@@ -174,6 +171,12 @@ class SafetensorsCheckpoint:
 
     def is_fp8(self, name: str) -> bool:
         return self.dtype(name).startswith("F8")
+
+    def locations(self) -> dict[str, StoredTensor]:
+        """Name -> where its bytes are (file, dtype, shape, byte range), in the weight map's order, for
+        reading a row block at a time (`deepmoe.io.safetensors_stream.read_rows`)."""
+        files = {file: tensor_locations(self.directory / file) for file in sorted(set(self.weight_map.values()))}
+        return {name: files[file][name] for name, file in self.weight_map.items()}
 
     def get(self, name: str) -> Tensor:
         try:

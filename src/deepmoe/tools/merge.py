@@ -10,35 +10,30 @@ from the base's is replaced by the base's: d_k = ‖W_k − W_base‖_F / ‖W_b
 and where every parent is that close the child keeps the base tensor itself (bit for bit). With
 two parents that is the paper's rule: merge a tensor only where the parents differ by δ or more.
 
-Streaming: tensors are read from the safetensors files with plain reads (no memory map, so pages
-do not stay resident), a row block of at most `CHUNK_BYTES` per parent at a time, and written
-straight into the output shards (their headers are known in advance), so the peak memory is a few
-row blocks, not a model. The output is a sharded HF checkpoint with the base's config.json and
+Streaming (`deepmoe.io.safetensors_stream`): tensors are read from the safetensors files with plain
+reads (no memory map, so pages do not stay resident), a row block of at most `CHUNK_BYTES` per parent
+at a time, and written straight into the output shards (their headers are known in advance), so the
+peak memory is a few row blocks, not a model. The output is a sharded HF checkpoint with the base's config.json and
 tokenizer files, written atomically.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import math
 import os
 import re
 import shutil
-import struct
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
 
 import torch
-from torch import Tensor
 
 from deepmoe.io.checkpoint import (
     CONFIG_NAME,
     INDEX_NAME,
     TOKENIZER_FILES,
-    CheckpointError,
     SafetensorsCheckpoint,
     checkpoint_dir,
     checkpoint_output,
@@ -48,6 +43,7 @@ from deepmoe.io.checkpoint import (
     shard_file_name,
 )
 from deepmoe.io.files import atomic_directory, claim_directory, fsync_path, refuse_overlap, write_json
+from deepmoe.io.safetensors_stream import DTYPES, ShardWriter, StoredTensor, read_rows, row_blocks
 
 TENSOR_CLASSES = (
     "routed_experts",
@@ -62,10 +58,10 @@ TENSOR_CLASSES = (
 (self_attn.*), dense FFNs, embeddings/head/norms, other (MTP's eh_proj)."""
 
 CHUNK_BYTES = 64 * 2**20
-"""Largest row block read from one parent at a time."""
+"""Largest row block read from one parent at a time (once converted to float32)."""
 
-DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
-_CODES = {dtype: code for code, dtype in DTYPES.items()}
+FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")
+"""The safetensors dtypes merge reads and writes."""
 MERGE_RECORD = "merge.json"
 # settings that only change training, not the function a checkpoint computes: parents may differ in them
 _TRAINING_ONLY = {
@@ -98,112 +94,13 @@ def tensor_class(name: str) -> str:
     return "other"
 
 
-# ---- safetensors, read and written a row block at a time ------------------------------------------
-
-
-@dataclass(frozen=True)
-class StoredTensor:
-    """Where one tensor's bytes are: file, dtype code, shape, absolute byte offsets."""
-
-    path: Path
-    dtype: str
-    shape: tuple[int, ...]
-    start: int
-    end: int
-
-    @property
-    def row_bytes(self) -> int:
-        """Bytes of one index of dim 0 (the whole tensor for a scalar)."""
-        return (self.end - self.start) // self.shape[0] if self.shape and self.shape[0] else self.end - self.start
-
-
-def read_header(path: Path) -> tuple[dict[str, Any], int]:
-    """(header without __metadata__, offset of the data section) of a safetensors file."""
-    with open(path, "rb") as f:
-        (size,) = struct.unpack("<Q", f.read(8))
-        header = json.loads(f.read(size))
-    header.pop("__metadata__", None)
-    return header, 8 + size
+# ---- checks ----------------------------------------------------------------------------------------
 
 
 def stored_tensors(directory: Path) -> dict[str, StoredTensor]:
-    """Name -> StoredTensor for a checkpoint directory (single file or sharded), in its order."""
+    """Name -> where its bytes are, for a checkpoint directory (single file or sharded), in its order."""
     with SafetensorsCheckpoint(directory) as ckpt:
-        weight_map = dict(ckpt.weight_map)
-    headers = {file: read_header(directory / file) for file in sorted(set(weight_map.values()))}
-    out = {}
-    for name, file in weight_map.items():
-        header, data_start = headers[file]
-        entry = header[name]
-        begin, end = entry["data_offsets"]
-        out[name] = StoredTensor(directory / file, entry["dtype"], tuple(entry["shape"]), data_start + begin,
-                                 data_start + end)  # fmt: skip
-    return out
-
-
-def read_rows(f: BinaryIO, t: StoredTensor, r0: int, r1: int) -> Tensor:
-    """Rows [r0, r1) of dim 0 of `t` (all of a scalar) in its stored dtype, read with plain file reads."""
-    begin = t.start + r0 * t.row_bytes
-    buffer = torch.empty((r1 - r0) * t.row_bytes, dtype=torch.uint8)
-    view, done = memoryview(buffer.numpy()), 0
-    f.seek(begin)
-    while done < len(view):
-        n = f.readinto(view[done:])
-        if not n:
-            raise CheckpointError(f"{t.path}: ends inside a tensor (truncated file)")
-        done += n
-    shape = (r1 - r0, *t.shape[1:]) if t.shape else ()
-    return buffer.view(DTYPES[t.dtype]).reshape(shape)
-
-
-def row_blocks(t: StoredTensor) -> Iterator[tuple[int, int]]:
-    """[r0, r1) row ranges of at most CHUNK_BYTES once converted to float32."""
-    rows = t.shape[0] if t.shape else 1
-    per_row = max(1, t.row_bytes * 4 // (torch.finfo(DTYPES[t.dtype]).bits // 8))
-    step = max(1, CHUNK_BYTES // per_row)
-    for r0 in range(0, rows, step):
-        yield r0, min(rows, r0 + step)
-
-
-class ShardWriter:
-    """One safetensors file written tensor by tensor: the header (names, dtypes, shapes, offsets) is
-    written first, then each tensor's bytes in the header's order, a row block at a time."""
-
-    def __init__(self, path: Path, entries: list[tuple[str, str, tuple[int, ...]]]):
-        header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
-        offset = 0
-        for name, dtype, shape in entries:
-            nbytes = math.prod(shape) * (torch.finfo(DTYPES[dtype]).bits // 8)
-            header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
-            offset += nbytes
-        raw = json.dumps(header, separators=(",", ":")).encode()
-        raw += b" " * (-len(raw) % 8)
-        self.path = path
-        self.file = open(path, "wb")  # noqa: SIM115 (closed in close())
-        self.file.write(struct.pack("<Q", len(raw)) + raw)
-        self.expected = offset
-        self.written = 0
-
-    def __enter__(self) -> ShardWriter:
-        return self
-
-    def __exit__(self, exc_type: type | None, *exc: object) -> None:
-        try:
-            if exc_type is None:
-                if self.written != self.expected:
-                    raise RuntimeError(f"{self.path}: wrote {self.written} data bytes, its header says {self.expected}")
-                self.file.flush()
-                os.fsync(self.file.fileno())
-        finally:
-            self.file.close()
-
-    def write(self, rows: Tensor) -> None:
-        data = rows.contiguous().view(torch.uint8).numpy() if rows.dim() else rows.reshape(1).view(torch.uint8).numpy()
-        self.file.write(memoryview(data))
-        self.written += data.nbytes
-
-
-# ---- checks ----------------------------------------------------------------------------------------
+        return ckpt.locations()
 
 
 def _flat_config(directory: Path) -> dict[str, Any]:
@@ -228,7 +125,7 @@ def check_parents(parents: Sequence[Path]) -> list[dict[str, StoredTensor]]:
     tensors = [stored_tensors(p) for p in parents]
     base = tensors[0]
     for name, t in base.items():
-        if t.dtype not in DTYPES:
+        if t.dtype not in FLOAT_DTYPES:
             raise ValueError(f"{t.path}: tensor {name!r} has dtype {t.dtype}: merge reads F32, F16, BF16 and F64 "
                              "(dequantise FP8 checkpoints first)")  # fmt: skip
     for parent, own in zip(parents[1:], tensors[1:], strict=True):
@@ -239,7 +136,7 @@ def check_parents(parents: Sequence[Path]) -> list[dict[str, StoredTensor]]:
                 raise ValueError(
                     f"{own[name].path}: tensor {name!r} has shape {list(own[name].shape)}, the base {list(t.shape)}"
                 )
-            if own[name].dtype not in DTYPES:
+            if own[name].dtype not in FLOAT_DTYPES:
                 raise ValueError(f"{own[name].path}: tensor {name!r} has dtype {own[name].dtype}, not a float type")
         extra = [name for name in own if name not in base]
         if extra:
@@ -313,7 +210,7 @@ class MergeReport:
 def _differences(files: list[BinaryIO], ts: list[StoredTensor]) -> list[float]:
     """d_k for k = 1..n−1, the Frobenius norms accumulated over row blocks."""
     base_sq, diff_sq = 0.0, [0.0] * (len(ts) - 1)
-    for r0, r1 in row_blocks(ts[0]):
+    for r0, r1 in row_blocks(ts[0], CHUNK_BYTES):
         base = read_rows(files[0], ts[0], r0, r1).double()
         base_sq += float(base.square().sum())
         for k in range(1, len(ts)):
@@ -422,7 +319,7 @@ def _write_tensor(
     base = tensors[0][name]
     out_dtype = DTYPES[base.dtype]
     work = torch.float64 if any(own[name].dtype == "F64" for own in tensors) else torch.float32
-    for r0, r1 in row_blocks(base):
+    for r0, r1 in row_blocks(base, CHUNK_BYTES):
         if plan is None:
             writer.write(read_rows(files[0][base.path], base, r0, r1))
             continue
@@ -437,87 +334,3 @@ def _write_tensor(
             rows = term if first else rows + term
             first = False
         writer.write(rows.to(out_dtype))
-
-
-# ---- command line ------------------------------------------------------------------------------
-
-
-def add_merge_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """The options of `deepmoe merge PARENT [PARENT ...] --weights W [W ...] --out DIR`."""
-    add = parser.add_argument
-    add("parents", nargs="+", metavar="PARENT", help="checkpoints of one architecture; the first is the base")
-    add("--weights", type=float, nargs="+", required=True, metavar="W", help="λ of each parent (every tensor class)")
-    add(
-        "--expert-weights",
-        type=float,
-        nargs="+",
-        metavar="W",
-        default=None,
-        help="λ of each parent for the routed-expert tensors (default: --weights)",
-    )
-    add(
-        "--class-weights",
-        nargs="+",
-        action="append",
-        metavar="CLASS_OR_W",
-        default=None,
-        help=f"CLASS W [W ...]: λ of each parent for one tensor class ({', '.join(TENSOR_CLASSES)}); repeatable",
-    )
-    add(
-        "--threshold",
-        type=float,
-        default=0.0,
-        metavar="DELTA",
-        help="δ: a parent tensor with ‖W_k − W_base‖_F / ‖W_base‖_F < δ counts as the base's (default 0)",
-    )
-    add("--out", default=None, metavar="DIR", help="output checkpoint directory (required unless --dry-run)")
-    add("--max-shard-size", default="5GB", help="largest output shard (default 5GB)")
-    add("--dry-run", action="store_true", help="print what would be merged and how much the parents differ")
-    return parser
-
-
-def _class_weights(args: argparse.Namespace) -> dict[str, list[float]]:
-    table: dict[str, list[float]] = {}
-    for group in args.class_weights or []:
-        name, *values = group
-        try:
-            table[name] = [float(v) for v in values]
-        except ValueError:
-            raise ValueError(f"--class-weights {name}: {values} are not numbers") from None
-    if args.expert_weights is not None:
-        table["routed_experts"] = args.expert_weights
-    return table
-
-
-def run_merge(args: argparse.Namespace) -> int:
-    from rich.console import Console
-    from rich.table import Table
-
-    if args.out is None and not args.dry_run:
-        raise ValueError("--out DIR is required (or --dry-run)")
-    report = merge_checkpoints(
-        args.parents,
-        args.weights,
-        None if args.dry_run else args.out,
-        class_weights=_class_weights(args),
-        threshold=args.threshold,
-        max_shard_size=args.max_shard_size,
-        dry_run=args.dry_run,
-    )
-    title = "dry run: " if args.dry_run else f"merged into {args.out}: "
-    table = Table(
-        title=title + f"{len(report.parents)} parents, base {report.parents[0]}, δ={report.threshold:g}",
-        caption="d_k = ‖W_k − W_base‖_F / ‖W_base‖_F of parent k, measured when δ > 0 or in a dry run",
-    )
-    table.add_column("class", no_wrap=True)
-    for column in ("tensors", "MB", "λ", *[f"mean d_{k}" for k in range(2, len(report.parents) + 1)]):
-        table.add_column(column, justify="right")
-    table.add_column("kept from base", justify="right")
-    for c, s in report.classes.items():
-        if not s.tensors:
-            continue
-        means = ["-" if m is None else f"{m:.4g}" for m in s.mean_differences()]
-        lambdas = ", ".join(f"{v:g}" for v in report.weights[c])
-        table.add_row(c, str(s.tensors), f"{s.bytes / 1e6:.3g}", lambdas, *means, str(s.kept))
-    Console().print(table)
-    return 0

@@ -23,34 +23,26 @@ finished run is reused and an interrupted one resumed, so a killed study continu
 
 from __future__ import annotations
 
-import argparse
 import json
+import logging
 import os
 import statistics
-import sys
-from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from deepmoe.argtypes import positive_int
 from deepmoe.evaluate import heldout_loss
 from deepmoe.io.files import atomic_write, claim_directory, visible_entries, write_json
-from deepmoe.presets import count_parameters
+from deepmoe.model.parameters import count_parameters
 from deepmoe.report import pyplot, read_jsonl, save_figure
-from deepmoe.train.checkpoint import read_last
-from deepmoe.train.trainer import (
-    EVAL_LOG_NAME,
-    LOG_NAME,
-    REPORT_NAME,
-    TrainConfig,
-    build_model_config,
-    build_optimizer,
-    resume,
-    train,
-)
+from deepmoe.train.checkpoint import EVAL_LOG_NAME, LOG_NAME, REPORT_NAME, read_last
+from deepmoe.train.config import TrainConfig, build_model_config, build_optimizer
+from deepmoe.train.trainer import resume, train
+
+logger = logging.getLogger(__name__)
 
 BASE_PRESET = "tiny-deepseek-moe"
 """MHA attention, softmax gate, no MTP: the DeepSeekMoE paper's setting."""
@@ -329,12 +321,17 @@ def run_study(
     scale: StudyScale = SCALES["default"],
     seed: int = 0,
     corpus: Any = None,
-    log=print,
+    log: Callable[[str], None] | None = None,
 ) -> StudyResult:
     """Train every variant of `study` into `out/runs/NAME`, then write `out/results.json` (the rows),
     `table.md`, `loss.png`, `maxvio.png` (and, for architectures, `redundancy.json`/`.png`). A non-empty
-    `out` is refused unless it holds an earlier study's runs, which are reused or continued."""
+    `out` is refused unless it holds an earlier study's runs, which are reused or continued.
+
+    `log` receives one line per step of progress (default: this module's logger, at INFO). A run stopped
+    by Ctrl-C is saved and KeyboardInterrupt raised: calling again with the same `out` continues it."""
     from deepmoe import data
+
+    log = log or logger.info
 
     with claim_directory(out, "study directory (deepmoe study)", is_study) as out:
         variants = variants_of(study, scale)
@@ -480,44 +477,6 @@ def plot_redundancy(redundancy: dict[str, list[dict[str, Any]]], path: Path) -> 
         plt.close(fig)
 
 
-# ---- command line -------------------------------------------------------------------------------
-
-
-def add_study_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    parser.add_argument("study", choices=STUDIES, help="which comparison to run")
-    parser.add_argument(
-        "--quick", action="store_true", help="a small smoke-test scale (about 2 minutes per study on 2 quiet cores)"
-    )
-    parser.add_argument("--out", default=None, help="output directory (default runs/study-STUDY[-quick])")
-    parser.add_argument("--steps", type=positive_int, default=None, help="override the scale's training steps")
-    parser.add_argument("--seed", type=int, default=0, help="seed of every run (default 0)")
-    return parser
-
-
-def run_study_from_args(args: argparse.Namespace) -> int:
-    from rich.console import Console
-
-    scale = SCALES["quick" if args.quick else "default"]
-    if args.steps is not None:
-        scale = replace(scale, steps=args.steps, warmup_steps=min(scale.warmup_steps, args.steps // 10))
-    out = Path(args.out or f"runs/study-{args.study}{'-quick' if args.quick else ''}")
-    console = Console()
-    try:
-        result = run_study(args.study, out, scale, seed=args.seed, log=console.print)
-    except (ValueError, OSError) as err:
-        print(f"deepmoe study: error: {err}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print(f"deepmoe study: interrupted; run the same command again to continue in {out}", file=sys.stderr)
-        return 130
-    print(markdown_table(result.rows, args.study))
-    if result.redundancy:
-        print()
-        print(redundancy_table(result.redundancy))
-    print(f"\nwrote {', '.join(os.fspath(f) for f in result.files)}")
-    return 0
-
-
 __all__ = [
     "SCALES",
     "STUDIES",
@@ -527,6 +486,7 @@ __all__ = [
     "architecture_variants",
     "balancing_variants",
     "markdown_table",
+    "redundancy_table",
     "redundancy_test",
     "run_study",
 ]
