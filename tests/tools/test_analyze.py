@@ -12,15 +12,14 @@ import pytest
 import torch
 
 from deepmoe import DeepSeekConfig, DeepSeekForCausalLM, get_preset
+from deepmoe.cli.analyze import add_arguments, run
 from deepmoe.tools.analyze import (
-    add_analyze_arguments,
     analyze,
     coactivation_lift,
     entropy,
     independent_lift,
     js_divergence,
     load_metrics,
-    run_analyze,
     specificity,
     token_lift,
     top_pairs,
@@ -198,7 +197,9 @@ def test_single_source_has_no_comparison():
 
 
 def _parser() -> argparse.ArgumentParser:
-    return add_analyze_arguments(argparse.ArgumentParser(prog="deepmoe analyze"))
+    parser = argparse.ArgumentParser(prog="deepmoe analyze")
+    add_arguments(parser)
+    return parser
 
 
 def test_missing_data_is_a_clear_usage_error(capsys):
@@ -210,13 +211,13 @@ def test_missing_data_is_a_clear_usage_error(capsys):
 
 def test_bad_model_or_source_is_one_line_error(tmp_path, capsys):
     args = _parser().parse_args([str(tmp_path / "missing"), "--data", "bundled:english"])
-    assert run_analyze(args) == 1
+    assert run(args) == 1
     err = capsys.readouterr().err
     assert err.startswith("deepmoe analyze: error:") and "not a checkpoint directory" in err
     (tmp_path / "model").mkdir()
     args = _parser().parse_args([str(tmp_path / "model"), "--data", "bundled:english"])
-    assert run_analyze(args) == 1
+    assert run(args) == 1
     assert "tokenizer.json" in capsys.readouterr().err
     args = _parser().parse_args([str(tmp_path / "model"), "--data", "a.txt", "--data", "a.txt"])
-    assert run_analyze(args) == 1
+    assert run(args) == 1
     assert "twice" in capsys.readouterr().err

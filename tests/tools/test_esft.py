@@ -15,14 +15,13 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from deepmoe import DeepSeekConfig, DeepSeekForCausalLM, get_preset
+from deepmoe.cli.esft import add_arguments, run
 from deepmoe.io.delta import DELTA_META, DELTA_WEIGHTS, DeltaError, apply_delta, delta_size, load_delta, save_delta
 from deepmoe.model import save_pretrained
 from deepmoe.tools.esft import (
-    add_esft_arguments,
     esft_finetune,
     expert_scores,
     full_finetune,
-    run_esft,
     select_experts,
     trainable_parameters,
 )
@@ -441,14 +440,15 @@ def test_esft_command_end_to_end(tmp_path, capsys):
     checkpoint = save_pretrained(DeepSeekForCausalLM(config), tmp_path / "base")
     tokenizer.save(str(checkpoint / "tokenizer.json"))
 
-    parser = add_esft_arguments(argparse.ArgumentParser())
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
     (tmp_path / "delta").mkdir()  # an empty directory is a fine target
     args = parser.parse_args(
         [str(checkpoint), "--data", str(tmp_path / "task.py"), "--out", str(tmp_path / "delta"), "--steps", "3",
          "--lr", "3e-3", "--seq-len", "32", "--batch-size", "4", "--score-tokens", "512", "--p", "0.3",
          "--device", "cpu", "--compare-full", "--json", "--no-progress"]
     )  # fmt: skip
-    assert run_esft(args) == 0
+    assert run(args) == 0
     summary = json.loads(capsys.readouterr().out)
     assert summary["loss_after_esft"] < summary["loss_before"]
     assert summary["delta_bytes"] < summary["checkpoint_bytes"] / 4
@@ -459,14 +459,14 @@ def test_esft_command_end_to_end(tmp_path, capsys):
     assert load_delta(tmp_path / "delta")["selection"] == {int(k): v for k, v in summary["selection"].items()}
 
     bad = parser.parse_args([str(checkpoint), "--data", "bundled:nothing", "--out", str(tmp_path / "d2")])
-    assert run_esft(bad) == 1
+    assert run(bad) == 1
     assert "error: no bundled domain" in capsys.readouterr().err
     assert not (tmp_path / "d2").exists()
     refused = parser.parse_args([str(checkpoint), "--data", str(tmp_path / "task.py"), "--out", str(checkpoint)])
-    assert run_esft(refused) == 1
+    assert run(refused) == 1
     assert "not a delta directory" in capsys.readouterr().err
     again = parser.parse_args([*argv_again(checkpoint, tmp_path), "--out", str(tmp_path / "delta")])
-    assert run_esft(again) == 0  # its own delta directory is replaced
+    assert run(again) == 0  # its own delta directory is replaced
     assert load_delta(tmp_path / "delta")["training"]["steps"] == 1
 
 
@@ -476,7 +476,8 @@ def argv_again(checkpoint: Path, tmp_path: Path) -> list[str]:
 
 
 def test_esft_out_refuses_what_it_did_not_write(tmp_path, capsys):
-    parser = add_esft_arguments(argparse.ArgumentParser())
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
     foreign = tmp_path / "results"
     foreign.mkdir()
     (foreign / "notes.txt").write_text("keep me")
@@ -486,7 +487,7 @@ def test_esft_out_refuses_what_it_did_not_write(tmp_path, capsys):
     for target in (foreign, tmp_path / "fake", tmp_path / "file.bin"):
         # refused before the model is even read (there is none at "nowhere")
         args = parser.parse_args(["nowhere", "--data", "bundled:code", "--out", str(target)])
-        assert run_esft(args) == 1
+        assert run(args) == 1
         err = capsys.readouterr().err
         kind = "is not empty and is not a delta directory" if target.is_dir() else "exists and is not a directory"
         assert err.count("\n") == 1 and f"{target}: {kind}" in err

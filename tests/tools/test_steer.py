@@ -9,13 +9,13 @@ import pytest
 import torch
 
 from deepmoe import DeepSeekConfig, DeepSeekForCausalLM, get_preset
+from deepmoe.cli.steer import add_arguments, run
 from deepmoe.evaluate import heldout_loss
 from deepmoe.io.files import write_json
 from deepmoe.moe.router import Router
 from deepmoe.tools.routing import LayerRouting, collect_routing
 from deepmoe.tools.steer import (
     activation_frequencies,
-    add_steer_arguments,
     apply_steering,
     clear_steering,
     load_pairs,
@@ -281,19 +281,17 @@ def checkpoint(tmp_path_factory):
 
 def _args(*argv: str) -> argparse.Namespace:
     parser = argparse.ArgumentParser()
-    add_steer_arguments(parser)
+    add_arguments(parser)
     return parser.parse_args(list(argv))
 
 
 def test_run_steer_with_pairs_and_with_sources(checkpoint, tmp_path, capsys):
-    from deepmoe.tools.steer import run_steer
-
     pairs = tmp_path / "pairs.jsonl"
     lines = [{"a": f"to be or not to be {i}", "b": f"def f(x):\n    return x + {i}"} for i in range(6)]
     pairs.write_text("".join(json.dumps(line) + "\n" for line in lines))
     out = tmp_path / "steer.json"
     args = _args(str(checkpoint), "--pairs", str(pairs), "--out", str(out), "--top", "2", "--per-layer", "--effect")
-    assert run_steer(args) == 0
+    assert run(args) == 0
     printed = capsys.readouterr().out
     assert "Top A experts" in printed and "Held-out mean token loss" in printed
     plan = json.loads(out.read_text())
@@ -309,17 +307,17 @@ def test_run_steer_with_pairs_and_with_sources(checkpoint, tmp_path, capsys):
         str(checkpoint), "--a", str(tmp_path / "a.txt"), "--b", str(tmp_path / "b.txt"), "--out", str(out),
         "--side", "b", "--action", "force", "--top", "3", "--seq-len", "16",
     )  # fmt: skip
-    assert run_steer(args) == 0
+    assert run(args) == 0
     plan = json.loads(out.read_text())
     assert plan["side"] == "B" and plan["action"] == "force" and len(plan["selected"]) <= 3
     assert plan["full_layer"] == "drop" and len(plan["selected"]) + len(plan["dropped"]) == 3
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.txt", "b.txt", "pairs.jsonl", "steer.json"]  # replaced
     with pytest.raises(ValueError, match="give both --a SRC and --b SRC"):
-        run_steer(_args(str(checkpoint), "--a", "x.txt", "--out", str(out)))
+        run(_args(str(checkpoint), "--a", "x.txt", "--out", str(out)))
 
 
 def test_steer_out_never_overwrites_a_file_it_did_not_write(tmp_path):
-    from deepmoe.tools.steer import check_steering_target, run_steer
+    from deepmoe.tools.steer import check_steering_target
 
     pairs = tmp_path / "pairs.jsonl"
     pairs.write_text('{"a": "to be", "b": "def f():"}\n')
@@ -338,7 +336,7 @@ def test_steer_out_never_overwrites_a_file_it_did_not_write(tmp_path):
         target = tmp_path / name
         # refused before any work: the model path does not even exist
         with pytest.raises(ValueError, match=rf"--out {target}: exists and is not a steering file") as error:
-            run_steer(_args(str(tmp_path / "nowhere"), "--pairs", str(pairs), "--out", str(target)))
+            run(_args(str(tmp_path / "nowhere"), "--pairs", str(pairs), "--out", str(target)))
         assert "refusing to overwrite" in str(error.value)
     for name, data in targets.items():
         assert (tmp_path / name).read_bytes() == data

@@ -3,8 +3,10 @@
 
 `analyze(model, sources)` runs the model over each source (`collect_routing`) and turns the sums into
 a JSON-serialisable report; `write_analysis(report, out_dir)` writes it as `report.json`, CSV tables
-and PNG plots. Every number is a pure function of the routing counts; the formulas are below and in
-the functions that compute them (each is tested against a hand-computed example).
+and PNG plots. `analyze_checkpoint(model_dir, sources)` is the `deepmoe analyze` command's work: it loads
+a checkpoint and its tokenizer, reads the text sources and returns the report. Every number is a pure
+function of the routing counts; the formulas are below and in the functions that compute them (each is
+tested against a hand-computed example).
 
 Notation, per MoE layer: N routed experts, K chosen per token, T tokens, c_i the tokens that chose
 expert i (Σ_i c_i = K·T slots), C_ij the tokens that chose both i and j, s a text source.
@@ -42,14 +44,12 @@ times (ties: more occurrences first), decoded with the tokenizer when one is giv
 
 from __future__ import annotations
 
-import argparse
 import csv
 import io
 import json
 import math
 import os
 import re
-import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -57,7 +57,6 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from deepmoe.argtypes import positive_int
 from deepmoe.io.checkpoint import checkpoint_dir
 from deepmoe.io.files import atomic_write, claim_directory, visible_entries
 from deepmoe.moe.balance import coefficient_of_variation, max_violation
@@ -393,6 +392,59 @@ def analyze(
     }
 
 
+def _device_name(device: str) -> str:
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
+def analyze_checkpoint(
+    model_dir: str | os.PathLike,
+    sources: Sequence[str],
+    *,
+    max_tokens: int = 40_000,
+    seq_len: int = 256,
+    batch_size: int = 8,
+    top_k: int = 5,
+    device: str = "auto",
+) -> dict[str, Any]:
+    """`deepmoe analyze` as a function: load the checkpoint `model_dir` (a run directory means its newest
+    step) and its tokenizer, read each text source (a file or folder, or `bundled:DOMAIN`: the held-out
+    documents of a bundled domain) into [batch_size, seq_len] windows, at most `max_tokens` tokens per
+    source, and return `analyze`'s report with "model" added (write it with `write_analysis`).
+    `device` "auto" is cuda when available. ValueError (one line) when the model or a source is unusable.
+    """
+    from deepmoe.data import load_tokenizer
+    from deepmoe.model import from_pretrained
+    from deepmoe.tools.routing import fixed_batches, source_tokens
+
+    for name, value in (("max_tokens", max_tokens), ("seq_len", seq_len), ("batch_size", batch_size), ("top_k", top_k)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name}={value!r} must be an integer >= 1")
+    sources = list(sources)
+    if len(set(sources)) != len(sources):
+        raise ValueError(f"a source is given twice: {', '.join(sources)}")
+    model_dir = checkpoint_dir(model_dir)
+    if not model_dir.is_dir():
+        raise ValueError(f"{model_dir} is not a checkpoint directory")
+    tokenizer = load_tokenizer(model_dir, needed_for="analyze (reading the text sources)")
+    model = from_pretrained(model_dir, device=_device_name(device)).eval()
+    if tokenizer.get_vocab_size() > model.config.vocab_size:
+        raise ValueError(
+            f"the tokenizer has {tokenizer.get_vocab_size()} tokens, the model only {model.config.vocab_size}"
+        )
+    eot = model.config.eos_token_id
+    batches = {}
+    for source in sources:
+        if not source.startswith("bundled:") and not Path(source).exists():
+            raise ValueError(f"data source {source!r}: no such file or folder (or use bundled:english)")
+        tokens = source_tokens(source, tokenizer, eot)
+        batches[source] = fixed_batches(tokens, seq_len, batch_size, max_tokens)
+    report = analyze(model, batches, tokenizer=tokenizer, top_k=top_k)
+    report["model"] = str(model_dir)
+    return report
+
+
 # ---- files -----------------------------------------------------------------------------------------
 
 
@@ -600,140 +652,3 @@ def _write_analysis(report: dict[str, Any], out: Path) -> list[Path]:
         written.append(plot_source_distribution(layer, idx, out / f"sources_layer_{idx}.png"))
         written.append(plot_coactivation(layer, idx, out / f"coactivation_layer_{idx}.png"))
     return written
-
-
-# ---- command line ------------------------------------------------------------------------------------
-
-
-def add_analyze_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """The options of `deepmoe analyze MODEL --data A [--data B ...]`."""
-    parser.add_argument(
-        "model", metavar="MODEL", help="checkpoint directory (config.json, safetensors, tokenizer.json)"
-    )
-    parser.add_argument(
-        "--data",
-        action="append",
-        required=True,
-        metavar="SOURCE",
-        help="text file or folder, or bundled:english / bundled:code (held-out part of the bundled corpus); "
-        "repeat for each source to compare",
-    )
-    parser.add_argument("--out", default="runs/analyze", help="output directory (default runs/analyze)")
-    parser.add_argument(
-        "--max-tokens", type=positive_int, default=40_000, help="tokens per source at most (default 40000)"
-    )
-    parser.add_argument("--seq-len", type=positive_int, default=256, help="tokens per sequence (default 256)")
-    parser.add_argument("--batch-size", type=positive_int, default=8, help="sequences per batch (default 8)")
-    parser.add_argument("--top-k", type=positive_int, default=5, help="entries in each top list (default 5)")
-    parser.add_argument("--device", default="auto", help="auto (default: cuda when available), cpu, cuda, ...")
-    return parser
-
-
-def summary_table(report: dict[str, Any]):
-    """A rich Table: one row per MoE layer (MaxVio, CV, normalised entropy, dead, dominant, collapse
-    and, with several sources, the largest JS divergence)."""
-    from rich.table import Table
-
-    names = list(report["sources"])
-    table = Table(
-        title="routing per layer: " + ", ".join(f"{n} ({report['sources'][n]['tokens']:,} tok)" for n in names)
-    )
-    for column in ("layer", "MaxVio", "CV", "H/ln N", "dead", "dominant", "collapse"):
-        table.add_column(column, justify="right")
-    if len(names) > 1:
-        table.add_column("top JS (bits)", justify="right")
-    for idx, layer in report["layers"].items():
-        row = [
-            idx,
-            f"{layer['maxvio']:.3f}",
-            f"{layer['cv']:.3f}",
-            f"{layer['normalized_entropy']:.3f}",
-            str(len(layer["dead_experts"])),
-            " ".join(map(str, layer["dominant_experts"])) or "-",
-            "[red]yes[/red]" if layer["collapse"]["warning"] else "no",
-        ]
-        if len(names) > 1:
-            best = layer["max_js"]
-            row.append(f"{best['js']:.4f}" + (f" ({' vs '.join(best['sources'])})" if len(names) > 2 else ""))
-        table.add_row(*row)
-    return table
-
-
-def specific_table(report: dict[str, Any], top: int = 3):
-    """A rich Table of each layer's most source-specific experts and their share in every source."""
-    from rich.table import Table
-
-    names = list(report["sources"])
-    table = Table(title="most specific experts: expert (share in " + " / ".join(names) + ")")
-    table.add_column("layer", justify="right")
-    table.add_column("source")
-    table.add_column("experts")
-    for idx, layer in report["layers"].items():
-        for name, experts in layer["specific_experts"].items():
-            listed = ", ".join(
-                f"{e['expert']} ({' / '.join(f'{v:.1%}' for v in e['shares'].values())})" for e in experts[:top]
-            )
-            table.add_row(idx, name, listed or "-")
-    return table
-
-
-def run_analyze(args: argparse.Namespace) -> int:
-    """`deepmoe analyze`: 0 on success, 1 (and one error line) when the model or a source is unusable."""
-    from rich.console import Console
-
-    from deepmoe.model import from_pretrained
-    from deepmoe.tools.routing import fixed_batches, source_tokens
-
-    try:
-        if len(set(args.data)) != len(args.data):
-            raise ValueError(f"a source is given twice: {', '.join(args.data)}")
-        model_dir = checkpoint_dir(args.model)
-        if not model_dir.is_dir():
-            raise ValueError(f"{model_dir} is not a checkpoint directory")
-        tokenizer_path = model_dir / "tokenizer.json"
-        if not tokenizer_path.is_file():
-            raise ValueError(f"{tokenizer_path} not found: analyze needs the model's tokenizer to read text")
-        from tokenizers import Tokenizer
-
-        tokenizer = Tokenizer.from_file(str(tokenizer_path))
-        device = args.device
-        if device == "auto":
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-        model = from_pretrained(model_dir, device=device).eval()
-        if tokenizer.get_vocab_size() > model.config.vocab_size:
-            raise ValueError(
-                f"the tokenizer has {tokenizer.get_vocab_size()} tokens, the model only {model.config.vocab_size}"
-            )
-        eot = model.config.eos_token_id
-        sources = {}
-        for source in args.data:
-            if not source.startswith("bundled:") and not Path(source).exists():
-                raise ValueError(f"data source {source!r}: no such file or folder (or use bundled:english)")
-            tokens = source_tokens(source, tokenizer, eot)
-            sources[source] = fixed_batches(tokens, args.seq_len, args.batch_size, args.max_tokens)
-        report = analyze(model, sources, tokenizer=tokenizer, top_k=args.top_k)
-        report["model"] = str(model_dir)
-        written = write_analysis(report, args.out)
-    except (ValueError, OSError) as error:
-        print(f"deepmoe analyze: error: {error}", file=sys.stderr)
-        return 1
-    console = Console()
-    console.print(summary_table(report))
-    if len(report["sources"]) > 1:
-        console.print(specific_table(report))
-    out = Path(args.out)
-    console.print(f"report: {out / 'report.json'}; tables: {', '.join(p.name for p in written if p.suffix == '.csv')}")
-    console.print(f"plots: {', '.join(p.name for p in written if p.suffix == '.png')} in {out}")
-    return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    """`python -m deepmoe.tools.analyze ...` (the same as `deepmoe analyze ...`)."""
-    parser = add_analyze_arguments(
-        argparse.ArgumentParser(prog="deepmoe analyze", description="Routing analysis of a MoE model.")
-    )
-    return run_analyze(parser.parse_args(argv))
-
-
-if __name__ == "__main__":
-    sys.exit(main())

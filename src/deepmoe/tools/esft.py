@@ -36,16 +36,15 @@ Specialized Fine-Tuning for Sparse Architectural Large Language Models", DeepSee
 4. Save only those slices as a delta (`deepmoe.io.delta.save_delta`), applied to the base checkpoint by
    `apply_delta` / `from_pretrained(..., delta=...)`.
 
-`run_esft` is the `deepmoe esft` command: it also measures the task loss before and after on held-out task
+`esft` is the `deepmoe esft` command's work: it also measures the task loss before and after on held-out task
 tokens and, with `--compare-full`, full fine-tuning for the same steps, learning rate and batches.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
-import sys
+import os
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -54,9 +53,8 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
-from deepmoe.argtypes import positive_int
 from deepmoe.evaluate import heldout_loss
-from deepmoe.io.checkpoint import CheckpointError, SafetensorsCheckpoint, checkpoint_dir
+from deepmoe.io.checkpoint import SafetensorsCheckpoint, checkpoint_dir
 from deepmoe.io.delta import DELTA_FORMAT, DELTA_META, check_selection, delta_size, save_delta
 from deepmoe.io.files import claim_directory
 from deepmoe.tools.routing import LayerRouting
@@ -304,86 +302,28 @@ def routed_expert_parameters(model: nn.Module) -> int:
 # ---- 4. the command -------------------------------------------------------------------------------
 
 
-def add_esft_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """The options of `deepmoe esft MODEL --data SRC --out DELTA_DIR ...`."""
-    add = parser.add_argument
-    add("model", metavar="MODEL", help="base checkpoint directory (config.json, safetensors, tokenizer.json)")
-    add(
-        "--data",
-        required=True,
-        metavar="SRC",
-        help="task text: a file or folder, or bundled:english / bundled:code (held-out bundled documents)",
-    )
-    add("--out", required=True, metavar="DELTA_DIR", help="where to write the expert delta")
-    add(
-        "--method",
-        choices=METHODS,
-        default="gate",
-        help="expert score (default gate): gate = average gate score, each expert's mean gate weight per token, "
-        "not normalised, so a layer's scores sum to its mean total gate weight per token (1 with normalised "
-        "top-K weights, routed_scaling_factor = 2.5 on V3-style models, 0.26-0.53 in ESFT's V2-Lite scores); "
-        "token = token selection ratio, each expert's share of the layer's expert choices (sums to 1)",
-    )
-    add(
-        "--p",
-        type=float,
-        default=0.2,
-        help="per layer, take experts by decreasing score until their summed score reaches P (ESFT's threshold, "
-        "on the raw scores, not on shares of the layer's total): a share of the expert choices with --method "
-        "token (0 < P <= 1), an amount of gate weight with --method gate (P > 0); a layer whose scores sum to "
-        "less than P gets every expert (default 0.2)",
-    )
-    add("--steps", type=positive_int, default=100, help="fine-tuning steps (default 100)")
-    add("--lr", type=float, default=1e-4, help="AdamW learning rate, constant (default 1e-4)")
-    add("--weight-decay", type=float, default=0.0, help="AdamW decoupled weight decay (default 0)")
-    add("--grad-clip", type=float, default=1.0, help="gradient norm clip, 0 = none (default 1.0)")
-    add("--batch-size", type=positive_int, default=8, help="sequences per step (default 8)")
-    add("--seq-len", type=positive_int, default=256, help="tokens per sequence (default 256)")
-    add(
-        "--score-tokens",
-        type=int,
-        default=32768,
-        help="task tokens used to score the experts (default 32768, from the training part)",
-    )
-    add(
-        "--eval-data",
-        metavar="SRC",
-        default=None,
-        help="held-out task text for the loss before/after (default: the last --eval-fraction of --data)",
-    )
-    add(
-        "--eval-fraction",
-        type=float,
-        default=0.2,
-        help="share of the --data tokens held out for evaluation when there is no --eval-data (default 0.2)",
-    )
-    add("--eval-tokens", type=int, default=65536, help="at most this many evaluation tokens (default 65536)")
-    add(
-        "--compare-full",
-        action="store_true",
-        help="also fine-tune every parameter for the same steps and compare (the delta is ESFT's)",
-    )
-    add("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: cuda if available)")
-    add("--seed", type=int, default=0, help="order of the training windows (default 0)")
-    add("--json", action="store_true", help="print the summary as one JSON object")
-    add("--no-progress", dest="progress", action="store_false", help="no progress bar")
-    return parser
-
-
-def _check_args(args: argparse.Namespace) -> None:
-    for name in ("steps", "batch_size", "seq_len", "score_tokens", "eval_tokens"):
-        if getattr(args, name) < 1:
-            raise ValueError(f"--{name.replace('_', '-')}={getattr(args, name)} must be >= 1")
-    if not 0.0 < args.eval_fraction < 1.0:
-        raise ValueError(f"--eval-fraction={args.eval_fraction} must be in (0, 1)")
-    if not 0.0 < args.p < math.inf:
-        raise ValueError(f"--p={args.p} must be a finite number > 0")
-    if args.method == "token" and args.p > 1.0:
-        raise ValueError(f"--p={args.p}: token selection ratios sum to 1 in every layer, so p must be <= 1")
-    if not args.lr > 0 or not math.isfinite(args.lr):
-        raise ValueError(f"--lr={args.lr} must be a finite number > 0")
-    if args.weight_decay < 0 or args.grad_clip < 0:
-        raise ValueError("--weight-decay and --grad-clip must be >= 0")
+def _check_arguments(
+    method: str, p: float, steps: int, lr: float, weight_decay: float, grad_clip: float, batch_size: int,
+    seq_len: int, score_tokens: int, eval_fraction: float, eval_tokens: int,
+) -> None:  # fmt: skip
+    counts = {"steps": steps, "batch_size": batch_size, "seq_len": seq_len, "score_tokens": score_tokens}
+    for name, value in {**counts, "eval_tokens": eval_tokens}.items():
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name}={value!r} must be an integer >= 1")
+    if method not in METHODS:
+        raise ValueError(
+            f"method={method!r} is invalid: choose 'gate' (average gate score) or 'token' (selection ratio)"
+        )
+    if not 0.0 < eval_fraction < 1.0:
+        raise ValueError(f"eval_fraction={eval_fraction} must be in (0, 1)")
+    if not 0.0 < p < math.inf:
+        raise ValueError(f"p={p} must be a finite number > 0")
+    if method == "token" and p > 1.0:
+        raise ValueError(f"p={p}: token selection ratios sum to 1 in every layer, so p must be <= 1")
+    if not lr > 0 or not math.isfinite(lr):
+        raise ValueError(f"lr={lr} must be a finite number > 0")
+    if weight_decay < 0 or grad_clip < 0:
+        raise ValueError("weight_decay and grad_clip must be >= 0")
 
 
 def is_delta(directory: Path) -> bool:
@@ -400,116 +340,151 @@ def _device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def _task_tokens(args: argparse.Namespace, tokenizer, eot_id: int | None) -> tuple[Tensor, Tensor]:
-    """(train tokens, eval tokens) of the task: --eval-data, or a split of --data at a token position
+def _task_tokens(
+    data: str, eval_data: str | None, eval_fraction: float, eval_tokens: int, seq_len: int, tokenizer, eot_id
+) -> tuple[Tensor, Tensor]:
+    """(train tokens, eval tokens) of the task: `eval_data`, or a split of `data` at a token position
     (the tail is held out; at most one document straddles the cut)."""
     from deepmoe.tools.routing import source_tokens
 
-    tokens = source_tokens(args.data, tokenizer, eot_id)
-    if args.eval_data is not None:
-        train, held = tokens, source_tokens(args.eval_data, tokenizer, eot_id)
+    tokens = source_tokens(data, tokenizer, eot_id)
+    if eval_data is not None:
+        train, held = tokens, source_tokens(eval_data, tokenizer, eot_id)
     else:
-        n_eval = round(tokens.numel() * args.eval_fraction)
+        n_eval = round(tokens.numel() * eval_fraction)
         train, held = tokens[: tokens.numel() - n_eval], tokens[tokens.numel() - n_eval :]
     for what, t in (("training", train), ("evaluation", held)):
-        if t.numel() < args.seq_len + 1:
+        if t.numel() < seq_len + 1:
             raise ValueError(
-                f"the task's {what} part has {t.numel()} tokens, fewer than one sequence of --seq-len={args.seq_len}: "
-                "give more text or a smaller --seq-len"
+                f"the task's {what} part has {t.numel()} tokens, fewer than one sequence of seq_len={seq_len}: "
+                "give more text or a smaller seq_len"
             )
-    return train, held[: args.eval_tokens]
+    return train, held[:eval_tokens]
 
 
-def run_esft(args: argparse.Namespace) -> int:
-    """`deepmoe esft`: score, select, fine-tune, evaluate, write the delta, print a summary. 0 on success,
-    1 on an error (one line on stderr), 130 on Ctrl-C (nothing written)."""
-    try:  # the output is claimed before any work rather than refused after the training
-        with claim_directory(args.out, f"delta directory ({DELTA_META})", is_delta):
-            summary = _run(args)
-    except (CheckpointError, ValueError, OSError) as err:
-        print(f"deepmoe esft: error: {err}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("deepmoe esft: interrupted (no delta written)", file=sys.stderr)
-        return 130
-    if args.json:
-        print(json.dumps(summary))
-    else:
-        _print_summary(summary)
-    return 0
+Progress = Callable[[str, int, int, float | None], None]
+"""progress(phase, step, steps, loss): `esft` calls it with step 0 and loss None when a fine-tuning phase
+("esft", then "full" with `compare_full`) starts, then after each of its `steps` steps with that step's loss."""
 
 
-def _run(args: argparse.Namespace) -> dict[str, Any]:
-    from rich.console import Console
-    from tokenizers import Tokenizer
+def esft(
+    model_dir: str | os.PathLike,
+    data: str,
+    out: str | os.PathLike,
+    *,
+    method: str = "gate",
+    p: float = 0.2,
+    steps: int = 100,
+    lr: float = 1e-4,
+    weight_decay: float = 0.0,
+    grad_clip: float = 1.0,
+    batch_size: int = 8,
+    seq_len: int = 256,
+    score_tokens: int = 32768,
+    eval_data: str | None = None,
+    eval_fraction: float = 0.2,
+    eval_tokens: int = 65536,
+    compare_full: bool = False,
+    device: str = "auto",
+    seed: int = 0,
+    progress: Progress | None = None,
+) -> dict[str, Any]:
+    """`deepmoe esft` as a function: score the routed experts of the checkpoint `model_dir` on the task text
+    `data` (a file or folder, or `bundled:DOMAIN`; the first `score_tokens` tokens of its training part),
+    select them (`select_experts` with `p`), fine-tune them (`esft_finetune`, `steps` AdamW steps of
+    `batch_size` windows of `seq_len` tokens, in an order set by `seed`), and save the delta to `out`.
+    The task loss is measured before and after on held-out tokens: `eval_data`, or the last `eval_fraction`
+    of `data` (at most `eval_tokens`); with `compare_full`, also after full fine-tuning of the base model for
+    the same steps, learning rate and batches (the delta stays ESFT's). `grad_clip` 0 means none.
 
-    from deepmoe.data import EOT_TOKEN, PackedBatches
+    `out` is claimed before any work (`claim_directory`: an empty or missing directory, or an earlier delta)
+    and released at the end, so a refused target costs nothing and an interrupted run leaves no delta.
+    Returns the summary: selection, scores, parameter counts, delta and checkpoint sizes, losses.
+    ValueError (or CheckpointError, OSError) on unusable inputs.
+    """
+    with claim_directory(out, f"delta directory ({DELTA_META})", is_delta):
+        return _esft(
+            model_dir, data, out, method, p, steps, lr, weight_decay, grad_clip, batch_size, seq_len, score_tokens,
+            eval_data, eval_fraction, eval_tokens, compare_full, device, seed, progress,
+        )  # fmt: skip
+
+
+def _esft(
+    model_dir, data, out, method, p, steps, lr, weight_decay, grad_clip, batch_size, seq_len, score_tokens,
+    eval_data, eval_fraction, eval_tokens, compare_full, device, seed, progress,
+) -> dict[str, Any]:  # fmt: skip
+    from deepmoe.data import EOT_TOKEN, PackedBatches, load_tokenizer
     from deepmoe.model import from_pretrained
     from deepmoe.tools.routing import collect_routing, fixed_batches
 
-    _check_args(args)
-    model_dir = checkpoint_dir(args.model)
-    tokenizer_path = model_dir / "tokenizer.json"
-    if not tokenizer_path.is_file():
-        raise ValueError(f"{tokenizer_path} not found: ESFT needs the model's tokenizer to read the task text")
-    device = _device(args.device)
+    _check_arguments(
+        method, p, steps, lr, weight_decay, grad_clip, batch_size, seq_len, score_tokens, eval_fraction, eval_tokens
+    )
+    model_dir = checkpoint_dir(model_dir)
+    tokenizer = load_tokenizer(model_dir, needed_for="ESFT (reading the task text)")
+    device = _device(device)
     model = from_pretrained(model_dir, device=device)
     if model.config.moe is None:
         raise ValueError(f"{model_dir}: a dense model has no experts to fine-tune")
-    if args.seq_len > model.config.max_position_embeddings:
-        raise ValueError(
-            f"--seq-len={args.seq_len} exceeds max_position_embeddings={model.config.max_position_embeddings}"
-        )
-    tokenizer = Tokenizer.from_file(str(tokenizer_path))
-    train_tokens, eval_tokens = _task_tokens(args, tokenizer, tokenizer.token_to_id(EOT_TOKEN))
-    if int(max(train_tokens.max(), eval_tokens.max())) >= model.config.vocab_size:
+    if seq_len > model.config.max_position_embeddings:
+        raise ValueError(f"seq_len={seq_len} exceeds max_position_embeddings={model.config.max_position_embeddings}")
+    train_tokens, eval_tokens_ = _task_tokens(
+        data, eval_data, eval_fraction, eval_tokens, seq_len, tokenizer, tokenizer.token_to_id(EOT_TOKEN)
+    )
+    if int(max(train_tokens.max(), eval_tokens_.max())) >= model.config.vocab_size:
         raise ValueError(f"the tokenizer yields ids beyond the model's vocab_size={model.config.vocab_size}")
 
-    score_batches = fixed_batches(train_tokens, args.seq_len, args.batch_size, args.score_tokens)
+    score_batches = fixed_batches(train_tokens, seq_len, batch_size, score_tokens)
     routing = collect_routing(model, [b.to(device) for b in score_batches])
-    scores = expert_scores(routing, args.method)
-    selection = select_experts(scores, args.p)
-    eval_batches = fixed_batches(eval_tokens, args.seq_len, args.batch_size)
+    scores = expert_scores(routing, method)
+    selection = select_experts(scores, p)
+    eval_batches = fixed_batches(eval_tokens_, seq_len, batch_size)
     base_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     loss_before = heldout_loss(model, eval_batches)
-
-    console = Console(stderr=True)
     results: dict[str, dict[str, Any]] = {}
 
     def finetune(label: str, fn: Callable[..., nn.Module], *extra: Any) -> None:
-        batches = PackedBatches(train_tokens, args.batch_size, args.seq_len, args.seed)
+        batches = PackedBatches(train_tokens, batch_size, seq_len, seed)
         losses: list[float] = []
-        bar = _progress(console, label, args.steps) if args.progress else None
-        with bar or _Nothing():
+        if progress is not None:
+            progress(label, 0, steps, None)
 
-            def on_step(step: int, loss: float) -> None:
-                losses.append(loss)
-                if bar is not None:
-                    bar.update(bar.task_ids[0], completed=step, loss=f"{loss:.4f}")
+        def on_step(step: int, loss: float) -> None:
+            losses.append(loss)
+            if progress is not None:
+                progress(label, step, steps, loss)
 
-            fn(model, *extra, batches, args.steps, lr=args.lr, weight_decay=args.weight_decay,
-               grad_clip=args.grad_clip or None, on_step=on_step)  # fmt: skip
+        fn(
+            model,
+            *extra,
+            batches,
+            steps,
+            lr=lr,
+            weight_decay=weight_decay,
+            grad_clip=grad_clip or None,
+            on_step=on_step,
+        )
         results[label] = {"loss_after": heldout_loss(model, eval_batches), "train_loss_first": losses[0],
                           "train_loss_last": losses[-1]}  # fmt: skip
 
     finetune("esft", esft_finetune, selection)
-    total_params = sum(p.numel() for p in model.parameters())
+    total_params = sum(param.numel() for param in model.parameters())
     trainable = trainable_parameters(model, selection)
     training_meta = {
-        "method": args.method, "p": args.p, "steps": args.steps, "lr": args.lr, "weight_decay": args.weight_decay,
-        "batch_size": args.batch_size, "seq_len": args.seq_len, "data": args.data, "eval_data": args.eval_data,
-        "base_checkpoint": str(model_dir), "loss_before": loss_before, "loss_after": results["esft"]["loss_after"],
+        "method": method, "p": p, "steps": steps, "lr": lr, "weight_decay": weight_decay, "batch_size": batch_size,
+        "seq_len": seq_len, "data": data, "eval_data": eval_data, "base_checkpoint": str(model_dir),
+        "loss_before": loss_before, "loss_after": results["esft"]["loss_after"],
     }  # fmt: skip
-    out = save_delta(model, base_state, args.out, selection, metadata=training_meta)
+    delta = save_delta(model, base_state, out, selection, metadata=training_meta)
     with SafetensorsCheckpoint(model_dir) as ckpt:  # the weight files only (not e.g. a saved optimiser state)
         checkpoint_bytes = sum((model_dir / f).stat().st_size for f in set(ckpt.weight_map.values()))
     summary: dict[str, Any] = {
         "model": str(model_dir),
-        "delta": str(out),
-        "method": args.method,
-        "p": args.p,
-        "steps": args.steps,
-        "lr": args.lr,
+        "delta": str(delta),
+        "method": method,
+        "p": p,
+        "steps": steps,
+        "lr": lr,
         "train_tokens": int(train_tokens.numel()),
         "eval_tokens": int(sum(b.numel() for b in eval_batches)),
         "score_tokens": int(sum(b.numel() for b in score_batches)),
@@ -523,12 +498,12 @@ def _run(args: argparse.Namespace) -> dict[str, Any]:
         "trainable_parameters": trainable,
         "total_parameters": total_params,
         "routed_expert_parameters": routed_expert_parameters(model),
-        "delta_bytes": delta_size(out),
+        "delta_bytes": delta_size(delta),
         "checkpoint_bytes": checkpoint_bytes,
         "loss_before": loss_before,
         "loss_after_esft": results["esft"]["loss_after"],
     }
-    if args.compare_full:
+    if compare_full:
         model.load_state_dict(base_state)
         finetune("full", full_finetune)
         summary["loss_after_full"] = results["full"]["loss_after"]
@@ -536,80 +511,13 @@ def _run(args: argparse.Namespace) -> dict[str, Any]:
     return summary
 
 
-class _Nothing:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: object) -> bool:
-        return False
-
-
-def _progress(console, label: str, total: int):
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-    progress = Progress(
-        TextColumn(f"[bold]{label}[/bold]"), BarColumn(), MofNCompleteColumn(), TextColumn("loss {task.fields[loss]}"),
-        TimeRemainingColumn(), console=console, transient=True,
-    )  # fmt: skip
-    progress.add_task(label, total=total, loss="-")
-    return progress
-
-
-def _print_summary(s: dict[str, Any]) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
-    console = Console()
-    layers = Table(title=f"ESFT expert selection ({s['method']} score, p={s['p']})")
-    for column in ("layer", "experts", "selected", "Σ score (vs p)", "layer total", "share"):
-        layers.add_column(column, justify="right")
-    for layer, experts in s["selection"].items():
-        layers.add_row(
-            layer,
-            str(len(experts)),
-            " ".join(map(str, experts)),
-            f"{s['selected_score'][layer]:.3f}",
-            f"{s['layer_score'][layer]:.3f}",
-            f"{s['selected_share'][layer]:.1%}",
-        )
-    console.print(layers)
-    table = Table(title=f"ESFT on {s['model']} → {s['delta']}", show_header=False)
-    trainable, total, routed = s["trainable_parameters"], s["total_parameters"], s["routed_expert_parameters"]
-    table.add_row(
-        "trainable parameters",
-        f"{trainable:,} ({trainable / total:.2%} of {total:,}; {trainable / routed:.2%} of the routed experts)",
-    )
-    size, checkpoint = s["delta_bytes"], s["checkpoint_bytes"]
-    table.add_row("delta size", f"{size:,} B ({size / max(checkpoint, 1):.2%} of the checkpoint's {checkpoint:,} B)")
-    table.add_row("task loss before", f"{s['loss_before']:.4f}")
-    table.add_row(f"task loss after ESFT ({s['steps']} steps, lr {s['lr']:g})", f"{s['loss_after_esft']:.4f}")
-    if "loss_after_full" in s:
-        table.add_row(f"task loss after full fine-tuning ({s['steps']} steps)", f"{s['loss_after_full']:.4f}")
-    table.add_row(
-        "tokens (train / eval / scoring)", f"{s['train_tokens']:,} / {s['eval_tokens']:,} / {s['score_tokens']:,}"
-    )
-    console.print(table)
-
-
-def main(argv: list[str] | None = None) -> int:
-    """`python -m deepmoe.tools.esft ...` (the same as `deepmoe esft ...`)."""
-    parser = add_esft_arguments(
-        argparse.ArgumentParser(prog="deepmoe esft", description="Expert-specialised fine-tuning (DeepSeek ESFT).")
-    )
-    return run_esft(parser.parse_args(argv))
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
-
-
 __all__ = [
     "METHODS",
-    "add_esft_arguments",
+    "esft",
     "esft_finetune",
     "expert_scores",
     "full_finetune",
-    "run_esft",
+    "is_delta",
     "select_experts",
     "trainable_parameters",
 ]

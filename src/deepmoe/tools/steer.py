@@ -40,20 +40,17 @@ anything else is refused before any work.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from deepmoe.argtypes import positive_int
 from deepmoe.config import MoEConfig
 from deepmoe.evaluate import heldout_loss
-from deepmoe.io.checkpoint import checkpoint_dir
 from deepmoe.moe.router import Router
 from deepmoe.tools.routing import LayerRouting, collect_routing, fixed_batches, source_tokens
 
@@ -491,15 +488,6 @@ def text_batches(texts: Sequence[str], tokenizer, max_len: int) -> list[Tensor]:
     return batches
 
 
-def _load_tokenizer(model_dir: str):
-    from tokenizers import Tokenizer
-
-    path = checkpoint_dir(model_dir) / "tokenizer.json"
-    if not path.is_file():
-        raise ValueError(f"{path} not found: steering reads text and needs the checkpoint's tokenizer")
-    return Tokenizer.from_file(str(path))
-
-
 def _eot_id(tokenizer, config) -> int | None:
     from deepmoe.data import EOT_TOKEN
 
@@ -510,225 +498,154 @@ def _eot_id(tokenizer, config) -> int | None:
     return eot
 
 
-# ------------------------------------------------------------------------------------------------ CLI
+# ------------------------------------------------------------------------------------------------ the command
 
 
-def _nonnegative_int(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
-    return value
-
-
-def _int_list(text: str) -> list[int]:
-    try:
-        values = [int(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
-    if not values or min(values) < 0:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers >= 0, got {text!r}")
-    return values
-
-
-def add_steer_arguments(parser: argparse.ArgumentParser) -> None:
-    """The arguments of `deepmoe steer MODEL (--a SRC --b SRC | --pairs FILE) --out FILE ...`."""
-    parser.add_argument("model", metavar="PATH", help="checkpoint directory (config.json, safetensors, tokenizer.json)")
-    parser.add_argument("--a", metavar="SRC", help="behaviour A: a text file or folder, or bundled:DOMAIN")
-    parser.add_argument("--b", metavar="SRC", help="behaviour B: a text file or folder, or bundled:DOMAIN")
-    parser.add_argument("--pairs", metavar="FILE", help='JSONL of {"a": text, "b": text} lines (instead of --a/--b)')
-    parser.add_argument("--out", required=True, metavar="FILE", help="steering file to write (JSON)")
-    parser.add_argument("--side", choices=["a", "b"], default="a", help="whose top experts to steer (default a)")
-    parser.add_argument(
-        "--top",
-        type=_nonnegative_int,
-        default=8,
-        help="top-ranked experts to steer (default 8; with --action force see --full-layer)",
-    )
-    parser.add_argument(
-        "--per-layer", action="store_true", help="--top and --ks count experts per layer (default: over all layers)"
-    )
-    parser.add_argument(
-        "--action", choices=ACTIONS, default="disable", help="never route them, or always (default disable)"
-    )
-    parser.add_argument(
-        "--full-layer",
-        choices=FULL_LAYER,
-        default="drop",
-        help="with --action force, a top expert whose layer already forces num_experts_per_tok experts: drop = "
-        "dropped, still counted in --top (SteerMoE; default), next = skipped, the next-ranked expert taken instead",
-    )
-    parser.add_argument(
-        "--method", choices=METHODS, default="frequency", help="score by activation frequency (default) or mean gate"
-    )
-    parser.add_argument(
-        "--effect",
-        action="store_true",
-        help="score on the first half of each source (of the pairs), and measure the held-out loss on A and B with "
-        "0, k, 2k, ... experts of each side switched on the second half",
-    )
-    parser.add_argument("--ks", type=_int_list, default=None, help="expert counts for --effect, e.g. 0,1,2,4,8")
-    parser.add_argument(
-        "--max-tokens", type=positive_int, default=32768, help="tokens per source for scoring (default 32768)"
-    )
-    parser.add_argument("--seq-len", type=positive_int, default=256, help="window length for sources (default 256)")
-    parser.add_argument("--batch-size", type=positive_int, default=8)
-    parser.add_argument("--show", type=_nonnegative_int, default=16, help="ranked experts to print (default 16)")
-    parser.add_argument("--device", default="auto", help="cpu, cuda, ... (default: cuda when available)")
-
-
-def _inputs(args, tokenizer, config) -> tuple[dict[str, list[Tensor]], dict[str, list[Tensor]] | None, dict]:
-    """Scoring batches and (with --effect) evaluation batches for A and B, and a description of them."""
-    max_len = min(args.seq_len, config.max_position_embeddings)
-    if args.pairs is not None:
-        if args.a is not None or args.b is not None:
-            raise ValueError("give either --a and --b, or --pairs, not both")
-        texts = dict(zip("ab", load_pairs(args.pairs), strict=True))
+def _inputs(
+    tokenizer,
+    config,
+    a: str | None,
+    b: str | None,
+    pairs: str | os.PathLike | None,
+    effect: bool,
+    max_tokens: int,
+    seq_len: int,
+    batch_size: int,
+) -> tuple[dict[str, list[Tensor]], dict[str, list[Tensor]] | None, dict]:
+    """Scoring batches and (with `effect`) evaluation batches for A and B, and a description of them."""
+    max_len = min(seq_len, config.max_position_embeddings)
+    if pairs is not None:
+        texts = dict(zip("ab", load_pairs(pairs), strict=True))
         n = len(texts["a"])
-        if args.effect:
+        if effect:
             if n < 2:
-                raise ValueError(f"{args.pairs}: --effect needs at least 2 pairs (half to score, half to evaluate)")
+                raise ValueError(f"{pairs}: effect needs at least 2 pairs (half to score, half to evaluate)")
             half = n // 2
             score = {s: text_batches(t[:half], tokenizer, max_len) for s, t in texts.items()}
             evaluate = {s: text_batches(t[half:], tokenizer, max_len) for s, t in texts.items()}
-            info = {"pairs": args.pairs, "score_pairs": half, "eval_pairs": n - half}
+            info = {"pairs": str(pairs), "score_pairs": half, "eval_pairs": n - half}
         else:
             score, evaluate = {s: text_batches(t, tokenizer, max_len) for s, t in texts.items()}, None
-            info = {"pairs": args.pairs, "score_pairs": n}
+            info = {"pairs": str(pairs), "score_pairs": n}
         return score, evaluate, info
-    if args.a is None or args.b is None:
-        raise ValueError("give both --a SRC and --b SRC (files, folders or bundled:DOMAIN), or --pairs FILE")
     eot = _eot_id(tokenizer, config)
-    tokens = {"a": source_tokens(args.a, tokenizer, eot), "b": source_tokens(args.b, tokenizer, eot)}
-    info: dict[str, Any] = {"a": args.a, "b": args.b}
-    if args.effect:
-        n = min(args.max_tokens, min(t.numel() for t in tokens.values()) // 2)
+    tokens = {"a": source_tokens(a, tokenizer, eot), "b": source_tokens(b, tokenizer, eot)}
+    info: dict[str, Any] = {"a": a, "b": b}
+    if effect:
+        n = min(max_tokens, min(t.numel() for t in tokens.values()) // 2)
         if n < 2:
-            raise ValueError("--effect needs at least 4 tokens in each source")
-        score = {s: fixed_batches(t[:n], max_len, args.batch_size) for s, t in tokens.items()}
-        evaluate = {s: fixed_batches(t[n : 2 * n], max_len, args.batch_size) for s, t in tokens.items()}
+            raise ValueError("effect needs at least 4 tokens in each source")
+        score = {s: fixed_batches(t[:n], max_len, batch_size) for s, t in tokens.items()}
+        evaluate = {s: fixed_batches(t[n : 2 * n], max_len, batch_size) for s, t in tokens.items()}
         info.update(score_tokens=n, eval_tokens=n, eval_slice=f"tokens [{n}, {2 * n}) of each source")
         return score, evaluate, info
-    score = {s: fixed_batches(t, max_len, args.batch_size, args.max_tokens) for s, t in tokens.items()}
-    info.update(score_tokens={s: min(t.numel(), args.max_tokens) for s, t in tokens.items()})
+    score = {s: fixed_batches(t, max_len, batch_size, max_tokens) for s, t in tokens.items()}
+    info.update(score_tokens={s: min(t.numel(), max_tokens) for s, t in tokens.items()})
     return score, None, info
 
 
-def _default_ks(args, k_per_token: int) -> list[int]:
-    if args.ks is not None:
-        return args.ks
-    if args.per_layer:
-        return list(range(k_per_token + 1)) if args.action == "force" else [0, 1, 2, 4, 8]
-    step = max(args.top, 1)
+def default_ks(top: int, per_layer: bool, action: str, k_per_token: int) -> list[int]:
+    """The expert counts `steer(..., effect=True)` measures when no `ks` is given: 0..K forced per layer,
+    0, 1, 2, 4, 8 disabled per layer, or 0, k, 2k, 4k, 8k (k = `top`) over all layers."""
+    if per_layer:
+        return list(range(k_per_token + 1)) if action == "force" else [0, 1, 2, 4, 8]
+    step = max(top, 1)
     return [0, step, 2 * step, 4 * step, 8 * step]
 
 
-def run_steer(args: argparse.Namespace) -> int:
-    """`deepmoe steer`: score, rank, write the steering file, print the ranking (and the effect table)."""
-    from rich.console import Console
-    from rich.table import Table
+def steer(
+    model_dir: str | os.PathLike,
+    *,
+    a: str | None = None,
+    b: str | None = None,
+    pairs: str | os.PathLike | None = None,
+    out: str | os.PathLike | None = None,
+    side: str = "A",
+    top: int = 8,
+    action: str = "disable",
+    per_layer: bool = False,
+    full_layer: str = "drop",
+    method: str = "frequency",
+    effect: bool = False,
+    ks: Sequence[int] | None = None,
+    max_tokens: int = 32768,
+    seq_len: int = 256,
+    batch_size: int = 8,
+    device: str = "auto",
+    on_plan: Callable[[dict[str, Any]], None] | None = None,
+) -> dict[str, Any]:
+    """`deepmoe steer` as a function: score the experts of the checkpoint `model_dir` on behaviour A against
+    B (`a` and `b` text sources: files, folders or `bundled:DOMAIN`; or `pairs`, a JSONL file of {"a", "b"}
+    texts), plan the top `top` experts of `side` to `action` (`steering_plan`) and, with `effect`, measure
+    the held-out loss on A and B with the top k of each side switched, for k in `ks` (default
+    `default_ks`): scoring then uses the first half of each source (of the pairs), evaluation the second.
 
+    Returns the steering file's content: the plan with "method", "inputs" (what was read), "frequencies"
+    ({"a"|"b": {layer: [per expert]}}, `activation_frequencies`) and, with `effect`, "effect" ({"A"|"B":
+    `steering_effect` rows}). With `out`, that file is written there, and `out` is checked before any work:
+    only a steering file is ever replaced (`check_steering_target`). `on_plan(output)` is called once the
+    plan is made, before the (longer) effect measurement. ValueError on unusable inputs.
+    """
+    from deepmoe.data import load_tokenizer
     from deepmoe.model import from_pretrained
 
-    console = Console()
-    if args.pairs is None and (args.a is None or args.b is None):
-        raise ValueError("give both --a SRC and --b SRC (files, folders or bundled:DOMAIN), or --pairs FILE")
-    check_steering_target(args.out)  # before any work; again when writing
-    full_layer = getattr(args, "full_layer", "drop")
-    device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-    model = from_pretrained(args.model, device=device).eval()
+    if pairs is not None and (a is not None or b is not None):
+        raise ValueError("steer takes either a and b (text sources) or pairs, not both")
+    if pairs is None and (a is None or b is None):
+        raise ValueError("steer needs both a and b (text sources), or pairs")
+    side = _side(side)
+    steering_plan([], side=side, k=top, action=action, full_layer=full_layer)  # checks them before any work
+    if method not in METHODS:
+        raise ValueError(f"unknown scoring method {method!r}: choose one of {', '.join(METHODS)}")
+    for name, value in (("max_tokens", max_tokens), ("seq_len", seq_len), ("batch_size", batch_size)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name}={value!r} must be an integer >= 1")
+    if out is not None:
+        check_steering_target(out)  # before any work; again when writing
+    device = device if device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    model = from_pretrained(model_dir, device=device).eval()
     if not model.moe_layers():
-        raise ValueError(f"{args.model}: the model has no MoE layer to steer")
-    tokenizer = _load_tokenizer(args.model)
-    score_batches, eval_batches, info = _inputs(args, tokenizer, model.config)
-    to = {s: [b.to(device) for b in bs] for s, bs in score_batches.items()}
-    clear_steering(model)
-    routing = {s: collect_routing(model, bs) for s, bs in to.items()}
-    scores = score_experts(routing["a"], routing["b"], method=args.method)
-    side = args.side.upper()
-    plan = steering_plan(
-        scores, side=side, k=args.top, action=args.action, per_layer=args.per_layer, config=model, full_layer=full_layer
+        raise ValueError(f"{model_dir}: the model has no MoE layer to steer")
+    tokenizer = load_tokenizer(model_dir, needed_for="steering (reading text)")
+    score_batches, eval_batches, info = _inputs(
+        tokenizer, model.config, a, b, pairs, effect, max_tokens, seq_len, batch_size
     )
-    freq = {s: activation_frequencies(r, args.method) for s, r in routing.items()}
-    name_a = args.a if args.pairs is None else "A"
-    name_b = args.b if args.pairs is None else "B"
-
-    selected = {(s["layer"], s["expert"]) for s in plan["selected"]}
-    dropped = {(s["layer"], s["expert"]) for s in plan["dropped"]}
-    ranking = [s for s in rank_scores(scores, side) if (1 if side == "A" else -1) * s[2] > 0][: args.show]
-    label = "p" if args.method == "frequency" else "gate"
-    table = Table(title=f"Top {side} experts ({args.method}: score = {label}_A − {label}_B)")
-    for col in ("rank", "layer", "expert", f"{label}_A ({name_a})", f"{label}_B ({name_b})", "score", args.action):
-        table.add_column(col, justify="right")
-    for rank, (layer, expert, score) in enumerate(ranking, start=1):
-        table.add_row(
-            str(rank),
-            str(layer),
-            str(expert),
-            f"{freq['a'][layer][expert]:.3f}",
-            f"{freq['b'][layer][expert]:.3f}",
-            f"{score:+.3f}",
-            "✓" if (layer, expert) in selected else "dropped (layer full)" if (layer, expert) in dropped else "",
-        )
-    console.print(table)
-
-    output: dict[str, Any] = {**plan, "method": args.method, "inputs": info, "frequencies": freq}
+    clear_steering(model)
+    routing = {s: collect_routing(model, [x.to(device) for x in bs]) for s, bs in score_batches.items()}
+    scores = score_experts(routing["a"], routing["b"], method=method)
+    plan = steering_plan(
+        scores, side=side, k=top, action=action, per_layer=per_layer, config=model, full_layer=full_layer
+    )
+    freq = {s: activation_frequencies(r, method) for s, r in routing.items()}
+    output: dict[str, Any] = {**plan, "method": method, "inputs": info, "frequencies": freq}
+    if on_plan is not None:
+        on_plan(output)
     if eval_batches is not None:
-        ev = {s: [b.to(device) for b in bs] for s, bs in eval_batches.items()}
+        ev = {s: [x.to(device) for x in bs] for s, bs in eval_batches.items()}
         k_per_token = min(layer.gate.config.num_experts_per_tok for layer in model.moe_layers().values())
-        ks = _default_ks(args, k_per_token)
+        ks = list(ks) if ks is not None else default_ks(top, per_layer, action, k_per_token)
         output["effect"] = {}
-        unit = "per layer" if args.per_layer else "in all"
         for steer_side in ("A", "B"):
-            rows = steering_effect(
-                model, ev["a"], ev["b"], scores, ks, side=steer_side, action=args.action, per_layer=args.per_layer,
+            output["effect"][steer_side] = steering_effect(
+                model, ev["a"], ev["b"], scores, ks, side=steer_side, action=action, per_layer=per_layer,
                 full_layer=full_layer,
             )  # fmt: skip
-            output["effect"][steer_side] = rows
-            source = name_a if steer_side == "A" else name_b
-            effect = Table(
-                title=f"Held-out mean token loss (nats) with the top {steer_side} experts ({source}) {args.action}d"
-            )
-            layer_names = " ".join(str(layer) for layer in sorted({s[0] for s in scores}))
-            for col in (
-                f"k ({unit})",
-                "experts",
-                f"per layer ({layer_names})",
-                f"loss A ({name_a})",
-                "Δ A",
-                f"loss B ({name_b})",
-                "Δ B",
-            ):
-                effect.add_column(col, justify="right")
-            for row in rows:
-                effect.add_row(
-                    str(row["k"]),
-                    str(row["experts"]),
-                    " ".join(f"{n}" for n in row["per_layer"].values()),
-                    f"{row['loss_a']:.4f}",
-                    f"{row['delta_a']:+.4f}",
-                    f"{row['loss_b']:.4f}",
-                    f"{row['delta_b']:+.4f}",
-                )
-            console.print(effect)
-    write_steering(args.out, output)
-    chosen = "; ".join(f"layer {layer}: {experts}" for layer, experts in plan["layers"].items()) or "none"
-    console.print(f"steering file {args.out}: {args.action} {len(plan['selected'])} {side} experts ({chosen})")
-    for note in plan["notes"]:
-        console.print(f"note: {note}")
-    return 0
+    if out is not None:
+        write_steering(out, output)
+    return output
 
 
 __all__ = [
     "activation_frequencies",
-    "add_steer_arguments",
     "apply_steering",
     "check_steering_target",
     "clear_steering",
+    "default_ks",
     "load_pairs",
     "load_steering",
     "rank_scores",
-    "run_steer",
     "score_experts",
+    "steer",
     "steering_effect",
     "steering_plan",
     "text_batches",
