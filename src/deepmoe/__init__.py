@@ -10,8 +10,9 @@ from deepmoe.model import (
     generate_speculative,
     save_pretrained,
 )
+from deepmoe.model.parameters import count_parameters
 from deepmoe.moe import MoE, MoEOutput, Router, RouterOutput, RoutingStats
-from deepmoe.presets import PRESETS, count_parameters, get_preset
+from deepmoe.presets import PRESETS, get_preset
 
 __version__ = "0.1.0"
 

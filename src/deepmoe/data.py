@@ -30,6 +30,7 @@ import numpy as np
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
+from deepmoe.io.checkpoint import checkpoint_dir
 from deepmoe.io.files import atomic_write
 
 __all__ = [
@@ -345,8 +346,6 @@ TOKENIZER_FILE = "tokenizer.json"
 def load_tokenizer(model_dir: str | os.PathLike, needed_for: str = "reading text") -> Tokenizer:
     """The `tokenizer.json` saved with a checkpoint (a run directory means its newest step): the one loader
     of every command and tool. ValueError naming the file when it is missing or unreadable."""
-    from deepmoe.io.checkpoint import checkpoint_dir
-
     path = checkpoint_dir(model_dir) / TOKENIZER_FILE
     if not path.is_file():
         raise ValueError(f"{path} not found: {needed_for} needs the checkpoint's tokenizer")

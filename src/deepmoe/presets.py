@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
-
-import torch
+from dataclasses import replace
 
 from deepmoe.config import DeepSeekConfig, MoEConfig
 
@@ -199,37 +197,3 @@ def get_preset(name: str) -> DeepSeekConfig:
     if name not in PRESETS:
         raise ValueError(f"unknown preset {name!r}: choose one of {', '.join(PRESETS)}")
     return PRESETS[name]()
-
-
-@dataclass
-class ParameterCount:
-    total: int
-    """Parameters of the main model (embedding, blocks, head), without the MTP modules."""
-    active: int
-    """Parameters a token uses: total minus the routed experts it does not choose."""
-    mtp: int
-    """Parameters of the multi-token-prediction modules (not in total, as DeepSeek reports)."""
-    embedding: int
-    """The input embedding table (a token reads one row of it)."""
-
-    @property
-    def active_non_embedding(self) -> int:
-        """Active parameters without the input embedding table (the convention of the V2-Lite report)."""
-        return self.active - self.embedding
-
-
-def count_parameters(config: DeepSeekConfig) -> ParameterCount:
-    """Counts on the meta device: no memory is allocated, so the 671B preset is instant."""
-    from deepmoe.model.decoder import DeepSeekForCausalLM
-
-    with torch.device("meta"):
-        model = DeepSeekForCausalLM(config)
-    mtp = sum(p.numel() for p in model.model.mtp.parameters())
-    total = sum(p.numel() for p in model.parameters()) - mtp
-    inactive = 0
-    for idx, layer in model.moe_layers().items():
-        if idx < config.num_hidden_layers:
-            per_expert = layer.experts.gate_up_proj[0].numel() + layer.experts.down_proj[0].numel()
-            inactive += (layer.config.n_routed_experts - layer.config.num_experts_per_tok) * per_expert
-    embedding = model.model.embed_tokens.weight.numel()
-    return ParameterCount(total=total, active=total - inactive, mtp=mtp, embedding=embedding)

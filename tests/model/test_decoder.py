@@ -9,7 +9,8 @@ import torch.nn.functional as F
 from deepmoe.config import DeepSeekConfig
 from deepmoe.model.decoder import DeepSeekForCausalLM
 from deepmoe.model.generate import generate, generate_speculative, sample_next
-from deepmoe.presets import PRESETS, count_parameters, get_preset
+from deepmoe.model.parameters import count_parameters
+from deepmoe.presets import PRESETS, get_preset
 
 # (total, active) parameters as published, in billions, and whether the active figure counts the
 # input embedding table: the V2-Lite report leaves it out (with it: 2.66B), the others keep it in.

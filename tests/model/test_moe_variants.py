@@ -16,8 +16,9 @@ from deepmoe.config import DeepSeekConfig
 from deepmoe.io import load_config
 from deepmoe.model import from_pretrained
 from deepmoe.model.decoder import DeepSeekForCausalLM
+from deepmoe.model.parameters import count_parameters
 from deepmoe.moe import MoE, SwiGLU
-from deepmoe.presets import count_parameters, get_preset
+from deepmoe.presets import get_preset
 from deepmoe.train.trainer import TrainConfig, train
 
 

@@ -84,7 +84,7 @@ def run(args: argparse.Namespace) -> int:
     eos = [] if args.no_eos else args.eos  # None: the checkpoint's eos_token_id
 
     if tokenizer is not None:  # print whole characters only: one may span several tokens
-        streamer = TextStreamer(tokenizer)
+        streamer = TextStreamer(tokenizer, lambda text: print(text, end="", flush=True))
         stream, finish = streamer, streamer.end
     else:
 

@@ -10,15 +10,11 @@ import math
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
 
 from deepmoe.model.attention import KVCache
-
-if TYPE_CHECKING:  # annotations only: the decoder's `generate` method builds on this module
-    from deepmoe.model.decoder import DeepSeekForCausalLM
 
 
 def sample_next(
@@ -81,7 +77,7 @@ def check_sampling_args(
         )
 
 
-def _eos_ids(eos_token_id, model: DeepSeekForCausalLM) -> list[int]:
+def _eos_ids(eos_token_id, model: nn.Module) -> list[int]:
     """The stop ids: `eos_token_id` (an int or a list of ints; [] = never stop), else the config's."""
     if eos_token_id is None:
         eos_token_id = model.config.eos_token_id
@@ -93,7 +89,7 @@ def _eos_ids(eos_token_id, model: DeepSeekForCausalLM) -> list[int]:
     return ids
 
 
-def _pad_id(pad_token_id: int | None, model: DeepSeekForCausalLM, eos: list[int]) -> int:
+def _pad_id(pad_token_id: int | None, model: nn.Module, eos: list[int]) -> int:
     """What finished rows are filled with: `pad_token_id`, else config.pad_token_id, else the (first) EOS id."""
     vocab = model.config.vocab_size
     if pad_token_id is not None:
@@ -140,7 +136,7 @@ def _inference(model: nn.Module) -> Iterator[None]:
             module.training = training
 
 
-def _check_generation_args(model: DeepSeekForCausalLM, input_ids: Tensor, max_new_tokens: int) -> None:
+def _check_generation_args(model: nn.Module, input_ids: Tensor, max_new_tokens: int) -> None:
     if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
     model._check_input(input_ids, 0)  # a tensor [batch, seq] of ids in the vocabulary, within the context
@@ -154,7 +150,7 @@ def _check_generation_args(model: DeepSeekForCausalLM, input_ids: Tensor, max_ne
 
 @torch.no_grad()
 def generate(
-    model: DeepSeekForCausalLM,
+    model: nn.Module,
     input_ids: Tensor,
     max_new_tokens: int = 32,
     do_sample: bool = False,
@@ -221,7 +217,7 @@ class SpeculativeStats:
 
 @torch.no_grad()
 def generate_speculative(
-    model: DeepSeekForCausalLM,
+    model: nn.Module,
     input_ids: Tensor,
     max_new_tokens: int = 32,
     eos_token_id: int | list[int] | None = None,
@@ -250,7 +246,7 @@ def generate_speculative(
 
 
 def _speculative(
-    model: DeepSeekForCausalLM,
+    model: nn.Module,
     input_ids: Tensor,
     max_new_tokens: int,
     eos: list[int],
@@ -350,11 +346,11 @@ class IncrementalDecoder:
 
 class TextStreamer:
     """A `streamer` for `generate` / `generate_speculative` on one sequence: hands each piece of whole
-    characters to `on_text` (default: print it); call `end()` after generation for the rest."""
+    characters to `on_text` (e.g. `lambda text: print(text, end="")`); call `end()` after generation for the rest."""
 
-    def __init__(self, tokenizer, on_text: Callable[[str], None] | None = None, **decode_kwargs) -> None:
+    def __init__(self, tokenizer, on_text: Callable[[str], None], **decode_kwargs) -> None:
         self.decoder = IncrementalDecoder(tokenizer, **decode_kwargs)
-        self.on_text = on_text if on_text is not None else (lambda text: print(text, end="", flush=True))
+        self.on_text = on_text
 
     def __call__(self, token: Tensor) -> None:
         if token.numel() != 1:

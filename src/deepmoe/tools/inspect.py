@@ -6,7 +6,8 @@ from pathlib import Path
 from typing import Any
 
 from deepmoe.config import DeepSeekConfig
-from deepmoe.presets import PRESETS, count_parameters, get_preset
+from deepmoe.model.parameters import count_parameters
+from deepmoe.presets import PRESETS, get_preset
 
 
 def resolve_config(preset_or_path: str) -> DeepSeekConfig:

@@ -11,10 +11,13 @@ A crash at any moment leaves `last` naming a complete checkpoint.
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import re
 import shutil
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -29,9 +32,11 @@ from deepmoe.io.checkpoint import LAST_NAME, CheckpointError, load_checkpoint, r
 from deepmoe.io.files import (
     atomic_directory,
     atomic_write,
+    claim_directory,
     fsync_path,
     make_readable,
     remove_temporaries,
+    visible_entries,
     write_json,
 )
 
@@ -255,3 +260,39 @@ def load_model_weights(model: nn.Module, step_dir: str | os.PathLike) -> None:
         missing, extra = sorted(own.keys() - state.keys()), sorted(state.keys() - own.keys())
         raise CheckpointError(f"{step_dir}: weights do not match the model (missing {missing[:3]}, extra {extra[:3]})")
     model.load_state_dict(state, strict=True)
+
+
+# ---- the run directory --------------------------------------------------------------------------
+
+
+def hold_run_directory(out: Path, replaceable: Callable[[Path], bool]) -> AbstractContextManager:
+    """`claim_directory` of the run directory, on rank 0 of an expert-parallel run (the others write nothing)."""
+    if os.environ.get("RANK", "0") != "0":
+        return nullcontext(out)
+    return claim_directory(out, "deepmoe run directory", replaceable)
+
+
+def is_unstarted_run(directory: Path) -> bool:
+    """A run that stopped before its first checkpoint: its options and logs only (a new run replaces them)."""
+    names = set(visible_entries(directory))
+    return CONFIG_NAME in names and names <= {CONFIG_NAME, LOG_NAME, EVAL_LOG_NAME}
+
+
+def append_jsonl(path: Path, record: dict[str, Any]) -> None:
+    """Add one JSON line to a run log."""
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def truncate_log(path: Path, step: int) -> None:
+    """Keep the lines of steps <= `step` (a resumed run rewrites what came after its checkpoint)."""
+    if not path.exists():
+        return
+    keep = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            if json.loads(line)["step"] <= step:
+                keep.append(line)
+        except (ValueError, KeyError, TypeError):
+            continue  # a line cut short by a kill
+    atomic_write(path, "".join(line + "\n" for line in keep))

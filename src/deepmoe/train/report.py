@@ -11,8 +11,8 @@ from deepmoe import data
 from deepmoe import report as plots
 from deepmoe.config import DeepSeekConfig
 from deepmoe.evaluate import Evaluation
+from deepmoe.model.parameters import count_parameters
 from deepmoe.moe.balance import coefficient_of_variation, max_violation
-from deepmoe.presets import count_parameters
 from deepmoe.train.checkpoint import EVAL_LOG_NAME, LOG_NAME, REPORT_NAME
 from deepmoe.train.config import TrainConfig
 

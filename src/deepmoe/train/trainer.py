@@ -24,7 +24,6 @@ gathered into the ordinary full format, so they load and resume with any number 
 from __future__ import annotations
 
 import dataclasses
-import importlib
 import json
 import logging
 import math
@@ -43,17 +42,17 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from deepmoe import parallel
+from deepmoe import data, parallel
 from deepmoe.config import DeepSeekConfig
 from deepmoe.evaluate import Evaluation, evaluate, fp8_error_per_layer
-from deepmoe.io.checkpoint import load_config, read_json
-from deepmoe.io.files import atomic_write, claim_directory, visible_entries, write_json
+from deepmoe.io.files import write_json
 from deepmoe.model.decoder import DeepSeekForCausalLM
+from deepmoe.model.parameters import count_parameters
 from deepmoe.moe.balance import RoutingStats, max_violation, merge_routing_stats
-from deepmoe.presets import count_parameters
 from deepmoe.train import checkpoint as ckpt
 from deepmoe.train.checkpoint import CONFIG_NAME, EVAL_LOG_NAME, LOG_NAME
 from deepmoe.train.config import RESUME_OVERRIDABLE, TrainConfig, build_model_config, build_optimizer, lr_at
+from deepmoe.train.inputs import initial_model, load_corpus
 from deepmoe.train.report import run_report, write_run_files
 
 logger = logging.getLogger(__name__)
@@ -120,8 +119,8 @@ def train(config: TrainConfig, corpus: Any = None, observer: TrainingObserver | 
     for name in ("data", "init_from"):  # saved with the run: --resume may run from another directory
         if getattr(config, name) is not None:
             config = dataclasses.replace(config, **{name: os.path.abspath(getattr(config, name))})
-    with _hold_run_directory(out, _is_unstarted_run):
-        return _Run(config, _load_corpus(config, corpus), observer or TrainingObserver()).run()
+    with ckpt.hold_run_directory(out, ckpt.is_unstarted_run):
+        return _Run(config, load_corpus(config, corpus), observer or TrainingObserver()).run()
 
 
 def resume(
@@ -135,7 +134,7 @@ def resume(
     step_dir = ckpt.read_last(out)
     if step_dir is None:
         raise ValueError(f"{out}: no complete checkpoint to resume from ({out / ckpt.LAST_NAME} not found)")
-    with _hold_run_directory(out, lambda _: True):
+    with ckpt.hold_run_directory(out, lambda _: True):
         return _resume(out, step_dir, corpus, observer or TrainingObserver(), overrides)
 
 
@@ -159,7 +158,7 @@ def _resume(
     config = TrainConfig.from_dict({**saved, **overrides, "out": os.fspath(out)})
     if state["step"] > config.steps:
         raise ValueError(f"the run in {out} is already at step {state['step']}, past --steps {config.steps}")
-    corpus = _load_corpus(config, corpus, step_dir)
+    corpus = load_corpus(config, corpus, step_dir)
     if getattr(corpus, "corpus_id", None) != state.get("corpus_id"):
         raise ValueError(
             f"the corpus differs from the one the run in {out} was trained on "
@@ -168,64 +167,7 @@ def _resume(
     return _Run(config, corpus, observer, resume_from=(step_dir, state, tensors)).run()
 
 
-def _hold_run_directory(out: Path, replaceable):
-    """`claim_directory` of the run directory, on rank 0 of an expert-parallel run (the others write nothing)."""
-    if os.environ.get("RANK", "0") != "0":
-        return nullcontext(out)
-    return claim_directory(out, "deepmoe run directory", replaceable)
-
-
-def _is_unstarted_run(directory: Path) -> bool:
-    """A run that stopped before its first checkpoint: its options and logs only (a new run replaces them)."""
-    names = set(visible_entries(directory))
-    return CONFIG_NAME in names and names <= {CONFIG_NAME, LOG_NAME, EVAL_LOG_NAME}
-
-
-def _load_corpus(config: TrainConfig, corpus: Any, step_dir: Path | None = None) -> Any:
-    """`corpus`, or the run's corpus tokenized with the tokenizer saved in the resumed checkpoint `step_dir`,
-    else `init_from`'s, else one trained on the corpus (deterministic: a resumed run gets the same)."""
-    if corpus is not None:
-        return corpus
-    if step_dir is not None and (step_dir / ckpt.TOKENIZER_NAME).is_file():
-        source = step_dir
-    elif config.init_from is not None:
-        source = Path(config.init_from)
-    else:
-        return _data().prepare_corpus(config.data, vocab_size=config.vocab_size)
-    tokenizer = _data().load_tokenizer(source, needed_for="init_from (the tokenizer its model was trained with)")
-    eos = read_json(source / "config.json", "model config").get("eos_token_id")
-    eos = eos[0] if isinstance(eos, list) and eos else eos
-    return _data().prepare_corpus(config.data, tokenizer=tokenizer, eot_id=eos)
-
-
-def _data():
-    """`deepmoe.data`, looked up when needed (tests may stand in for it)."""
-    return importlib.import_module("deepmoe.data")
-
-
 # ---- the run ------------------------------------------------------------------------------------
-
-
-def _initial_model(config: TrainConfig, vocab_size: int) -> DeepSeekForCausalLM:
-    """The float32 model saved in `config.init_from`, with the run's MoE training options (γ, FP8 experts),
-    checked against the tokenizer's vocabulary."""
-    model_config = load_config(config.init_from)
-    if model_config.moe is not None:
-        changes = {"fp8_experts": config.fp8_experts}
-        if config.bias_update_speed is not None:
-            changes["bias_update_speed"] = config.bias_update_speed
-        model_config = dataclasses.replace(model_config, moe=dataclasses.replace(model_config.moe, **changes))
-    elif config.bias_update_speed is not None or config.fp8_experts:
-        raise ValueError(f"init_from={config.init_from!r} is a dense model: bias_update_speed and fp8_experts "
-                         "apply to MoE layers only")  # fmt: skip
-    if vocab_size > model_config.vocab_size:
-        raise ValueError(
-            f"init_from={config.init_from!r} has vocab_size={model_config.vocab_size}, but its tokenizer has "
-            f"{vocab_size} tokens"
-        )
-    model = DeepSeekForCausalLM(model_config)
-    ckpt.load_model_weights(model, config.init_from)
-    return model
 
 
 def _resolve_device(name: str) -> torch.device:
@@ -280,14 +222,13 @@ class _Run:
         if config.bf16 and self.device.type == "cuda" and not torch.cuda.is_bf16_supported():
             logger.warning("bfloat16 autocast is not supported on this GPU: training in float32")
             self.autocast = False
-        data = _data()
         if resume_from is None:
             _seed_everything(config.seed)
             if config.init_from is None:
                 self.model_config = build_model_config(config, corpus.vocab_size, getattr(corpus, "eot_id", None))
                 self.model = DeepSeekForCausalLM(self.model_config)
             else:
-                self.model = _initial_model(config, corpus.vocab_size)
+                self.model = initial_model(config, corpus.vocab_size)
                 self.model_config = self.model.config
             self.step = 0
             self.totals = {"tokens": 0, "train_time_s": 0.0, "routed_slots": {}, "dropped_slots": {}}
@@ -325,7 +266,7 @@ class _Run:
             ckpt.set_rng_state(state["rng"], tensors)
             if self.is_main:
                 for name in (LOG_NAME, EVAL_LOG_NAME):
-                    _truncate_log(self.out / name, self.step)
+                    ckpt.truncate_log(self.out / name, self.step)
         self.last_saved = ckpt.read_last(self.out)
         self._boundary = self._snapshot()
         self._in_update = False
@@ -529,14 +470,14 @@ class _Run:
 
     def periodic_eval(self) -> dict[str, Any]:
         if self._eval_batches is None:
-            self._eval_batches = _data().heldout_batches(
+            self._eval_batches = data.heldout_batches(
                 self.corpus.heldout, self.cfg.batch_size, self.cfg.seq_len, max_batches=self.cfg.eval_batches or None
             )
         result = self.evaluate(self._eval_batches)
         record = {"step": self.step, "heldout_loss": result.loss, "heldout_perplexity": result.perplexity}
         record["maxvio"] = [float(max_violation(result.load[i])) for i in self.moe_layers if i in result.load]
         if self.is_main:
-            _append_jsonl(self.out / EVAL_LOG_NAME, record)
+            ckpt.append_jsonl(self.out / EVAL_LOG_NAME, record)
         return record
 
     # -- the loop ---------------------------------------------------------------------------------
@@ -609,12 +550,12 @@ class _Run:
 
     def finish(self) -> dict[str, Any]:
         """Evaluate on the whole held-out set; write report.json, loss.png, expert_load.png (rank 0)."""
-        heldout = _data().heldout_batches(self.corpus.heldout, self.cfg.batch_size, self.cfg.seq_len)
+        heldout = data.heldout_batches(self.corpus.heldout, self.cfg.batch_size, self.cfg.seq_len)
         result = self.evaluate(heldout)
         if not self.is_main:
             return {}
         final = {"step": self.step, "heldout_loss": result.loss, "heldout_perplexity": result.perplexity}
-        _append_jsonl(self.out / EVAL_LOG_NAME, {**final, "final": True})
+        ckpt.append_jsonl(self.out / EVAL_LOG_NAME, {**final, "final": True})
         report = run_report(self.out, self.step, result, self.moe_layers, self.totals, self.model_config, self.cfg,
                             self.corpus, self.world, self.autocast, str(self.device))  # fmt: skip
         if self.cfg.fp8_experts and self.world == 1:  # the error report runs the layers alone, not sharded
@@ -624,25 +565,3 @@ class _Run:
                         "backward)", self.world, report["comm_bytes_per_step_per_rank"] / 1e6)  # fmt: skip
         write_run_files(self.out, report)
         return report
-
-
-# ---- logs -----------------------------------------------------------------------------------------
-
-
-def _append_jsonl(path: Path, record: dict[str, Any]) -> None:
-    with open(path, "a", encoding="utf-8") as f:
-        f.write(json.dumps(record) + "\n")
-
-
-def _truncate_log(path: Path, step: int) -> None:
-    """Keep the lines of steps <= `step` (a resumed run rewrites what came after its checkpoint)."""
-    if not path.exists():
-        return
-    keep = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            if json.loads(line)["step"] <= step:
-                keep.append(line)
-        except (ValueError, KeyError, TypeError):
-            continue  # a line cut short by a kill
-    atomic_write(path, "".join(line + "\n" for line in keep))
