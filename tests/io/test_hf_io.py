@@ -570,7 +570,7 @@ def test_atomic_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
     config = _good_checkpoint(target, shards=True)
     (target / "tokenizer.json").write_text("{}")
     before = {p.name: p.read_bytes() for p in target.iterdir()}
-    real_save = ckpt_module.st_torch.save_file
+    real_save = ckpt_module.write_file
     calls = []
 
     def failing_save(*args, **kwargs):
@@ -579,7 +579,7 @@ def test_atomic_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
             raise OSError("disk full")
         return real_save(*args, **kwargs)
 
-    monkeypatch.setattr(ckpt_module.st_torch, "save_file", failing_save)
+    monkeypatch.setattr(ckpt_module, "write_file", failing_save)
     with pytest.raises(OSError, match="disk full"):
         save_checkpoint(random_state(config, seed=1), config, target, max_shard_size="40KB")
     assert {p.name: p.read_bytes() for p in target.iterdir()} == before
@@ -589,7 +589,7 @@ def test_atomic_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
         save_checkpoint(random_state(config), config, tmp_path / "fresh", max_shard_size="40KB")
     assert not (tmp_path / "fresh").exists()
 
-    monkeypatch.setattr(ckpt_module.st_torch, "save_file", real_save)
+    monkeypatch.setattr(ckpt_module, "write_file", real_save)
     new_state = random_state(config, seed=2)
     save_checkpoint(new_state, config, target)
     assert (target / "tokenizer.json").read_text() == "{}"  # other files of the directory are kept

@@ -222,7 +222,7 @@ def test_full_disk_during_save_pretrained_keeps_the_previous_checkpoint(where, s
     with torch.no_grad():
         model.model.norm.weight.add_(1.0)
     if where == "shard write":
-        monkeypatch.setattr(ckpt_module.st_torch, "save_file", disk_full)
+        monkeypatch.setattr(ckpt_module, "write_file", disk_full)
     else:
         monkeypatch.setattr(ckpt_module, "write_json", disk_full)
     try:
@@ -246,7 +246,7 @@ def test_full_disk_during_a_training_checkpoint(tmp_path, monkeypatch, ledger, d
     assert cli(["--steps", "2", "--out", str(out), "--data", str(data_dir)]).returncode == 0
     before = snapshot(out / "step-2")
     last_before = (out / "last").read_text()
-    monkeypatch.setattr(ckpt_module.st_torch, "save_file", disk_full)
+    monkeypatch.setattr(ckpt_module, "write_file", disk_full)
     try:
         resume(out, steps=3)
     except TrainingError as err:

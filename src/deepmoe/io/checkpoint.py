@@ -25,11 +25,10 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors import torch as st_torch
 from torch import Tensor, nn
 
 from deepmoe.config import DeepSeekConfig
-from deepmoe.io.files import atomic_directory, fsync_path, make_readable, visible_entries, write_json
+from deepmoe.io.files import atomic_directory, visible_entries, write_json
 from deepmoe.io.hf import (
     config_from_hf,
     config_to_hf,
@@ -40,7 +39,7 @@ from deepmoe.io.hf import (
     mtp_copies,
     split_expert_tensor,
 )
-from deepmoe.io.safetensors_stream import CheckpointError, StoredTensor, tensor_locations
+from deepmoe.io.safetensors_stream import CheckpointError, StoredTensor, tensor_locations, write_file
 
 CONFIG_NAME = "config.json"
 LAST_NAME = "last"
@@ -278,14 +277,9 @@ def write_shards(
     weight_map: dict[str, str] = {}
     for i, shard in enumerate(shards):
         file = shard_file_name(i, len(shards))
-        # own, contiguous storage: safetensors refuses views that share memory (expert slices, tied copies)
-        tensors = {name: makers[name]().detach().to("cpu").contiguous().clone() for name in shard}
         weight_map.update(dict.fromkeys(shard, file))
-        path = directory / file
-        st_torch.save_file(tensors, str(path), metadata={"format": "pt", **(metadata or {})})
-        del tensors
-        make_readable(path)  # safetensors creates its files 0600
-        fsync_path(path)
+        # tensor by tensor (views of the model's weights: each is copied to the CPU only while it is written)
+        write_file(directory / file, {name: makers[name]() for name in shard}, metadata)
     if len(shards) > 1:
         total = sum(nbytes for _, nbytes, _ in items)
         write_json(directory / INDEX_NAME, {"metadata": {"total_size": total}, "weight_map": weight_map})
