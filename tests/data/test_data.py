@@ -6,6 +6,7 @@ import json
 import math
 import os
 from collections import Counter
+from pathlib import Path
 
 import pytest
 import torch
@@ -193,7 +194,7 @@ def test_tokenizer_cache_hit_does_not_retrain(small_corpus, tmp_path, monkeypatc
         def BpeTrainer(self, *args, **kwargs):  # noqa: N802
             raise AssertionError("the tokenizer was retrained despite a cached one")
 
-    monkeypatch.setattr(data, "trainers", NoTraining())
+    monkeypatch.setattr(data.tokenizer, "trainers", NoTraining())
     second = get_tokenizer(sources, 400, tmp_path)
     assert second.to_str() == first.to_str()
     assert files[0].stat().st_mtime_ns == mtime
@@ -211,7 +212,7 @@ def test_cache_dir_from_environment(small_corpus, tmp_path, monkeypatch):
     get_tokenizer(small_corpus[:2], 300, None)
     assert len(list((tmp_path / "env-cache" / "tokenizers").glob("bpe-300-*.json"))) == 1
     monkeypatch.delenv("DEEPMOE_CACHE")
-    assert data.resolve_cache_dir() == data.Path.home() / ".cache" / "deepmoe"
+    assert data.resolve_cache_dir() == Path.home() / ".cache" / "deepmoe"
 
 
 def test_damaged_cache_file_is_replaced(small_corpus, tmp_path):
@@ -262,7 +263,7 @@ def test_prepare_corpus_user_folder_and_token_cache(tmp_path):
 
 
 def test_prepare_bundled_corpus_subset(small_corpus, tmp_path, monkeypatch):
-    monkeypatch.setattr(data, "bundled_corpus", lambda: list(small_corpus))
+    monkeypatch.setattr(data.corpus, "bundled_corpus", lambda: list(small_corpus))
     tc = prepare_corpus(None, vocab_size=512, cache_dir=tmp_path)
     assert set(tc.domains) == {"english", "code"}
     for domain, (train, heldout) in tc.domains.items():
