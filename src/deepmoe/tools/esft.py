@@ -26,12 +26,12 @@ Specialized Fine-Tuning for Sparse Architectural Large Language Models", DeepSee
    the authors' scripts/expert/generate_expert_config.py loop, so p means a share of the layer's expert
    choices for "token" (0 < p <= 1) but gate weight for "gate" (a V2-Lite layer never reaches p = 0.6).
 
-3. Fine-tune only those experts' slices of the stacked expert tensors (`esft_finetune`, AdamW on the
-   next-token loss); attention, embeddings, norms, head, routers (weights and selection bias), shared
-   experts, dense FFNs, MTP modules and the unselected experts are frozen and stay bit-identical. The
-   selected slices live in their own parameters during training (a parametrisation writes them into a copy
-   of the stacked tensor on each forward), so the optimiser, its state and its weight decay never see
-   anything else.
+3. Fine-tune only those experts' slices of the stacked expert tensors (`esft_finetune`: the AdamW and the
+   step of `deepmoe train`, `deepmoe.train.step.optimizer_step`, on the next-token loss); attention,
+   embeddings, norms, head, routers (weights and selection bias), shared experts, dense FFNs, MTP modules
+   and the unselected experts are frozen and stay bit-identical. The selected slices live in their own
+   parameters during training (a parametrisation writes them into a copy of the stacked tensor on each
+   forward), so the optimiser, its state and its weight decay never see anything else.
 
 4. Save only those slices as a delta (`deepmoe.io.delta.save_delta`), applied to the base checkpoint by
    `apply_delta` / `from_pretrained(..., delta=...)`.
@@ -46,6 +46,7 @@ import json
 import math
 import os
 from collections.abc import Callable, Iterable, Iterator, Mapping
+from operator import attrgetter
 from pathlib import Path
 from typing import Any
 
@@ -58,6 +59,8 @@ from deepmoe.io.checkpoint import SafetensorsCheckpoint, checkpoint_dir
 from deepmoe.io.delta import DELTA_FORMAT, DELTA_META, check_selection, delta_size, save_delta
 from deepmoe.io.files import claim_directory
 from deepmoe.tools.routing import LayerRouting
+from deepmoe.train.config import build_optimizer
+from deepmoe.train.step import NonFiniteError, optimizer_step
 
 METHODS = ("gate", "token")
 
@@ -149,42 +152,45 @@ def _batches(train_batches: Iterable[Tensor], steps: int) -> Iterator[Tensor]:
 
 def _train(
     model: nn.Module,
-    groups: list[dict[str, Any]],
+    params: list[nn.Parameter],
     train_batches: Iterable[Tensor],
     steps: int,
-    lr: float,
-    betas: tuple[float, float],
-    eps: float,
+    adamw: dict[str, Any],
     grad_clip: float | None,
     on_step: Callable[[int, float], None] | None,
     forward_context: Callable[[], Any],
 ) -> list[float]:
-    """AdamW on the next-token loss (lm loss; no balance or MTP loss: routers and MTP modules are not
-    trained) for `steps` batches; returns the loss of each step. Raises ValueError on a non-finite loss."""
+    """`steps` steps of the training step `deepmoe train` takes (`optimizer_step`, one micro-batch each)
+    with its AdamW (`build_optimizer` over `params`, `adamw` its lr, weight_decay, betas, eps), on the
+    next-token loss (lm loss; no balance or MTP loss: routers and MTP modules are not trained); returns the
+    loss of each step. Raises ValueError on a non-finite loss or gradient norm."""
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise ValueError(f"steps={steps!r} must be an integer >= 1")
+    lr = adamw["lr"]
     if not (isinstance(lr, (int, float)) and lr > 0 and math.isfinite(lr)):
         raise ValueError(f"lr={lr!r} must be a finite number > 0")
-    params = [p for g in groups for p in g["params"]]
-    optimizer = torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps)
+    optimizer = build_optimizer(params, **adamw)
     device = params[0].device
     losses = []
     model.train()
     for step, batch in enumerate(_batches(train_batches, steps), start=1):
-        batch = batch.to(device)
-        with forward_context():
-            loss = model(batch, labels=batch, output_mtp=False).lm_loss
-        value = float(loss.detach())
-        if not math.isfinite(value):
-            raise ValueError(f"the loss is {value} at step {step}: fine-tuning stopped (lower --lr?)")
-        loss.backward()
-        if grad_clip:
-            torch.nn.utils.clip_grad_norm_(params, grad_clip)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        losses.append(value)
+        try:
+            result = optimizer_step(
+                model,
+                optimizer,
+                [batch.to(device)],
+                max_norm=grad_clip,
+                loss=attrgetter("lm_loss"),
+                forward=lambda batch: model(batch, labels=batch, output_mtp=False),
+                context=forward_context,
+            )
+        except NonFiniteError as err:
+            raise ValueError(
+                f"the {err.what} is {err.value} at step {step}: fine-tuning stopped (lower --lr?)"
+            ) from err
+        losses.append(result.losses[0])
         if on_step is not None:
-            on_step(step, value)
+            on_step(step, result.losses[0])
     return losses
 
 
@@ -233,8 +239,8 @@ def esft_finetune(
                 parametrize.register_parametrization(module, name, parametrisation)
                 patched.append((module, name, parametrisation))
         rows = [pt.rows for _, _, pt in patched]
-        groups = [{"params": rows, "weight_decay": weight_decay}]
-        _train(model, groups, train_batches, steps, lr, betas, eps, grad_clip, on_step, parametrize.cached)
+        adamw = {"lr": lr, "weight_decay": weight_decay, "betas": betas, "eps": eps}
+        _train(model, rows, train_batches, steps, adamw, grad_clip, on_step, parametrize.cached)
         ok = True
     finally:
         with torch.no_grad():
@@ -268,13 +274,8 @@ def full_finetune(
     try:
         for p in model.parameters():
             p.requires_grad_(True)
-        params = list(model.parameters())
-        groups = [
-            {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
-            {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
-        ]
-        groups = [g for g in groups if g["params"]]
-        _train(model, groups, train_batches, steps, lr, betas, eps, grad_clip, on_step, nullcontext)
+        adamw = {"lr": lr, "weight_decay": weight_decay, "betas": betas, "eps": eps}
+        _train(model, list(model.parameters()), train_batches, steps, adamw, grad_clip, on_step, nullcontext)
     finally:
         for p, flag in flags.items():
             p.requires_grad_(flag)

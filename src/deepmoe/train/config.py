@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -223,11 +224,28 @@ def build_model_config(config: TrainConfig, vocab_size: int, eot_id: int | None 
     return model_config
 
 
-def build_optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.AdamW:
-    """AdamW; weight decay on matrices (dim >= 2), none on norms and other vectors."""
-    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
-    rest = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
-    groups = [{"params": decay, "weight_decay": config.weight_decay}, {"params": rest, "weight_decay": 0.0}]
-    return torch.optim.AdamW(
-        [g for g in groups if g["params"]], lr=lr_at(0, config), betas=(config.beta1, config.beta2), eps=config.eps
-    )
+def build_optimizer(
+    model: torch.nn.Module | Iterable[torch.nn.Parameter],
+    config: TrainConfig | None = None,
+    *,
+    lr: float | None = None,
+    weight_decay: float | None = None,
+    betas: tuple[float, float] | None = None,
+    eps: float | None = None,
+) -> torch.optim.AdamW:
+    """AdamW over the parameters of `model` that require gradients (`model` a module, or the parameters
+    themselves: the filter, e.g. ESFT's selected expert slices); weight decay on matrices (dim >= 2), none
+    on norms and other vectors. The hyper-parameters are `config`'s (the learning rate of step 0), each
+    replaced by its keyword when given; without `config` all four keywords are needed."""
+    if config is not None:
+        lr = lr_at(0, config) if lr is None else lr
+        weight_decay = config.weight_decay if weight_decay is None else weight_decay
+        betas = (config.beta1, config.beta2) if betas is None else betas
+        eps = config.eps if eps is None else eps
+    if lr is None or weight_decay is None or betas is None or eps is None:
+        raise TypeError("build_optimizer needs a TrainConfig or all of lr, weight_decay, betas and eps")
+    params = list(model.parameters() if isinstance(model, torch.nn.Module) else model)
+    decay = [p for p in params if p.requires_grad and p.dim() >= 2]
+    rest = [p for p in params if p.requires_grad and p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": rest, "weight_decay": 0.0}]
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=lr, betas=betas, eps=eps)

@@ -26,7 +26,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import math
 import os
 import random
 import signal
@@ -34,6 +33,7 @@ import threading
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -54,6 +54,7 @@ from deepmoe.train.checkpoint import CONFIG_NAME, EVAL_LOG_NAME, LOG_NAME
 from deepmoe.train.config import RESUME_OVERRIDABLE, TrainConfig, build_model_config, build_optimizer, lr_at
 from deepmoe.train.inputs import initial_model, load_corpus
 from deepmoe.train.report import run_report, write_run_files
+from deepmoe.train.step import NonFiniteError, optimizer_step
 
 logger = logging.getLogger(__name__)
 
@@ -182,6 +183,15 @@ def _seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
+
+
+_PARTS = ("lm_loss", "aux_loss", "mtp_loss")
+
+
+def _loss_parts(out: Any) -> tuple[list[float], dict[int, RoutingStats]]:
+    """What a step's record keeps of a micro-batch's output: its loss parts (0 when absent), its routing."""
+    parts = [getattr(out, name) for name in _PARTS]
+    return [float(p.detach()) if p is not None else 0.0 for p in parts], out.routing_stats
 
 
 class _StopOnSigint:
@@ -360,54 +370,38 @@ class _Run:
         lr = lr_at(self.step, cfg)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        self.optimizer.zero_grad(set_to_none=True)
         self._take_traffic()  # what evaluations sent is not this step's
-        sums = {"loss": 0.0, "lm_loss": 0.0, "aux_loss": 0.0, "mtp_loss": 0.0}
-        stats = []
-        tokens = 0
-        for micro in range(cfg.grad_accum):
-            batch = next(self.batches)
-            tokens += batch.numel()
-            batch = self._local(batch).to(self.device, non_blocking=True)
-            try:
-                with self._autocast():
-                    out = self.model(batch, labels=batch)
-            except ValueError as err:
-                raise TrainingError(self._stop_message(f"the forward pass failed ({err})")) from err
-            loss = out.loss.float()
-            value = self._all_reduce([loss.item()])[0]
-            if not math.isfinite(value):
-                raise TrainingError(
-                    self._stop_message(f"the loss is {value} (micro-batch {micro + 1} of {cfg.grad_accum})")
-                )
-            (loss / cfg.grad_accum).backward()
-            sums["loss"] += value
-            for name in ("lm_loss", "aux_loss", "mtp_loss"):
-                part = getattr(out, name)
-                sums[name] += float(part.detach()) if part is not None else 0.0
-            stats.append(out.routing_stats)
-        max_norm = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
-        if self.world > 1:
-            parallel.sync_gradients(self.model)
-            grad_norm = parallel.clip_grad_norm(self.model, max_norm)
-            for name, value in zip(("lm_loss", "aux_loss", "mtp_loss"), self._all_reduce(
-                [sums["lm_loss"], sums["aux_loss"], sums["mtp_loss"]]), strict=True):  # fmt: skip
-                sums[name] = value
-        else:
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm))
-        if not math.isfinite(grad_norm):
-            raise TrainingError(self._stop_message(f"the gradient norm is {grad_norm}"))
-        merged = self._global_stats(merge_routing_stats(stats))
-        self._in_update = True
-        self.optimizer.step()
+        batches = [next(self.batches) for _ in range(cfg.grad_accum)]
+        sharded = self.world > 1  # gradients averaged over the ranks, the norm taken over every rank's experts
+        try:
+            result = optimizer_step(
+                self.model,
+                self.optimizer,
+                [self._local(batch).to(self.device, non_blocking=True) for batch in batches],
+                max_norm=cfg.grad_clip,
+                context=self._autocast,
+                reduce=lambda value: self._all_reduce([value])[0],
+                collect=_loss_parts,
+                grad_hook=partial(parallel.sync_gradients, self.model) if sharded else None,
+                clip=partial(parallel.clip_grad_norm, self.model) if sharded else None,
+                before_update=self._begin_update,
+            )
+        except NonFiniteError as err:
+            raise TrainingError(self._stop_message(str(err))) from err
+        except ValueError as err:
+            raise TrainingError(self._stop_message(f"the forward pass failed ({err})")) from err
+        sums = {"loss": sum(result.losses)}
+        parts = [sum(micro[i] for micro, _ in result.collected) for i in range(len(_PARTS))]
+        sums.update(zip(_PARTS, self._all_reduce(parts), strict=True))
+        merged = self._global_stats(merge_routing_stats([stats for _, stats in result.collected]))
         self.model.update_expert_bias(merged)
         self.step += 1
         self._boundary = self._snapshot()
         self._in_update = False
         record = {"step": self.step, "lr": lr}
         record.update({k: v / cfg.grad_accum for k, v in sums.items()})
-        record["grad_norm"] = grad_norm
-        record["tokens"] = tokens
+        record["grad_norm"] = result.grad_norm
+        record["tokens"] = sum(batch.numel() for batch in batches)
         if self.world > 1:
             record["comm_bytes_per_rank"] = self._all_reduce([float(self._take_traffic())])[0]
         main = [merged[i] for i in self.moe_layers if i in merged]
@@ -422,6 +416,10 @@ class _Run:
             self.totals["routed_slots"][key] = self.totals["routed_slots"].get(key, 0) + slots
             self.totals["dropped_slots"][key] = self.totals["dropped_slots"].get(key, 0) + slots - kept_slots
         return record
+
+    def _begin_update(self) -> None:
+        """From the optimizer's update to the step's end, a Ctrl-C leaves no consistent state to save."""
+        self._in_update = True
 
     def _take_traffic(self) -> int:
         """Bytes this rank's MoE layers sent to other ranks since the last call (forward and backward)."""
