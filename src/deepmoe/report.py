@@ -1,6 +1,8 @@
 """Reports and plots, one style for every caller: JSON Lines logs, reports as JSON (NaN and inf as null),
-and the figures (`loss.png`: training and held-out loss against the unigram entropy; `expert_load.png`: a
-layer × expert heatmap of the held-out load), written atomically.
+and the figures. Every figure of the library (training, `deepmoe analyze`, `deepmoe study`) is drawn in
+`figure` and written by `save_figure`: one backend, one rc style, one resolution, atomic PNG writes. The
+training run's own figures are here: `loss.png` (training and held-out loss against the unigram entropy)
+and `expert_load.png` (a layer × expert heatmap of the held-out load).
 """
 
 from __future__ import annotations
@@ -8,7 +10,8 @@ from __future__ import annotations
 import json
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -50,9 +53,29 @@ def write_report(path: str | os.PathLike, report: dict[str, Any]) -> Path:
 
 
 # ---- plots --------------------------------------------------------------------------------------
+#
+# Every figure of the library goes through here: `figure` opens one in the house style (the Agg backend,
+# so no display is needed, and STYLE's rc settings while it is drawn and saved), `save_figure` lays it
+# out and writes it as a PNG at DPI, atomically. No other module imports matplotlib.
+
+DPI = 120
+"""Resolution of every PNG the library writes."""
+
+STYLE: dict[str, Any] = {
+    "savefig.dpi": DPI,
+    "legend.fontsize": 8,
+    "grid.alpha": 0.3,
+    "image.interpolation": "nearest",
+}
+"""matplotlib rc settings of every figure (on top of matplotlib's defaults; only inside `figure`)."""
+
+SMALL_TICKS = 7
+"""Font size of the tick labels of axes that label every expert."""
 
 
 def pyplot():
+    """matplotlib.pyplot with the non-interactive Agg backend (imported on first use: matplotlib is slow to
+    import and only the figures need it)."""
     import matplotlib
 
     matplotlib.use("Agg", force=True)
@@ -61,8 +84,26 @@ def pyplot():
     return plt
 
 
-def save_figure(fig, path: Path) -> Path:
-    return atomic_write(path, lambda f: fig.savefig(f, dpi=120, format="png"))
+@contextmanager
+def figure(figsize: tuple[float, float]) -> Iterator[tuple[Any, Any]]:
+    """A (figure, axes) pair of `figsize` inches in the house style (STYLE applies until the block ends,
+    so save it inside the block); the figure is closed when the block ends."""
+    plt = pyplot()
+    with plt.rc_context(STYLE):
+        fig, ax = plt.subplots(figsize=figsize)
+        try:
+            yield fig, ax
+        finally:
+            plt.close(fig)
+
+
+def save_figure(fig, path: str | os.PathLike) -> Path:
+    """Lay `fig` out (tight) and write it to `path` as a PNG at DPI, atomically (temporary file, fsync,
+    rename)."""
+    plt = pyplot()
+    with plt.rc_context(STYLE):
+        fig.tight_layout()
+        return atomic_write(Path(path), lambda f: fig.savefig(f, dpi=DPI, format="png"))
 
 
 def plot_losses(
@@ -72,10 +113,7 @@ def plot_losses(
     unigram_entropy: float | None = None,
 ) -> Path:
     """loss.png: training loss, LM loss and held-out loss per step, and the unigram entropy baseline."""
-    plt = pyplot()
-    path = Path(path)
-    fig, ax = plt.subplots(figsize=(7, 4.2))
-    try:
+    with figure((7, 4.2)) as (fig, ax):
         steps = [r["step"] for r in log]
         if log:
             ax.plot(steps, [r.get("loss") for r in log], lw=1, alpha=0.6, label="train loss (total)")
@@ -93,30 +131,24 @@ def plot_losses(
         ax.set_xlabel("step")
         ax.set_ylabel("loss (nats/token)")
         ax.set_title("Loss")
-        ax.grid(alpha=0.3)
+        ax.grid(True)
         if ax.get_legend_handles_labels()[0]:
-            ax.legend(fontsize=8)
-        fig.tight_layout()
+            ax.legend()
         return save_figure(fig, path)
-    finally:
-        plt.close(fig)
 
 
 def plot_expert_load(load: Sequence[Sequence[float]], layers: Sequence[int], path: str | os.PathLike) -> Path:
     """expert_load.png: heatmap of each expert's share of its layer's routed slots, relative to uniform
     (1.0 = the mean load), layer × expert; layers with fewer experts (Pyramid-MoE) are blank on the right."""
-    plt = pyplot()
     import numpy as np
 
-    path = Path(path)
-    fig, ax = plt.subplots(figsize=(7, 1.2 + 0.45 * max(1, len(layers))))
-    try:
+    with figure((7, 1.2 + 0.45 * max(1, len(layers)))) as (fig, ax):
         if load:
             width = max(len(row) for row in load)
             relative = np.full((len(load), width), np.nan)
             for i, row in enumerate(load):
                 relative[i, : len(row)] = np.asarray(row, dtype=float) * len(row)
-            image = ax.imshow(relative, aspect="auto", cmap="viridis", interpolation="nearest", vmin=0)
+            image = ax.imshow(relative, aspect="auto", cmap="viridis", vmin=0)
             fig.colorbar(image, ax=ax, label="load / mean load")
             ax.set_yticks(range(len(layers)), [str(i) for i in layers])
             ax.set_xlabel("expert")
@@ -125,7 +157,4 @@ def plot_expert_load(load: Sequence[Sequence[float]], layers: Sequence[int], pat
             ax.text(0.5, 0.5, "no MoE layers", ha="center", va="center")
             ax.set_axis_off()
         ax.set_title("Held-out expert load")
-        fig.tight_layout()
         return save_figure(fig, path)
-    finally:
-        plt.close(fig)

@@ -23,8 +23,8 @@ from deepmoe.tools.analyze import (
     specificity,
     token_lift,
     top_pairs,
-    write_analysis,
 )
+from deepmoe.tools.analyze_files import write_analysis
 
 # ---- formulas ------------------------------------------------------------------------------------
 

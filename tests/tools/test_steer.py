@@ -16,13 +16,12 @@ from deepmoe.moe.router import Router
 from deepmoe.tools.routing import LayerRouting, collect_routing
 from deepmoe.tools.steer import (
     activation_frequencies,
-    apply_steering,
-    clear_steering,
     load_pairs,
     score_experts,
     steering_effect,
     steering_plan,
 )
+from deepmoe.tools.steering_file import apply_steering, clear_steering
 
 
 def _routing(tokens: int, counts: list[int], gates: list[float]) -> LayerRouting:
@@ -317,7 +316,7 @@ def test_run_steer_with_pairs_and_with_sources(checkpoint, tmp_path, capsys):
 
 
 def test_steer_out_never_overwrites_a_file_it_did_not_write(tmp_path):
-    from deepmoe.tools.steer import check_steering_target
+    from deepmoe.tools.steering_file import check_steering_target
 
     pairs = tmp_path / "pairs.jsonl"
     pairs.write_text('{"a": "to be", "b": "def f():"}\n')

@@ -89,7 +89,8 @@ def specific_table(report: dict[str, Any], top: int = 3) -> Table:
 
 def run(args: argparse.Namespace) -> int:
     """0 on success, 1 (and one error line) when the model or a source is unusable."""
-    from deepmoe.tools.analyze import analyze_checkpoint, write_analysis
+    from deepmoe.tools.analyze import analyze_checkpoint
+    from deepmoe.tools.analyze_files import write_analysis
 
     try:
         report = analyze_checkpoint(

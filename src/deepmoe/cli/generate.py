@@ -74,7 +74,7 @@ def run(args: argparse.Namespace) -> int:
     tokenizer = load_tokenizer(args.model) if args.prompt is not None else None
     model = from_pretrained(args.model, dtype=getattr(torch, args.dtype), delta=args.delta).eval()
     if args.steer is not None:
-        from deepmoe.tools.steer import apply_steering
+        from deepmoe.tools.steering_file import apply_steering
 
         apply_steering(model, args.steer)
     ids = tokenizer.encode(args.prompt).ids if tokenizer is not None else args.ids

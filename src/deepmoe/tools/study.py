@@ -37,7 +37,7 @@ import torch
 from deepmoe.evaluate import heldout_loss
 from deepmoe.io.files import atomic_write, claim_directory, visible_entries, write_json
 from deepmoe.model.parameters import count_parameters
-from deepmoe.report import pyplot, read_jsonl, save_figure
+from deepmoe.report import figure, read_jsonl, save_figure
 from deepmoe.train.checkpoint import EVAL_LOG_NAME, LOG_NAME, REPORT_NAME, read_last
 from deepmoe.train.config import TrainConfig, build_model_config, build_optimizer
 from deepmoe.train.trainer import resume, train
@@ -432,9 +432,7 @@ def _ema(values: Sequence[float], beta: float = 0.9) -> list[float]:
 def plot_curves(rows: Sequence[dict[str, Any]], what: str, path: Path) -> Path:
     """`what` = "loss": training LM loss (EMA) and held-out loss per step; "maxvio": per-batch MaxVio (EMA,
     mean over the MoE layers) per step."""
-    plt = pyplot()
-    fig, ax = plt.subplots(figsize=(8, 4.8))
-    try:
+    with figure((8, 4.8)) as (fig, ax):
         for i, row in enumerate(rows):
             color = f"C{i % 10}"
             log = read_jsonl(Path(row["run_dir"]) / LOG_NAME)
@@ -453,28 +451,20 @@ def plot_curves(rows: Sequence[dict[str, Any]], what: str, path: Path) -> Path:
         else:
             ax.set_ylabel("MaxVio of the training batch (EMA, mean over MoE layers)")
             ax.set_yscale("log")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8, ncol=2)
-        fig.tight_layout()
+        ax.grid(True)
+        ax.legend(ncol=2)
         return save_figure(fig, path)
-    finally:
-        plt.close(fig)
 
 
 def plot_redundancy(redundancy: dict[str, list[dict[str, Any]]], path: Path) -> Path:
-    plt = pyplot()
-    fig, ax = plt.subplots(figsize=(6, 4))
-    try:
+    with figure((6, 4)) as (fig, ax):
         for name, rows in redundancy.items():
             ax.plot([r["fraction"] for r in rows], [r["heldout_loss"] for r in rows], "o-", label=name)
         ax.set_xlabel("fraction of routed experts disabled per token (its top-scored ones)")
         ax.set_ylabel("held-out loss")
-        ax.grid(alpha=0.3)
+        ax.grid(True)
         ax.legend()
-        fig.tight_layout()
         return save_figure(fig, path)
-    finally:
-        plt.close(fig)
 
 
 __all__ = [
