@@ -16,7 +16,7 @@ from deepmoe.moe.balance import coefficient_of_variation, max_violation
 
 DOMINANT_FACTOR = 2.0
 """An expert is dominant when its load exceeds DOMINANT_FACTOR × the mean load."""
-SPECIFICITY_PSEUDO_COUNT = 1.0
+SOURCE_PSEUDO_COUNT = 1.0
 """Laplace smoothing of the per-source counts in the specificity score."""
 MIN_COUNT = 5
 """Pairs (co-activation) and tokens (vocabulary) seen fewer times are not ranked by lift."""
@@ -103,7 +103,7 @@ def js_divergence(p: Tensor, q: Tensor) -> float:
     return float(((kl(p) + kl(q)) / 2).clamp(0.0, 1.0))
 
 
-def specificity(counts: Tensor, pseudo_count: float = SPECIFICITY_PSEUDO_COUNT) -> Tensor:
+def specificity(counts: Tensor, pseudo_count: float = SOURCE_PSEUDO_COUNT) -> Tensor:
     """[S, N] per-source counts → [S, N] log2(p̃_s,i / mean_{r≠s} p̃_r,i), p̃ the shares smoothed by
     `pseudo_count` per expert. Needs at least two sources."""
     s, n = counts.shape
