@@ -4,19 +4,16 @@ from __future__ import annotations
 
 import torch
 
-from deepmoe.config import DeepSeekConfig
+from configs import tiny_preset
 from deepmoe.evaluate import fp8_error_per_layer
 from deepmoe.model.decoder import DeepSeekForCausalLM
-from deepmoe.presets import get_preset
 
 
 def tiny_model(hidden: int = 128) -> DeepSeekForCausalLM:
     """tiny-v3 cut to 2 layers: one dense layer, one MoE layer, and the MTP block's MoE layer."""
-    fields = get_preset("tiny-v3").to_dict()
-    fields.update(num_hidden_layers=2, hidden_size=hidden)
-    fields["moe"]["hidden_size"] = hidden
+    config = tiny_preset(num_hidden_layers=2, hidden_size=hidden, moe={"hidden_size": hidden})
     torch.manual_seed(0)
-    return DeepSeekForCausalLM(DeepSeekConfig.from_dict(fields))
+    return DeepSeekForCausalLM(config)
 
 
 def test_fp8_error_is_above_bf16_and_small():

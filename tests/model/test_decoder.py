@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from deepmoe.config import DeepSeekConfig
+from configs import tiny_preset
 from deepmoe.model.decoder import DeepSeekForCausalLM
 from deepmoe.model.generate import generate, generate_speculative, sample_next
 from deepmoe.model.parameters import count_parameters
@@ -38,11 +38,9 @@ def test_unknown_preset_is_refused():
 
 def _tiny(name="tiny-v3", **overrides) -> DeepSeekForCausalLM:
     torch.manual_seed(0)
-    config = get_preset(name)
-    fields = {**config.to_dict(), "num_hidden_layers": 2, "vocab_size": 97, **overrides}
-    if fields["moe_experts_per_layer"]:  # Pyramid-MoE: one expert count per layer
-        fields["moe_experts_per_layer"] = fields["moe_experts_per_layer"][:2]
-    return DeepSeekForCausalLM(DeepSeekConfig.from_dict(fields)).eval()
+    per_layer = get_preset(name).moe_experts_per_layer  # Pyramid-MoE: one expert count per layer, keep 2
+    fields = {"num_hidden_layers": 2, "vocab_size": 97, "moe_experts_per_layer": per_layer and per_layer[:2]}
+    return DeepSeekForCausalLM(tiny_preset(name, **{**fields, **overrides})).eval()
 
 
 @pytest.mark.parametrize("name", [n for n in PRESETS if n.startswith("tiny")])

@@ -9,7 +9,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from deepmoe import DeepSeekConfig, DeepSeekForCausalLM, get_preset
+from configs import tiny_preset
+from deepmoe import DeepSeekConfig, DeepSeekForCausalLM
 
 transformers = pytest.importorskip("transformers")
 
@@ -54,14 +55,7 @@ def _reference(config: DeepSeekConfig):
 
 @pytest.mark.parametrize("kv_heads", [4, 2])
 def test_deepseek_moe_16b_layout_matches_llama_with_deepseek_moe_ffns(kv_heads):
-    config = DeepSeekConfig.from_dict(
-        {
-            **get_preset("tiny-deepseek-moe").to_dict(),
-            "num_hidden_layers": 3,
-            "num_key_value_heads": kv_heads,
-            "vocab_size": 211,
-        }
-    )
+    config = tiny_preset("tiny-deepseek-moe", num_hidden_layers=3, num_key_value_heads=kv_heads, vocab_size=211)
     torch.manual_seed(0)
     ours = DeepSeekForCausalLM(config).eval()
     reference = _reference(config).eval()

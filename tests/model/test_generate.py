@@ -7,10 +7,9 @@ import random
 import pytest
 import torch
 
-from deepmoe.config import DeepSeekConfig
+from configs import tiny_preset
 from deepmoe.model.decoder import DeepSeekForCausalLM
 from deepmoe.model.generate import IncrementalDecoder, TextStreamer, generate, generate_speculative
-from deepmoe.presets import get_preset
 
 MULTIBYTE = "東京 こんにちは, café — “quoted” naïve 日本語のテキスト ok"
 
@@ -98,9 +97,7 @@ def test_cli_prints_multibyte_text_whole(tmp_path, capsys, byte_bpe, monkeypatch
 
     from deepmoe.cli import main
 
-    config = DeepSeekConfig.from_dict(
-        {**get_preset("tiny-v3").to_dict(), "num_hidden_layers": 2, "vocab_size": byte_bpe.get_vocab_size()}
-    )
+    config = tiny_preset(num_hidden_layers=2, vocab_size=byte_bpe.get_vocab_size())
     torch.manual_seed(0)
     DeepSeekForCausalLM(config).save_pretrained(tmp_path)
     byte_bpe.save(str(tmp_path / "tokenizer.json"))
@@ -132,10 +129,8 @@ def test_cli_prints_multibyte_text_whole(tmp_path, capsys, byte_bpe, monkeypatch
 def _tiny(name="tiny-v3", std=0.2, **overrides) -> DeepSeekForCausalLM:
     """A random 2-layer float32 model; a larger init spreads the logits so greedy has no near-ties."""
     torch.manual_seed(0)
-    config = DeepSeekConfig.from_dict(
-        {**get_preset(name).to_dict(), "num_hidden_layers": 2, "vocab_size": 97, "initializer_range": std,
-         "max_position_embeddings": 64, **overrides}
-    )  # fmt: skip
+    fields = {"num_hidden_layers": 2, "vocab_size": 97, "initializer_range": std, "max_position_embeddings": 64}
+    config = tiny_preset(name, **{**fields, **overrides})
     return DeepSeekForCausalLM(config).eval()
 
 
@@ -290,7 +285,7 @@ def test_padded_forward_matches_unpadded_logits(name, overrides, absorb):
 def test_padding_does_not_change_outputs_of_a_training_mode_model_with_capacity():
     """Generation runs the router as at inference: capacity dropping (train mode) would let the
     padding push real tokens out of their experts."""
-    model = _tiny("tiny-v3", moe={**get_preset("tiny-v3").moe.to_dict(), "capacity_factor": 0.5}).train()
+    model = _tiny("tiny-v3", moe={"capacity_factor": 0.5}).train()
     ids, mask = _left_pad(PROMPTS)
     batched = generate(model, ids, max_new_tokens=4, attention_mask=mask)
     assert model.training  # the mode is restored

@@ -11,7 +11,8 @@ from dataclasses import replace
 import pytest
 import torch
 
-from deepmoe import MoE, MoEConfig
+from configs import tiny_v3_moe
+from deepmoe import MoE
 from deepmoe.model.decoder import DeepSeekForCausalLM
 from deepmoe.presets import get_preset
 
@@ -107,9 +108,9 @@ def test_reset_parameters_keeps_rope_float32_after_a_cast():
     assert torch.equal(rotary.inv_freq, eager.model.layers[0].self_attn.rotary.inv_freq)
 
 
-MOE = MoEConfig(hidden_size=16, moe_intermediate_size=8, n_routed_experts=8, n_shared_experts=1,
-                num_experts_per_tok=2, scoring_func="sigmoid", topk_method="noaux_tc", n_group=2, topk_group=1,
-                use_expert_bias=True, norm_topk_prob=True)  # fmt: skip
+MOE = tiny_v3_moe(
+    hidden_size=16, moe_intermediate_size=8, n_shared_experts=1, n_group=2, topk_group=1, norm_topk_prob=True
+)
 
 
 def test_bare_moe_on_meta():

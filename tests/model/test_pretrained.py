@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import deepmoe
+from configs import tiny_preset
 from corpora import StandInCorpus
 from deepmoe.cli import main
 from deepmoe.config import DeepSeekConfig
@@ -19,14 +20,13 @@ from deepmoe.io import CheckpointError, checkpoint_dir, load_checkpoint, load_co
 from deepmoe.io.checkpoint import LAST_NAME, read_last
 from deepmoe.io.delta import merge_delta, save_delta
 from deepmoe.model import DeepSeekForCausalLM, from_pretrained, save_pretrained
-from deepmoe.presets import get_preset
 from deepmoe.train.trainer import TrainConfig, train
 
 VOCAB = 64
 
 
 def tiny_config() -> DeepSeekConfig:
-    return DeepSeekConfig.from_dict({**get_preset("tiny-v3").to_dict(), "num_hidden_layers": 2})
+    return tiny_preset(num_hidden_layers=2)
 
 
 @pytest.fixture(scope="module")

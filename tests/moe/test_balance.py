@@ -9,6 +9,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from configs import tiny_moe
 from deepmoe import MoE, MoEConfig
 from deepmoe.moe.balance import (
     balance_losses,
@@ -71,9 +72,9 @@ def test_sigmoid_expert_loss_cannot_fall_by_shrinking_every_score(score):
     """With sigmoid affinities B1 averages s / Σ_j s_j: balanced routing gives the minimum 1 whatever the scale of
     the scores (with raw scores it would be N·score, and training would shrink all scores instead of balancing)."""
     n, t = 8, 16
-    cfg = MoEConfig(
-        hidden_size=8, moe_intermediate_size=4, n_routed_experts=n, num_experts_per_tok=2, scoring_func="sigmoid",
-        aux_loss_alpha=1.0, device_aux_loss_alpha=1.0, n_devices=2,
+    cfg = tiny_moe(
+        n_routed_experts=n, n_shared_experts=2, scoring_func="sigmoid", aux_loss_alpha=1.0, device_aux_loss_alpha=1.0,
+        n_devices=2,
     )  # fmt: skip
     idx = torch.stack([torch.arange(t) % n, (torch.arange(t) + 4) % n], 1)
     scores = torch.full((t, n), score)
@@ -83,15 +84,13 @@ def test_sigmoid_expert_loss_cannot_fall_by_shrinking_every_score(score):
 
 
 def test_zero_weights_give_no_terms_and_a_zero_aux_loss():
-    layer = MoE(MoEConfig(hidden_size=8, moe_intermediate_size=4, n_routed_experts=4, num_experts_per_tok=2))
+    layer = MoE(tiny_moe(n_routed_experts=4, n_shared_experts=2))
     out = layer(torch.randn(5, 8))
     assert out.losses == {} and out.aux_loss.item() == 0
 
 
 def test_aux_loss_gradient_reaches_the_router_only_through_p():
-    cfg = MoEConfig(
-        hidden_size=8, moe_intermediate_size=4, n_routed_experts=4, num_experts_per_tok=2, aux_loss_alpha=1.0
-    )
+    cfg = tiny_moe(n_routed_experts=4, n_shared_experts=2, aux_loss_alpha=1.0)
     layer = MoE(cfg)
     out = layer(torch.randn(10, 8))
     out.aux_loss.backward()
@@ -109,14 +108,7 @@ def test_metrics():
 
 
 def test_routing_stats_count_dead_experts_and_drops():
-    cfg = MoEConfig(
-        hidden_size=8,
-        moe_intermediate_size=4,
-        n_routed_experts=8,
-        n_shared_experts=0,
-        num_experts_per_tok=2,
-        capacity_factor=0.5,
-    )
+    cfg = tiny_moe(capacity_factor=0.5)
     layer = MoE(cfg).train()
     layer.gate.set_expert_mask(disabled=[6, 7])
     stats = layer(torch.randn(64, 8)).stats

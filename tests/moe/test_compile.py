@@ -16,21 +16,20 @@ import torch
 from torch import Tensor
 from torch.func import functional_call, grad
 
-from deepmoe.config import DeepSeekConfig, MoEConfig
+from configs import tiny_moe, tiny_preset, tiny_v3_moe
+from deepmoe.config import MoEConfig
 from deepmoe.model.decoder import DeepSeekForCausalLM
 from deepmoe.moe import MoE
 from deepmoe.moe.router import Router
-from deepmoe.presets import get_preset
 from deepmoe.runtime import debug_checks, debug_checks_enabled, set_debug_checks
 
 if not hasattr(torch, "compile") or not torch._dynamo.is_dynamo_supported():
     pytest.skip("torch.compile is not available on this platform", allow_module_level=True)
 
-DEFAULT = MoEConfig(hidden_size=16, moe_intermediate_size=8, n_routed_experts=4, num_experts_per_tok=2)
-V3 = MoEConfig(
-    hidden_size=16, moe_intermediate_size=8, n_routed_experts=8, num_experts_per_tok=2, n_shared_experts=1,
-    scoring_func="sigmoid", topk_method="noaux_tc", n_group=4, topk_group=2, use_expert_bias=True,
-    norm_topk_prob=True, routed_scaling_factor=2.5, seq_aux_loss_alpha=1e-3,
+DEFAULT = tiny_moe(hidden_size=16, moe_intermediate_size=8, n_routed_experts=4, n_shared_experts=2)
+V3 = tiny_v3_moe(
+    hidden_size=16, moe_intermediate_size=8, n_shared_experts=1, norm_topk_prob=True, routed_scaling_factor=2.5,
+    seq_aux_loss_alpha=1e-3,
 )  # fmt: skip
 CAPACITY = dataclasses.replace(DEFAULT, capacity_factor=0.5, aux_loss_alpha=0.01, z_loss_coef=1e-3)
 CONFIGS = {"default": DEFAULT, "v3": V3, "capacity": CAPACITY}
@@ -109,8 +108,8 @@ def test_moe_compiles_in_bfloat16_with_the_grouped_kernel():
 def _tiny_v3(**overrides: object) -> DeepSeekForCausalLM:
     """tiny-v3 (MLA, sigmoid / noaux_tc routing, MTP) cut to one MoE block and its MTP module."""
     torch.manual_seed(0)
-    fields = {**get_preset("tiny-v3").to_dict(), "num_hidden_layers": 1, "first_k_dense_replace": 0, "vocab_size": 97}
-    return DeepSeekForCausalLM(DeepSeekConfig.from_dict({**fields, **overrides}))
+    fields = {"num_hidden_layers": 1, "first_k_dense_replace": 0, "vocab_size": 97, **overrides}
+    return DeepSeekForCausalLM(tiny_preset(**fields))
 
 
 def _compare_decoder(backend: str, without_labels: bool = True) -> None:

@@ -11,7 +11,8 @@ import pytest
 import torch
 from torch import Tensor
 
-from deepmoe import MoE, MoEConfig
+from configs import tiny_moe
+from deepmoe import MoE
 from deepmoe.moe.dispatch import Dispatcher, LocalDispatcher
 from deepmoe.moe.router import RouterOutput
 
@@ -52,10 +53,7 @@ CASES = {
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_custom_dispatcher_matches_local(case):
-    config = MoEConfig(
-        hidden_size=16, moe_intermediate_size=8, n_routed_experts=8, n_shared_experts=1, num_experts_per_tok=2,
-        **CASES[case],
-    )  # fmt: skip
+    config = tiny_moe(hidden_size=16, moe_intermediate_size=8, n_shared_experts=1, **CASES[case])
     torch.manual_seed(0)
     local = MoE(config).train()
     custom = copy.deepcopy(local)
@@ -81,7 +79,7 @@ def test_custom_dispatcher_matches_local(case):
 
 
 def test_dispatcher_given_to_the_constructor():
-    config = MoEConfig(hidden_size=16, moe_intermediate_size=8, n_routed_experts=8, num_experts_per_tok=2)
+    config = tiny_moe(hidden_size=16, moe_intermediate_size=8, n_shared_experts=2)
     dispatcher: Dispatcher = LoopDispatcher(config.n_routed_experts)
     layer = MoE(config, dispatcher=dispatcher)
     assert layer.dispatcher is dispatcher

@@ -7,6 +7,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from configs import tiny_moe
 from deepmoe import MoE, MoEConfig
 from deepmoe.moe.experts import grouped_mm_available
 from reference import capacity_keep, moe_forward, route
@@ -136,7 +137,7 @@ def test_bfloat16_forward_and_backward(mode, implementation):
 
 
 def test_input_shapes_are_kept():
-    cfg = MoEConfig(hidden_size=8, moe_intermediate_size=4, n_routed_experts=4, num_experts_per_tok=2)
+    cfg = tiny_moe(n_routed_experts=4, n_shared_experts=2)
     layer = MoE(cfg)
     assert layer(torch.randn(3, 8)).hidden_states.shape == (3, 8)
     assert layer(torch.randn(2, 5, 8)).hidden_states.shape == (2, 5, 8)
@@ -157,7 +158,7 @@ def test_input_shapes_are_kept():
     ],
 )
 def test_bad_inputs_raise_one_clear_error(make_input, error, message):
-    layer = MoE(MoEConfig(hidden_size=8, moe_intermediate_size=4, n_routed_experts=4, num_experts_per_tok=2))
+    layer = MoE(tiny_moe(n_routed_experts=4, n_shared_experts=2))
     with pytest.raises(error, match=message):
         layer(make_input())
 

@@ -8,14 +8,15 @@ from dataclasses import replace
 import pytest
 import torch
 
-from deepmoe import MoE, MoEConfig
-from deepmoe.config import DeepSeekConfig
+from configs import tiny_model_config, tiny_moe
+from deepmoe import MoE
 from deepmoe.model.decoder import DeepSeekForCausalLM
 
 # per-sequence behaviour: the sequence-wise loss (B4) and no_drop_fraction's protected sequences
-PER_SEQUENCE = MoEConfig(hidden_size=16, moe_intermediate_size=8, n_routed_experts=8, n_shared_experts=1,
-                         num_experts_per_tok=2, seq_aux_loss_alpha=0.1, aux_loss_alpha=0.01, capacity_factor=0.5,
-                         no_drop_fraction=0.5)  # fmt: skip
+PER_SEQUENCE = tiny_moe(
+    hidden_size=16, moe_intermediate_size=8, n_shared_experts=1, seq_aux_loss_alpha=0.1, aux_loss_alpha=0.01,
+    capacity_factor=0.5, no_drop_fraction=0.5,
+)  # fmt: skip
 
 
 def layer_and_input(batch: int = 4, seq: int = 6):
@@ -68,11 +69,10 @@ def test_batch_size_equal_to_the_batch_is_accepted():
 
 
 def tiny_model() -> DeepSeekForCausalLM:
-    moe = MoEConfig(hidden_size=32, moe_intermediate_size=16, n_routed_experts=8, n_shared_experts=1,
-                    num_experts_per_tok=2)  # fmt: skip
-    config = DeepSeekConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
-                            num_attention_heads=2, kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=8,
-                            v_head_dim=8, moe=moe, first_k_dense_replace=1, num_nextn_predict_layers=1)  # fmt: skip
+    moe = tiny_moe(hidden_size=32, moe_intermediate_size=16, n_shared_experts=1)
+    config = tiny_model_config(
+        intermediate_size=64, num_hidden_layers=3, q_lora_rank=None, moe=moe, num_nextn_predict_layers=1
+    )
     torch.manual_seed(0)
     return DeepSeekForCausalLM(config)
 

@@ -10,6 +10,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from configs import tiny_moe, tiny_v3_moe
 from deepmoe import MoE, MoEConfig
 from deepmoe.moe.router import Router
 from reference import capacity_keep, route
@@ -53,18 +54,7 @@ def test_group_limit_keeps_tokens_inside_their_groups(cfg, n_tokens, seed):
 
 def test_masked_groups_use_minus_infinity_not_zero():
     """With a large negative bias, 0-filling out-of-group experts would let them win; −inf must not."""
-    cfg = MoEConfig(
-        hidden_size=8,
-        moe_intermediate_size=4,
-        n_routed_experts=8,
-        n_shared_experts=0,
-        num_experts_per_tok=2,
-        scoring_func="sigmoid",
-        topk_method="noaux_tc",
-        n_group=4,
-        topk_group=1,
-        use_expert_bias=True,
-    )
+    cfg = tiny_v3_moe(topk_group=1)
     layer = MoE(cfg)
     layer.gate.e_score_correction_bias.fill_(-5.0)
     x = torch.randn(32, 8)
@@ -100,18 +90,7 @@ def test_masks_never_choose_disabled_and_always_choose_forced(cfg, n_tokens, see
 
 
 def test_forced_expert_outside_the_best_groups_is_still_chosen():
-    cfg = MoEConfig(
-        hidden_size=8,
-        moe_intermediate_size=4,
-        n_routed_experts=16,
-        n_shared_experts=0,
-        num_experts_per_tok=2,
-        scoring_func="sigmoid",
-        topk_method="noaux_tc",
-        n_group=8,
-        topk_group=1,
-        use_expert_bias=True,
-    )
+    cfg = tiny_v3_moe(n_routed_experts=16, n_group=8, topk_group=1)
     layer = MoE(cfg)
     layer.gate.e_score_correction_bias.copy_(torch.arange(16.0))  # group 7 always wins
     layer.gate.set_expert_mask(forced=[0])
@@ -130,24 +109,14 @@ def test_forced_expert_outside_the_best_groups_is_still_chosen():
     ],
 )
 def test_bad_masks_are_refused(disabled, forced, message):
-    cfg = MoEConfig(
-        hidden_size=8, moe_intermediate_size=4, n_routed_experts=8, n_shared_experts=0, num_experts_per_tok=2
-    )
+    cfg = tiny_moe()
     layer = MoE(cfg)
     with pytest.raises(ValueError, match=message):
         layer.gate.set_expert_mask(disabled=disabled, forced=forced)
 
 
 def test_bias_changes_selection_but_not_weights():
-    cfg = MoEConfig(
-        hidden_size=8,
-        moe_intermediate_size=4,
-        n_routed_experts=8,
-        n_shared_experts=0,
-        num_experts_per_tok=2,
-        scoring_func="sigmoid",
-        use_expert_bias=True,
-    )
+    cfg = tiny_moe(scoring_func="sigmoid", use_expert_bias=True)
     layer = MoE(cfg)
     x = torch.randn(16, 8)
     layer.gate.e_score_correction_bias[3] = 10.0  # expert 3 is always selected ...
@@ -160,34 +129,18 @@ def test_bias_changes_selection_but_not_weights():
 
 
 def test_update_bias_follows_the_sign_rule():
-    cfg = MoEConfig(
-        hidden_size=8,
-        moe_intermediate_size=4,
-        n_routed_experts=4,
-        n_shared_experts=0,
-        num_experts_per_tok=1,
-        use_expert_bias=True,
-        bias_update_speed=0.01,
-    )
+    cfg = tiny_moe(n_routed_experts=4, num_experts_per_tok=1, use_expert_bias=True, bias_update_speed=0.01)
     layer = MoE(cfg)
     layer.update_bias(torch.tensor([10, 2, 4, 4]))  # mean 5
     assert layer.gate.e_score_correction_bias.tolist() == pytest.approx([-0.01, 0.01, 0.01, 0.01])
     with pytest.raises(ValueError, match="shape"):
         layer.update_bias(torch.ones(3))
     with pytest.raises(ValueError, match="use_expert_bias"):
-        MoE(
-            MoEConfig(
-                hidden_size=8, moe_intermediate_size=4, n_routed_experts=4, n_shared_experts=0, num_experts_per_tok=1
-            )
-        ).update_bias(torch.ones(4))
+        MoE(tiny_moe(n_routed_experts=4, num_experts_per_tok=1)).update_bias(torch.ones(4))
 
 
 def test_bias_is_saved_in_the_state_dict_under_its_hf_name():
-    layer = MoE(
-        MoEConfig(
-            hidden_size=8, moe_intermediate_size=4, n_routed_experts=4, num_experts_per_tok=1, use_expert_bias=True
-        )
-    )
+    layer = MoE(tiny_moe(n_routed_experts=4, n_shared_experts=2, num_experts_per_tok=1, use_expert_bias=True))
     state = layer.state_dict()
     assert "gate.e_score_correction_bias" in state
     assert "gate.disabled_experts" not in state  # masks are run-time steering, not weights
@@ -228,24 +181,15 @@ def test_capacity_drops_the_lowest_priority_slots(cfg, batch, seq, seed, capacit
 
 
 def test_no_dropping_at_inference():
-    cfg = MoEConfig(
-        hidden_size=8, moe_intermediate_size=4, n_routed_experts=4, num_experts_per_tok=2, capacity_factor=0.1
-    )
+    cfg = tiny_moe(n_routed_experts=4, n_shared_experts=2, capacity_factor=0.1)
     layer = MoE(cfg).eval()
     assert layer.gate(torch.randn(16, 8)).kept is None
     assert layer.train().gate(torch.randn(16, 8)).kept is not None
 
 
 def test_forced_experts_in_more_groups_than_topk_group_are_all_chosen():
-    cfg = MoEConfig(
-        hidden_size=8,
-        moe_intermediate_size=4,
-        n_routed_experts=16,
-        n_shared_experts=0,
-        num_experts_per_tok=3,
-        topk_method="group_limited_greedy",
-        n_group=4,
-        topk_group=1,
+    cfg = tiny_moe(
+        n_routed_experts=16, num_experts_per_tok=3, topk_method="group_limited_greedy", n_group=4, topk_group=1
     )
     layer = MoE(cfg)
     layer.gate.set_expert_mask(forced=[0, 15])
@@ -260,10 +204,7 @@ def test_forced_experts_in_more_groups_than_topk_group_are_all_chosen():
 def test_disable_top_takes_top_k_from_the_remaining_experts(scoring, disable_top):
     """DeepSeekMoE §4.5: per token, mask its `disable_top` best experts, choose top-K among the rest;
     the gate weights stay the token's own affinities."""
-    cfg = MoEConfig(
-        hidden_size=16, moe_intermediate_size=4, n_routed_experts=8, n_shared_experts=0, num_experts_per_tok=2,
-        scoring_func=scoring, aux_loss_alpha=0.0,
-    )  # fmt: skip
+    cfg = tiny_moe(hidden_size=16, scoring_func=scoring, aux_loss_alpha=0.0)
     layer = _layer(cfg, 0)
     x = torch.randn(20, 16)
     layer.gate.set_expert_mask(disable_top=disable_top)
@@ -277,9 +218,7 @@ def test_disable_top_takes_top_k_from_the_remaining_experts(scoring, disable_top
 
 
 def test_bad_disable_top_is_refused():
-    cfg = MoEConfig(
-        hidden_size=8, moe_intermediate_size=4, n_routed_experts=8, n_shared_experts=0, num_experts_per_tok=2
-    )
+    cfg = tiny_moe()
     gate = MoE(cfg).gate
     with pytest.raises(ValueError, match="leaves 1 experts"):
         gate.set_expert_mask(disable_top=7)
@@ -291,8 +230,7 @@ def test_bad_disable_top_is_refused():
 
 # ---- masks given as bool masks or ids (finding 9) -------------------------------------------------------------
 def _gate(**fields) -> Router:
-    cfg = dict(hidden_size=8, moe_intermediate_size=4, n_routed_experts=8, n_shared_experts=0, num_experts_per_tok=2)
-    return Router(MoEConfig(**{**cfg, **fields}))
+    return Router(tiny_moe(**fields))
 
 
 @pytest.mark.parametrize(
@@ -352,10 +290,7 @@ def test_bad_expert_selections_are_refused(what, value, message):
 def test_groups_without_a_score_fill_the_slots_in_index_order_as_the_reference():
     """noaux_tc: groups 0–2 keep one enabled expert each, so they tie at −inf; the token takes group 3 and the
     first of them (group 0), so expert 0 is reachable, 2 and 4 are not, and every choice is an enabled expert."""
-    cfg = MoEConfig(
-        hidden_size=8, moe_intermediate_size=4, n_routed_experts=8, n_shared_experts=0, num_experts_per_tok=2,
-        scoring_func="sigmoid", topk_method="noaux_tc", n_group=4, topk_group=2, use_expert_bias=True,
-    )  # fmt: skip
+    cfg = tiny_v3_moe()
     layer = _layer(cfg, 3)
     layer.gate.set_expert_mask(disabled=[1, 3, 5])
     layer.gate.e_score_correction_bias.copy_(torch.tensor([1.0, 0.0, 0.5, 0.0, 0.7, 0.0, 0.0, 0.0]))
@@ -368,10 +303,7 @@ def test_groups_without_a_score_fill_the_slots_in_index_order_as_the_reference()
 
 # ---- meta-device init (finding 11) -----------------------------------------------------------------------------
 def test_reset_parameters_initialises_a_meta_router():
-    cfg = MoEConfig(
-        hidden_size=8, moe_intermediate_size=4, n_routed_experts=8, n_shared_experts=0, num_experts_per_tok=2,
-        scoring_func="sigmoid", topk_method="noaux_tc", n_group=4, topk_group=2, use_expert_bias=True,
-    )  # fmt: skip
+    cfg = tiny_v3_moe()
     torch.manual_seed(0)
     eager = Router(cfg)
     eager.e_score_correction_bias.copy_(torch.randn(8))
@@ -405,10 +337,7 @@ def test_reset_parameters_initialises_a_meta_router():
     ids=["to", "half", "bfloat16", "to device and dtype", "double", "parent"],
 )
 def test_module_casts_keep_the_bias_float32(cast):
-    cfg = MoEConfig(
-        hidden_size=8, moe_intermediate_size=4, n_routed_experts=4, n_shared_experts=0, num_experts_per_tok=1,
-        use_expert_bias=True, bias_update_speed=1e-3,
-    )  # fmt: skip
+    cfg = tiny_moe(n_routed_experts=4, num_experts_per_tok=1, use_expert_bias=True, bias_update_speed=1e-3)
     gate = Router(cfg)
     gate.e_score_correction_bias.copy_(torch.tensor([0.1234567, -0.5, 0.0, 1e-4]))
     before = gate.e_score_correction_bias.clone()
@@ -424,10 +353,7 @@ def test_module_casts_keep_the_bias_float32(cast):
 
 
 def test_load_state_dict_assign_keeps_the_bias_float32():
-    cfg = MoEConfig(
-        hidden_size=8, moe_intermediate_size=4, n_routed_experts=4, n_shared_experts=0, num_experts_per_tok=1,
-        use_expert_bias=True,
-    )  # fmt: skip
+    cfg = tiny_moe(n_routed_experts=4, num_experts_per_tok=1, use_expert_bias=True)
     gate = Router(cfg)
     state = {k: v.to(torch.bfloat16) for k, v in gate.state_dict().items()}
     gate.load_state_dict(state, assign=True)
@@ -436,9 +362,9 @@ def test_load_state_dict_assign_keeps_the_bias_float32():
 
 def test_a_bf16_router_selects_as_float32_math_on_its_weights():
     """Scores differ by ~1e-5, the bias by 1e-3 (finer than bf16 resolves near 1.0): the bias decides."""
-    cfg = MoEConfig(
-        hidden_size=16, moe_intermediate_size=4, n_routed_experts=16, n_shared_experts=0, num_experts_per_tok=4,
-        scoring_func="sigmoid", use_expert_bias=True, norm_topk_prob=True,
+    cfg = tiny_moe(
+        hidden_size=16, n_routed_experts=16, num_experts_per_tok=4, scoring_func="sigmoid", use_expert_bias=True,
+        norm_topk_prob=True,
     )  # fmt: skip
     torch.manual_seed(0)
     gate = Router(cfg)
@@ -467,10 +393,7 @@ def _rank_load(rank: int, step: int) -> torch.Tensor:
 
 
 def _bias_router() -> Router:
-    cfg = MoEConfig(
-        hidden_size=8, moe_intermediate_size=4, n_routed_experts=BIAS_EXPERTS, n_shared_experts=0,
-        num_experts_per_tok=2, use_expert_bias=True, bias_update_speed=0.01,
-    )  # fmt: skip
+    cfg = tiny_moe(n_routed_experts=BIAS_EXPERTS, use_expert_bias=True, bias_update_speed=0.01)
     return Router(cfg)
 
 

@@ -14,6 +14,7 @@ import random
 import pytest
 import torch
 
+from configs import tiny_moe, tiny_v3_moe
 from deepmoe.config import MoEConfig
 from deepmoe.moe.router import Router, worst_case_reach
 from deepmoe.runtime import debug_checks
@@ -28,10 +29,10 @@ def random_case(rng: random.Random) -> tuple[MoEConfig, list[int], list[int]]:
     n = n_group * per_group
     topk_group = rng.choice([1, rng.randint(1, n_group)])
     k = rng.randint(1, min(topk_group * per_group, 6))
-    config = MoEConfig(
-        hidden_size=8, moe_intermediate_size=4, n_routed_experts=n, n_shared_experts=0, num_experts_per_tok=k,
-        scoring_func=rng.choice(["softmax", "sigmoid"]), norm_topk_prob=rng.random() < 0.5, topk_method=method,
-        n_group=n_group, topk_group=topk_group, use_expert_bias=rng.random() < 0.7,
+    config = tiny_moe(
+        n_routed_experts=n, num_experts_per_tok=k, scoring_func=rng.choice(["softmax", "sigmoid"]),
+        norm_topk_prob=rng.random() < 0.5, topk_method=method, n_group=n_group, topk_group=topk_group,
+        use_expert_bias=rng.random() < 0.7,
     )  # fmt: skip
     forced = rng.sample(range(n), rng.randint(0, k))
     rest = [e for e in range(n) if e not in forced]
@@ -153,10 +154,7 @@ def test_every_mask_is_refused_or_routes_validly():
 @pytest.mark.parametrize("method", ["group_limited_greedy", "noaux_tc"])
 def test_forced_groups_count_against_topk_group(method):
     """The issue's case: the forced expert's group is the token's only group, and its partner is disabled."""
-    config = MoEConfig(
-        hidden_size=32, moe_intermediate_size=16, n_routed_experts=8, num_experts_per_tok=2, scoring_func="sigmoid",
-        use_expert_bias=True, topk_method=method, n_group=4, topk_group=1,
-    )  # fmt: skip
+    config = tiny_v3_moe(hidden_size=32, moe_intermediate_size=16, n_shared_experts=2, topk_method=method, topk_group=1)
     router = Router(config)
     for disabled in ([1, 6, 7], [1]):
         with pytest.raises(ValueError, match="reachable"):

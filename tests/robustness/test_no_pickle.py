@@ -9,7 +9,6 @@ weights is never run.
 from __future__ import annotations
 
 import ast
-import dataclasses
 import pickle
 import random
 from pathlib import Path
@@ -18,10 +17,10 @@ import pytest
 import torch
 
 import deepmoe
+from configs import tiny_preset
 from deepmoe.io import CheckpointError
 from deepmoe.model import from_pretrained
 from deepmoe.model.decoder import DeepSeekForCausalLM
-from deepmoe.presets import get_preset
 from deepmoe.train import checkpoint as train_ckpt
 from deepmoe.train.trainer import TrainConfig, resume, train
 
@@ -175,7 +174,7 @@ class Payload:
 def test_planted_pickle_is_never_run(name, tmp_path, ledger):
     sentinel = tmp_path / "PWNED"
     ckpt = tmp_path / "ckpt"
-    config = dataclasses.replace(get_preset("tiny-v3"), num_hidden_layers=1, num_nextn_predict_layers=0)
+    config = tiny_preset(num_hidden_layers=1, num_nextn_predict_layers=0)
     DeepSeekForCausalLM(config).save_pretrained(ckpt)
     if name in ("pytorch_model.bin", "model.pt"):
         (ckpt / "model.safetensors").unlink()  # only the pickle is left to load

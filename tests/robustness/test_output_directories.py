@@ -13,12 +13,12 @@ from pathlib import Path
 import pytest
 import torch
 
+from configs import tiny_model_config, tiny_preset
 from corpora import StandInCorpus
 from deepmoe.cli import main
-from deepmoe.config import DeepSeekConfig, MoEConfig
+from deepmoe.config import DeepSeekConfig
 from deepmoe.io.files import OutputDirectoryError, claim_directory
 from deepmoe.model.decoder import DeepSeekForCausalLM
-from deepmoe.presets import get_preset
 from deepmoe.tools.analyze import write_analysis
 from deepmoe.tools.upcycle import upcycle
 from deepmoe.train.trainer import TrainConfig, resume, train
@@ -42,18 +42,8 @@ def thesis(tmp_path) -> Path:
 
 
 def tiny_moe_config() -> DeepSeekConfig:
-    moe = MoEConfig(
-        hidden_size=32,
-        moe_intermediate_size=16,
-        n_routed_experts=4,
-        num_experts_per_tok=2,
-        scoring_func="sigmoid",
-        topk_method="noaux_tc",
-        use_expert_bias=True,
-    )
-    return DeepSeekConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                          num_attention_heads=2, q_lora_rank=16, kv_lora_rank=16, qk_nope_head_dim=8,
-                          qk_rope_head_dim=8, v_head_dim=8, moe=moe, first_k_dense_replace=1)  # fmt: skip
+    moe = {"n_shared_experts": 2, "norm_topk_prob": False, "n_group": 1, "topk_group": 1}
+    return tiny_model_config(vocab_size=VOCAB, moe=moe)
 
 
 def save_model(path: Path, config: DeepSeekConfig, seed: int = 0) -> Path:
@@ -68,9 +58,8 @@ def parents(tmp_path) -> tuple[Path, Path]:
 
 
 def dense_checkpoint(path: Path) -> Path:
-    fields = {**get_preset("tiny-v3").to_dict(), "moe": None, "vocab_size": VOCAB, "hidden_size": 32,
-              "intermediate_size": 64, "num_hidden_layers": 2}  # fmt: skip
-    return save_model(path, DeepSeekConfig.from_dict(fields))
+    config = tiny_preset(moe=None, vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2)
+    return save_model(path, config)
 
 
 def random_corpus() -> StandInCorpus:

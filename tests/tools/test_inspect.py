@@ -7,8 +7,8 @@ import json
 import pytest
 import torch
 
+from configs import tiny_preset
 from deepmoe.cli import main
-from deepmoe.config import DeepSeekConfig
 from deepmoe.model import DeepSeekForCausalLM, KVCache
 from deepmoe.presets import get_preset
 from deepmoe.tools.inspect import kv_cache_bytes_per_token
@@ -22,7 +22,7 @@ def test_v3_mla_cache_is_the_published_70kb_per_token():
 
 @pytest.mark.parametrize("preset", ["tiny-v3", "tiny-v2", "tiny-deepseek-moe"])
 def test_formula_matches_the_bytes_a_real_cache_holds(preset):
-    config = DeepSeekConfig.from_dict({**get_preset(preset).to_dict(), "num_nextn_predict_layers": 0})
+    config = tiny_preset(preset, num_nextn_predict_layers=0)
     model = DeepSeekForCausalLM(config).to(torch.bfloat16).eval()
     cache = KVCache()
     with torch.no_grad():

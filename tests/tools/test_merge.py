@@ -11,8 +11,9 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from configs import tiny_model_config
 from deepmoe.cli import main
-from deepmoe.config import DeepSeekConfig, MoEConfig
+from deepmoe.config import DeepSeekConfig
 from deepmoe.io import load_checkpoint, save_checkpoint
 from deepmoe.io.checkpoint import INDEX_NAME
 from deepmoe.model import from_pretrained
@@ -22,14 +23,8 @@ from deepmoe.tools.merge import merge_checkpoints, tensor_class
 
 
 def tiny_config(**overrides) -> DeepSeekConfig:
-    moe = MoEConfig(hidden_size=32, moe_intermediate_size=16, n_routed_experts=4, n_shared_experts=1,
-                    num_experts_per_tok=2, scoring_func="sigmoid", norm_topk_prob=True, topk_method="noaux_tc",
-                    n_group=2, topk_group=1, use_expert_bias=True)  # fmt: skip
-    fields = dict(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=2,
-                  q_lora_rank=16, kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=8, moe=moe,
-                  first_k_dense_replace=1, num_nextn_predict_layers=1)  # fmt: skip
-    fields.update(overrides)
-    return DeepSeekConfig(**fields)
+    """`tiny_model_config` with its MTP module."""
+    return tiny_model_config(**{"num_nextn_predict_layers": 1, **overrides})
 
 
 def save_random(path: Path, seed: int, config: DeepSeekConfig | None = None) -> Path:
@@ -152,10 +147,7 @@ def test_merged_model_loads_and_generates(parents, tmp_path):
 
 def test_mismatched_parents_are_refused(parents, tmp_path):
     a, b = parents
-    other = save_random(tmp_path / "other", 2, tiny_config(moe=MoEConfig(
-        hidden_size=32, moe_intermediate_size=16, n_routed_experts=8, n_shared_experts=1, num_experts_per_tok=2,
-        scoring_func="sigmoid", norm_topk_prob=True, topk_method="noaux_tc", n_group=2, topk_group=1,
-        use_expert_bias=True)))  # fmt: skip
+    other = save_random(tmp_path / "other", 2, tiny_config(moe={"n_routed_experts": 8}))
     with pytest.raises(ValueError, match=r"another architecture.*moe\.n_routed_experts=8, the base has 4"):
         merge_checkpoints([a, other], [0.5, 0.5], tmp_path / "out")
 

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import torch
 
-from deepmoe import DeepSeekConfig, DeepSeekForCausalLM, get_preset
+from configs import tiny_preset
+from deepmoe import DeepSeekForCausalLM
 from deepmoe.tools.routing import collect_routing
 
 
 def test_sums_match_a_token_by_token_count():
-    config = DeepSeekConfig.from_dict({**get_preset("tiny-v3").to_dict(), "num_hidden_layers": 3, "vocab_size": 50})
+    config = tiny_preset(num_hidden_layers=3, vocab_size=50)
     torch.manual_seed(0)
     model = DeepSeekForCausalLM(config).eval()
     batches = [torch.randint(0, 50, (2, 7)), torch.randint(0, 50, (1, 5))]

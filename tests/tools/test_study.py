@@ -10,11 +10,11 @@ from dataclasses import replace
 import pytest
 import torch
 
+from configs import tiny_preset
 from corpora import StandInCorpus
 from deepmoe import data
 from deepmoe.cli import main
 from deepmoe.config import DeepSeekConfig
-from deepmoe.presets import get_preset
 from deepmoe.tools import study
 
 VOCAB = 64
@@ -37,11 +37,7 @@ def stand_in_corpus(monkeypatch):
 
 
 def _config(variant: study.Variant, scale: study.StudyScale) -> DeepSeekConfig:
-    fields = get_preset(study.BASE_PRESET).to_dict()
-    overrides = dict(variant.model_overrides)
-    moe = overrides.pop("moe")
-    fields.update(overrides, moe=None if moe is None else {**fields["moe"], **moe})
-    return DeepSeekConfig.from_dict(fields)
+    return tiny_preset(study.BASE_PRESET, **variant.model_overrides)  # a `moe` dict changes the preset's MoE
 
 
 def _token_ffn_widths(config: DeepSeekConfig) -> list[int]:

@@ -10,6 +10,7 @@ import pytest
 import torch
 import transformers
 
+from configs import tiny_preset
 from corpora import StandInCorpus
 from deepmoe.cli import main
 from deepmoe.config import DeepSeekConfig
@@ -26,9 +27,8 @@ VOCAB = 64
 
 def dense_config(model_type: str = "deepseek_v3", **overrides) -> DeepSeekConfig:
     preset = {"deepseek": "tiny-deepseek-moe", "deepseek_v2": "tiny-v2", "deepseek_v3": "tiny-v3"}[model_type]
-    fields = {**get_preset(preset).to_dict(), "moe": None, "vocab_size": VOCAB, "hidden_size": 32,
-              "intermediate_size": 64, "num_hidden_layers": 2, **overrides}  # fmt: skip
-    return DeepSeekConfig.from_dict(fields)
+    fields = {"moe": None, "vocab_size": VOCAB, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2}
+    return tiny_preset(preset, **{**fields, **overrides})
 
 
 def save_dense(path: Path, config: DeepSeekConfig, seed: int = 0) -> DeepSeekForCausalLM:

@@ -30,16 +30,13 @@ def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def tiny_model():
-    from deepmoe.config import DeepSeekConfig, MoEConfig
+    from configs import tiny_model_config
     from deepmoe.model.decoder import DeepSeekForCausalLM
 
-    moe = MoEConfig(hidden_size=32, moe_intermediate_size=16, n_routed_experts=8, n_shared_experts=1,
-                    num_experts_per_tok=2, scoring_func="sigmoid", norm_topk_prob=True, topk_method="noaux_tc",
-                    n_group=2, topk_group=1, use_expert_bias=True, bias_update_speed=0.01,
-                    seq_aux_loss_alpha=0.01)  # fmt: skip
-    config = DeepSeekConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                            num_attention_heads=2, kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=8,
-                            v_head_dim=8, moe=moe, first_k_dense_replace=1, num_nextn_predict_layers=1)  # fmt: skip
+    moe = {"n_routed_experts": 8, "bias_update_speed": 0.01, "seq_aux_loss_alpha": 0.01}
+    config = tiny_model_config(
+        vocab_size=VOCAB, intermediate_size=64, q_lora_rank=None, moe=moe, num_nextn_predict_layers=1
+    )
     torch.manual_seed(0)
     return DeepSeekForCausalLM(config).train()
 

@@ -39,9 +39,10 @@ def test_invalid_config_value_is_one_line_exit_1():
 def test_generate_streams_tokens_from_a_checkpoint(tmp_path, capsys):
     import torch
 
-    from deepmoe import DeepSeekConfig, DeepSeekForCausalLM, get_preset
+    from configs import tiny_preset
+    from deepmoe import DeepSeekForCausalLM
 
-    config = DeepSeekConfig.from_dict({**get_preset("tiny-v3").to_dict(), "num_hidden_layers": 2})
+    config = tiny_preset(num_hidden_layers=2)
     torch.manual_seed(0)
     model = DeepSeekForCausalLM(config).eval()
     model.save_pretrained(tmp_path)
@@ -81,10 +82,11 @@ def test_generate_with_a_steering_file_uses_the_masks(tmp_path, capsys):
 
     import torch
 
-    from deepmoe import DeepSeekConfig, DeepSeekForCausalLM, get_preset
+    from configs import tiny_preset
+    from deepmoe import DeepSeekForCausalLM
     from deepmoe.tools.steer import apply_steering
 
-    config = DeepSeekConfig.from_dict({**get_preset("tiny-v3").to_dict(), "num_hidden_layers": 2})
+    config = tiny_preset(num_hidden_layers=2)
     torch.manual_seed(0)
     DeepSeekForCausalLM(config).save_pretrained(tmp_path / "ckpt")
     plan = {"format": "deepmoe-steering", "version": 1, "action": "disable", "layers": {"1": [0, 1, 2, 3, 4, 5]}}
