@@ -15,6 +15,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from deepmoe.io.files import atomic_write, write_json
 
 # ---- JSON ---------------------------------------------------------------------------------------
@@ -140,7 +142,6 @@ def plot_losses(
 def plot_expert_load(load: Sequence[Sequence[float]], layers: Sequence[int], path: str | os.PathLike) -> Path:
     """expert_load.png: heatmap of each expert's share of its layer's routed slots, relative to uniform
     (1.0 = the mean load), layer × expert; layers with fewer experts (Pyramid-MoE) are blank on the right."""
-    import numpy as np
 
     with figure((7, 1.2 + 0.45 * max(1, len(layers)))) as (fig, ax):
         if load:

@@ -11,6 +11,8 @@ from rich.table import Table
 
 from deepmoe.cli import common
 from deepmoe.cli.argtypes import positive_int
+from deepmoe.tools.analyze import analyze_checkpoint
+from deepmoe.tools.analyze_files import write_analysis
 
 HELP = "routing analysis: load, entropy, domain specialisation, co-activation, vocabulary"
 DESCRIPTION = (
@@ -89,9 +91,6 @@ def specific_table(report: dict[str, Any], top: int = 3) -> Table:
 
 def run(args: argparse.Namespace) -> int:
     """0 on success, 1 (and one error line) when the model or a source is unusable."""
-    from deepmoe.tools.analyze import analyze_checkpoint
-    from deepmoe.tools.analyze_files import write_analysis
-
     try:
         report = analyze_checkpoint(
             args.model,

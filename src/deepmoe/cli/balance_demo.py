@@ -8,6 +8,7 @@ from rich.table import Table
 
 from deepmoe.cli import common
 from deepmoe.cli.argtypes import positive_int
+from deepmoe.tools.balance_demo import run_balance_demo, tiny_v3_config
 
 HELP = "show aux-loss-free balancing fix a skewed router"
 DESCRIPTION = (
@@ -25,7 +26,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from deepmoe.tools.balance_demo import run_balance_demo, tiny_v3_config
 
     config = tiny_v3_config(bias_update_speed=args.gamma)
     console = common.console()

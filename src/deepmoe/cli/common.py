@@ -10,6 +10,8 @@ from functools import cache
 from rich.console import Console
 from rich.logging import RichHandler
 
+from deepmoe import data
+
 
 def console() -> Console:
     """Where commands print their results (stdout)."""
@@ -38,6 +40,4 @@ def show_library_messages() -> None:
 
 def load_tokenizer(model_dir: str):
     """The checkpoint's tokenizer for a --prompt (`deepmoe.data.load_tokenizer`)."""
-    from deepmoe.data import load_tokenizer
-
-    return load_tokenizer(model_dir, needed_for="--prompt (or give token ids with --ids)")
+    return data.load_tokenizer(model_dir, needed_for="--prompt (or give token ids with --ids)")

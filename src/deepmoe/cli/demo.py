@@ -3,11 +3,19 @@
 from __future__ import annotations
 
 import argparse
+import json
+from pathlib import Path
+
+import torch
 
 from deepmoe.cli import common
 from deepmoe.cli.argtypes import positive_int
 from deepmoe.cli.common import load_tokenizer
 from deepmoe.cli.train import ProgressView, report_table
+from deepmoe.model import from_pretrained
+from deepmoe.model.generate import generate
+from deepmoe.train.checkpoint import REPORT_NAME, read_last
+from deepmoe.train.trainer import TrainConfig, resume, train
 
 HELP = "train the tiny model on the bundled corpus, report, plot, sample"
 DESCRIPTION = (
@@ -27,16 +35,6 @@ DEMO_PROMPTS = ("ROMEO:\n", "def fibonacci(n):\n")
 
 def run(args: argparse.Namespace) -> int:
     """Train tiny-v3 on the bundled corpus (or continue that run), then report, plot and sample."""
-    import json
-    from pathlib import Path
-
-    import torch
-
-    from deepmoe.model import from_pretrained
-    from deepmoe.model.generate import generate
-    from deepmoe.train.checkpoint import REPORT_NAME, read_last
-    from deepmoe.train.trainer import TrainConfig, resume, train
-
     out = Path(args.out)
     console = common.console()
     if read_last(out) is None:

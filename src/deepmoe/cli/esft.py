@@ -7,10 +7,14 @@ import json
 import sys
 from typing import Any
 
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
 from deepmoe.cli import common
 from deepmoe.cli.argtypes import positive_int
+from deepmoe.io.checkpoint import CheckpointError
+from deepmoe.tools.esft import METHODS, esft
 
 HELP = "expert-specialised fine-tuning: train only the experts a task uses, save a small delta"
 DESCRIPTION = (
@@ -22,8 +26,6 @@ DESCRIPTION = (
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The options of `deepmoe esft MODEL --data SRC --out DELTA_DIR ...`."""
-    from deepmoe.tools.esft import METHODS
-
     add = parser.add_argument
     add("model", metavar="MODEL", help="base checkpoint directory (config.json, safetensors, tokenizer.json)")
     add(
@@ -94,8 +96,6 @@ class _ProgressBar:
         self.bar = None
 
     def __call__(self, phase: str, step: int, steps: int, loss: float | None) -> None:
-        from rich.console import Console
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
         if step == 0:
             self.close()
@@ -120,8 +120,6 @@ class _ProgressBar:
 def run(args: argparse.Namespace) -> int:
     """Score, select, fine-tune, evaluate, write the delta, print a summary. 0 on success, 1 on an error
     (one line on stderr), 130 on Ctrl-C (nothing written)."""
-    from deepmoe.io.checkpoint import CheckpointError
-    from deepmoe.tools.esft import esft
 
     bar = _ProgressBar() if args.progress else None
     try:

@@ -4,8 +4,13 @@ from __future__ import annotations
 
 import argparse
 
+import torch
+
 from deepmoe.cli.argtypes import non_negative_float, non_negative_int, positive_int, unit_interval
 from deepmoe.cli.common import load_tokenizer
+from deepmoe.model import from_pretrained
+from deepmoe.model.generate import TextStreamer, generate, generate_speculative
+from deepmoe.tools.steering_file import apply_steering
 
 HELP = "generate text from a checkpoint"
 DESCRIPTION = (
@@ -66,16 +71,9 @@ def _check_sampling_flags(args: argparse.Namespace) -> None:
 def run(args: argparse.Namespace) -> int:
     _check_sampling_flags(args)
 
-    import torch
-
-    from deepmoe.model import from_pretrained
-    from deepmoe.model.generate import TextStreamer, generate, generate_speculative
-
     tokenizer = load_tokenizer(args.model) if args.prompt is not None else None
     model = from_pretrained(args.model, dtype=getattr(torch, args.dtype), delta=args.delta).eval()
     if args.steer is not None:
-        from deepmoe.tools.steering_file import apply_steering
-
         apply_steering(model, args.steer)
     ids = tokenizer.encode(args.prompt).ids if tokenizer is not None else args.ids
     if not ids:

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import json
 
 from rich.table import Table
 
 from deepmoe.cli import common
+from deepmoe.tools.inspect import describe, resolve_config
 
 HELP = "architecture, parameter counts and KV-cache size"
 DESCRIPTION = (
@@ -21,9 +23,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import json
-
-    from deepmoe.tools.inspect import describe, resolve_config
 
     info = describe(resolve_config(args.model))
     if args.json:

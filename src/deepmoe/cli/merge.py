@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import argparse
 
+from rich.table import Table
+
 from deepmoe.cli import common
+from deepmoe.tools.merge import TENSOR_CLASSES, merge_checkpoints
 
 HELP = "Assembly of Experts: merge checkpoints of one architecture tensor by tensor"
 DESCRIPTION = (
@@ -18,8 +21,6 @@ DESCRIPTION = (
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The options of `deepmoe merge PARENT [PARENT ...] --weights W [W ...] --out DIR`."""
-    from deepmoe.tools.merge import TENSOR_CLASSES
-
     add = parser.add_argument
     add("parents", nargs="+", metavar="PARENT", help="checkpoints of one architecture; the first is the base")
     add("--weights", type=float, nargs="+", required=True, metavar="W", help="λ of each parent (every tensor class)")
@@ -65,9 +66,6 @@ def _class_weights(args: argparse.Namespace) -> dict[str, list[float]]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from rich.table import Table
-
-    from deepmoe.tools.merge import merge_checkpoints
 
     if args.out is None and not args.dry_run:
         raise ValueError("--out DIR is required (or --dry-run)")

@@ -9,6 +9,7 @@ from rich.table import Table
 
 from deepmoe.cli import common
 from deepmoe.cli.argtypes import non_negative_int, positive_int
+from deepmoe.tools.steer import ACTIONS, FULL_LAYER, METHODS, rank_scores, steer
 
 HELP = "find the experts behind behaviour A vs B and write a steering file"
 DESCRIPTION = (
@@ -30,8 +31,6 @@ def _int_list(text: str) -> list[int]:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The arguments of `deepmoe steer MODEL (--a SRC --b SRC | --pairs FILE) --out FILE ...`."""
-    from deepmoe.tools.steer import ACTIONS, FULL_LAYER, METHODS
-
     parser.add_argument("model", metavar="PATH", help="checkpoint directory (config.json, safetensors, tokenizer.json)")
     parser.add_argument("--a", metavar="SRC", help="behaviour A: a text file or folder, or bundled:DOMAIN")
     parser.add_argument("--b", metavar="SRC", help="behaviour B: a text file or folder, or bundled:DOMAIN")
@@ -79,7 +78,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     """Score, rank, write the steering file, print the ranking (and the effect tables). A ValueError (exit 1
     through `deepmoe.cli.main`) on unusable inputs; an --out that is not a steering file is refused first."""
-    from deepmoe.tools.steer import steer
 
     if args.pairs is not None and (args.a is not None or args.b is not None):
         raise ValueError("give either --a and --b, or --pairs, not both")
@@ -106,8 +104,6 @@ def run(args: argparse.Namespace) -> int:
 
 def ranking_table(output: dict[str, Any], show: int, names: tuple[str, str]) -> Table:
     """The `show` top experts of the plan's side: frequencies on A and B, score, and whether it was steered."""
-    from deepmoe.tools.steer import rank_scores
-
     side, method, action = output["side"], output["method"], output["action"]
     freq = output["frequencies"]
     selected = {(s["layer"], s["expert"]) for s in output["selected"]}

@@ -11,6 +11,8 @@ from pathlib import Path
 
 from deepmoe.cli import common
 from deepmoe.cli.argtypes import positive_int
+from deepmoe.tools import study
+from deepmoe.tools.study import STUDIES
 
 HELP = "the architecture or balancing study: train the compared models, print the table"
 DESCRIPTION = (
@@ -22,7 +24,6 @@ DESCRIPTION = (
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from deepmoe.tools.study import STUDIES
 
     parser.add_argument("study", choices=STUDIES, help="which comparison to run")
     parser.add_argument(
@@ -34,7 +35,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from deepmoe.tools import study
 
     scale = study.SCALES["quick" if args.quick else "default"]
     if args.steps is not None:

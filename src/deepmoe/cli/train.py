@@ -10,11 +10,16 @@ import typing
 from pathlib import Path
 from typing import Any
 
+import torch.distributed as dist
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
 from deepmoe.cli import common
 from deepmoe.cli.argtypes import positive_int
+from deepmoe.io.checkpoint import CheckpointError, read_json
+from deepmoe.train.checkpoint import REPORT_NAME
+from deepmoe.train.config import TrainConfig
+from deepmoe.train.trainer import TrainingError, resume, train
 
 HELP = "train a model on the bundled corpus or your own text"
 DESCRIPTION = (
@@ -26,7 +31,6 @@ DESCRIPTION = (
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """One flag per TrainConfig field. Every flag defaults to None (= not given), so that a JSON `--config`
     file and the options saved with a run (`--resume`) fill in what the flags leave out."""
-    from deepmoe.train.config import TrainConfig
 
     parser.add_argument(
         "--config", metavar="FILE", help="JSON file of options (TrainConfig field names); flags override it"
@@ -54,9 +58,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def options_from_args(args: argparse.Namespace) -> dict[str, Any]:
     """TrainConfig fields from a `--config` file, overridden by the flags given."""
-    from deepmoe.io.checkpoint import read_json
-    from deepmoe.train.config import TrainConfig
-
     options: dict[str, Any] = {}
     if getattr(args, "config", None):
         options.update(read_json(Path(args.config), "training config"))
@@ -69,13 +70,6 @@ def options_from_args(args: argparse.Namespace) -> dict[str, Any]:
 
 def run(args: argparse.Namespace) -> int:
     """0 when the run finished, 130 when Ctrl-C stopped it (after saving), 1 on an error (one line)."""
-    import torch.distributed as dist
-
-    from deepmoe.io.checkpoint import CheckpointError
-    from deepmoe.train.checkpoint import REPORT_NAME
-    from deepmoe.train.config import TrainConfig
-    from deepmoe.train.trainer import TrainingError, resume, train
-
     view = ProgressView()
     try:
         options = options_from_args(args)

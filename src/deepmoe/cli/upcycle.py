@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from deepmoe.tools.upcycle import upcycle
+
 HELP = "turn a dense checkpoint into a fine-grained MoE with the same function"
 DESCRIPTION = (
     "Split each dense FFN of a deepmoe or Llama-style checkpoint into M experts of width I/M (K of them "
@@ -27,8 +29,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from deepmoe.tools.upcycle import upcycle
-
     result = upcycle(
         args.dense, args.out, args.experts_per_ffn, shared=args.shared, top_k=args.top_k, replicas=args.replicas,
         noise=args.noise, keep_dense=args.keep_dense, seed=args.seed,

@@ -50,6 +50,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -109,7 +110,6 @@ def analyze(
 
     The result is JSON-serialisable; layers are keyed by their index as a string.
     """
-    import numpy as np
 
     if not sources:
         raise ValueError("analyze needs at least one source")

@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from deepmoe.io.files import atomic_write, claim_directory, visible_entries
@@ -148,7 +149,6 @@ def _csv(path: Path, header: Sequence[str], rows: Sequence[Sequence[Any]]) -> Pa
 
 def plot_load_heatmap(report: dict[str, Any], path: Path) -> Path:
     """Layer × expert heatmap of each expert's load relative to the mean (share · N), all sources."""
-    import numpy as np
 
     layers = report["layers"]
     names = list(layers)
@@ -166,7 +166,6 @@ def plot_load_heatmap(report: dict[str, Any], path: Path) -> Path:
 
 def plot_source_distribution(layer: dict[str, Any], idx: str, path: Path) -> Path:
     """One layer: each source's expert shares relative to uniform (share · N), grouped bars."""
-    import numpy as np
 
     sources = layer["sources"]
     n = layer["experts"]
@@ -191,7 +190,6 @@ def plot_source_distribution(layer: dict[str, Any], idx: str, path: Path) -> Pat
 
 def plot_coactivation(layer: dict[str, Any], idx: str, path: Path) -> Path:
     """One layer: the co-activation lift matrix P(i,j)/(P(i)P(j)) (diagonal blank)."""
-    import numpy as np
 
     coact = torch.tensor(layer["coactivation"]["matrix"], dtype=torch.long)
     lift = coactivation_lift(coact, layer["tokens"]).numpy()
