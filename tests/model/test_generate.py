@@ -109,7 +109,7 @@ def test_cli_prints_multibyte_text_whole(tmp_path, capsys, byte_bpe, monkeypatch
             streamer(torch.tensor([t]))
         return torch.cat([input_ids, torch.tensor([target[:max_new_tokens]])], dim=1)
 
-    monkeypatch.setattr(importlib.import_module("deepmoe.model.generate"), "generate", scripted)
+    monkeypatch.setattr(importlib.import_module("deepmoe.cli.generate"), "generate", scripted)
     argv = ["generate", str(tmp_path), "--prompt", "東京 こんにちは", "--max-new-tokens", str(len(target))]
     assert main(argv) == 0
     assert capsys.readouterr().out == MULTIBYTE + "\n"
