@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from configs import tiny_preset
+from corpora import byte_level_bpe
 from deepmoe.model.decoder import DeepSeekForCausalLM
 from deepmoe.model.generate import IncrementalDecoder, TextStreamer, generate, generate_speculative
 
@@ -17,16 +18,8 @@ MULTIBYTE = "東京 こんにちは, café — “quoted” naïve 日本語の�
 @pytest.fixture(scope="module")
 def byte_bpe():
     """A byte-level BPE like the bundled one, trained here: its merges split multi-byte characters."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
     text = "the quick brown fox jumps over the lazy dog. 東京の天気はこんにちは、café au lait — “yes” " * 50
-    tokenizer = Tokenizer(models.BPE())
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=300, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
-    )
-    tokenizer.train_from_iterator([text], trainer=trainer)
+    tokenizer = byte_level_bpe(text)
     return tokenizer
 
 

@@ -14,6 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from corpora import byte_level_bpe
 from deepmoe import DeepSeekConfig, DeepSeekForCausalLM, get_preset
 from deepmoe.cli.esft import add_arguments, run
 from deepmoe.io.delta import DELTA_META, DELTA_WEIGHTS, DeltaError, apply_delta, delta_size, load_delta, save_delta
@@ -424,17 +425,9 @@ def test_bad_deltas_give_clear_errors(tmp_path):
 
 
 def test_esft_command_end_to_end(tmp_path, capsys):
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
     text = "".join(f"def f{i}(x):\n    return x * {i} + {i % 7}\n\n" for i in range(400))
     (tmp_path / "task.py").write_text(text)
-    tokenizer = Tokenizer(models.BPE())
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=300, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
-    )
-    tokenizer.train_from_iterator([text], trainer=trainer)
+    tokenizer = byte_level_bpe(text)
     config = DeepSeekConfig.from_dict({**_tiny_config().to_dict(), "vocab_size": tokenizer.get_vocab_size()})
     torch.manual_seed(0)
     checkpoint = save_pretrained(DeepSeekForCausalLM(config), tmp_path / "base")
