@@ -298,7 +298,7 @@ class DeepSeekForCausalLM(nn.Module):
             return None
         if not (dist.is_available() and dist.is_initialized()):
             return None
-        from torch.distributed.tensor import DTensor
+        from torch.distributed.tensor import DTensor  # only where torch.distributed is built and running
 
         runs = (has_labels if output_mtp is None else output_mtp) and not cached
         params = [

@@ -10,6 +10,7 @@ import dataclasses
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
 
 from deepmoe.moe.layer import MoE
 from deepmoe.parallel.dispatch import ExpertParallelDispatcher
@@ -65,8 +66,6 @@ def ignore_experts_in_ddp(module: nn.Module) -> list[str]:
     `apply_expert_parallel` and before `DistributedDataParallel(...)`. Then, after each backward,
     `scale_expert_gradients` (DDP averages only the replicated weights).
     """
-    from torch.nn.parallel import DistributedDataParallel
-
     experts = {id(p) for p in expert_parameters(module)}
     names = list(getattr(module, "_ddp_params_and_buffers_to_ignore", ()))
     names += [name for name, p in module.named_parameters() if id(p) in experts and name not in names]

@@ -54,9 +54,11 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from deepmoe.data import load_tokenizer
 from deepmoe.io.checkpoint import checkpoint_dir
+from deepmoe.model import from_pretrained
 from deepmoe.tools.analyze_files import is_analysis, write_analysis
-from deepmoe.tools.routing import LayerRouting, collect_routing
+from deepmoe.tools.routing import LayerRouting, collect_routing, fixed_batches, source_tokens
 from deepmoe.tools.routing_metrics import (
     DEFINITIONS,
     DOMINANT_FACTOR,
@@ -268,10 +270,6 @@ def analyze_checkpoint(
     source, and return `analyze`'s report with "model" added (write it with `write_analysis`).
     `device` "auto" is cuda when available. ValueError (one line) when the model or a source is unusable.
     """
-    from deepmoe.data import load_tokenizer
-    from deepmoe.model import from_pretrained
-    from deepmoe.tools.routing import fixed_batches, source_tokens
-
     for name, value in (("max_tokens", max_tokens), ("seq_len", seq_len), ("batch_size", batch_size), ("top_k", top_k)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{name}={value!r} must be an integer >= 1")

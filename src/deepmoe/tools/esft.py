@@ -46,6 +46,7 @@ import json
 import math
 import os
 from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextlib import nullcontext
 from operator import attrgetter
 from pathlib import Path
 from typing import Any
@@ -54,11 +55,13 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
+from deepmoe.data import EOT_TOKEN, PackedBatches, load_tokenizer
 from deepmoe.evaluate import heldout_loss
 from deepmoe.io.checkpoint import SafetensorsCheckpoint, checkpoint_dir
 from deepmoe.io.delta import DELTA_FORMAT, DELTA_META, check_selection, delta_size, save_delta
 from deepmoe.io.files import claim_directory
-from deepmoe.tools.routing import LayerRouting
+from deepmoe.model import from_pretrained
+from deepmoe.tools.routing import LayerRouting, collect_routing, fixed_batches, source_tokens
 from deepmoe.train.config import build_optimizer
 from deepmoe.train.step import NonFiniteError, optimizer_step
 
@@ -267,8 +270,6 @@ def full_finetune(
 ) -> nn.Module:
     """The baseline: every parameter trained with the same loss, optimiser and batches as `esft_finetune`
     (weight decay on matrices only, as in `deepmoe train`). In place; returns the model."""
-    from contextlib import nullcontext
-
     flags = {p: p.requires_grad for p in model.parameters()}
     was_training = model.training
     try:
@@ -346,8 +347,6 @@ def _task_tokens(
 ) -> tuple[Tensor, Tensor]:
     """(train tokens, eval tokens) of the task: `eval_data`, or a split of `data` at a token position
     (the tail is held out; at most one document straddles the cut)."""
-    from deepmoe.tools.routing import source_tokens
-
     tokens = source_tokens(data, tokenizer, eot_id)
     if eval_data is not None:
         train, held = tokens, source_tokens(eval_data, tokenizer, eot_id)
@@ -414,9 +413,6 @@ def _esft(
     model_dir, data, out, method, p, steps, lr, weight_decay, grad_clip, batch_size, seq_len, score_tokens,
     eval_data, eval_fraction, eval_tokens, compare_full, device, seed, progress,
 ) -> dict[str, Any]:  # fmt: skip
-    from deepmoe.data import EOT_TOKEN, PackedBatches, load_tokenizer
-    from deepmoe.model import from_pretrained
-    from deepmoe.tools.routing import collect_routing, fixed_batches
 
     _check_arguments(
         method, p, steps, lr, weight_decay, grad_clip, batch_size, seq_len, score_tokens, eval_fraction, eval_tokens

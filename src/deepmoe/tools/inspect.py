@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from deepmoe.config import DeepSeekConfig
+from deepmoe.io import load_config
 from deepmoe.model.parameters import count_parameters
 from deepmoe.presets import PRESETS, get_preset
 
@@ -15,8 +16,6 @@ def resolve_config(preset_or_path: str) -> DeepSeekConfig:
     if preset_or_path in PRESETS:
         return get_preset(preset_or_path)
     if Path(preset_or_path).exists():
-        from deepmoe.io import load_config
-
         return load_config(preset_or_path)
     raise ValueError(f"{preset_or_path!r} is neither a preset ({', '.join(PRESETS)}) nor an existing directory")
 

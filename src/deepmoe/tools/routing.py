@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from deepmoe.data import bundled_corpus, read_text_path, split_documents
 from deepmoe.model.decoder import DeepSeekForCausalLM
 from deepmoe.moe.layer import MoEOutput
 
@@ -107,8 +108,6 @@ def source_tokens(source: str, tokenizer, eot_id: int | None = None) -> Tensor:
     (e.g. `bundled:english`, `bundled:code`): the held-out documents of that domain of the
     bundled corpus, which a model trained on the bundled corpus has not seen.
     """
-    from deepmoe.data import bundled_corpus, read_text_path, split_documents
-
     if source.startswith(BUNDLED_PREFIX):
         domain = source.removeprefix(BUNDLED_PREFIX)
         _, heldout = split_documents(bundled_corpus(), 0.05)

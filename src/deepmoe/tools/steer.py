@@ -49,7 +49,9 @@ import torch
 from torch import Tensor
 
 from deepmoe.config import MoEConfig
+from deepmoe.data import EOT_TOKEN, load_tokenizer
 from deepmoe.evaluate import heldout_loss
+from deepmoe.model import from_pretrained
 from deepmoe.moe.router import Router
 from deepmoe.tools.routing import LayerRouting, collect_routing, fixed_batches, source_tokens
 from deepmoe.tools.steering_file import (
@@ -378,7 +380,6 @@ def text_batches(texts: Sequence[str], tokenizer, max_len: int) -> list[Tensor]:
 
 
 def _eot_id(tokenizer, config) -> int | None:
-    from deepmoe.data import EOT_TOKEN
 
     eot = tokenizer.token_to_id(EOT_TOKEN)
     if eot is None:
@@ -475,9 +476,6 @@ def steer(
     only a steering file is ever replaced (`check_steering_target`). `on_plan(output)` is called once the
     plan is made, before the (longer) effect measurement. ValueError on unusable inputs.
     """
-    from deepmoe.data import load_tokenizer
-    from deepmoe.model import from_pretrained
-
     if pairs is not None and (a is not None or b is not None):
         raise ValueError("steer takes either a and b (text sources) or pairs, not both")
     if pairs is None and (a is None or b is None):

@@ -16,6 +16,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from deepmoe.io.files import write_json
+
 STEERING_FORMAT = "deepmoe-steering"
 STEERING_VERSION = 1
 ACTIONS = ("disable", "force")
@@ -135,8 +137,6 @@ def check_steering_target(path: str | os.PathLike) -> None:
 def write_steering(path: str | os.PathLike, output: Mapping[str, Any]) -> Path:
     """Write the steering file `path` (atomically; `check_steering_target` first, so only a steering file
     is ever replaced)."""
-    from deepmoe.io.files import write_json
-
     check_steering_target(path)
     return write_json(path, output)
 

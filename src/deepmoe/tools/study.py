@@ -30,12 +30,16 @@ import statistics
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from time import perf_counter
 from typing import Any
 
 import torch
 
+from deepmoe import data
 from deepmoe.evaluate import heldout_loss
 from deepmoe.io.files import atomic_write, claim_directory, visible_entries, write_json
+from deepmoe.model import from_pretrained
+from deepmoe.model.decoder import DeepSeekForCausalLM
 from deepmoe.model.parameters import count_parameters
 from deepmoe.report import figure, read_jsonl, save_figure
 from deepmoe.train.checkpoint import EVAL_LOG_NAME, LOG_NAME, REPORT_NAME, read_last
@@ -258,8 +262,6 @@ def redundancy_test(
 ) -> list[dict[str, Any]]:
     """DeepSeekMoE §4.5: held-out loss when each token's top-scored routed experts (a fraction of N_r)
     are disabled in every MoE layer and top-K is taken from the rest."""
-    from deepmoe.model import from_pretrained
-
     model = from_pretrained(checkpoint)
     layers = list(model.moe_layers().values())
     n = min(layer.config.n_routed_experts for layer in layers)
@@ -284,9 +286,6 @@ def side_by_side_speed(
     """Training tokens/s of each variant, measured side by side: the models (freshly initialised) take turns
     for `rounds` rounds of 2 steps each (forward, backward, AdamW), and each keeps its median round, so a busy
     machine slows them alike (the runs' own tokens/s were measured at different times)."""
-    from time import perf_counter
-
-    from deepmoe.model.decoder import DeepSeekForCausalLM
 
     batch = corpus.train[: scale.batch_size * scale.seq_len].view(scale.batch_size, scale.seq_len)
     models = {}
@@ -329,8 +328,6 @@ def run_study(
 
     `log` receives one line per step of progress (default: this module's logger, at INFO). A run stopped
     by Ctrl-C is saved and KeyboardInterrupt raised: calling again with the same `out` continues it."""
-    from deepmoe import data
-
     log = log or logger.info
 
     with claim_directory(out, "study directory (deepmoe study)", is_study) as out:
