@@ -6,13 +6,14 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import re
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
 
-from deepmoe.config import DeepSeekConfig, check, is_int, is_real
+from deepmoe.config import DeepSeekConfig, MoEConfig, check, is_int, is_real
 from deepmoe.presets import PRESETS, get_preset
 
 DEFAULT_PRESET, DEFAULT_VOCAB_SIZE = "tiny-v3", 4096
@@ -70,8 +71,9 @@ class TrainConfig:
     device: str = option("auto", "auto: cuda if available", choices=DEVICES)
     out: str = option("runs/deepmoe", "run directory")
     model_overrides: dict[str, Any] | None = option(
-        None, "DeepSeekConfig fields over the preset's (HF names); a 'moe' dict updates the MoE fields, 'moe': "
-        "null makes every layer dense (in a --config file only)", flag=None
+        None, "DeepSeekConfig fields over the preset's (HF names) and MoEConfig fields, at the top level (e.g. "
+        "{\"num_hidden_layers\": 2, \"n_routed_experts\": 8}) or in a 'moe' dict; hidden_size sets both; 'moe': "
+        "null makes every layer dense; an unknown field is refused (in a --config file only)", flag=None
     )  # fmt: skip
     init_from: str | None = option(
         None, "start from this HF-format checkpoint's model and tokenizer.json (e.g. an upcycled model); the model's "
@@ -187,14 +189,39 @@ def lr_at(step: int, config: TrainConfig) -> float:
     return peak + (floor - peak) * p
 
 
+_MODEL_FIELDS = frozenset(f.name for f in dataclasses.fields(DeepSeekConfig))
+_MOE_FIELDS = frozenset(f.name for f in dataclasses.fields(MoEConfig))
+
+
+def _apply_model_overrides(fields: dict[str, Any], overrides: dict[str, Any]) -> None:
+    """Put `TrainConfig.model_overrides` into a preset's `DeepSeekConfig.to_dict()`: DeepSeekConfig fields and
+    MoEConfig fields at the top level or under "moe"; ValueError naming an unknown field."""
+
+    def moe_fields(name: str) -> dict[str, Any]:
+        if not fields.get("moe"):
+            raise ValueError(f"TrainConfig.model_overrides.{name} is invalid: the model has no MoE layers (moe=null)")
+        return fields["moe"]
+
+    for name, value in overrides.items():
+        if name == "moe" and isinstance(value, dict):
+            unknown = sorted(set(value) - _MOE_FIELDS)
+            if unknown:
+                raise ValueError(f"TrainConfig.model_overrides.moe.{unknown[0]} is not a MoEConfig field")
+            fields["moe"] = {**(fields.get("moe") or {}), **value}
+        elif name in _MODEL_FIELDS:
+            fields[name] = value
+            if name == "hidden_size" and fields.get("moe"):
+                fields["moe"]["hidden_size"] = value
+        elif name in _MOE_FIELDS:
+            moe_fields(name)[name] = value
+        else:
+            raise ValueError(f"TrainConfig.model_overrides.{name} is not a DeepSeekConfig or MoEConfig field")
+
+
 def build_model_config(config: TrainConfig, vocab_size: int, eot_id: int | None = None) -> DeepSeekConfig:
     """The preset's config with the tokenizer's vocab_size and the run's model overrides."""
     fields = get_preset(config.preset).to_dict()
-    for name, value in (config.model_overrides or {}).items():
-        if name == "moe" and isinstance(value, dict) and fields.get("moe"):
-            fields["moe"] = {**fields["moe"], **value}
-        else:
-            fields[name] = value
+    _apply_model_overrides(fields, config.model_overrides or {})
     fields.update(vocab_size=vocab_size, bos_token_id=None, eos_token_id=eot_id, pad_token_id=None)
     if config.layers is not None:
         fields["num_hidden_layers"] = config.layers
@@ -215,7 +242,11 @@ def build_model_config(config: TrainConfig, vocab_size: int, eot_id: int | None 
         fields["moe"]["bias_update_speed"] = config.bias_update_speed
     if fields.get("moe"):
         fields["moe"]["fp8_experts"] = config.fp8_experts
-    model_config = DeepSeekConfig.from_dict(fields)
+    try:
+        model_config = DeepSeekConfig.from_dict(fields)
+    except (TypeError, ValueError) as error:  # one line naming the field, without the MoEConfig's repr
+        message = re.sub(r"=MoEConfig\(.*\) is invalid", " is invalid", str(error).splitlines()[0])
+        raise ValueError(f"TrainConfig.model_overrides: {message}") from None
     if config.seq_len > model_config.max_position_embeddings:
         raise ValueError(
             f"TrainConfig.seq_len={config.seq_len} is invalid: preset {config.preset!r} allows at most "
