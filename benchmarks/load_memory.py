@@ -1,0 +1,100 @@
+"""Peak resident memory of `from_pretrained(path, dtype=torch.bfloat16)` against the checkpoint size, and of the
+old way to load (an eager, randomly initialised float32 model, then the checkpoint's tensors assigned) for
+comparison.
+
+    python benchmarks/load_memory.py [--experts 32] [--hidden 1024] [--layers 4] [--keep DIR]
+
+A random bfloat16 checkpoint of a few hundred MB (V3 routing, in 100 MB shards) is written to a temporary
+directory; each load runs in a fresh Python process (Linux), which resets its peak RSS after the imports
+(/proc/self/clear_refs) and reports its RSS then and its peak (VmHWM) after the load: the difference is what
+the load itself needed. The model stays alive when the peak is read, so at least the checkpoint's size is needed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+from deepmoe.config import DeepSeekConfig
+from deepmoe.io.checkpoint import save_checkpoint
+from deepmoe.io.hf import expected_shapes
+from deepmoe.presets import get_preset
+
+CHILD = r"""
+import json, sys
+import torch
+from deepmoe.io.checkpoint import load_checkpoint
+from deepmoe.model import DeepSeekForCausalLM
+path, how = sys.argv[1:]
+def status(key):
+    return int(next(l.split()[1] for l in open("/proc/self/status") if l.startswith(key + ":")))
+open("/proc/self/clear_refs", "w").write("5")  # reset the peak (VmHWM) to the current RSS
+before = status("VmRSS")
+if how == "meta":
+    model = DeepSeekForCausalLM.from_pretrained(path, dtype=torch.bfloat16)
+else:  # the way from_pretrained loaded before it built on the meta device
+    config, state = load_checkpoint(path, dtype=torch.bfloat16)
+    model = DeepSeekForCausalLM(config)
+    model.load_state_dict(state, assign=True)
+    del state
+after = status("VmHWM")
+assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+print(json.dumps({"before_kib": before, "after_kib": after}))
+"""
+
+LABELS = {
+    "meta": "from_pretrained(dtype=bfloat16) (meta build, tensors assigned)",
+    "eager": "eager float32 build, then load_state_dict(assign=True) (before)",
+}
+
+
+def random_checkpoint(config: DeepSeekConfig, path: Path) -> int:
+    """Write random bfloat16 weights of `config` to `path`; returns the bytes of the weights."""
+    g = torch.Generator().manual_seed(0)
+    state = {}
+    for name, shape in expected_shapes(config).items():
+        t = torch.randn(shape, generator=g).mul_(0.02)
+        state[name] = t if name.endswith("e_score_correction_bias") else t.to(torch.bfloat16)
+    save_checkpoint(state, config, path, max_shard_size="100MB")
+    return sum(t.numel() * t.element_size() for t in state.values())
+
+
+def peak_rss(path: Path, how: str) -> tuple[int, int]:
+    """(RSS after the imports, peak RSS during the load) of a fresh process, in bytes."""
+    result = subprocess.run([sys.executable, "-c", CHILD, str(path), how], capture_output=True, text=True, check=True)
+    rss = json.loads(result.stdout.strip().splitlines()[-1])
+    return rss["before_kib"] * 1024, rss["after_kib"] * 1024
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--experts", type=int, default=32, help="routed experts per MoE layer (default 32)")
+    parser.add_argument("--hidden", type=int, default=1024, help="hidden size (default 1024)")
+    parser.add_argument("--layers", type=int, default=4, help="decoder layers (default 4)")
+    parser.add_argument("--keep", default=None, help="write the checkpoint here instead of a temporary directory")
+    args = parser.parse_args()
+    fields = get_preset("tiny-v3").to_dict()
+    fields.update(hidden_size=args.hidden, num_hidden_layers=args.layers, num_nextn_predict_layers=0)
+    fields["moe"].update(hidden_size=args.hidden, n_routed_experts=args.experts, moe_intermediate_size=512)
+    config = DeepSeekConfig.from_dict(fields)
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(args.keep or tmp)
+        size = random_checkpoint(config, root / "ckpt")
+        print(f"a random bfloat16 checkpoint of {size / 1e6:.0f} MB ({args.layers} layers, {args.experts} experts, "
+              f"H={args.hidden})")  # fmt: skip
+        print("| load | checkpoint (MB) | RSS after imports (MB) | peak RSS increase (MB) | ratio |")
+        print("|---|---:|---:|---:|---:|")
+        for how in ("meta", "eager"):
+            before, after = peak_rss(root / "ckpt", how)
+            up = after - before
+            print(f"| {LABELS[how]} | {size / 1e6:.0f} | {before / 1e6:.0f} | {up / 1e6:.0f} | {up / size:.2f} |")
+
+
+if __name__ == "__main__":
+    main()
