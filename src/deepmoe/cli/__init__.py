@@ -7,9 +7,10 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import logging
 import sys
 
-from deepmoe.cli.common import show_library_messages
+from deepmoe.cli.common import error_line, show_library_messages
 from deepmoe.runtime import keep_freed_memory
 
 COMMANDS = {  # name on the command line: module in deepmoe.cli
@@ -46,5 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except (ValueError, OSError) as error:
-        print(f"deepmoe {args.command}: error: {error}", file=sys.stderr)
+        print(f"deepmoe {args.command}: error: {error_line(error)}", file=sys.stderr)
         return 1
+    finally:
+        logging.captureWarnings(False)  # `show_library_messages` routed them to logging for this command only

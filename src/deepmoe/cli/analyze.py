@@ -103,7 +103,7 @@ def run(args: argparse.Namespace) -> int:
         )
         written = write_analysis(report, args.out)
     except (ValueError, OSError) as error:
-        print(f"deepmoe analyze: error: {error}", file=sys.stderr)
+        print(f"deepmoe analyze: error: {common.error_line(error)}", file=sys.stderr)
         return 1
     console = common.console()
     console.print(summary_table(report))

@@ -131,7 +131,7 @@ def run(args: argparse.Namespace) -> int:
             device=args.device, seed=args.seed, progress=bar,
         )  # fmt: skip
     except (CheckpointError, ValueError, OSError) as err:
-        print(f"deepmoe esft: error: {err}", file=sys.stderr)
+        print(f"deepmoe esft: error: {common.error_line(err)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("deepmoe esft: interrupted (no delta written)", file=sys.stderr)

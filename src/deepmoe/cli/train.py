@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import re
 import typing
 from pathlib import Path
 from typing import Any
@@ -68,6 +69,19 @@ def options_from_args(args: argparse.Namespace) -> dict[str, Any]:
     return options
 
 
+def flag_names(message: str) -> str:
+    """An error message with each `TrainConfig.<field>` (how the library names an option) as its flag: `--lr`
+    for `TrainConfig.lr`; a field without a flag (a --config file's only) keeps its name."""
+
+    def flag(match: re.Match) -> str:
+        f = next((f for f in dataclasses.fields(TrainConfig) if f.name == match[1]), None)
+        if f is None or f.metadata["flag"] is None:
+            return match[0]
+        return f.metadata["flag"] or "--" + f.name.replace("_", "-")
+
+    return re.sub(r"\bTrainConfig\.(\w+)", flag, message)
+
+
 def run(args: argparse.Namespace) -> int:
     """0 when the run finished, 130 when Ctrl-C stopped it (after saving), 1 on an error (one line)."""
     view = ProgressView()
@@ -77,8 +91,8 @@ def run(args: argparse.Namespace) -> int:
             result = resume(args.resume, observer=view, **options)
         else:
             result = train(TrainConfig.from_dict(options), observer=view)
-    except (TrainingError, CheckpointError) as err:
-        raise ValueError(str(err)) from err  # `deepmoe.cli.main` prints it as one line, exit status 1
+    except (TrainingError, CheckpointError, ValueError) as err:
+        raise ValueError(flag_names(str(err))) from err  # `deepmoe.cli.main` prints it as one line, exit status 1
     except KeyboardInterrupt:  # a second Ctrl-C, or one outside the training loop (checkpoints are atomic)
         common.error_console().print("deepmoe train: interrupted")
         return 130

@@ -489,6 +489,8 @@ def steer(
             raise ValueError(f"{name}={value!r} must be an integer >= 1")
     if out is not None:
         check_steering_target(out)  # before any work; again when writing
+        if not os.access(os.path.dirname(os.path.abspath(out)), os.W_OK):
+            raise ValueError(f"--out {out}: the directory {os.path.dirname(os.path.abspath(out))} is not writable")
     device = device if device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     model = from_pretrained(model_dir, device=device).eval()
     if not model.moe_layers():
