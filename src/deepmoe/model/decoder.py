@@ -187,6 +187,14 @@ class DeepSeekForCausalLM(nn.Module):
             raise ValueError(f"input_ids must have shape [batch, seq], got {tuple(input_ids.shape)}")
         if input_ids.numel() == 0:
             raise ValueError("input_ids is empty: give at least one token")
+        if input_ids.is_meta:
+            raise ValueError("input_ids is on the meta device and holds no values: give the token ids on a real device")
+        weight = self.model.embed_tokens.weight
+        if weight.is_meta:
+            raise ValueError(
+                "the model's weights are on the meta device: materialise them first (model.to_empty(device=...) then "
+                "model.reset_parameters(), or load a checkpoint with from_pretrained)"
+            )
         total = past_length + input_ids.shape[1]
         if total > cfg.max_position_embeddings:
             raise ValueError(
@@ -198,6 +206,29 @@ class DeepSeekForCausalLM(nn.Module):
         if low < 0 or high >= cfg.vocab_size:
             bad = low if low < 0 else high
             raise ValueError(f"token id {bad} is outside the vocabulary [0, {cfg.vocab_size})")
+
+    @staticmethod
+    def _check_labels(labels: Tensor, input_ids: Tensor, vocab_size: int) -> None:
+        """labels: an integer tensor of input_ids' shape and device, each id in [0, vocab_size) or −100 (ignored)."""
+        if not isinstance(labels, Tensor) or labels.dtype not in (torch.int64, torch.int32):
+            what = labels.dtype if isinstance(labels, Tensor) else type(labels).__name__
+            raise ValueError(f"labels must be an integer (LongTensor) tensor of token ids (or -100), got {what}")
+        if labels.shape != input_ids.shape:
+            raise ValueError(
+                f"labels must have the shape of input_ids {tuple(input_ids.shape)} (they are shifted inside), "
+                f"got {tuple(labels.shape)}"
+            )
+        if labels.device != input_ids.device:
+            raise ValueError(f"labels are on {labels.device}, input_ids on {input_ids.device}: put them on one device")
+        if torch.compiler.is_compiling():  # a host read: eager mode only, as the token ids' check
+            return
+        bad = (labels != -100) & ((labels < 0) | (labels >= vocab_size))
+        if bad.any():
+            value = int(labels[bad][0])
+            raise ValueError(
+                f"label {value} is outside the vocabulary [0, {vocab_size}): labels are token ids, or -100 for a "
+                f"position the loss ignores"
+            )
 
     def forward(
         self,
@@ -213,10 +244,10 @@ class DeepSeekForCausalLM(nn.Module):
         The MTP modules run when `output_mtp` is set, by default when labels are given (training);
         never with a cache.
 
-        In eager mode the token ids (and `attention_mask`) are checked here, once per call (their values are read
-        on the host); the layers below do not sync (but for the experts' per-expert loop where no grouped kernel
-        exists; debug checks: `deepmoe.runtime.set_debug_checks`). Under torch.compile those value checks are
-        left out: validate the ids before calling.
+        In eager mode the token ids, labels (and `attention_mask`) are checked here, once per call (their values
+        are read on the host); the layers below do not sync (but for the experts' per-expert loop where no grouped
+        kernel exists; debug checks: `deepmoe.runtime.set_debug_checks`). Under torch.compile those value checks
+        are left out: validate the ids before calling.
 
         `attention_mask` [B, past + S] of 0/1 over the cached and new tokens (as in HF) marks padding: padded keys
         are masked out of attention and positions count real tokens only (a left-padded row's first token is at
@@ -226,6 +257,8 @@ class DeepSeekForCausalLM(nn.Module):
         cache = past_key_values if past_key_values is not None else (KVCache() if use_cache else None)
         start = cache.get_seq_length() if cache is not None else 0
         self._check_input(input_ids, start)
+        if labels is not None:
+            self._check_labels(labels, input_ids, cfg.vocab_size)
         seq = input_ids.shape[1]
         positions = torch.arange(start, start + seq, device=input_ids.device)
         key_mask = None
@@ -342,7 +375,17 @@ class DeepSeekForCausalLM(nn.Module):
     @torch.no_grad()
     def update_expert_bias(self, stats: dict[int, RoutingStats], process_group=None) -> None:
         """Aux-loss-free balancing step (R4) for every MoE layer with a selection bias. `process_group`: the
-        data-parallel ranks whose loads are summed first (see `MoE.update_bias`); None: `stats` as they are."""
+        data-parallel ranks whose loads are summed first (see `MoE.update_bias`); None: `stats` as they are.
+
+        `stats` maps a layer index to its `RoutingStats` (the output's `routing_stats`) or directly to the
+        layer's load [N_r] (a tensor or a list of token counts)."""
+        if not isinstance(stats, dict):
+            raise TypeError(
+                f"update_expert_bias takes a dict of layer index -> RoutingStats (the output's routing_stats), "
+                f"got {type(stats).__name__}"
+            )
         for idx, layer in self.moe_layers().items():
             if layer.config.use_expert_bias and idx in stats:
-                layer.update_bias(stats[idx].tokens_per_expert, process_group=process_group)
+                entry = stats[idx]
+                load = entry.tokens_per_expert if isinstance(entry, RoutingStats) else entry
+                layer.update_bias(load, process_group=process_group)

@@ -8,6 +8,7 @@ h_t = Σ_{i ≤ N_s} FFN_i^(s)(u_t) + Σ_{i ≤ N_r} g_i,t FFN_i^(r)(u_t)   (the
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -44,6 +45,9 @@ class MoE(nn.Module):
 
     Built on the meta device (`with torch.device("meta")`), it is materialised with `to_empty(device=...)`
     followed by `reset_parameters()` (then `load_state_dict`, if weights are loaded).
+
+    The router computes in float32 whatever the layer's dtype (a float64 input is rounded to float32 for the
+    routing only, with a warning once per process); the experts compute in the input's dtype.
 
     `dispatcher` moves the tokens to the experts and back (`deepmoe.moe.dispatch.Dispatcher`); None: a
     `LocalDispatcher` over all N_r experts. It is the attribute `dispatcher`, which can be replaced.
@@ -162,8 +166,9 @@ class MoE(nn.Module):
         aux_loss = sum(losses.values()) if losses else x.new_zeros((), dtype=torch.float32)
         return MoEOutput(out.view(shape).to(hidden_states.dtype), aux_loss, losses, routing, routing_stats(routing))
 
-    def update_bias(self, load: Tensor, process_group: dist.ProcessGroup | None = None) -> None:
-        """Aux-loss-free balancing step (R4); `load` [N_r] = tokens routed to each expert by this process.
+    def update_bias(self, load: Tensor | Sequence[float], process_group: dist.ProcessGroup | None = None) -> None:
+        """Aux-loss-free balancing step (R4); `load` [N_r] = tokens routed to each expert by this process (a
+        tensor, or a list of numbers).
 
         With data (or expert) parallelism, each rank's load is only its own batch's: give `process_group` (the
         data-parallel ranks) and the router sums the load over it first, so every rank makes the same step

@@ -8,7 +8,8 @@ sync): the checks that would are debug checks (`deepmoe.runtime.set_debug_checks
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable
+import warnings
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -133,6 +134,20 @@ def worst_case_reach(config: MoEConfig, disabled: Tensor, forced: Tensor) -> int
     return reach + sum(unscored[: max(0, slots - len(scored))])
 
 
+_warned_float64 = False
+
+
+def _warn_float64_once() -> None:
+    global _warned_float64
+    if not _warned_float64:
+        _warned_float64 = True
+        warnings.warn(
+            "the MoE router computes in float32: a float64 input is rounded to float32 for routing (scores, top-k, "
+            "gate weights); the experts and the rest of the model keep float64",
+            stacklevel=3,
+        )
+
+
 class Router(nn.Module):
     """DeepSeek top-K gate with group limits, selection bias, capacity and masks.
 
@@ -140,6 +155,9 @@ class Router(nn.Module):
     with aux-loss-free balancing, the buffer `e_score_correction_bias` [N_r] (b_i). The bias is routing
     state and stays float32 when the module is cast (`.to(torch.bfloat16)`, `.half()`, a parent's cast):
     in bf16 its γ = 1e-3 steps would round away and the selection would change.
+
+    Routing is computed in float32 for every input dtype: bf16/fp16 inputs are widened, a float64 input is
+    rounded to float32 (warned once per process), so float64 models route as float32 ones do.
     """
 
     def __init__(self, config: MoEConfig):
@@ -242,8 +260,9 @@ class Router(nn.Module):
 
     # ---- R4: aux-loss-free bias ---------------------------------------------------------------
     @torch.no_grad()
-    def update_bias(self, load: Tensor, process_group: dist.ProcessGroup | None = None) -> None:
-        """b_i += γ·sign(mean(load) − load_i), `load` [N_r] = tokens routed to each expert.
+    def update_bias(self, load: Tensor | Sequence[float], process_group: dist.ProcessGroup | None = None) -> None:
+        """b_i += γ·sign(mean(load) − load_i), `load` [N_r] = tokens routed to each expert (a tensor, or a list of
+        numbers, converted).
 
         Data parallelism (DDP, FSDP): each rank only counts its own tokens, so pass the data-parallel
         `process_group` (`torch.distributed.group.WORLD` for the default group): `load` is then summed over
@@ -253,6 +272,16 @@ class Router(nn.Module):
         bias = self.e_score_correction_bias
         if bias is None:
             raise ValueError("update_bias needs MoEConfig.use_expert_bias=True")
+        if not isinstance(load, Tensor):  # a list, tuple or array of token counts: converted
+            try:
+                load = torch.as_tensor(load)
+            except (TypeError, ValueError, RuntimeError):
+                raise TypeError(
+                    f"load must be the tokens routed to each expert: a tensor or a list of {bias.numel()} numbers, "
+                    f"got {type(load).__name__}"
+                ) from None
+            if load.dtype == torch.bool or load.is_complex():
+                raise TypeError(f"load must hold numbers (token counts), got dtype {load.dtype}")
         if load.shape != bias.shape:
             raise ValueError(f"load must have shape {tuple(bias.shape)}, got {tuple(load.shape)}")
         exact = not (load.is_floating_point() or load.is_complex())  # token counts: exact integer arithmetic
@@ -264,8 +293,13 @@ class Router(nn.Module):
 
     # ---- forward ------------------------------------------------------------------------------
     def forward(self, x: Tensor, batch_size: int = 1) -> RouterOutput:
-        """Route `x` [T, H]; `batch_size` sequences of T / batch_size tokens each."""
+        """Route `x` [T, H]; `batch_size` sequences of T / batch_size tokens each.
+
+        The routing is computed in float32 whatever x's dtype: a float64 input (a float64 model) is rounded to
+        float32 here, with a warning, once per process (the rest of the layer keeps float64)."""
         cfg = self.config
+        if x.dtype == torch.float64 and not torch.compiler.is_compiling():
+            _warn_float64_once()
         with torch.autocast(x.device.type, enabled=False):  # router math stays float32 under autocast
             logits = F.linear(x.float(), self.weight.float())  # [T, N]
         if debug_checks_enabled() and not torch.isfinite(logits).all():  # a host sync: debug only

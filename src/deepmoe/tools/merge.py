@@ -219,6 +219,21 @@ def _differences(files: list[BinaryIO], ts: list[StoredTensor]) -> list[float]:
     return [math.sqrt(d) / norm if norm else (0.0 if d == 0 else math.inf) for d in diff_sq]
 
 
+def _check_paths(parents: object) -> None:
+    """TypeError unless `parents` is a list of checkpoint directories (paths), e.g. not model objects."""
+    if isinstance(parents, (str, os.PathLike)) or not isinstance(parents, Sequence):
+        raise TypeError(
+            f"merge_checkpoints takes a list of checkpoint directories (the first is the base), got "
+            f"{type(parents).__name__}: pass e.g. [base_dir, other_dir]"
+        )
+    for p in parents:
+        if not isinstance(p, (str, os.PathLike)):
+            raise TypeError(
+                f"merge_checkpoints takes checkpoint directories (paths), got a {type(p).__name__}: write a model "
+                f"out first with save_pretrained(model, directory) and pass the directory"
+            )
+
+
 def merge_checkpoints(
     parents: Sequence[str | os.PathLike],
     weights: Sequence[float],
@@ -236,6 +251,7 @@ def merge_checkpoints(
     `dry_run`: nothing is written; the report has, per class, the tensor count, bytes, the mean
     normalised difference of each parent to the base and how many tensors δ would keep.
     """
+    _check_paths(parents)
     paths = [checkpoint_dir(p) for p in parents]
     if not is_number(threshold) or threshold < 0:
         raise ValueError(f"threshold δ={threshold!r} is invalid: must be a finite number >= 0")
