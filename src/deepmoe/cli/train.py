@@ -102,25 +102,29 @@ def run(args: argparse.Namespace) -> int:
     if result.interrupted:
         return 130
     if os.environ.get("RANK", "0") == "0":  # torchrun's rank: one line for the whole expert-parallel run
-        if result.report is not None and view.show:
+        if result.report is not None and view.started:  # rank 0 (--no-progress hides only the bar)
             common.console().print(report_table(result.report, result.out_dir))
         print(f"trained {result.step} steps: checkpoint {result.checkpoint}, report {result.out_dir / REPORT_NAME}")
     return 0
 
 
 class ProgressView:
-    """A `TrainingObserver` drawing a rich progress bar: step, LM loss, tokens/s, MaxVio (mean over layers)."""
+    """A `TrainingObserver` printing the run's banner and held-out losses and drawing a rich progress bar
+    (step, LM loss, tokens/s, MaxVio: mean over layers); `--no-progress` hides only the bar."""
 
     def __init__(self) -> None:
-        self.show = False
+        self.started = False
+        """Whether the run started on this process and it prints (torchrun's rank 0, or the only process)."""
         self._progress: Progress | None = None
 
     def start(self, run) -> None:
-        self.show = run.show_progress
-        if not self.show:
+        self.started = os.environ.get("RANK", "0") == "0"
+        if not self.started:
             return
         console = common.error_console()
         console.print(run.description)
+        if not run.show_progress:
+            return
         self._progress = Progress(
             TextColumn("[bold]train[/bold]"), BarColumn(), MofNCompleteColumn(),
             TextColumn("lm loss {task.fields[loss]}"), TextColumn("{task.fields[tps]} tok/s"),
@@ -144,8 +148,10 @@ class ProgressView:
         )
 
     def evaluation(self, record: dict[str, Any]) -> None:
-        if self._progress is not None:
-            self._progress.console.print(f"step {record['step']}: held-out loss {record['heldout_loss']:.4f}")
+        if not self.started:
+            return
+        console = self._progress.console if self._progress is not None else common.error_console()
+        console.print(f"step {record['step']}: held-out loss {record['heldout_loss']:.4f}")
 
     def end(self) -> None:
         if self._progress is not None:
@@ -166,8 +172,8 @@ def report_table(report: dict[str, Any], out_dir: str | os.PathLike | None = Non
             return ", ".join(fmt(v) for v in value)
         return str(value)
 
-    keys = ("steps", "heldout_loss", "heldout_perplexity", "unigram_entropy", "maxvio", "dead_experts",
-            "dropped_fraction", "tokens_per_second")  # fmt: skip
+    keys = ("steps", "final_train_lm_loss", "heldout_loss", "heldout_perplexity", "heldout_tokens", "unigram_entropy",
+            "maxvio", "dead_experts", "dropped_fraction", "tokens_per_second")  # fmt: skip
     for key in keys:
         table.add_row(key, fmt(report.get(key)))
     return table

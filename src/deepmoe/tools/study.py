@@ -217,6 +217,7 @@ def train_config(variant: Variant, scale: StudyScale, run_dir: Path, seed: int) 
         seq_len=scale.seq_len, batch_size=scale.batch_size, steps=scale.steps, warmup_steps=scale.warmup_steps,
         lr=scale.lr, min_lr=scale.lr / 10, eval_every=scale.eval_every, eval_batches=scale.eval_batches,
         save_every=0, keep_last=1, seed=seed, out=str(run_dir), progress=False,
+        final_eval_batches=0,  # the study's held-out loss is over the whole held-out split (docs/study.md)
     )  # fmt: skip
 
 

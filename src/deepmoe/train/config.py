@@ -21,7 +21,7 @@ SCHEDULES = ("cosine", "wsd")
 DEVICES = ("auto", "cpu", "cuda")
 RESUME_OVERRIDABLE = frozenset(
     {"steps", "schedule_steps", "lr", "min_lr", "grad_clip", "eval_every", "eval_batches", "save_every",
-     "keep_last", "device", "progress", "expert_parallel"}
+     "keep_last", "device", "progress", "expert_parallel", "final_eval_batches"}
 )  # fmt: skip
 """Options a resumed run may change; the others are the run's."""
 
@@ -62,8 +62,13 @@ class TrainConfig:
     beta2: float = option(0.95, "AdamW β2")
     eps: float = option(1e-8, "AdamW ε")
     grad_clip: float = option(1.0, "clip the global gradient norm to this; 0: off")
-    eval_every: int = option(200, "held-out evaluation every N steps (0: only at the end, on the whole set)")
-    eval_batches: int = option(20, "held-out batches per periodic evaluation (0: all; the final one uses all)")
+    eval_every: int = option(200, "held-out evaluation every N steps (0: only the final one)")
+    eval_batches: int = option(20, "held-out batches per periodic evaluation (0: all)")
+    final_eval_batches: int | None = option(
+        None, "held-out batches of the final evaluation (0: the whole held-out set; default: at most 200, and no "
+        "more than the run's micro-batches, so that a smoke run's evaluation stays as short as its training; "
+        "report.json's heldout_tokens says how many tokens it covered)"
+    )  # fmt: skip
     save_every: int = option(500, "checkpoint every N steps (0: only at the end; also at the end and on Ctrl-C)")
     keep_last: int = option(3, "checkpoints kept (0: all)")
     seed: int = option(0, "seed of the weights and the data order")
@@ -125,6 +130,8 @@ class TrainConfig:
         for name in ("warmup_steps", "eval_every", "eval_batches", "save_every", "keep_last", "seed"):
             if not is_int(getattr(self, name)) or getattr(self, name) < 0:
                 fail(name, "must be an integer >= 0")
+        if self.final_eval_batches is not None and (not is_int(self.final_eval_batches) or self.final_eval_batches < 0):
+            fail("final_eval_batches", "must be None or an integer >= 0")
         for name in ("schedule_steps", "layers", "hidden_size"):
             value = getattr(self, name)
             if value is not None and (not is_int(value) or value < 1):

@@ -30,7 +30,8 @@ def run_report(
     bf16: bool,
     device: str,
 ) -> dict[str, Any]:
-    """report.json's content: the final held-out evaluation over the whole held-out set, the expert loads
+    """report.json's content: the final held-out evaluation (over `heldout_tokens` tokens: the first
+    `final_eval_batches` batches of the held-out set, or all of it), the expert loads
     it routed per MoE layer (MaxVio, CV, dead experts), the dropped fraction and throughput over the run
     (`totals`, summed over its sessions), and the run's options."""
     layers = [i for i in moe_layers if i in evaluation.load]
@@ -60,9 +61,11 @@ def run_report(
         "tokens_per_second": totals["tokens"] / totals["train_time_s"] if totals["train_time_s"] else 0.0,
         "tokens_seen": totals["tokens"],
         "train_time_s": totals["train_time_s"],
-        "final_train_loss": log[-1]["loss"] if log else None,
+        "final_train_loss": log[-1]["loss"] if log else None,  # kept for compatibility: LM + aux + MTP losses
+        "final_train_lm_loss": log[-1].get("lm_loss") if log else None,  # the LM loss alone (the progress bar's)
         "expert_parallel": ranks,
-        "parameters": params.total,
+        "parameters": params.total,  # without the MTP modules (mtp_parameters)
+        "mtp_parameters": params.mtp,
         "active_parameters": params.active,
         "preset": config.preset,
         "corpus_id": getattr(corpus, "corpus_id", None),

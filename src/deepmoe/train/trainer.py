@@ -58,6 +58,9 @@ from deepmoe.train.step import NonFiniteError, optimizer_step
 
 logger = logging.getLogger(__name__)
 
+FINAL_EVAL_BATCHES = 200
+"""The final evaluation's bound when `final_eval_batches` is not given (and the run is longer)."""
+
 
 class TrainingError(RuntimeError):
     """The run had to stop (non-finite loss or gradient, a failed checkpoint write); the message says why
@@ -483,6 +486,10 @@ class _Run:
         """Steps until `steps`, with periodic evaluations and checkpoints; then the final checkpoint and the
         report. Ctrl-C stops after the current step and saves."""
         cfg, stopper = self.cfg, _StopOnSigint()
+        if cfg.warmup_steps > (cfg.schedule_steps or cfg.steps) and self.is_main:
+            logger.warning("warmup_steps=%d is longer than the %d-step schedule: the learning rate never reaches "
+                           "lr=%g (set --warmup-steps)", cfg.warmup_steps, cfg.schedule_steps or cfg.steps,
+                           cfg.lr)  # fmt: skip
         self.observer.start(RunStart(self.step, cfg.steps, self._description(), cfg.progress and self.is_main))
         try:
             with stopper, open(self.out / LOG_NAME if self.is_main else os.devnull, "a", encoding="utf-8") as log:
@@ -537,18 +544,23 @@ class _Run:
     def _description(self) -> str:
         cfg, counts = self.cfg, count_parameters(self.model_config)
         ranks = f" x {self.world} ranks (expert parallel)" if self.world > 1 else ""
+        mtp = f" + {counts.mtp / 1e6:.2f} M MTP" if counts.mtp else ""  # report.json's parameters, mtp_parameters
         schedule = cfg.schedule_steps or cfg.steps
         return (
             f"{'resuming' if self.step else 'training'} {cfg.preset or cfg.init_from} "
-            f"({(counts.total + counts.mtp) / 1e6:.2f} M parameters, vocab {self.model_config.vocab_size}) on "
+            f"({counts.total / 1e6:.2f} M parameters{mtp}, vocab {self.model_config.vocab_size}) on "
             f"{self.corpus.train.numel():,} tokens, device {self.device}{ranks}"
             f"{', bf16 autocast' if self.autocast else ''}: step {self.step} -> {cfg.steps}, run directory {self.out}"
             + (f"; LR schedule of {schedule} steps (min_lr after it)" if schedule != cfg.steps else "")
         )
 
     def finish(self) -> dict[str, Any]:
-        """Evaluate on the whole held-out set; write report.json, loss.png, expert_load.png (rank 0)."""
-        heldout = data.heldout_batches(self.corpus.heldout, self.cfg.batch_size, self.cfg.seq_len)
+        """Evaluate on the first `final_eval_batches` held-out batches (see `TrainConfig`; report.json's
+        heldout_tokens says how many tokens); write report.json, loss.png, expert_load.png (rank 0)."""
+        bound = self.cfg.final_eval_batches
+        if bound is None:  # a normal run: 200 batches at most; a smoke run: no more than it trained on
+            bound = min(FINAL_EVAL_BATCHES, max(1, self.step * self.cfg.grad_accum))
+        heldout = data.heldout_batches(self.corpus.heldout, self.cfg.batch_size, self.cfg.seq_len, bound or None)
         result = self.evaluate(heldout)
         if not self.is_main:
             return {}
