@@ -83,3 +83,46 @@ def test_steer_refuses_a_read_only_directory(tmp_path, capsys):
     pairs.write_text('{"a": "to be", "b": "def f():"}\n')
     assert main(["steer", str(tmp_path / "no-model"), "--pairs", str(pairs), "--out", str(locked / "s.json")]) == 1
     assert "is not writable" in error_line(capsys)
+
+
+@pytest.fixture(scope="module")
+def bare_checkpoint(tmp_path_factory):
+    """A checkpoint saved without tokenizer.json (as transformers saves one), and a tokenizer elsewhere."""
+    import torch
+
+    from configs import tiny_preset
+    from corpora import byte_level_bpe
+    from deepmoe import DeepSeekForCausalLM
+
+    root = tmp_path_factory.mktemp("bare")
+    tokenizer = byte_level_bpe("to be or not to be, that is the question\ndef f(x):\n    return x + 1\n" * 20, 300)
+    (root / "tok").mkdir()
+    tokenizer.save(str(root / "tok" / "tokenizer.json"))
+    torch.manual_seed(0)
+    DeepSeekForCausalLM(tiny_preset(num_hidden_layers=2, vocab_size=300)).save_pretrained(root / "model")
+    (root / "text.txt").write_text("to be or not to be, that is the question\n" * 30)
+    return root
+
+
+def test_missing_tokenizer_mentions_the_option(bare_checkpoint, capsys):
+    model = str(bare_checkpoint / "model")
+    assert main(["generate", model, "--prompt", "to be"]) == 1
+    line = error_line(capsys)
+    assert "tokenizer.json not found" in line and "--tokenizer" in line
+    argv = ["analyze", model, "--data", str(bare_checkpoint / "text.txt"), "--out", str(bare_checkpoint / "a")]
+    assert main(argv) == 1
+    assert "--tokenizer" in error_line(capsys)
+
+
+def test_tokenizer_option_for_a_checkpoint_without_one(bare_checkpoint, capsys):
+    model, tok = str(bare_checkpoint / "model"), bare_checkpoint / "tok"
+    argv = ["generate", model, "--prompt", "to be", "--max-new-tokens", "3", "--tokenizer", str(tok)]
+    assert main(argv) == 0
+    capsys.readouterr()
+    argv = ["analyze", model, "--data", str(bare_checkpoint / "text.txt"), "--out", str(bare_checkpoint / "a")]
+    argv += ["--max-tokens", "256", "--seq-len", "32", "--batch-size", "2", "--tokenizer", str(tok / "tokenizer.json")]
+    assert main(argv) == 0
+    assert (bare_checkpoint / "a" / "report.json").is_file()
+    capsys.readouterr()
+    assert main(["generate", model, "--prompt", "x", "--tokenizer", str(bare_checkpoint / "nothing")]) == 1
+    assert "nothing" in error_line(capsys)

@@ -43,6 +43,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=positive_int, default=8, help="sequences per batch (default 8)")
     parser.add_argument("--top-k", type=positive_int, default=5, help="entries in each top list (default 5)")
     parser.add_argument("--device", default="auto", help="auto (default: cuda when available), cpu, cuda, ...")
+    parser.add_argument("--tokenizer", metavar="PATH", help=common.TOKENIZER_HELP)
 
 
 def summary_table(report: dict[str, Any]) -> Table:
@@ -100,6 +101,7 @@ def run(args: argparse.Namespace) -> int:
             batch_size=args.batch_size,
             top_k=args.top_k,
             device=args.device,
+            tokenizer=args.tokenizer,
         )
         written = write_analysis(report, args.out)
     except (ValueError, OSError) as error:

@@ -64,6 +64,9 @@ def error_line(error: BaseException) -> str:
     return str(error).splitlines()[0] if str(error) else type(error).__name__
 
 
-def load_tokenizer(model_dir: str):
-    """The checkpoint's tokenizer for a --prompt (`deepmoe.data.load_tokenizer`)."""
-    return data.load_tokenizer(model_dir, needed_for="--prompt (or give token ids with --ids)")
+TOKENIZER_HELP = "tokenizer.json file or a directory holding one (for a checkpoint saved without it, e.g. by HF)"
+
+
+def load_tokenizer(model_dir: str, tokenizer: str | None = None):
+    """The checkpoint's tokenizer for a --prompt (`deepmoe.data.load_tokenizer`), or the --tokenizer given."""
+    return data.load_tokenizer(model_dir, needed_for="--prompt (or give token ids with --ids)", tokenizer=tokenizer)

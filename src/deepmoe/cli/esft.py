@@ -85,6 +85,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     add("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: cuda if available)")
     add("--seed", type=int, default=0, help="order of the training windows (default 0)")
+    add("--tokenizer", metavar="PATH", help=common.TOKENIZER_HELP)
     add("--json", action="store_true", help="print the summary as one JSON object")
     add("--no-progress", dest="progress", action="store_false", help="no progress bar")
 
@@ -128,7 +129,7 @@ def run(args: argparse.Namespace) -> int:
             weight_decay=args.weight_decay, grad_clip=args.grad_clip, batch_size=args.batch_size,
             seq_len=args.seq_len, score_tokens=args.score_tokens, eval_data=args.eval_data,
             eval_fraction=args.eval_fraction, eval_tokens=args.eval_tokens, compare_full=args.compare_full,
-            device=args.device, seed=args.seed, progress=bar,
+            device=args.device, seed=args.seed, progress=bar, tokenizer=args.tokenizer,
         )  # fmt: skip
     except (CheckpointError, ValueError, OSError) as err:
         print(f"deepmoe esft: error: {common.error_line(err)}", file=sys.stderr)

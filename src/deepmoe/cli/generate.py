@@ -7,7 +7,7 @@ import argparse
 import torch
 
 from deepmoe.cli.argtypes import non_negative_float, non_negative_int, positive_int, unit_interval
-from deepmoe.cli.common import load_tokenizer
+from deepmoe.cli.common import TOKENIZER_HELP, load_tokenizer
 from deepmoe.model import from_pretrained
 from deepmoe.model.generate import TextStreamer, generate, generate_speculative
 from deepmoe.tools.steering_file import apply_steering
@@ -21,7 +21,7 @@ DESCRIPTION = (
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model", metavar="PATH", help="checkpoint directory (config.json + safetensors)")
     source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--prompt", help="prompt text (needs tokenizer.json in the checkpoint)")
+    source.add_argument("--prompt", help="prompt text (needs tokenizer.json in the checkpoint, or --tokenizer)")
     source.add_argument("--ids", type=int, nargs="+", help="prompt token ids")
     parser.add_argument("--max-new-tokens", type=positive_int, default=32)
     parser.add_argument(
@@ -53,6 +53,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--steer", metavar="FILE", default=None, help="steering file from `deepmoe steer`")
     parser.add_argument("--delta", metavar="DIR", default=None, help="expert delta from `deepmoe esft`")
+    parser.add_argument("--tokenizer", metavar="PATH", help=TOKENIZER_HELP)
 
 
 def _check_sampling_flags(args: argparse.Namespace) -> None:
@@ -71,7 +72,7 @@ def _check_sampling_flags(args: argparse.Namespace) -> None:
 def run(args: argparse.Namespace) -> int:
     _check_sampling_flags(args)
 
-    tokenizer = load_tokenizer(args.model) if args.prompt is not None else None
+    tokenizer = load_tokenizer(args.model, args.tokenizer) if args.prompt is not None else None
     model = from_pretrained(args.model, dtype=getattr(torch, args.dtype), delta=args.delta).eval()
     if args.steer is not None:
         apply_steering(model, args.steer)

@@ -60,12 +60,35 @@ def _check_vocab_size(vocab_size: int) -> None:
 TOKENIZER_FILE = "tokenizer.json"
 
 
-def load_tokenizer(model_dir: str | os.PathLike, needed_for: str = "reading text") -> Tokenizer:
+def load_tokenizer(
+    model_dir: str | os.PathLike,
+    needed_for: str = "reading text",
+    tokenizer: str | os.PathLike | Tokenizer | None = None,
+) -> Tokenizer:
     """The `tokenizer.json` saved with a checkpoint (a run directory means its newest step): the one loader
-    of every command and tool. ValueError naming the file when it is missing or unreadable."""
+    of every command and tool. `tokenizer` overrides it: a `Tokenizer`, or a path (`read_tokenizer`: a
+    tokenizer.json file or a directory holding one), for a checkpoint saved without one (e.g. by
+    transformers). ValueError naming the file when it is missing or unreadable."""
+    if isinstance(tokenizer, Tokenizer):
+        return tokenizer
+    if tokenizer is not None:
+        return read_tokenizer(tokenizer)
     path = checkpoint_dir(model_dir) / TOKENIZER_FILE
     if not path.is_file():
-        raise ValueError(f"{path} not found: {needed_for} needs the checkpoint's tokenizer")
+        raise ValueError(
+            f"{path} not found: {needed_for} needs the checkpoint's tokenizer (give one with --tokenizer PATH)"
+        )
+    return read_tokenizer(path)
+
+
+def read_tokenizer(path: str | os.PathLike) -> Tokenizer:
+    """A tokenizer from `path`: a tokenizer.json file, or a directory holding one. ValueError naming the
+    file when it is missing or unreadable."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / TOKENIZER_FILE
+    if not path.is_file():
+        raise ValueError(f"tokenizer {path} not found: give a tokenizer.json file or a directory holding one")
     try:
         return Tokenizer.from_file(str(path))
     except Exception as error:  # noqa: BLE001 - the tokenizers library raises its own Exception

@@ -52,6 +52,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from tokenizers import Tokenizer
 from torch import Tensor
 
 from deepmoe.data import load_tokenizer
@@ -263,12 +264,14 @@ def analyze_checkpoint(
     batch_size: int = 8,
     top_k: int = 5,
     device: str = "auto",
+    tokenizer: str | os.PathLike | Tokenizer | None = None,
 ) -> dict[str, Any]:
     """`deepmoe analyze` as a function: load the checkpoint `model_dir` (a run directory means its newest
     step) and its tokenizer, read each text source (a file or folder, or `bundled:DOMAIN`: the held-out
     documents of a bundled domain) into [batch_size, seq_len] windows, at most `max_tokens` tokens per
     source, and return `analyze`'s report with "model" added (write it with `write_analysis`).
-    `device` "auto" is cuda when available. ValueError (one line) when the model or a source is unusable.
+    `device` "auto" is cuda when available. `tokenizer` (a `Tokenizer`, or a tokenizer.json file or its
+    directory) replaces the checkpoint's. ValueError (one line) when the model or a source is unusable.
     """
     for name, value in (("max_tokens", max_tokens), ("seq_len", seq_len), ("batch_size", batch_size), ("top_k", top_k)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -279,7 +282,7 @@ def analyze_checkpoint(
     model_dir = checkpoint_dir(model_dir)
     if not model_dir.is_dir():
         raise ValueError(f"{model_dir} is not a checkpoint directory")
-    tokenizer = load_tokenizer(model_dir, needed_for="analyze (reading the text sources)")
+    tokenizer = load_tokenizer(model_dir, needed_for="analyze (reading the text sources)", tokenizer=tokenizer)
     model = from_pretrained(model_dir, device=_device_name(device)).eval()
     if tokenizer.get_vocab_size() > model.config.vocab_size:
         raise ValueError(

@@ -52,6 +52,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from tokenizers import Tokenizer
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
@@ -388,6 +389,7 @@ def esft(
     device: str = "auto",
     seed: int = 0,
     progress: Progress | None = None,
+    tokenizer: str | os.PathLike | Tokenizer | None = None,
 ) -> dict[str, Any]:
     """`deepmoe esft` as a function: score the routed experts of the checkpoint `model_dir` on the task text
     `data` (a file or folder, or `bundled:DOMAIN`; the first `score_tokens` tokens of its training part),
@@ -396,6 +398,7 @@ def esft(
     The task loss is measured before and after on held-out tokens: `eval_data`, or the last `eval_fraction`
     of `data` (at most `eval_tokens`); with `compare_full`, also after full fine-tuning of the base model for
     the same steps, learning rate and batches (the delta stays ESFT's). `grad_clip` 0 means none.
+    `tokenizer` (a `Tokenizer`, or a tokenizer.json file or its directory) replaces the checkpoint's.
 
     `out` is claimed before any work (`claim_directory`: an empty or missing directory, or an earlier delta)
     and released at the end, so a refused target costs nothing and an interrupted run leaves no delta.
@@ -405,20 +408,20 @@ def esft(
     with claim_directory(out, f"delta directory ({DELTA_META})", is_delta):
         return _esft(
             model_dir, data, out, method, p, steps, lr, weight_decay, grad_clip, batch_size, seq_len, score_tokens,
-            eval_data, eval_fraction, eval_tokens, compare_full, device, seed, progress,
+            eval_data, eval_fraction, eval_tokens, compare_full, device, seed, progress, tokenizer,
         )  # fmt: skip
 
 
 def _esft(
     model_dir, data, out, method, p, steps, lr, weight_decay, grad_clip, batch_size, seq_len, score_tokens,
-    eval_data, eval_fraction, eval_tokens, compare_full, device, seed, progress,
+    eval_data, eval_fraction, eval_tokens, compare_full, device, seed, progress, tokenizer=None,
 ) -> dict[str, Any]:  # fmt: skip
 
     _check_arguments(
         method, p, steps, lr, weight_decay, grad_clip, batch_size, seq_len, score_tokens, eval_fraction, eval_tokens
     )
     model_dir = checkpoint_dir(model_dir)
-    tokenizer = load_tokenizer(model_dir, needed_for="ESFT (reading the task text)")
+    tokenizer = load_tokenizer(model_dir, needed_for="ESFT (reading the task text)", tokenizer=tokenizer)
     device = _device(device)
     model = from_pretrained(model_dir, device=device)
     if model.config.moe is None:

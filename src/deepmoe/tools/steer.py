@@ -46,6 +46,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
+from tokenizers import Tokenizer
 from torch import Tensor
 
 from deepmoe.config import MoEConfig
@@ -463,6 +464,7 @@ def steer(
     batch_size: int = 8,
     device: str = "auto",
     on_plan: Callable[[dict[str, Any]], None] | None = None,
+    tokenizer: str | os.PathLike | Tokenizer | None = None,
 ) -> dict[str, Any]:
     """`deepmoe steer` as a function: score the experts of the checkpoint `model_dir` on behaviour A against
     B (`a` and `b` text sources: files, folders or `bundled:DOMAIN`; or `pairs`, a JSONL file of {"a", "b"}
@@ -474,7 +476,8 @@ def steer(
     ({"a"|"b": {layer: [per expert]}}, `activation_frequencies`) and, with `effect`, "effect" ({"A"|"B":
     `steering_effect` rows}). With `out`, that file is written there, and `out` is checked before any work:
     only a steering file is ever replaced (`check_steering_target`). `on_plan(output)` is called once the
-    plan is made, before the (longer) effect measurement. ValueError on unusable inputs.
+    plan is made, before the (longer) effect measurement. `tokenizer` (a `Tokenizer`, or a tokenizer.json
+    file or its directory) replaces the checkpoint's. ValueError on unusable inputs.
     """
     if pairs is not None and (a is not None or b is not None):
         raise ValueError("steer takes either a and b (text sources) or pairs, not both")
@@ -495,7 +498,7 @@ def steer(
     model = from_pretrained(model_dir, device=device).eval()
     if not model.moe_layers():
         raise ValueError(f"{model_dir}: the model has no MoE layer to steer")
-    tokenizer = load_tokenizer(model_dir, needed_for="steering (reading text)")
+    tokenizer = load_tokenizer(model_dir, needed_for="steering (reading text)", tokenizer=tokenizer)
     score_batches, eval_batches, info = _inputs(
         tokenizer, model.config, a, b, pairs, effect, max_tokens, seq_len, batch_size
     )
