@@ -69,8 +69,25 @@ def read_json(path: Path, what: str = "file") -> dict[str, Any]:
     return data
 
 
+_STEP_DIR = re.compile(r"step-(\d+)")
+
+
+def _newest_complete_step(run_dir: Path) -> Path | None:
+    """The run's `step-N` directory of the highest N that holds a complete checkpoint (config.json and its
+    weights; a run writes each one whole, staged and renamed), or None."""
+    steps = []
+    for entry in run_dir.iterdir():
+        match = _STEP_DIR.fullmatch(entry.name)
+        if match and (entry / CONFIG_NAME).is_file():
+            if (entry / WEIGHTS_NAME).is_file() or (entry / INDEX_NAME).is_file():
+                steps.append((int(match[1]), entry))
+    return max(steps)[1] if steps else None
+
+
 def read_last(run_dir: str | os.PathLike) -> Path | None:
-    """The checkpoint directory that the `last` file of a run directory names, or None when it has none."""
+    """The checkpoint directory that the `last` file of a run directory names, or None when it has none.
+    When the step it names was deleted, the newest complete `step-N` directory instead (with a warning
+    naming it); CheckpointError when there is none."""
     run_dir = Path(run_dir)
     path = run_dir / LAST_NAME
     if not path.is_file():
@@ -80,7 +97,14 @@ def read_last(run_dir: str | os.PathLike) -> Path | None:
         raise CheckpointError(f"{path}: does not name a checkpoint directory (got {name!r})")
     target = run_dir / name
     if not target.is_dir():
-        raise CheckpointError(f"{path}: names {name}, but {target} does not exist")
+        newest = _newest_complete_step(run_dir)
+        if newest is None:
+            raise CheckpointError(f"{path}: names {name}, but {target} does not exist (nor does any complete step)")
+        warnings.warn(
+            f"{path} names {name}, which does not exist: using {newest.name}, the newest complete checkpoint",
+            stacklevel=2,
+        )
+        return newest
     return target
 
 

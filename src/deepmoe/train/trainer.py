@@ -136,6 +136,8 @@ def resume(
     """
     out = Path(out_dir)
     step_dir = ckpt.read_last(out)
+    if step_dir is None and (out / "config.json").is_file() and (out.parent / ckpt.LAST_NAME).is_file():
+        raise ValueError(f"{out} is a checkpoint of the run {out.parent}: resume the run directory ({out.parent})")
     if step_dir is None:
         raise ValueError(f"{out}: no complete checkpoint to resume from ({out / ckpt.LAST_NAME} not found)")
     with ckpt.hold_run_directory(out, lambda _: True):
