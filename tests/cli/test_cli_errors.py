@@ -126,3 +126,34 @@ def test_tokenizer_option_for_a_checkpoint_without_one(bare_checkpoint, capsys):
     capsys.readouterr()
     assert main(["generate", model, "--prompt", "x", "--tokenizer", str(bare_checkpoint / "nothing")]) == 1
     assert "nothing" in error_line(capsys)
+
+
+def _without_mtp_tensors(tmp_path, mtp: int) -> str:
+    """A checkpoint whose config declares `mtp` MTP modules, saved without their tensors (as transformers does)."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from configs import tiny_preset
+    from deepmoe import DeepSeekForCausalLM
+
+    torch.manual_seed(0)
+    DeepSeekForCausalLM(tiny_preset(num_hidden_layers=2, num_nextn_predict_layers=mtp)).save_pretrained(tmp_path)
+    tensors = load_file(tmp_path / "model.safetensors")
+    kept = {k: v for k, v in tensors.items() if not k.startswith("model.layers.2.")}
+    save_file(kept, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    return str(tmp_path)
+
+
+def test_speculative_says_whether_the_mtp_weights_or_the_module_are_missing(tmp_path, capsys):
+    argv = ["--ids", "1", "2", "--max-new-tokens", "2", "--speculative"]
+    assert main(["generate", _without_mtp_tensors(tmp_path / "dropped", 1), *argv]) == 1
+    err = capsys.readouterr().err
+    assert "needs the MTP weights" in err and "num_nextn_predict_layers=1" in err
+    assert main(["generate", _without_mtp_tensors(tmp_path / "none", 0), *argv]) == 1
+    assert "the model has none (num_nextn_predict_layers=0)" in error_line(capsys)
+
+
+def test_inspect_reports_the_mtp_the_checkpoint_holds(tmp_path, capsys):
+    assert main(["inspect", _without_mtp_tensors(tmp_path, 1), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["mtp_modules"] == 0 and report["mtp_params"] == 0

@@ -8,6 +8,7 @@ import torch
 
 from deepmoe.cli.argtypes import non_negative_float, non_negative_int, positive_int, unit_interval
 from deepmoe.cli.common import TOKENIZER_HELP, load_tokenizer
+from deepmoe.io import load_config
 from deepmoe.model import from_pretrained
 from deepmoe.model.generate import TextStreamer, generate, generate_speculative
 from deepmoe.tools.steering_file import apply_steering
@@ -69,6 +70,21 @@ def _check_sampling_flags(args: argparse.Namespace) -> None:
         )
 
 
+def _check_mtp(path: str, model) -> None:
+    """--speculative drafts with the MTP module: refuse a model without one, saying whether the config has
+    none or the checkpoint lacks the weights of the ones it declares (transformers saves none)."""
+    if model.model.mtp:
+        return
+    declared = load_config(path).num_nextn_predict_layers
+    if declared:
+        first = model.config.num_hidden_layers
+        raise ValueError(
+            f"{path}: --speculative needs the MTP weights: config.json declares num_nextn_predict_layers={declared}, "
+            f"but the checkpoint holds no model.layers.{first}.* tensors (transformers does not save them)"
+        )
+    raise ValueError(f"{path}: --speculative needs an MTP module, and the model has none (num_nextn_predict_layers=0)")
+
+
 def run(args: argparse.Namespace) -> int:
     _check_sampling_flags(args)
 
@@ -94,6 +110,7 @@ def run(args: argparse.Namespace) -> int:
             pass
 
     if args.speculative:
+        _check_mtp(args.model, model)
         _, stats = generate_speculative(model, input_ids, args.max_new_tokens, eos_token_id=eos, streamer=stream)
         finish()
         print(f"\n[MTP drafts accepted: {stats.accepted}/{stats.drafted} = {stats.acceptance_rate:.0%}]")

@@ -2,22 +2,40 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any
 
 from deepmoe.config import DeepSeekConfig
 from deepmoe.io import load_config
+from deepmoe.io.checkpoint import INDEX_NAME, WEIGHTS_NAME, SafetensorsCheckpoint, checkpoint_dir
 from deepmoe.model.parameters import count_parameters
 from deepmoe.presets import PRESETS, get_preset
 
 
 def resolve_config(preset_or_path: str) -> DeepSeekConfig:
-    """A preset name, or a checkpoint directory holding config.json."""
+    """A preset name, or a checkpoint directory holding config.json: the model that checkpoint holds (its
+    config's MTP modules only when it has their weights: transformers saves the config without them)."""
     if preset_or_path in PRESETS:
         return get_preset(preset_or_path)
     if Path(preset_or_path).exists():
-        return load_config(preset_or_path)
+        config = load_config(preset_or_path)
+        if config.num_nextn_predict_layers and not _has_mtp_weights(preset_or_path, config):
+            config = dataclasses.replace(config, num_nextn_predict_layers=0)
+        return config
     raise ValueError(f"{preset_or_path!r} is neither a preset ({', '.join(PRESETS)}) nor an existing directory")
+
+
+def _has_mtp_weights(path: str, config: DeepSeekConfig) -> bool:
+    """Whether the checkpoint at `path` holds tensors of its MTP modules (layers num_hidden_layers and up);
+    True when it has no weight files to tell (a bare config.json)."""
+    directory = checkpoint_dir(path)
+    if not directory.is_dir() or not ((directory / WEIGHTS_NAME).is_file() or (directory / INDEX_NAME).is_file()):
+        return True
+    first = config.num_hidden_layers
+    layers = {f"model.layers.{first + k}." for k in range(config.num_nextn_predict_layers)}
+    with SafetensorsCheckpoint(directory) as checkpoint:
+        return any(name.startswith(tuple(layers)) for name in checkpoint.names())
 
 
 def kv_cache_bytes_per_token(config: DeepSeekConfig, bytes_per_value: int = 2, gqa_groups: int = 8) -> dict[str, int]:
