@@ -87,16 +87,24 @@ def pyplot():
 
 
 @contextmanager
-def figure(figsize: tuple[float, float]) -> Iterator[tuple[Any, Any]]:
+def figure(figsize: tuple[float, float], **subplots: Any) -> Iterator[tuple[Any, Any]]:
     """A (figure, axes) pair of `figsize` inches in the house style (STYLE applies until the block ends,
-    so save it inside the block); the figure is closed when the block ends."""
+    so save it inside the block); the figure is closed when the block ends. `subplots`: arguments of
+    `plt.subplots` (nrows, sharex, height_ratios...: the axes are then an array)."""
     plt = pyplot()
     with plt.rc_context(STYLE):
-        fig, ax = plt.subplots(figsize=figsize)
+        fig, ax = plt.subplots(figsize=figsize, **subplots)
         try:
             yield fig, ax
         finally:
             plt.close(fig)
+
+
+def integer_ticks(axis) -> None:
+    """Only whole numbers on `axis` (e.g. `ax.xaxis`: steps, no 2.5)."""
+    from matplotlib.ticker import MaxNLocator
+
+    axis.set_major_locator(MaxNLocator(integer=True))
 
 
 def save_figure(fig, path: str | os.PathLike) -> Path:
@@ -114,11 +122,12 @@ def plot_losses(
     path: str | os.PathLike,
     unigram_entropy: float | None = None,
 ) -> Path:
-    """loss.png: training loss, LM loss and held-out loss per step, and the unigram entropy baseline."""
-    with figure((7, 4.2)) as (fig, ax):
+    """loss.png: training loss, LM loss and held-out loss per step, and the unigram entropy baseline; below
+    it, a small panel of the learning rate per step (log.jsonl's "lr")."""
+    with figure((7, 5.2), nrows=2, sharex=True, height_ratios=(3, 1)) as (fig, (ax, lr_ax)):
         steps = [r["step"] for r in log]
         if log:
-            ax.plot(steps, [r.get("loss") for r in log], lw=1, alpha=0.6, label="train loss (total)")
+            ax.plot(steps, [r.get("loss") for r in log], lw=1, alpha=0.6, label="train loss (LM + aux + MTP)")
             ax.plot(steps, [r.get("lm_loss") for r in log], lw=1.2, label="train LM loss")
         periodic = [r for r in evals if not r.get("final") and r.get("heldout_loss") is not None]
         if periodic:
@@ -127,15 +136,22 @@ def plot_losses(
             )
         final = [r for r in evals if r.get("final") and r.get("heldout_loss") is not None]
         if final:
-            ax.plot([final[-1]["step"]], [final[-1]["heldout_loss"]], "*", ms=11, label="held-out loss (full set)")
+            ax.plot([final[-1]["step"]], [final[-1]["heldout_loss"]], "*", ms=11, label="held-out loss (final)")
         if unigram_entropy is not None and math.isfinite(unigram_entropy):
             ax.axhline(unigram_entropy, color="grey", ls="--", lw=1, label=f"unigram entropy {unigram_entropy:.2f}")
-        ax.set_xlabel("step")
         ax.set_ylabel("loss (nats/token)")
         ax.set_title("Loss")
         ax.grid(True)
         if ax.get_legend_handles_labels()[0]:
             ax.legend()
+        rates = [(r["step"], r["lr"]) for r in log if r.get("lr") is not None]
+        if rates:
+            lr_ax.plot(*zip(*rates, strict=True), lw=1.2, color="tab:purple")
+        lr_ax.set_ylabel("learning rate")
+        lr_ax.ticklabel_format(axis="y", style="sci", scilimits=(-2, 2))
+        lr_ax.set_xlabel("step")
+        lr_ax.grid(True)
+        integer_ticks(lr_ax.xaxis)
         return save_figure(fig, path)
 
 

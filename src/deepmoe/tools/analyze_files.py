@@ -18,8 +18,8 @@ import numpy as np
 import torch
 
 from deepmoe.io.files import atomic_write, claim_directory, visible_entries
-from deepmoe.report import SMALL_TICKS, figure, save_figure, write_report
-from deepmoe.tools.routing_metrics import coactivation_lift, finite
+from deepmoe.report import SMALL_TICKS, figure, pyplot, save_figure, write_report
+from deepmoe.tools.routing_metrics import MIN_COUNT, coactivation_lift, finite
 
 
 def write_analysis(report: dict[str, Any], out_dir: str | os.PathLike) -> list[Path]:
@@ -188,23 +188,54 @@ def plot_source_distribution(layer: dict[str, Any], idx: str, path: Path) -> Pat
         return save_figure(fig, path)
 
 
-def plot_coactivation(layer: dict[str, Any], idx: str, path: Path) -> Path:
-    """One layer: the co-activation lift matrix P(i,j)/(P(i)P(j)) (diagonal blank)."""
-
+def coactivation_colours(layer: dict[str, Any], min_count: int = MIN_COUNT) -> tuple[np.ndarray, float, float]:
+    """What `plot_coactivation` colours: the [N, N] log2 lift, NaN on the diagonal and for the pairs seen
+    fewer than `min_count` times (their lift is noise: a near-dead expert's pairs reach lift ~100), and the
+    colour range (low, high), centred on the lift of uniform random top-K routing (independent_lift, in
+    log2) and m wide on each side: the 98th percentile of the other pairs' distance to it (at least 1, a
+    factor 2), so that a few extreme pairs do not darken the rest."""
     coact = torch.tensor(layer["coactivation"]["matrix"], dtype=torch.long)
-    lift = coactivation_lift(coact, layer["tokens"]).numpy()
-    np.fill_diagonal(lift, np.nan)
-    n = lift.shape[0]
-    with figure((5.2, 4.4)) as (fig, ax):
-        image = ax.imshow(lift, cmap="magma", vmin=0)
-        fig.colorbar(image, ax=ax, label="lift P(i,j) / (P(i) P(j))")
+    with np.errstate(divide="ignore"):
+        values = np.log2(coactivation_lift(coact, layer["tokens"]).numpy())
+    values[coact.numpy() < min_count] = np.nan
+    np.fill_diagonal(values, np.nan)
+    uniform = layer["coactivation"]["independent_lift"]
+    centre = float(np.log2(uniform)) if uniform > 0 else 0.0
+    seen = np.abs(values[np.isfinite(values)] - centre)
+    half = max(1.0, float(np.percentile(seen, 98))) if seen.size else 1.0
+    return values, centre - half, centre + half
+
+
+def plot_coactivation(layer: dict[str, Any], idx: str, path: Path) -> Path:
+    """One layer: the co-activation lift P(i,j)/(P(i)P(j)) on a log2 scale, white at the lift of uniform
+    random top-K routing (red: chosen together more often, blue: less often), clipped to a robust range
+    (`coactivation_colours`); grey: the diagonal and the pairs seen fewer than MIN_COUNT times."""
+
+    values, low, high = coactivation_colours(layer)
+    n = values.shape[0]
+    uniform = layer["coactivation"]["independent_lift"]
+    with figure((5.6, 4.8)) as (fig, ax):
+        cmap = pyplot().get_cmap("RdBu_r").with_extremes(bad="lightgrey")
+        image = ax.imshow(np.ma.masked_invalid(values), cmap=cmap, vmin=low, vmax=high)
+        fig.colorbar(image, ax=ax, extend="both", label="log2 lift;  lift = P(i,j) / (P(i) P(j))")
         ticks = range(0, n, max(1, n // 16))
         ax.set_xticks(ticks, [str(i) for i in ticks], fontsize=SMALL_TICKS)
         ax.set_yticks(ticks, [str(i) for i in ticks], fontsize=SMALL_TICKS)
         ax.set_xlabel("expert j")
         ax.set_ylabel("expert i")
-        ax.set_title(f"Layer {idx}: co-activation (independent = {layer['coactivation']['independent_lift']:.2f})")
+        ax.set_title(
+            f"Layer {idx}: co-activation lift\n"
+            f"white: lift {uniform:.2f} (uniform random top-K); grey: pairs seen < {MIN_COUNT} times",
+            fontsize=9,
+        )
         return save_figure(fig, path)
 
 
-__all__ = ["is_analysis", "plot_coactivation", "plot_load_heatmap", "plot_source_distribution", "write_analysis"]
+__all__ = [
+    "coactivation_colours",
+    "is_analysis",
+    "plot_coactivation",
+    "plot_load_heatmap",
+    "plot_source_distribution",
+    "write_analysis",
+]

@@ -41,7 +41,7 @@ from deepmoe.io.files import atomic_write, claim_directory, visible_entries, wri
 from deepmoe.model import from_pretrained
 from deepmoe.model.decoder import DeepSeekForCausalLM
 from deepmoe.model.parameters import count_parameters
-from deepmoe.report import figure, read_jsonl, save_figure
+from deepmoe.report import figure, integer_ticks, read_jsonl, save_figure
 from deepmoe.train.checkpoint import EVAL_LOG_NAME, LOG_NAME, REPORT_NAME, read_last
 from deepmoe.train.config import TrainConfig, build_model_config, build_optimizer
 from deepmoe.train.trainer import resume, train
@@ -427,30 +427,45 @@ def _ema(values: Sequence[float], beta: float = 0.9) -> list[float]:
     return smoothed
 
 
+LINE_STYLES = ("-", "--", "-.", ":")
+"""Line styles cycled with the colours, so that 8 or more runs' curves stay apart."""
+
+
 def plot_curves(rows: Sequence[dict[str, Any]], what: str, path: Path) -> Path:
-    """`what` = "loss": training LM loss (EMA) and held-out loss per step; "maxvio": per-batch MaxVio (EMA,
-    mean over the MoE layers) per step."""
-    with figure((8, 4.8)) as (fig, ax):
-        for i, row in enumerate(rows):
-            color = f"C{i % 10}"
+    """`what` = "loss": training LM loss (EMA) and held-out loss per step, with each run's final held-out
+    loss (a star at its last step); "maxvio": per-batch MaxVio (EMA, mean over the MoE layers) per step.
+    The runs are ordered by final held-out loss (best first) in the legend, which gives it, and keep the
+    same colour and line style in both plots."""
+    ranked = sorted(rows, key=lambda row: (row["heldout_loss"] is None, row["heldout_loss"] or 0.0))
+    with figure((9.5, 4.8)) as (fig, ax):
+        for i, row in enumerate(ranked):
+            style = {"color": f"C{i % 10}", "ls": LINE_STYLES[(i // 10 + i) % len(LINE_STYLES)], "lw": 1.2}
+            label = row["name"] + (f" ({row['heldout_loss']:.3f})" if row["heldout_loss"] is not None else "")
             log = read_jsonl(Path(row["run_dir"]) / LOG_NAME)
             steps = [r["step"] for r in log]
             if what == "loss":
-                ax.plot(steps, _ema([r["lm_loss"] for r in log]), color=color, lw=1, label=row["name"])
+                ax.plot(steps, _ema([r["lm_loss"] for r in log]), label=label, **style)
                 evals = [e for e in read_jsonl(Path(row["run_dir"]) / EVAL_LOG_NAME) if not e.get("final")]
-                ax.plot([e["step"] for e in evals], [e["heldout_loss"] for e in evals], "o", color=color, ms=3)
+                ax.plot([e["step"] for e in evals], [e["heldout_loss"] for e in evals], "o", color=style["color"], ms=3)
+                if row["heldout_loss"] is not None:
+                    ax.plot([row["steps"]], [row["heldout_loss"]], "*", color=style["color"], ms=10, mec="black",
+                            mew=0.5)  # fmt: skip
             elif any(r["maxvio"] for r in log):
-                ax.plot(steps, _ema([_mean(r["maxvio"]) for r in log]), color=color, lw=1, label=row["name"])
+                ax.plot(steps, _ema([_mean(r["maxvio"]) for r in log]), label=label, **style)
         ax.set_xlabel("step")
+        integer_ticks(ax.xaxis)
         if what == "loss":
-            ax.set_ylabel("LM loss (nats/token): lines train (EMA), dots held-out")
-            losses = [r["heldout_loss"] for r in rows]
-            ax.set_ylim(min(losses) - 0.3, max(losses) + 1.5)
+            ax.set_ylabel("LM loss (nats/token)")
+            ax.set_title("lines: train (EMA); dots: held-out; stars: final held-out loss", fontsize=9)
+            losses = [r["heldout_loss"] for r in rows if r["heldout_loss"] is not None]
+            if losses:
+                ax.set_ylim(min(losses) - 0.3, max(losses) + 1.5)
         else:
             ax.set_ylabel("MaxVio of the training batch (EMA, mean over MoE layers)")
             ax.set_yscale("log")
         ax.grid(True)
-        ax.legend(ncol=2)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(title="final held-out loss", loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
         return save_figure(fig, path)
 
 
