@@ -118,6 +118,29 @@ def tiny_report():
     return config, analyze(model, sources, top_k=3)
 
 
+def test_specific_experts_leave_out_near_dead_ones():
+    """An expert chosen a handful of times can be 100 % one source's: it is not a finding. Experts seen fewer
+    than min_count times are not ranked (they were listed first, with the largest specificity)."""
+    config = DeepSeekConfig.from_dict(
+        {**get_preset("tiny-v3").to_dict(), "num_hidden_layers": 2, "vocab_size": 64, "num_nextn_predict_layers": 0}
+    )
+    torch.manual_seed(0)
+    model = DeepSeekForCausalLM(config).eval()
+    generator = torch.Generator().manual_seed(1)
+    sources = {"low": [torch.randint(0, 32, (2, 16), generator=generator)],
+               "high": [torch.randint(32, 64, (2, 16), generator=generator)]}  # fmt: skip
+    ranked = analyze(model, sources, top_k=16, min_count=1)["layers"]
+    filtered = analyze(model, sources, top_k=16, min_count=20)["layers"]
+    dropped = 0
+    for idx, layer in filtered.items():
+        load = layer["tokens_per_expert"]
+        for name, experts in layer["specific_experts"].items():
+            everyone = [e["expert"] for e in ranked[idx]["specific_experts"][name]]
+            assert [e["expert"] for e in experts] == [i for i in everyone if load[i] >= 20]
+            dropped += len(everyone) - len(experts)
+    assert dropped > 0  # the check is not vacuous: some specific experts were seen fewer than 20 times
+
+
 def test_analyze_reports_every_key_with_valid_numbers(tiny_report):
     config, report = tiny_report
     json.dumps(report, allow_nan=False)  # JSON-serialisable, no NaN

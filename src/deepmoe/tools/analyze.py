@@ -195,7 +195,7 @@ def analyze(
                         "share_others": float(share_by_source[others, i].mean()),
                         "shares": {m: float(share_by_source[r, i]) for r, m in enumerate(names)},
                     }
-                    for i in order[:top_k]
+                    for i in [i for i in order if float(counts_by_source[:, i].sum()) >= min_count][:top_k]
                     if float(spec[s, i]) > 0
                 ]
 
