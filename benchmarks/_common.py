@@ -3,7 +3,10 @@ interleaved timing (every variant once per round, medians) so the ratios come fr
 
 from __future__ import annotations
 
+import json
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -62,3 +65,11 @@ def print_speed_table(
         for name in variants:
             t = medians[case, name]
             print(f"| {case} | {name} | {t * 1e3:.1f} | {tokens[case] / t:,.0f} | {base / t:.2f}× |")
+
+
+def child_peak_rss(code: str, *args: str) -> tuple[int, int]:
+    """(RSS after the imports, peak RSS during the work) of `code` run in a fresh Python process, in bytes;
+    `code` prints, as its last line, a JSON object with `before_kib` and `after_kib`."""
+    result = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, check=True)
+    rss = json.loads(result.stdout.strip().splitlines()[-1])
+    return rss["before_kib"] * 1024, rss["after_kib"] * 1024

@@ -13,14 +13,12 @@ the load itself needed. The model stays alive when the peak is read, so at least
 from __future__ import annotations
 
 import argparse
-import json
-import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
 import torch
 
+from _common import child_peak_rss
 from deepmoe.config import DeepSeekConfig
 from deepmoe.io.checkpoint import save_checkpoint
 from deepmoe.io.hf import expected_shapes
@@ -65,13 +63,6 @@ def random_checkpoint(config: DeepSeekConfig, path: Path) -> int:
     return sum(t.numel() * t.element_size() for t in state.values())
 
 
-def peak_rss(path: Path, how: str) -> tuple[int, int]:
-    """(RSS after the imports, peak RSS during the load) of a fresh process, in bytes."""
-    result = subprocess.run([sys.executable, "-c", CHILD, str(path), how], capture_output=True, text=True, check=True)
-    rss = json.loads(result.stdout.strip().splitlines()[-1])
-    return rss["before_kib"] * 1024, rss["after_kib"] * 1024
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--experts", type=int, default=32, help="routed experts per MoE layer (default 32)")
@@ -91,7 +82,7 @@ def main() -> None:
         print("| load | checkpoint (MB) | RSS after imports (MB) | peak RSS increase (MB) | ratio |")
         print("|---|---:|---:|---:|---:|")
         for how in ("meta", "eager"):
-            before, after = peak_rss(root / "ckpt", how)
+            before, after = child_peak_rss(CHILD, str(root / "ckpt"), how)
             up = after - before
             print(f"| {LABELS[how]} | {size / 1e6:.0f} | {before / 1e6:.0f} | {up / 1e6:.0f} | {up / size:.2f} |")
 

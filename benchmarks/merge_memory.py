@@ -12,15 +12,13 @@ the merge: the difference is what the merge itself needed.
 from __future__ import annotations
 
 import argparse
-import json
 import math
-import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
 import torch
 
+from _common import child_peak_rss
 from deepmoe.config import DeepSeekConfig
 from deepmoe.io.checkpoint import save_checkpoint
 from deepmoe.io.hf import expected_hf_shapes, expected_shapes
@@ -56,14 +54,6 @@ def random_checkpoint(config: DeepSeekConfig, path: Path, seed: int) -> int:
     return sum(t.numel() * t.element_size() for t in state.values())
 
 
-def peak_rss(a: Path, b: Path, out: Path, how: str) -> tuple[int, int]:
-    """(RSS after the imports, peak RSS during the merge) of a fresh process, in bytes."""
-    result = subprocess.run([sys.executable, "-c", CHILD, str(a), str(b), str(out), how], capture_output=True,
-                            text=True, check=True)  # fmt: skip
-    rss = json.loads(result.stdout.strip().splitlines()[-1])
-    return rss["before_kib"] * 1024, rss["after_kib"] * 1024
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--experts", type=int, default=32, help="routed experts per MoE layer (default 32)")
@@ -84,7 +74,7 @@ def main() -> None:
         print("| merge | RSS after imports (MB) | peak RSS in the merge (MB) | increase (MB) | / one checkpoint |")
         print("|---|---:|---:|---:|---:|")
         for how in ("streaming", "naive"):
-            before, after = peak_rss(root / "a", root / "b", root / f"out-{how}", how)
+            before, after = child_peak_rss(CHILD, str(root / "a"), str(root / "b"), str(root / f"out-{how}"), how)
             label = "deepmoe merge (streaming)" if how == "streaming" else "naive (load both, average, save)"
             up = after - before
             print(f"| {label} | {before / 1e6:.0f} | {after / 1e6:.0f} | {up / 1e6:.0f} | {up / size:.2f} |")
