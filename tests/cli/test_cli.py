@@ -84,7 +84,7 @@ def test_generate_with_a_steering_file_uses_the_masks(tmp_path, capsys):
 
     from configs import tiny_preset
     from deepmoe import DeepSeekForCausalLM
-    from deepmoe.tools.steer import apply_steering
+    from deepmoe.tools.steering_file import apply_steering
 
     config = tiny_preset(num_hidden_layers=2)
     torch.manual_seed(0)

@@ -19,7 +19,7 @@ from deepmoe.cli import main
 from deepmoe.config import DeepSeekConfig
 from deepmoe.io.files import OutputDirectoryError, claim_directory
 from deepmoe.model.decoder import DeepSeekForCausalLM
-from deepmoe.tools.analyze import write_analysis
+from deepmoe.tools.analyze_files import write_analysis
 from deepmoe.tools.upcycle import upcycle
 from deepmoe.train.trainer import TrainConfig, resume, train
 

@@ -13,8 +13,9 @@ import torch
 
 from deepmoe import DeepSeekConfig, DeepSeekForCausalLM, get_preset
 from deepmoe.cli.analyze import add_arguments, run
-from deepmoe.tools.analyze import (
-    analyze,
+from deepmoe.tools.analyze import analyze
+from deepmoe.tools.analyze_files import write_analysis
+from deepmoe.tools.routing_metrics import (
     coactivation_lift,
     entropy,
     independent_lift,
@@ -24,7 +25,6 @@ from deepmoe.tools.analyze import (
     token_lift,
     top_pairs,
 )
-from deepmoe.tools.analyze_files import write_analysis
 
 # ---- formulas ------------------------------------------------------------------------------------
 

@@ -9,7 +9,8 @@ from rich.table import Table
 
 from deepmoe.cli import common
 from deepmoe.cli.argtypes import non_negative_int, positive_int
-from deepmoe.tools.steer import ACTIONS, FULL_LAYER, METHODS, rank_scores, steer
+from deepmoe.tools.steer import FULL_LAYER, METHODS, rank_scores, steer
+from deepmoe.tools.steering_file import ACTIONS
 
 HELP = "find the experts behind behaviour A vs B and write a steering file"
 DESCRIPTION = (

@@ -58,15 +58,10 @@ from torch import Tensor
 from deepmoe.data import load_tokenizer
 from deepmoe.io.checkpoint import checkpoint_dir
 from deepmoe.model import from_pretrained
-from deepmoe.tools.analyze_files import is_analysis, write_analysis
 from deepmoe.tools.routing import LayerRouting, collect_routing, fixed_batches, source_tokens
 from deepmoe.tools.routing_metrics import (
     DEFINITIONS,
-    DOMINANT_FACTOR,
     MIN_COUNT,
-    SOURCE_PSEUDO_COUNT,
-    coactivation_lift,
-    entropy,
     finite,
     independent_lift,
     js_divergence,
@@ -301,21 +296,6 @@ def analyze_checkpoint(
 
 
 __all__ = [
-    "DEFINITIONS",
-    "DOMINANT_FACTOR",
-    "MIN_COUNT",
-    "SOURCE_PSEUDO_COUNT",
     "analyze",
     "analyze_checkpoint",
-    "coactivation_lift",
-    "entropy",
-    "independent_lift",
-    "is_analysis",
-    "js_divergence",
-    "load_metrics",
-    "shares",
-    "specificity",
-    "token_lift",
-    "top_pairs",
-    "write_analysis",
 ]

@@ -62,7 +62,6 @@ from deepmoe.tools.steering_file import (
     apply_steering,
     check_steering_target,
     clear_steering,
-    load_steering,
     write_steering,
 )
 
@@ -528,23 +527,15 @@ def steer(
 
 
 __all__ = [
-    "ACTIONS",
     "FULL_LAYER",
     "METHODS",
-    "STEERING_FORMAT",
-    "STEERING_VERSION",
     "activation_frequencies",
-    "apply_steering",
-    "check_steering_target",
-    "clear_steering",
     "default_ks",
     "load_pairs",
-    "load_steering",
     "rank_scores",
     "score_experts",
     "steer",
     "steering_effect",
     "steering_plan",
     "text_batches",
-    "write_steering",
 ]
