@@ -4,6 +4,7 @@ interleaved timing (every variant once per round, medians) so the ratios come fr
 from __future__ import annotations
 
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -14,6 +15,8 @@ from collections.abc import Callable
 import torch
 
 from deepmoe import DeepSeekConfig, DeepSeekForCausalLM, from_pretrained, get_preset
+from deepmoe.io.checkpoint import save_checkpoint
+from deepmoe.io.hf import expected_shapes
 
 
 def load_pair(checkpoint: str | None, preset: str = "tiny-v3"):
@@ -73,3 +76,15 @@ def child_peak_rss(code: str, *args: str) -> tuple[int, int]:
     result = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, check=True)
     rss = json.loads(result.stdout.strip().splitlines()[-1])
     return rss["before_kib"] * 1024, rss["after_kib"] * 1024
+
+
+def random_checkpoint(config: DeepSeekConfig, path: str | os.PathLike, seed: int = 0) -> int:
+    """Write random bfloat16 weights of `config` to `path` (the selection bias float32, as DeepSeek ships it);
+    returns the bytes of the weights."""
+    g = torch.Generator().manual_seed(seed)
+    state = {}
+    for name, shape in expected_shapes(config).items():
+        t = torch.randn(shape, generator=g).mul_(0.02)
+        state[name] = t if name.endswith("e_score_correction_bias") else t.to(torch.bfloat16)
+    save_checkpoint(state, config, path, max_shard_size="100MB")
+    return sum(t.numel() * t.element_size() for t in state.values())

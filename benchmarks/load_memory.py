@@ -16,12 +16,8 @@ import argparse
 import tempfile
 from pathlib import Path
 
-import torch
-
-from _common import child_peak_rss
+from _common import child_peak_rss, random_checkpoint
 from deepmoe.config import DeepSeekConfig
-from deepmoe.io.checkpoint import save_checkpoint
-from deepmoe.io.hf import expected_shapes
 from deepmoe.presets import get_preset
 
 CHILD = r"""
@@ -50,17 +46,6 @@ LABELS = {
     "meta": "from_pretrained(dtype=bfloat16) (meta build, tensors assigned)",
     "eager": "eager float32 build, then load_state_dict(assign=True) (before)",
 }
-
-
-def random_checkpoint(config: DeepSeekConfig, path: Path) -> int:
-    """Write random bfloat16 weights of `config` to `path`; returns the bytes of the weights."""
-    g = torch.Generator().manual_seed(0)
-    state = {}
-    for name, shape in expected_shapes(config).items():
-        t = torch.randn(shape, generator=g).mul_(0.02)
-        state[name] = t if name.endswith("e_score_correction_bias") else t.to(torch.bfloat16)
-    save_checkpoint(state, config, path, max_shard_size="100MB")
-    return sum(t.numel() * t.element_size() for t in state.values())
 
 
 def main() -> None:

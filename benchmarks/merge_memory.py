@@ -16,12 +16,9 @@ import math
 import tempfile
 from pathlib import Path
 
-import torch
-
-from _common import child_peak_rss
+from _common import child_peak_rss, random_checkpoint
 from deepmoe.config import DeepSeekConfig
-from deepmoe.io.checkpoint import save_checkpoint
-from deepmoe.io.hf import expected_hf_shapes, expected_shapes
+from deepmoe.io.hf import expected_hf_shapes
 from deepmoe.presets import get_preset
 
 CHILD = r"""
@@ -44,14 +41,6 @@ else:
 after = status("VmHWM")
 print(json.dumps({"before_kib": before, "after_kib": after}))
 """
-
-
-def random_checkpoint(config: DeepSeekConfig, path: Path, seed: int) -> int:
-    """Write random bfloat16 weights of `config` to `path`; returns the bytes of the weights."""
-    g = torch.Generator().manual_seed(seed)
-    state = {n: torch.randn(s, generator=g).mul_(0.02).to(torch.bfloat16) for n, s in expected_shapes(config).items()}
-    save_checkpoint(state, config, path, max_shard_size="100MB")
-    return sum(t.numel() * t.element_size() for t in state.values())
 
 
 def main() -> None:

@@ -31,13 +31,7 @@ from deepmoe.tools.routing import LayerRouting, collect_routing
 VOCAB = 64
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """The models here are tiny: one thread is fastest, and does not stall when other work shares the cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _routing(tokens: int, counts: list[int], gate_sum: list[float]) -> LayerRouting:

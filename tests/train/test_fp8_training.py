@@ -7,20 +7,13 @@ import json
 import math
 
 import pytest
-import torch
 from test_trainer import pattern_corpus, tiny
 
 from deepmoe.cli.train import add_arguments, options_from_args
 from deepmoe.train import TrainConfig, resume, train
 from deepmoe.train import checkpoint as ckpt
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_fp8_training_runs_and_reports_the_fp8_error(tmp_path):

@@ -54,13 +54,7 @@ def tiny(out: Path, **overrides) -> TrainConfig:
     return TrainConfig(**options)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny matrices: one thread is several times faster than two fighting over a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def snapshot(directory: Path) -> dict[str, bytes]:
