@@ -5,7 +5,8 @@ and a state dict, names and config mapped by `deepmoe.io.hf`. Building a model f
 `deepmoe.model.pretrained`'s.
 
 Wherever a checkpoint directory is read, a training run's directory will do too: its `last` file
-names its newest complete checkpoint (`checkpoint_dir`).
+names its newest complete checkpoint (`checkpoint_dir`). `load_checkpoint` also reads a multi-process
+run's step directory, whose weights are a `distributed/` DCP checkpoint (`deepmoe.io.distributed`).
 
 Every problem with a file raises `CheckpointError`, one line naming the file and, where there is
 one, the tensor.
@@ -19,7 +20,7 @@ import math
 import os
 import re
 import warnings
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +29,13 @@ from safetensors import SafetensorError, safe_open
 from torch import Tensor, nn
 
 from deepmoe.config import DeepSeekConfig
+from deepmoe.io.distributed import (
+    MODEL_PREFIX,
+    DistributedCheckpoint,
+    LazyTensors,
+    cast_dtype,
+    is_distributed_checkpoint,
+)
 from deepmoe.io.files import atomic_directory, visible_entries, write_json
 from deepmoe.io.hf import (
     config_from_hf,
@@ -37,9 +45,10 @@ from deepmoe.io.hf import (
     hf_items,
     hf_name,
     mtp_copies,
+    split_expert_shape,
     split_expert_tensor,
 )
-from deepmoe.io.safetensors_stream import CheckpointError, StoredTensor, tensor_locations, write_file
+from deepmoe.io.safetensors_stream import CheckpointError, PendingTensor, StoredTensor, tensor_locations, write_file
 
 CONFIG_NAME = "config.json"
 LAST_NAME = "last"
@@ -72,14 +81,21 @@ def read_json(path: Path, what: str = "file") -> dict[str, Any]:
 _STEP_DIR = re.compile(r"step-(\d+)")
 
 
+def step_number(directory: Path) -> int | None:
+    """N of a run's `step-N` directory, else None."""
+    match = _STEP_DIR.fullmatch(Path(directory).name)
+    return int(match[1]) if match else None
+
+
 def _newest_complete_step(run_dir: Path) -> Path | None:
     """The run's `step-N` directory of the highest N that holds a complete checkpoint (config.json and its
-    weights; a run writes each one whole, staged and renamed), or None."""
+    weights: safetensors or a `distributed/` DCP directory; a run writes each one whole, staged and
+    renamed), or None."""
     steps = []
     for entry in run_dir.iterdir():
         match = _STEP_DIR.fullmatch(entry.name)
         if match and (entry / CONFIG_NAME).is_file():
-            if (entry / WEIGHTS_NAME).is_file() or (entry / INDEX_NAME).is_file():
+            if (entry / WEIGHTS_NAME).is_file() or (entry / INDEX_NAME).is_file() or is_distributed_checkpoint(entry):
                 steps.append((int(match[1]), entry))
     return max(steps)[1] if steps else None
 
@@ -163,6 +179,8 @@ class SafetensorsCheckpoint:
             hint = (
                 f" (found {pickled[0]}: pickled weights are not read, convert them to safetensors)" if pickled else ""
             )
+            if is_distributed_checkpoint(self.directory):
+                hint = " (a distributed training checkpoint: convert it with `deepmoe export` first)"
             raise CheckpointError(f"{self.directory}: has neither {WEIGHTS_NAME} nor {INDEX_NAME}{hint}")
 
     def _handle(self, file: str):
@@ -287,25 +305,24 @@ def shard_file_name(index: int, n_shards: int) -> str:
 
 
 def write_shards(
-    items: Iterable[tuple[str, int, Callable[[], Tensor]]],
+    items: Iterable[tuple[str, PendingTensor]],
     directory: Path,
     max_shard_size: int,
     metadata: dict[str, str] | None = None,
 ) -> dict[str, str]:
-    """Write (name, nbytes, make_tensor) items in order into `directory`, packed by `plan_shards`;
-    several shards get `model.safetensors.index.json`. Each file is fsynced. Returns name -> file name.
+    """Write (name, pending tensor) items in order into `directory`, packed by `plan_shards`; several
+    shards get `model.safetensors.index.json`. Each tensor is made right before it is written (so the
+    peak memory is about the largest one), each file is fsynced. Returns name -> file name.
     """
-    items = list(items)
-    makers = {name: make for name, _, make in items}
-    shards = plan_shards(((name, nbytes) for name, nbytes, _ in items), max_shard_size)
+    pending = dict(items)
+    shards = plan_shards(((name, t.nbytes) for name, t in pending.items()), max_shard_size)
     weight_map: dict[str, str] = {}
     for i, shard in enumerate(shards):
         file = shard_file_name(i, len(shards))
         weight_map.update(dict.fromkeys(shard, file))
-        # tensor by tensor (views of the model's weights: each is copied to the CPU only while it is written)
-        write_file(directory / file, {name: makers[name]() for name in shard}, metadata)
+        write_file(directory / file, {name: pending[name] for name in shard}, metadata)
     if len(shards) > 1:
-        total = sum(nbytes for _, nbytes, _ in items)
+        total = sum(t.nbytes for t in pending.values())
         write_json(directory / INDEX_NAME, {"metadata": {"total_size": total}, "weight_map": weight_map})
     return weight_map
 
@@ -369,10 +386,14 @@ def load_checkpoint(
     (memory-mapped), stacks per-expert tensors into `gate_up_proj`/`down_proj`, maps V3's MTP layers
     to `model.mtp.{k}`, dequantises FP8 block-scaled weights, and casts floating tensors to `dtype`
     (None: as stored; FP8 weights to the config's torch_dtype, else bfloat16). The expert-bias
-    buffers stay float32. Raises CheckpointError naming the file and tensor on any mismatch.
+    buffers stay float32. A step directory of a multi-process run (config.json and `distributed/`)
+    is read tensor by tensor from its DCP files. Raises CheckpointError naming the file and tensor on
+    any mismatch.
     """
     directory = checkpoint_dir(path)
     config, raw = _read_config(directory)
+    if is_distributed_checkpoint(directory):
+        return config, _load_distributed(directory, config, dtype, device, check_finite)
     quant = raw.get("quantization_config") or {}
     block = tuple(quant.get("weight_block_size") or (128, 128))
     fp8_dtype = dtype or _dtype_from_config(raw) or torch.bfloat16
@@ -386,13 +407,9 @@ def load_checkpoint(
                     t = dequantize_fp8(t, ckpt.get(hf + SCALE_SUFFIX), block, fp8_dtype)
                 except ValueError as err:
                     raise CheckpointError(f"{ckpt.file_of(hf)}: tensor {hf!r}: {err}") from None
-            keep32 = hf.endswith("e_score_correction_bias")
-            target = torch.float32 if keep32 and t.is_floating_point() else dtype
-            if target is not None and t.is_floating_point():
-                t = t.to(target)
-            if check_finite and t.is_floating_point() and not torch.isfinite(t).all():
-                what = "NaN" if torch.isnan(t).any() else "inf"
-                raise CheckpointError(f"{ckpt.file_of(hf)}: tensor {hf!r} contains {what}")
+            t = t.to(cast_dtype(hf, t.dtype, dtype))
+            if check_finite:
+                _check_finite(t, ckpt.file_of(hf), hf)
             return t.to(device) if device is not None else t
 
         state: dict[str, Tensor] = {}
@@ -410,6 +427,60 @@ def load_checkpoint(
                 {"gate_proj": out[j, :half], "up_proj": out[j, half:], "down_proj": out[j]}[proj].copy_(t)
             state[name] = out
     return config, state
+
+
+def _check_finite(t: Tensor, where: Path, name: str) -> None:
+    if t.is_floating_point() and not torch.isfinite(t).all():
+        what = "NaN" if torch.isnan(t).any() else "inf"
+        raise CheckpointError(f"{where}: tensor {name!r} contains {what}")
+
+
+def _load_distributed(
+    directory: Path, config: DeepSeekConfig, dtype: torch.dtype | None, device: str | torch.device | None,
+    check_finite: bool,
+) -> dict[str, Tensor]:  # fmt: skip
+    """The state dict of the DCP checkpoint of the step `directory`, checked against its config."""
+    tensors = DistributedCheckpoint(directory, dtype)
+    expected = check_distributed(tensors, config, directory / CONFIG_NAME)
+    state = {}
+    for name in expected:
+        t = tensors[name]
+        if check_finite:
+            _check_finite(t, tensors.directory, MODEL_PREFIX + name)
+        state[name] = t.to(device) if device is not None else t
+    return state
+
+
+def check_distributed(
+    tensors: DistributedCheckpoint, config: DeepSeekConfig, config_file: Path
+) -> dict[str, tuple[int, ...]]:
+    """`expected_shapes(config)` after checking the DCP checkpoint's model tensors against it (names,
+    shapes, floating dtypes; a tied `lm_head.weight` may be stored too); CheckpointError naming the first
+    mismatch."""
+    expected = expected_shapes(config)
+    tied = {"lm_head.weight"} if config.tie_word_embeddings else set()
+    missing = [n for n in expected if n not in tensors]
+    unexpected = [n for n in tensors if n not in expected and n not in tied]
+    if missing or unexpected:
+        problems = []
+        if missing:
+            problems.append(f"missing {len(missing)} tensor(s) {_listing(missing)}")
+        if unexpected:
+            problems.append(f"unexpected {len(unexpected)} tensor(s) {_listing(unexpected)}")
+        raise CheckpointError(f"{tensors.directory}: does not match {config_file.name}: " + "; ".join(problems))
+    for name, want in expected.items():
+        got = tensors.shape(name)
+        if got != want:
+            raise CheckpointError(
+                f"{tensors.directory}: tensor {MODEL_PREFIX + name!r} has shape {list(got)}, "
+                f"{config_file.name} implies {list(want)}"
+            )
+        if not tensors.stored_dtype(name).is_floating_point:
+            raise CheckpointError(
+                f"{tensors.directory}: tensor {MODEL_PREFIX + name!r} has dtype {tensors.stored_dtype(name)}, "
+                "not a floating-point type"
+            )
+    return expected
 
 
 def _dtype_from_config(raw: dict[str, Any]) -> torch.dtype | None:
@@ -468,55 +539,71 @@ def _validate(ckpt: SafetensorsCheckpoint, config: DeepSeekConfig, config_file: 
 
 
 def save_checkpoint(
-    model_or_state: nn.Module | dict[str, Tensor], config: DeepSeekConfig | None, path: str | os.PathLike,
+    model_or_state: nn.Module | Mapping[str, Tensor], config: DeepSeekConfig | None, path: str | os.PathLike,
     max_shard_size: int | str = "5GB", check_finite: bool = True,
 ) -> Path:  # fmt: skip
     """Write config.json + safetensors (per-expert layout, V3 MTP layout) to the directory `path`.
 
-    Sharded with `model.safetensors.index.json` when the weights exceed `max_shard_size`. Atomic:
-    everything is written and fsynced in a temporary directory next to `path`, which then replaces
-    it; a failure leaves the previous checkpoint untouched. Refuses non-finite weights.
+    Sharded with `model.safetensors.index.json` when the weights exceed `max_shard_size`. Streams:
+    each tensor is taken from the state right before its pieces are written, so a `LazyTensors`
+    mapping (e.g. `DistributedCheckpoint`, whose shapes and dtypes come without reading) is saved
+    with about its largest tensor in memory. Atomic: everything is written and fsynced in a temporary
+    directory next to `path`, which then replaces it; a failure (a mismatch with the config, a
+    non-finite weight, a full disk) leaves the previous checkpoint untouched.
     """
     if isinstance(model_or_state, nn.Module):
         config = config or getattr(model_or_state, "config", None)
-        state = model_or_state.state_dict()
+        state: Mapping[str, Tensor] = model_or_state.state_dict()
     else:
-        state = dict(model_or_state)
+        state = model_or_state
     if not isinstance(config, DeepSeekConfig):
         raise ValueError("save_checkpoint needs a DeepSeekConfig (pass config, or a model with a .config)")
     limit = parse_size(max_shard_size)
     hf_config = config_to_hf(config)
-    if config.tie_word_embeddings:
-        state.pop("lm_head.weight", None)
     expected = expected_shapes(config)
+    tied = {"lm_head.weight"} if config.tie_word_embeddings else set()
     missing = [n for n in expected if n not in state]
-    unexpected = [n for n in state if n not in expected]
+    unexpected = [n for n in state if n not in expected and n not in tied]
     if missing or unexpected:
         raise ValueError(
             f"state dict does not match the config: missing {_listing(missing) or 'none'}, "
             f"unexpected {_listing(unexpected) or 'none'}"
         )
+
+    def layout(name: str) -> tuple[torch.dtype, tuple[int, ...]]:
+        if isinstance(state, LazyTensors):
+            return state.dtype(name), tuple(state.shape(name))
+        return state[name].dtype, tuple(state[name].shape)
+
+    dtypes = {}
     for name, shape in expected.items():
-        t = state[name]
-        if tuple(t.shape) != shape:
-            raise ValueError(f"tensor {name!r} has shape {list(t.shape)}, the config implies {list(shape)}")
+        dtypes[name], got = layout(name)
+        if got != shape:
+            raise ValueError(f"tensor {name!r} has shape {list(got)}, the config implies {list(shape)}")
+
+    def piece(name: str, split: Callable[[Tensor], Tensor]) -> Tensor:
+        """`split` of the tensor `name`, read only now; checked piece by piece (a mask of a piece, not of a
+        whole fused expert tensor)."""
+        t = split(state[name])
         if check_finite and t.is_floating_point() and not torch.isfinite(t).all():
             raise ValueError(f"tensor {name!r} contains NaN or inf: refusing to save it")
+        return t
 
-    def items() -> Iterator[tuple[str, int, Callable[[], Tensor]]]:
-        for name in expected:
-            t = state[name]
-            for hf, piece in hf_items(name, t, config, split_expert_tensor):
-                yield hf, piece.numel() * piece.element_size(), lambda piece=piece: piece
-        head = state["model.embed_tokens.weight"] if config.tie_word_embeddings else state["lm_head.weight"]
+    def items() -> Iterator[tuple[str, PendingTensor]]:
+        for name, shape in expected.items():
+            for hf, (piece_shape, split) in hf_items(name, (shape, _whole), config, _split_pending):
+                yield hf, PendingTensor(dtypes[name], piece_shape, lambda name=name, split=split: piece(name, split))
+        head = "model.embed_tokens.weight" if config.tie_word_embeddings else "lm_head.weight"
         for k in range(config.num_nextn_predict_layers):
             p = f"model.layers.{config.num_hidden_layers + k}."
-            for hf, t in ((p + "embed_tokens.weight", state["model.embed_tokens.weight"]),
-                          (p + "shared_head.head.weight", head)):  # fmt: skip
-                yield hf, t.numel() * t.element_size(), lambda t=t: t
+            for hf, name in ((p + "embed_tokens.weight", "model.embed_tokens.weight"),
+                             (p + "shared_head.head.weight", head)):  # fmt: skip
+                yield hf, PendingTensor(dtypes[name], expected[name], lambda name=name: piece(name, _whole))
 
-    floating = [t for t in state.values() if t.is_floating_point()]
-    weights_dtype = max({t.dtype for t in floating}, key=lambda dt: sum(t.numel() for t in floating if t.dtype == dt))
+    floating = {n: math.prod(expected[n]) for n in expected if dtypes[n].is_floating_point}
+    weights_dtype = max(
+        {dtypes[n] for n in floating}, key=lambda dt: sum(v for n, v in floating.items() if dtypes[n] == dt)
+    )
     hf_config["torch_dtype"] = hf_config["dtype"] = str(weights_dtype).removeprefix("torch.")
     target = Path(path)
     if target.exists() and not target.is_dir():
@@ -525,3 +612,15 @@ def save_checkpoint(
         write_shards(items(), tmp, limit)
         write_json(tmp / CONFIG_NAME, hf_config)
     return target
+
+
+def _whole(t: Tensor) -> Tensor:
+    return t
+
+
+def _split_pending(
+    value: tuple[tuple[int, ...], Callable[[Tensor], Tensor]], j: int, proj: str
+) -> tuple[tuple[int, ...], Callable[[Tensor], Tensor]]:
+    """For `hf_items` on (shape, _whole) of a fused expert tensor [N, 2I, H] or [N, H, I]: (shape of expert
+    j's `proj` piece, the function taking that piece from the tensor)."""
+    return split_expert_shape(value[0], j, proj), lambda t: split_expert_tensor(t, j, proj)

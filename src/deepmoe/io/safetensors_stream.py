@@ -18,7 +18,7 @@ import json
 import math
 import os
 import struct
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -222,12 +222,33 @@ class ShardWriter:
         self.written += data.nbytes
 
 
-def write_file(path: str | os.PathLike, tensors: dict[str, Tensor], metadata: dict[str, str] | None = None) -> Path:
+@dataclass(frozen=True)
+class PendingTensor:
+    """A tensor to write whose dtype and shape are known now and whose values `make()` produces only
+    when it is written (e.g. read from another checkpoint), so a file's tensors are never all in memory."""
+
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    make: Callable[[], Tensor]
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * itemsize(dtype_code(self.dtype))
+
+
+def write_file(
+    path: str | os.PathLike, tensors: Mapping[str, Tensor | PendingTensor], metadata: dict[str, str] | None = None
+) -> Path:
     """`tensors` into one safetensors file at `path`, tensor by tensor (views are fine: each is copied
-    only while it is written), fsynced."""
-    with ShardWriter(path, [(name, t.dtype, tuple(t.shape)) for name, t in tensors.items()], metadata) as writer:
-        for t in tensors.values():
-            writer.write(t)
+    only while it is written; a `PendingTensor` is made right before it is written), fsynced."""
+    entries = [(name, t.dtype, tuple(t.shape)) for name, t in tensors.items()]
+    with ShardWriter(path, entries, metadata) as writer:
+        for name, t in tensors.items():
+            value = t.make() if isinstance(t, PendingTensor) else t
+            if tuple(value.shape) != tuple(t.shape):
+                raise RuntimeError(f"{path}: tensor {name!r} has shape {list(value.shape)}, expected {list(t.shape)}")
+            writer.write(value)
+            del value  # a view keeps all of its tensor alive: let it go before the next one is made
     return Path(path)
 
 
@@ -235,6 +256,7 @@ __all__ = [
     "CHUNK_BYTES",
     "DTYPES",
     "CheckpointError",
+    "PendingTensor",
     "ShardWriter",
     "StoredTensor",
     "dtype_code",
