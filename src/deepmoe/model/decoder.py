@@ -46,6 +46,15 @@ class CausalLMOutput:
     """[B, S, H] last block's output before the final norm (h^0 of the MTP modules)."""
 
 
+@dataclass
+class BlockRouting:
+    """What a block's MoE layer reports besides its output, which the block has added into x (not returned:
+    a view leaving an FSDP2 unit is a hazard FSDP2 warns about)."""
+
+    aux_loss: Tensor
+    stats: RoutingStats
+
+
 class DecoderLayer(nn.Module):
     """x + Attn(RMSNorm(x)), then + FFN(RMSNorm(·)); the FFN is dense SwiGLU or the MoE layer."""
 
@@ -61,12 +70,13 @@ class DecoderLayer(nn.Module):
             self.mlp = SwiGLU(config.hidden_size, config.intermediate_size)
 
     def forward(self, x: Tensor, positions: Tensor, cache: KVCache | None, key_mask: Tensor | None = None):
-        """x [B, S, H] → ([B, S, H], the MoE output or None); key_mask [B, T] bool, False at padding keys."""
+        """x [B, S, H] → ([B, S, H], the MoE layer's `BlockRouting` or None); key_mask [B, T] bool, False at
+        padding keys."""
         x = x + self.self_attn(self.input_layernorm(x), positions, cache, key_mask)
         h = self.post_attention_layernorm(x)
         if isinstance(self.mlp, MoE):
             moe_out = self.mlp(h, check_finite=False)  # no host sync per layer: the model checks its input ids
-            return x + moe_out.hidden_states, moe_out
+            return x + moe_out.hidden_states, BlockRouting(moe_out.aux_loss, moe_out.stats)
         return x + self.mlp(h), None
 
 
@@ -87,7 +97,8 @@ class MTPModule(nn.Module):
         self.norm = RMSNorm(h, config.rms_norm_eps)
 
     def forward(self, previous: Tensor, next_embeddings: Tensor, positions: Tensor, cache: KVCache | None):
-        """previous h^{k-1} [B, S, H], next_embeddings Emb(t_{i+k}) [B, S, H] → (h^k, normed h^k, MoE output)."""
+        """previous h^{k-1} [B, S, H], next_embeddings Emb(t_{i+k}) [B, S, H] → (h^k, normed h^k, `BlockRouting`
+        or None)."""
         x = self.eh_proj(torch.cat([self.enorm(next_embeddings), self.hnorm(previous)], dim=-1))
         x, moe_out = self.block(x, positions, cache)
         return x, self.norm(x), moe_out

@@ -21,6 +21,7 @@ from functools import cache
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.distributed.tensor import DTensor
 
 from deepmoe.moe.fp8 import fp8_grouped_matmul
 
@@ -186,6 +187,12 @@ def grouped_matmul(x: Tensor, weight: Tensor, offsets: Tensor, use_kernel: bool)
     return _GroupedMatMul.apply(x, weight, offsets, use_kernel)
 
 
+def _local(weight: Tensor) -> Tensor:
+    """This rank's experts of an expert-parallel weight (a DTensor sharded over the expert-parallel ranks,
+    `deepmoe.parallel.parallelize`); any other tensor as it is."""
+    return weight.to_local() if isinstance(weight, DTensor) else weight
+
+
 class RoutedExperts(nn.Module):
     """N_r SwiGLU experts of width I, computed on expert-sorted tokens."""
 
@@ -225,7 +232,7 @@ class RoutedExperts(nn.Module):
         `row_weight` [S] (the gate g_i,t of each row) scales a row's I-wide activation before
         the down projection: the same as scaling its H-wide output, on H/I times fewer values.
         """
-        gate_up, down = self.gate_up_proj, self.down_proj
+        gate_up, down = _local(self.gate_up_proj), _local(self.down_proj)
         if torch.is_autocast_enabled(x.device.type):  # grouped_mm is not autocast-aware
             dtype = torch.get_autocast_dtype(x.device.type)
             x, gate_up, down = x.to(dtype), gate_up.to(dtype), down.to(dtype)

@@ -84,6 +84,20 @@ def set_rng_state(info: dict[str, Any], tensors: dict[str, Tensor]) -> None:
         torch.cuda.set_rng_state_all([tensors[k] for k in cuda][: torch.cuda.device_count()])
 
 
+def rng_to_json(rng: tuple[dict[str, Any], dict[str, Tensor]]) -> dict[str, Any]:
+    """`rng_state()` as one JSON object (the byte tensors as hex strings): each rank's, in a distributed
+    checkpoint's training_state.json."""
+    info, tensors = rng
+    return {**info, "tensors": {k: bytes(t.numpy()).hex() for k, t in tensors.items()}}
+
+
+def rng_from_json(saved: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Tensor]]:
+    """The inverse of `rng_to_json`: the arguments of `set_rng_state`."""
+    info = {k: v for k, v in saved.items() if k != "tensors"}
+    tensors = {k: torch.frombuffer(bytearray.fromhex(v), dtype=torch.uint8) for k, v in saved["tensors"].items()}
+    return info, tensors
+
+
 # ---- optimizer state ---------------------------------------------------------------------------
 
 
@@ -143,6 +157,20 @@ def load_optimizer_state(
         entry["params"] = [index[n] for n in group["params"]]
         groups.append(entry)
     optimizer.load_state_dict({"state": state, "param_groups": groups})
+
+
+def optimizer_state_by_name(info: dict[str, Any], tensors: dict[str, Tensor]) -> dict[str, Any]:
+    """A saved optimizer state (`optimizer_state`'s pair) keyed by parameter name, the form of
+    `torch.distributed.checkpoint.state_dict.get_optimizer_state_dict` (to load it into a sharded model)."""
+    state: dict[str, dict[str, Any]] = {}
+    for key, value in tensors.items():
+        if key.startswith("optimizer."):
+            name, _, field = key[len("optimizer.") :].rpartition(".")
+            state.setdefault(name, {})[field] = value
+    for name, values in info.get("scalars", {}).items():
+        state.setdefault(name, {}).update(values)
+    groups = [{k: (tuple(v) if k == "betas" else v) for k, v in g.items()} for g in info["param_groups"]]
+    return {"state": state, "param_groups": groups}
 
 
 # ---- writing -----------------------------------------------------------------------------------
@@ -242,6 +270,8 @@ def read_training_state(step_dir: str | os.PathLike) -> tuple[dict[str, Any], di
         raise CheckpointError(f"{step_dir / STATE_JSON}: not a deepmoe training state")
     if info.get("version") != STATE_VERSION:
         raise CheckpointError(f"{step_dir / STATE_JSON}: unsupported version {info.get('version')!r}")
+    if "distributed" in info:  # the tensors are in its distributed/ directory, the RNG states in the JSON
+        return info, {}
     path = step_dir / STATE_TENSORS
     if not path.is_file():
         raise CheckpointError(f"{path}: training state tensors not found")

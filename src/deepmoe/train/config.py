@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from deepmoe.config import DeepSeekConfig, MoEConfig, check, is_int, is_real
+from deepmoe.parallel.mesh import DATA_PARALLEL
 from deepmoe.presets import PRESETS, get_preset
 
 DEFAULT_PRESET, DEFAULT_VOCAB_SIZE = "tiny-v3", 4096
@@ -21,7 +22,8 @@ SCHEDULES = ("cosine", "wsd")
 DEVICES = ("auto", "cpu", "cuda")
 RESUME_OVERRIDABLE = frozenset(
     {"steps", "schedule_steps", "lr", "min_lr", "grad_clip", "eval_every", "eval_batches", "save_every",
-     "keep_last", "device", "progress", "expert_parallel", "final_eval_batches"}
+     "keep_last", "device", "progress", "expert_parallel", "data_parallel", "activation_checkpointing",
+     "final_eval_batches"}
 )  # fmt: skip
 """Options a resumed run may change; the others are the run's."""
 
@@ -72,7 +74,8 @@ class TrainConfig:
     save_every: int = option(500, "checkpoint every N steps (0: only at the end; also at the end and on Ctrl-C)")
     keep_last: int = option(3, "checkpoints kept (0: all)")
     seed: int = option(0, "seed of the weights and the data order")
-    bf16: bool = option(False, "bfloat16 autocast (weights and optimizer state stay float32)")
+    bf16: bool = option(False, "bfloat16 compute: autocast on one process, FSDP2 mixed precision (fp32 gradient "
+                               "reduction) on several; weights and optimizer state stay float32")  # fmt: skip
     device: str = option("auto", "auto: cuda if available", choices=DEVICES)
     out: str = option("runs/deepmoe", "run directory")
     model_overrides: dict[str, Any] | None = option(
@@ -94,8 +97,16 @@ class TrainConfig:
         "FP8 error of the final model)"
     )  # fmt: skip
     expert_parallel: int = option(
-        1, "shard the routed experts over N ranks launched by torchrun --nproc-per-node N (NCCL on GPUs, gloo on "
-        "CPUs); batch_size must be divisible by N", minimum=1, metavar="N"
+        1, "E: split each MoE layer's routed experts over E ranks (all-to-all dispatch); E divides the ranks "
+        "torchrun launches and every layer's routed experts", minimum=1, metavar="E"
+    )  # fmt: skip
+    data_parallel: str = option(
+        "fsdp", "with several ranks (torchrun): fsdp shards every weight and its optimizer state over the ranks "
+        "(FSDP2; the experts over their W/E copies); replicate keeps whole copies and all-reduces the gradients",
+        choices=DATA_PARALLEL
+    )  # fmt: skip
+    activation_checkpointing: bool = option(
+        False, "recompute each block's activations in the backward pass (less memory, about one more forward)"
     )  # fmt: skip
     progress: bool = option(True, "progress bar")
 
@@ -125,6 +136,8 @@ class TrainConfig:
                 fail(name, "must be an integer >= 1")
         if self.batch_size % self.expert_parallel:
             fail("batch_size", f"must be divisible by expert_parallel={self.expert_parallel} (it is the global batch)")
+        if self.data_parallel not in DATA_PARALLEL:
+            fail("data_parallel", f"must be one of {', '.join(DATA_PARALLEL)}")
         if self.seq_len < 2:
             fail("seq_len", "must be >= 2 (a sequence predicts its next tokens)")
         for name in ("warmup_steps", "eval_every", "eval_batches", "save_every", "keep_last", "seed"):

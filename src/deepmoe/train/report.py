@@ -26,14 +26,15 @@ def run_report(
     model_config: DeepSeekConfig,
     config: TrainConfig,
     corpus: Any,
-    ranks: int,
+    layout: dict[str, Any],
     bf16: bool,
     device: str,
 ) -> dict[str, Any]:
     """report.json's content: the final held-out evaluation (over `heldout_tokens` tokens: the first
     `final_eval_batches` batches of the held-out set, or all of it), the expert loads
     it routed per MoE layer (MaxVio, CV, dead experts), the dropped fraction and throughput over the run
-    (`totals`, summed over its sessions), and the run's options."""
+    (`totals`, summed over its sessions), the parallel `layout` (ranks, expert_parallel, data_parallel) with
+    the bytes each rank holds, and the run's options."""
     layers = [i for i in moe_layers if i in evaluation.load]
     loads = [evaluation.load[i] for i in layers]
     routed, dropped = totals["routed_slots"], totals["dropped_slots"]
@@ -63,7 +64,7 @@ def run_report(
         "train_time_s": totals["train_time_s"],
         "final_train_loss": log[-1]["loss"] if log else None,  # kept for compatibility: LM + aux + MTP losses
         "final_train_lm_loss": log[-1].get("lm_loss") if log else None,  # the LM loss alone (the progress bar's)
-        "expert_parallel": ranks,
+        **layout,  # ranks, expert_parallel, data_parallel
         "parameters": params.total,  # without the MTP modules (mtp_parameters)
         "mtp_parameters": params.mtp,
         "active_parameters": params.active,
@@ -73,6 +74,9 @@ def run_report(
         "device": device,
         "config": config.to_dict(),
     }
+    held = [r for r in log if "parameter_bytes" in r]
+    if held:  # measured after the first step of the run's last session, the largest over the ranks
+        report["bytes_per_rank"] = {k: held[-1][k] for k in ("parameter_bytes", "gradient_bytes", "optimizer_bytes")}
     comm = [r["comm_bytes_per_rank"] for r in log if "comm_bytes_per_rank" in r]
     if comm:
         report["comm_bytes_per_step_per_rank"] = sum(comm) / len(comm)

@@ -22,6 +22,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from deepmoe.parallel.gradients import clip_grad_norm_
+
 
 class NonFiniteError(ArithmeticError):
     """A non-finite loss (raised before its backward) or gradient norm (raised before the update): the
@@ -106,11 +108,12 @@ def optimizer_step(
 
 
 def _clip_held(model: nn.Module, optimizer: torch.optim.Optimizer, max_norm: float) -> float:
-    """`clip_grad_norm_` over the parameters `optimizer` holds, in the order of `model.parameters()` (the
+    """`clip_grad_norm_` (torch's; over DTensors of several meshes for a sharded model) over the parameters
+    `optimizer` holds, in the order of `model.parameters()` (the
     norm's summation order; others after them)."""
     held = {id(p): p for group in optimizer.param_groups for p in group["params"]}
     ordered = [p for p in model.parameters() if held.pop(id(p), None) is not None]
-    return float(torch.nn.utils.clip_grad_norm_(ordered + list(held.values()), max_norm))
+    return clip_grad_norm_(ordered + list(held.values()), max_norm)
 
 
 __all__ = ["NonFiniteError", "StepResult", "optimizer_step"]

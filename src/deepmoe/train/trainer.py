@@ -11,14 +11,14 @@ Files of a run directory DIR:
   log.jsonl          one line per optimizer step; eval.jsonl: one line per held-out evaluation
   report.json, loss.png, expert_load.png   at the end of the run
 
-Expert parallelism (docs/design.md#d1-expert-parallelism; `expert_parallel` = D > 1, launched by
-`torchrun --nproc-per-node D`): the D
-ranks shard the routed experts and are data-parallel for everything else. `batch_size` stays the global
-batch: every rank draws the same batch and trains on its 1/D of the sequences, so a D-rank run follows the
-1-process run of the same options (exactly, when no batch-level quantity — capacity, B1–B3 — is involved:
-those are per rank's batch). Gradients of replicated weights are averaged, experts' scaled to the same
-global mean; the bias update uses the loads of all ranks; only rank 0 writes files; checkpoints are
-gathered into the ordinary full format, so they load and resume with any number of ranks.
+Several processes (docs/design.md#d2-sharded-training; launched by `torchrun --nproc-per-node W`): the W ranks
+shard the model with FSDP2 (or replicate it, `data_parallel`), and split the routed experts over
+`expert_parallel` = E of them (`deepmoe.train.distributed`). `batch_size` stays the global batch: every rank
+draws the same batch and trains on its 1/W of the sequences, so a W-rank run follows the 1-process run of the
+same options (to float tolerance, when no batch-level quantity — capacity, B1–B3 — is involved: those are per
+rank's batch). The bias update uses the loads of all ranks; checkpoints are distributed (every rank writes its
+shards; `deepmoe export` makes an HF checkpoint of one) and resume on any number of ranks; rank 0 writes the
+other files.
 """
 
 from __future__ import annotations
@@ -33,14 +33,13 @@ import threading
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from torch import Tensor
+from torch.distributed.checkpoint.api import CheckpointException
 
 from deepmoe import data, parallel
 from deepmoe.config import DeepSeekConfig
@@ -49,9 +48,11 @@ from deepmoe.io.files import write_json
 from deepmoe.model.decoder import DeepSeekForCausalLM
 from deepmoe.model.parameters import count_parameters
 from deepmoe.moe.balance import RoutingStats, max_violation, merge_routing_stats
+from deepmoe.parallel.checkpoint import load_full_optimizer_state
 from deepmoe.train import checkpoint as ckpt
 from deepmoe.train.checkpoint import CONFIG_NAME, EVAL_LOG_NAME, LOG_NAME
 from deepmoe.train.config import RESUME_OVERRIDABLE, TrainConfig, build_model_config, build_optimizer, lr_at
+from deepmoe.train.distributed import Ranks, held_bytes, launched_world
 from deepmoe.train.inputs import initial_model, load_corpus
 from deepmoe.train.report import run_report, write_run_files
 from deepmoe.train.step import NonFiniteError, optimizer_step
@@ -153,6 +154,10 @@ def _resume(
         saved.update(preset=None, vocab_size=None)
     if overrides.get("steps", saved["steps"]) != saved["steps"] and "schedule_steps" not in overrides:
         overrides = {**overrides, "schedule_steps": saved.get("schedule_steps") or saved["steps"]}
+    if launched_world() == 1 and saved.get("expert_parallel", 1) > 1 and "expert_parallel" not in overrides:
+        logger.info("resuming a run of expert_parallel=%d in one process: all experts on this one",
+                    saved["expert_parallel"])  # fmt: skip
+        overrides = {**overrides, "expert_parallel": 1}
     changed = sorted(k for k, v in overrides.items() if k not in RESUME_OVERRIDABLE and saved.get(k) != v)
     changed = [k for k in changed if not (k == "out" and Path(overrides[k]).resolve() == out.resolve())]
     if changed:
@@ -230,13 +235,15 @@ class _Run:
         self.observer = observer
         self.corpus = corpus
         self.out = Path(config.out)
-        self.device = _resolve_device(config.device)
-        self.rank, self.world = self._init_expert_parallel()
-        self.is_main = self.rank == 0
-        self.autocast = config.bf16
+        self.ranks = Ranks(_resolve_device(config.device), config.expert_parallel, config.data_parallel)
+        self.device, self.rank, self.world = self.ranks.device, self.ranks.rank, self.ranks.world
+        self.is_main = self.ranks.is_main
+        self.bf16 = config.bf16
         if config.bf16 and self.device.type == "cuda" and not torch.cuda.is_bf16_supported():
-            logger.warning("bfloat16 autocast is not supported on this GPU: training in float32")
-            self.autocast = False
+            logger.warning("bfloat16 is not supported on this GPU: training in float32")
+            self.bf16 = False
+        self.autocast = self.bf16 and self.world == 1  # several ranks: FSDP2's mixed precision instead
+        distributed_checkpoint = resume_from is not None and "distributed" in resume_from[1]
         if resume_from is None:
             _seed_everything(config.seed)
             if config.init_from is None:
@@ -251,12 +258,13 @@ class _Run:
             step_dir, state, tensors = resume_from
             self.model_config = DeepSeekConfig.from_dict(state["model_config"])
             self.model = DeepSeekForCausalLM(self.model_config)
-            ckpt.load_model_weights(self.model, step_dir)
+            if not distributed_checkpoint:  # whole weights, loaded before sharding
+                ckpt.load_model_weights(self.model, step_dir)
             self.step = int(state["step"])
             self.totals = state["totals"]
-        if self.world > 1:
-            parallel.apply_expert_parallel(self.model)
         self.model.to(self.device).train()
+        self.ranks.shard(self.model, self.model_config, config.batch_size, bf16=self.bf16,
+                         activation_checkpointing=config.activation_checkpointing)  # fmt: skip
         self.optimizer = build_optimizer(self.model, config)
         self.batches = data.PackedBatches(corpus.train, config.batch_size, config.seq_len, config.seed)
         if corpus.heldout.numel() < config.seq_len:
@@ -274,11 +282,16 @@ class _Run:
                 for name in (LOG_NAME, EVAL_LOG_NAME):
                     (self.out / name).unlink(missing_ok=True)
         else:
-            if self.world > 1:  # the checkpoint holds every expert's optimizer state: keep this rank's
-                tensors = parallel.shard_experts(tensors, self.model, prefix="optimizer.")
-            ckpt.load_optimizer_state(self.optimizer, self.model, state["optimizer"], tensors)
+            if distributed_checkpoint:  # written on any layout: each rank reads the shards it now holds
+                self.ranks.load(step_dir, self.model, self.optimizer, state)
+            else:
+                if self.world > 1:  # one process's whole optimizer state: each rank keeps its shards
+                    saved = ckpt.optimizer_state_by_name(state["optimizer"], tensors)
+                    load_full_optimizer_state(self.model, self.optimizer, saved)
+                else:
+                    ckpt.load_optimizer_state(self.optimizer, self.model, state["optimizer"], tensors)
+                ckpt.set_rng_state(state["rng"], tensors)
             self.batches.load_state_dict(state["data"])
-            ckpt.set_rng_state(state["rng"], tensors)
             if self.is_main:
                 for name in (LOG_NAME, EVAL_LOG_NAME):
                     ckpt.truncate_log(self.out / name, self.step)
@@ -286,34 +299,7 @@ class _Run:
         self._boundary = self._snapshot()
         self._in_update = False
         self._eval_batches: list[Tensor] | None = None
-
-    def _init_expert_parallel(self) -> tuple[int, int]:
-        """(rank, D): join torchrun's process group when `expert_parallel` > 1 (its size must be D)."""
-        want = self.cfg.expert_parallel
-        if want == 1:
-            return 0, 1
-        rank, world = parallel.init_from_env(self.device.type)
-        if world != want:
-            raise ValueError(
-                f"TrainConfig.expert_parallel={want} is invalid: this run has {world} process(es); "
-                f"launch it with torchrun --nproc-per-node {want} -m deepmoe train ..."
-            )
-        if self.device.type == "cuda":
-            self.device = torch.device("cuda", torch.cuda.current_device())
-        return rank, world
-
-    def _all_reduce(self, values: list[float], mean: bool = True) -> list[float]:
-        """Means (or sums) over the ranks; the values themselves on one process."""
-        if self.world == 1:
-            return values
-        t = torch.tensor(values, dtype=torch.float64, device=self.device)
-        dist.all_reduce(t)
-        return (t / self.world if mean else t).tolist()
-
-    def _local(self, batch: Tensor) -> Tensor:
-        """This rank's share of a global batch."""
-        share = batch.shape[0] // self.world
-        return batch[self.rank * share : (self.rank + 1) * share]
+        self._held: dict[str, int] | None = None
 
     # -- state ------------------------------------------------------------------------------------
     def _snapshot(self) -> tuple[dict[str, Any], tuple]:
@@ -341,21 +327,23 @@ class _Run:
             "torch_version": torch.__version__,
         }
         tokenizer = getattr(self.corpus, "tokenizer", None)
-        weights, optimizer = self.model.state_dict(), ckpt.optimizer_state(self.optimizer, self.model)
-        if self.world > 1:  # every rank's experts, gathered on rank 0
-            weights = parallel.gather_experts(weights, self.model)
-            optimizer = optimizer[0], parallel.gather_experts(optimizer[1], self.model, prefix="optimizer.")
         path, error = self.out / ckpt.step_dir_name(self.step), None
-        if self.is_main:
-            try:
+        try:
+            if self.world > 1:  # every rank writes its shards
+                rng_per_rank = self.ranks.all_ranks(ckpt.rng_to_json(rng))
+                path = self.ranks.save(self.out, self.step, self.model, self.optimizer, self.model_config, info,
+                                       rng_per_rank, tokenizer)  # fmt: skip
+            elif self.is_main:
+                optimizer = ckpt.optimizer_state(self.optimizer, self.model)
                 path = ckpt.save_training_checkpoint(
-                    self.out, self.step, weights, self.model_config, optimizer, info, rng, tokenizer
+                    self.out, self.step, self.model.state_dict(), self.model_config, optimizer, info, rng, tokenizer
                 )
+            if self.is_main:
                 ckpt.prune_checkpoints(self.out, self.cfg.keep_last)
-            except (OSError, ValueError) as err:
-                error = str(err)
-        if self.world > 1 and self._all_reduce([float(error is not None)])[0]:
-            error = error or "it failed on rank 0"
+        except (OSError, ValueError, RuntimeError, CheckpointException) as err:
+            error = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        if self.world > 1 and self.ranks.all_reduce([float(error is not None)])[0]:
+            error = error or "it failed on another rank"
         if error is not None:
             intact = f"{self.last_saved} is intact" if self.last_saved else "no earlier checkpoint exists"
             raise TrainingError(f"writing the checkpoint of step {self.step} failed ({error}); {intact}")
@@ -377,18 +365,15 @@ class _Run:
             group["lr"] = lr
         self._take_traffic()  # what evaluations sent is not this step's
         batches = [next(self.batches) for _ in range(cfg.grad_accum)]
-        sharded = self.world > 1  # gradients averaged over the ranks, the norm taken over every rank's experts
         try:
             result = optimizer_step(
                 self.model,
                 self.optimizer,
-                [self._local(batch).to(self.device, non_blocking=True) for batch in batches],
+                [self.ranks.local(batch).to(self.device, non_blocking=True) for batch in batches],
                 max_norm=cfg.grad_clip,
                 context=self._autocast,
-                reduce=lambda value: self._all_reduce([value])[0],
+                reduce=lambda value: self.ranks.all_reduce([value])[0],
                 collect=_loss_parts,
-                grad_hook=partial(parallel.sync_gradients, self.model) if sharded else None,
-                clip=partial(parallel.clip_grad_norm, self.model) if sharded else None,
                 before_update=self._begin_update,
             )
         except NonFiniteError as err:
@@ -397,8 +382,8 @@ class _Run:
             raise TrainingError(self._stop_message(f"the forward pass failed ({err})")) from err
         sums = {"loss": sum(result.losses)}
         parts = [sum(micro[i] for micro, _ in result.collected) for i in range(len(_PARTS))]
-        sums.update(zip(_PARTS, self._all_reduce(parts), strict=True))
-        merged = self._global_stats(merge_routing_stats([stats for _, stats in result.collected]))
+        sums.update(zip(_PARTS, self.ranks.all_reduce(parts), strict=True))
+        merged = self.ranks.global_stats(merge_routing_stats([stats for _, stats in result.collected]))
         self.model.update_expert_bias(merged)
         self.step += 1
         self._boundary = self._snapshot()
@@ -407,8 +392,13 @@ class _Run:
         record.update({k: v / cfg.grad_accum for k, v in sums.items()})
         record["grad_norm"] = result.grad_norm
         record["tokens"] = sum(batch.numel() for batch in batches)
-        if self.world > 1:
-            record["comm_bytes_per_rank"] = self._all_reduce([float(self._take_traffic())])[0]
+        if self.ranks.layout.expert_parallel > 1:
+            record["comm_bytes_per_rank"] = self.ranks.all_reduce([float(self._take_traffic())])[0]
+        if self._held is None:  # once per session, after the first step made the gradients and moments
+            held = held_bytes(self.model, self.optimizer)
+            every_rank = self.ranks.all_ranks(held)
+            self._held = {key: max(r[key] for r in every_rank) for key in held}  # the largest over the ranks
+            record.update(self._held)
         main = [merged[i] for i in self.moe_layers if i in merged]
         record["layers"] = [i for i in self.moe_layers if i in merged]
         record["maxvio"] = [float(s.max_vio) for s in main]
@@ -428,29 +418,7 @@ class _Run:
 
     def _take_traffic(self) -> int:
         """Bytes this rank's MoE layers sent to other ranks since the last call (forward and backward)."""
-        layers = [m for m in self.model.moe_layers().values() if m.expert_parallel]
-        return sum(m.dispatcher.reset_traffic().total_bytes for m in layers)
-
-    def _global_stats(self, stats: dict[int, RoutingStats]) -> dict[int, RoutingStats]:
-        """Routing statistics over every rank's tokens: loads summed, entropy averaged, metrics recomputed."""
-        if self.world == 1:
-            return stats
-        layers = sorted(stats)
-        parts = [t for i in layers for t in (stats[i].tokens_per_expert, stats[i].kept_per_expert)]
-        flat = torch.cat(parts)
-        dist.all_reduce(flat)
-        loads = flat.split([t.numel() for t in parts])
-        entropy = self._all_reduce([float(stats[i].entropy) for i in layers])
-        per_layer = {
-            i: dataclasses.replace(
-                stats[i],
-                tokens_per_expert=loads[2 * j],
-                kept_per_expert=loads[2 * j + 1],
-                entropy=torch.tensor(entropy[j]),
-            )
-            for j, i in enumerate(layers)
-        }
-        return merge_routing_stats([per_layer])
+        return sum(m.dispatcher.reset_traffic().total_bytes for m in parallel.expert_parallel_layers(self.model))
 
     # -- evaluation -------------------------------------------------------------------------------
     def evaluate(self, batches: list[Tensor]) -> Evaluation:
@@ -459,16 +427,15 @@ class _Run:
 
         def share(batch: Tensor) -> tuple[Tensor, bool]:
             even = batch.shape[0] % self.world == 0
-            return (self._local(batch) if even else batch), even or self.is_main
+            return (self.ranks.local(batch) if even else batch), even or self.is_main
 
         result = evaluate(self.model, batches, self._autocast, share)
         if self.world > 1:
-            total, count = self._all_reduce([result.loss_sum, result.tokens], mean=False)
+            self.model.reshard()  # FSDP2 keeps the root's weights gathered after a forward without backward
+            total, count = self.ranks.all_reduce([result.loss_sum, result.tokens], mean=False)
             result.loss_sum, result.tokens = total, int(count)
             for idx in sorted(result.load):
-                reduced = result.load[idx].to(self.device)
-                dist.all_reduce(reduced)
-                result.load[idx] = reduced.cpu()
+                result.load[idx] = self.ranks.sum(result.load[idx])
         return result
 
     def periodic_eval(self) -> dict[str, Any]:
@@ -530,7 +497,7 @@ class _Run:
     def _stop_requested(self, stopper: _StopOnSigint) -> bool:
         """Whether Ctrl-C asked to stop (on any rank: every rank stops at the same step)."""
         if self.world > 1:
-            stopper.requested = bool(self._all_reduce([float(stopper.requested)])[0])
+            stopper.requested = bool(self.ranks.all_reduce([float(stopper.requested)])[0])
         return stopper.requested
 
     def timed_step(self) -> dict[str, Any]:
@@ -545,16 +512,20 @@ class _Run:
 
     def _description(self) -> str:
         cfg, counts = self.cfg, count_parameters(self.model_config)
-        ranks = f" x {self.world} ranks (expert parallel)" if self.world > 1 else ""
+        ranks = self.ranks.describe()
         mtp = f" + {counts.mtp / 1e6:.2f} M MTP" if counts.mtp else ""  # report.json's parameters, mtp_parameters
         schedule = cfg.schedule_steps or cfg.steps
         return (
             f"{'resuming' if self.step else 'training'} {cfg.preset or cfg.init_from} "
             f"({counts.total / 1e6:.2f} M parameters{mtp}, vocab {self.model_config.vocab_size}) on "
             f"{self.corpus.train.numel():,} tokens, device {self.device}{ranks}"
-            f"{', bf16 autocast' if self.autocast else ''}: step {self.step} -> {cfg.steps}, run directory {self.out}"
+            f"{', bf16' if self.bf16 else ''}: step {self.step} -> {cfg.steps}, run directory {self.out}"
             + (f"; LR schedule of {schedule} steps (min_lr after it)" if schedule != cfg.steps else "")
         )
+
+    def _layout(self) -> dict[str, Any]:
+        layout = self.ranks.layout
+        return {"ranks": self.world, "expert_parallel": layout.expert_parallel, "data_parallel": layout.data_parallel}
 
     def finish(self) -> dict[str, Any]:
         """Evaluate on the first `final_eval_batches` held-out batches (see `TrainConfig`; report.json's
@@ -569,11 +540,17 @@ class _Run:
         final = {"step": self.step, "heldout_loss": result.loss, "heldout_perplexity": result.perplexity}
         ckpt.append_jsonl(self.out / EVAL_LOG_NAME, {**final, "final": True})
         report = run_report(self.out, self.step, result, self.moe_layers, self.totals, self.model_config, self.cfg,
-                            self.corpus, self.world, self.autocast, str(self.device))  # fmt: skip
+                            self.corpus, self._layout(), self.bf16, str(self.device))  # fmt: skip
         if self.cfg.fp8_experts and self.world == 1:  # the error report runs the layers alone, not sharded
             report["fp8_error_per_layer"] = fp8_error_per_layer(self.model, heldout[0].to(self.device))
         if "comm_bytes_per_step_per_rank" in report:
-            logger.info("expert parallel over %d ranks: %.3f MB sent per step per rank (all-to-all, forward + "
-                        "backward)", self.world, report["comm_bytes_per_step_per_rank"] / 1e6)  # fmt: skip
+            logger.info("expert parallel over %d of the %d ranks: %.3f MB sent per step per rank (all-to-all, forward "
+                        "+ backward)", self.ranks.layout.expert_parallel, self.world,
+                        report["comm_bytes_per_step_per_rank"] / 1e6)  # fmt: skip
+        if "bytes_per_rank" in report and self.world > 1:
+            held = report["bytes_per_rank"]
+            logger.info("held per rank (the largest): %.2f MB parameters, %.2f MB gradients, %.2f MB optimizer state",
+                        held["parameter_bytes"] / 1e6, held["gradient_bytes"] / 1e6,
+                        held["optimizer_bytes"] / 1e6)  # fmt: skip
         write_run_files(self.out, report)
         return report
