@@ -12,6 +12,7 @@ param_groups (numbers, not tensors) are returned to the caller, which keeps them
 from __future__ import annotations
 
 import os
+import warnings
 from typing import Any
 
 import torch
@@ -50,7 +51,9 @@ def load_sharded(
     same config) and `optimizer`; `param_groups` as `save_sharded` returned them."""
     state, _ = _state(model, optimizer)
     distributed = dist.is_available() and dist.is_initialized()
-    dcp.load(state, storage_reader=HuggingFaceStorageReader(os.fspath(path)), no_dist=not distributed)
+    with warnings.catch_warnings():  # DCP warns that one process without a process group reads alone: intended
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
+        dcp.load(state, storage_reader=HuggingFaceStorageReader(os.fspath(path)), no_dist=not distributed)
     set_model_state_dict(model, state["model"])
     groups = [{k: tuple(v) if k == "betas" else v for k, v in g.items()} for g in param_groups]
     set_optimizer_state_dict(model, optimizer, {"state": state["optimizer"]["state"], "param_groups": groups})

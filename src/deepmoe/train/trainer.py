@@ -342,8 +342,13 @@ class _Run:
                 ckpt.prune_checkpoints(self.out, self.cfg.keep_last)
         except (OSError, ValueError, RuntimeError, CheckpointException) as err:
             error = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        if self.world > 1 and self.ranks.all_reduce([float(error is not None)])[0]:
-            error = error or "it failed on another rank"
+        if self.world > 1:
+            try:  # a failure on one rank (rank 0's files) stops every rank
+                failed = self.ranks.all_reduce([float(error is not None)])[0]
+            except RuntimeError:  # a rank is gone: the process group cannot run collectives any more
+                failed, error = 1.0, error or "a rank stopped answering"
+            if failed:
+                error = error or "it failed on another rank"
         if error is not None:
             intact = f"{self.last_saved} is intact" if self.last_saved else "no earlier checkpoint exists"
             raise TrainingError(f"writing the checkpoint of step {self.step} failed ({error}); {intact}")
