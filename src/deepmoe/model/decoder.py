@@ -14,6 +14,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.distributed.device_mesh import DeviceMesh
 
 from deepmoe.config import DeepSeekConfig
 from deepmoe.model.attention import KVCache, MultiHeadLatentAttention, build_attention
@@ -184,11 +185,12 @@ class DeepSeekForCausalLM(nn.Module):
         blocks = [*self.model.layers, *(m.block for m in self.model.mtp)]
         return {b.layer_idx: b.mlp for b in blocks if isinstance(b.mlp, MoE)}
 
-    def enable_expert_parallel(self, group: dist.ProcessGroup | None = None) -> None:
-        """Shard every MoE layer's routed experts over the ranks of `group`, and mark them for
-        DistributedDataParallel(model) to leave alone: `deepmoe.parallel.apply_expert_parallel(model, group)`,
-        which this calls. Load or build the full model on every rank first, then call this."""
-        apply_expert_parallel(self, group)
+    def enable_expert_parallel(self, mesh: DeviceMesh | dist.ProcessGroup | None = None) -> None:
+        """Shard every MoE layer's routed experts over the ranks of `mesh` (a 1-D DeviceMesh, a process group,
+        None: every rank): `deepmoe.parallel.apply_expert_parallel(model, mesh)`, which this calls. Load or
+        build the full model on every rank first, then call this; for training, `deepmoe.parallel.parallelize`
+        does it with FSDP2 around it."""
+        apply_expert_parallel(self, mesh)
 
     def _check_input(self, input_ids: Tensor, past_length: int) -> None:
         cfg = self.config

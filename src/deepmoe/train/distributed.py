@@ -37,18 +37,25 @@ def launched_world() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
+def launch_layout(expert_parallel: int, data_parallel: str) -> parallel.ParallelLayout:
+    """The layout of this launch: torchrun's W with `expert_parallel` E (LayoutError if E > 1 in one process or
+    E does not divide W). `ParallelLayout.check(config, batch_size)` then checks the model and the batch."""
+    layout = parallel.ParallelLayout(launched_world(), expert_parallel, data_parallel)
+    if layout.world == 1 and expert_parallel > 1:
+        raise parallel.LayoutError(
+            f"expert_parallel={expert_parallel} needs several processes: launch with torchrun --nproc-per-node "
+            f"N -m deepmoe train ... (N a multiple of {expert_parallel})"
+        )
+    layout.check()
+    return layout
+
+
 class Ranks:
     """Rank, world size and mesh of a run: `Ranks(device, expert_parallel, data_parallel)` joins torchrun's
     process group when W > 1 and checks the layout (LayoutError naming the problem)."""
 
     def __init__(self, device: torch.device, expert_parallel: int, data_parallel: str):
-        self.layout = parallel.ParallelLayout(launched_world(), expert_parallel, data_parallel)
-        if self.layout.world == 1 and expert_parallel > 1:
-            raise parallel.LayoutError(
-                f"expert_parallel={expert_parallel} needs several processes: launch with torchrun --nproc-per-node "
-                f"N -m deepmoe train ... (N a multiple of {expert_parallel})"
-            )
-        self.layout.check()
+        self.layout = launch_layout(expert_parallel, data_parallel)
         self.rank, self.world = 0, 1
         self.device = device
         self.mesh = None

@@ -44,6 +44,7 @@ from torch.distributed.checkpoint.api import CheckpointException
 from deepmoe import data, parallel
 from deepmoe.config import DeepSeekConfig
 from deepmoe.evaluate import Evaluation, evaluate, fp8_error_per_layer
+from deepmoe.io.checkpoint import load_config
 from deepmoe.io.files import write_json
 from deepmoe.model.decoder import DeepSeekForCausalLM
 from deepmoe.model.parameters import count_parameters
@@ -52,7 +53,7 @@ from deepmoe.parallel.checkpoint import load_full_optimizer_state
 from deepmoe.train import checkpoint as ckpt
 from deepmoe.train.checkpoint import CONFIG_NAME, EVAL_LOG_NAME, LOG_NAME
 from deepmoe.train.config import RESUME_OVERRIDABLE, TrainConfig, build_model_config, build_optimizer, lr_at
-from deepmoe.train.distributed import Ranks, held_bytes, launched_world
+from deepmoe.train.distributed import Ranks, held_bytes, launch_layout, launched_world
 from deepmoe.train.inputs import initial_model, load_corpus
 from deepmoe.train.report import run_report, write_run_files
 from deepmoe.train.step import NonFiniteError, optimizer_step
@@ -125,6 +126,8 @@ def train(config: TrainConfig, corpus: Any = None, observer: TrainingObserver | 
         if getattr(config, name) is not None:
             config = dataclasses.replace(config, **{name: os.path.abspath(getattr(config, name))})
     with ckpt.hold_run_directory(out, ckpt.is_unstarted_run):
+        model_config = load_config(config.init_from) if config.init_from else build_model_config(config, 1)
+        launch_layout(config.expert_parallel, config.data_parallel).check(model_config, config.batch_size)
         return _Run(config, load_corpus(config, corpus), observer or TrainingObserver()).run()
 
 
@@ -169,6 +172,8 @@ def _resume(
     config = TrainConfig.from_dict({**saved, **overrides, "out": os.fspath(out)})
     if state["step"] > config.steps:
         raise ValueError(f"the run in {out} is already at step {state['step']}, past --steps {config.steps}")
+    model_config = DeepSeekConfig.from_dict(state["model_config"])
+    launch_layout(config.expert_parallel, config.data_parallel).check(model_config, config.batch_size)
     corpus = load_corpus(config, corpus, step_dir)
     if getattr(corpus, "corpus_id", None) != state.get("corpus_id"):
         raise ValueError(
