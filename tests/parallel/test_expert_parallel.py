@@ -3,7 +3,9 @@
 Semantics checked: on rank r, the layer with its experts sharded computes what the full layer computes on
 rank r's tokens (routing, capacity and balance losses per rank's batch, n_devices = D). The single-process
 reference runs the full layer on every rank's shard and sums the losses; its gradients are then those of
-the expert-parallel run summed over the ranks (replicated weights) or sliced (each rank's experts).
+the expert-parallel run summed over the ranks (replicated weights) or sliced (each rank's experts). The
+experts are DTensors sharded over the ranks: a rank's gradient (`to_local`) is its slice of the reference's,
+and `full_tensor` gathers the whole reference gradient.
 
 Each rank computes the reference itself (it holds the full weights and all tokens) and reports errors.
 """
@@ -34,11 +36,13 @@ BATCH, SEQ, HIDDEN, EXPERTS = 2, 6, 16, 16
 
 def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
     """max |a − b| / max |b| (floor 1e-3: float32 precision of nearly cancelling sums)."""
+    a, b = a.detach(), b.detach()
     return float((a - b).abs().max() / b.abs().max().clamp_min(1e-3))
 
 
 def run_case(name: str, rank: int, world: int) -> dict:
     import torch.distributed as dist
+    from torch.distributed.tensor import DTensor, Shard
 
     from deepmoe import MoE, MoEConfig
     from deepmoe.parallel import apply_expert_parallel
@@ -77,11 +81,17 @@ def run_case(name: str, rank: int, world: int) -> dict:
         "aux_loss": relative_error(out.aux_loss, ref_out[rank].aux_loss),
         "input grad": relative_error(mine.grad, ref_x.grad[shards[rank]]),
     }
-    n_local = EXPERTS // world
+    n_local, layouts = EXPERTS // world, {}
     for pname, p in ep.named_parameters():
         ref_grad = dict(ref.named_parameters())[pname].grad
         if pname.startswith("experts."):
-            errors[f"{pname} grad"] = relative_error(p.grad, ref_grad[rank * n_local : (rank + 1) * n_local])
+            # this rank's slice (the local shard), and the whole [N_r, ...] gradient gathered over the ranks
+            layouts[pname] = isinstance(p, DTensor) and isinstance(p.grad, DTensor) and p.placements == (Shard(0),)
+            layouts[pname] = layouts[pname] and p.to_local().shape[0] == n_local and p.shape == ref_grad.shape
+            if not layouts[pname]:
+                continue
+            errors[f"{pname} grad"] = relative_error(p.grad.to_local(), ref_grad[rank * n_local : (rank + 1) * n_local])
+            errors[f"{pname} full grad"] = relative_error(p.grad.full_tensor(), ref_grad)
         else:
             grad = p.grad.clone()
             dist.all_reduce(grad)
@@ -93,6 +103,7 @@ def run_case(name: str, rank: int, world: int) -> dict:
     traffic = ep.dispatcher.traffic
     return {
         "errors": errors,
+        "expert_layouts": layouts,
         "rows_sent": traffic.rows_sent,
         "rows_received": traffic.rows_received,
         "remote_pairs": sum(len(r - {rank}) for r in ranks_of_token),
@@ -131,6 +142,16 @@ def test_matches_single_process_layer(results, case):
     for rank, result in enumerate(ranks):
         bad = {k: v for k, v in result[case]["errors"].items() if not v < 1e-5}
         assert not bad, f"rank {rank} of {world}, {case}: {bad}"
+
+
+def test_experts_are_dtensors_sharded_over_the_ranks(results):
+    """apply_expert_parallel keeps each expert tensor (gate_up_proj, down_proj) as a DTensor Shard(0) of the
+    whole [N_r, ...] shape, this rank holding N_r/D experts, and its gradient a DTensor too."""
+    world, ranks = results
+    for rank, result in enumerate(ranks):
+        layouts = result["greedy"]["expert_layouts"]
+        assert sorted(layouts) == ["experts.down_proj", "experts.gate_up_proj"], f"rank {rank} of {world}"
+        assert all(layouts.values()), f"rank {rank} of {world}: {layouts}"
 
 
 @pytest.mark.parametrize("case", list(CASES))
