@@ -289,9 +289,6 @@ class DeepSeekForCausalLM(nn.Module):
             if moe_out is not None:
                 stats[layer.layer_idx] = moe_out.stats
                 aux = aux + moe_out.aux_loss
-        idle = self._idle_mtp_anchor(seq, labels is not None, output_mtp, cache is not None)
-        if idle is not None:
-            x = x + idle
         logits = self.head(self.model.norm(x))
         out = CausalLMOutput(logits=logits, aux_loss=aux, routing_stats=stats, past_key_values=cache, hidden_states=x)
 
@@ -330,31 +327,6 @@ class DeepSeekForCausalLM(nn.Module):
         if not ((attention_mask == 0) | (attention_mask == 1)).all():
             raise ValueError("attention_mask must hold only 0 (padding) and 1 (token)")
         return None if key_mask.all() else key_mask
-
-    def _idle_mtp_anchor(self, seq: int, has_labels: bool, output_mtp: bool | None, cached: bool) -> Tensor | None:
-        """0 · (an element of each parameter of the MTP modules this forward leaves without a gradient), to add
-        to the hidden state when training under torch.distributed; None otherwise.
-
-        The MTP modules run only with labels (or output_mtp=True), and a depth's loss needs a sequence longer
-        than k + 1. DistributedDataParallel with find_unused_parameters=False needs every parameter to get a
-        gradient (0 will do) at every step, or its next step fails: a forward without labels would break it.
-        FSDP2's sharded parameters (DTensors) are left out: FSDP does not need this.
-        """
-        if not (self.model.mtp and self.training and torch.is_grad_enabled()):
-            return None
-        if not (dist.is_available() and dist.is_initialized()):
-            return None
-        from torch.distributed.tensor import DTensor  # only where torch.distributed is built and running
-
-        runs = (has_labels if output_mtp is None else output_mtp) and not cached
-        params = [
-            p
-            for k, module in enumerate(self.model.mtp, start=1)
-            if not runs or seq - k < (2 if has_labels else 1)
-            for p in module.parameters()
-            if p.requires_grad and not isinstance(p, DTensor)
-        ]
-        return sum(p.reshape(-1)[:1].sum() for p in params) * 0.0 if params else None
 
     def _multi_token_prediction(self, hidden: Tensor, embeddings: Tensor, out: CausalLMOutput) -> None:
         """Depth k uses h^{k-1}_{0..S-k-1} and Emb(t_{k..S-1}); fills out.mtp_logits, stats and aux loss."""

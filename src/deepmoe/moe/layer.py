@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
+from torch.distributed.tensor import DTensor
 
 from deepmoe.config import MoEConfig
 from deepmoe.moe.balance import RoutingStats, balance_losses, routing_stats
@@ -201,7 +202,9 @@ class MoE(nn.Module):
         if not x.is_floating_point():
             raise ValueError(f"MoE expects a floating-point input, got dtype {x.dtype}")
         weight_dtype = self.experts.gate_up_proj.dtype
-        if x.dtype != weight_dtype and not torch.is_autocast_enabled(x.device.type):
+        # FSDP2 mixed precision casts the experts' weights to x's dtype when their unit gathers them, after this
+        mixed_precision = isinstance(self.experts.gate_up_proj, DTensor) and x.dtype == torch.bfloat16
+        if x.dtype != weight_dtype and not torch.is_autocast_enabled(x.device.type) and not mixed_precision:
             raise ValueError(
                 f"MoE input dtype {x.dtype} does not match the layer's dtype {weight_dtype}: "
                 f"cast one of them, or run under torch.autocast"
