@@ -19,6 +19,24 @@ from deepmoe.io.checkpoint import save_checkpoint
 from deepmoe.io.hf import expected_shapes
 
 
+def add_size_arguments(parser) -> None:
+    """--experts, --hidden and --keep of the memory benchmarks (`wide_config` reads the first two)."""
+    parser.add_argument("--experts", type=int, default=32, help="routed experts per MoE layer (default 32)")
+    parser.add_argument("--hidden", type=int, default=1024, help="hidden size (default 1024)")
+    parser.add_argument("--keep", default=None, help="write the checkpoints here instead of a temporary directory")
+
+
+def wide_config(experts: int, hidden: int, layers: int | None = None) -> DeepSeekConfig:
+    """tiny-v3 widened to `hidden` with `experts` routed experts of width 512 and no MTP: a checkpoint of a few
+    hundred MB whose largest tensors are the fused experts (`layers`: the preset's when None)."""
+    fields = get_preset("tiny-v3").to_dict()
+    fields.update(hidden_size=hidden, num_nextn_predict_layers=0)
+    if layers is not None:
+        fields["num_hidden_layers"] = layers
+    fields["moe"].update(hidden_size=hidden, n_routed_experts=experts, moe_intermediate_size=512)
+    return DeepSeekConfig.from_dict(fields)
+
+
 def load_pair(checkpoint: str | None, preset: str = "tiny-v3"):
     """(deepmoe model, transformers model, description) holding the same float32 weights.
 

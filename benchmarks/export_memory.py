@@ -21,12 +21,11 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from _common import child_peak_rss
+from _common import add_size_arguments, child_peak_rss, wide_config
 from deepmoe.config import DeepSeekConfig
 from deepmoe.io.distributed import DISTRIBUTED_DIR
 from deepmoe.io.files import write_json
 from deepmoe.io.hf import config_to_hf, expected_shapes
-from deepmoe.presets import get_preset
 
 CHILD = r"""
 import json, sys
@@ -77,15 +76,10 @@ def distributed_step(config: DeepSeekConfig, step: Path, ranks: int, seed: int =
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--experts", type=int, default=32, help="routed experts per MoE layer (default 32)")
-    parser.add_argument("--hidden", type=int, default=1024, help="hidden size (default 1024)")
+    add_size_arguments(parser)
     parser.add_argument("--ranks", type=int, default=4, help="ranks that wrote the checkpoint (default 4)")
-    parser.add_argument("--keep", default=None, help="write the checkpoints here instead of a temporary directory")
     args = parser.parse_args()
-    fields = get_preset("tiny-v3").to_dict()
-    fields.update(hidden_size=args.hidden, num_nextn_predict_layers=0)
-    fields["moe"].update(hidden_size=args.hidden, n_routed_experts=args.experts, moe_intermediate_size=512)
-    config = DeepSeekConfig.from_dict(fields)
+    config = wide_config(args.experts, args.hidden)
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(args.keep or tmp)
         size, largest = distributed_step(config, root / "run" / "step-1", args.ranks)

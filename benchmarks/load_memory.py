@@ -16,9 +16,7 @@ import argparse
 import tempfile
 from pathlib import Path
 
-from _common import child_peak_rss, random_checkpoint
-from deepmoe.config import DeepSeekConfig
-from deepmoe.presets import get_preset
+from _common import add_size_arguments, child_peak_rss, random_checkpoint, wide_config
 
 CHILD = r"""
 import json, sys
@@ -50,15 +48,10 @@ LABELS = {
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--experts", type=int, default=32, help="routed experts per MoE layer (default 32)")
-    parser.add_argument("--hidden", type=int, default=1024, help="hidden size (default 1024)")
+    add_size_arguments(parser)
     parser.add_argument("--layers", type=int, default=4, help="decoder layers (default 4)")
-    parser.add_argument("--keep", default=None, help="write the checkpoint here instead of a temporary directory")
     args = parser.parse_args()
-    fields = get_preset("tiny-v3").to_dict()
-    fields.update(hidden_size=args.hidden, num_hidden_layers=args.layers, num_nextn_predict_layers=0)
-    fields["moe"].update(hidden_size=args.hidden, n_routed_experts=args.experts, moe_intermediate_size=512)
-    config = DeepSeekConfig.from_dict(fields)
+    config = wide_config(args.experts, args.hidden, args.layers)
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(args.keep or tmp)
         size = random_checkpoint(config, root / "ckpt")

@@ -16,10 +16,8 @@ import math
 import tempfile
 from pathlib import Path
 
-from _common import child_peak_rss, random_checkpoint
-from deepmoe.config import DeepSeekConfig
+from _common import add_size_arguments, child_peak_rss, random_checkpoint, wide_config
 from deepmoe.io.hf import expected_hf_shapes
-from deepmoe.presets import get_preset
 
 CHILD = r"""
 import json, sys
@@ -45,14 +43,9 @@ print(json.dumps({"before_kib": before, "after_kib": after}))
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--experts", type=int, default=32, help="routed experts per MoE layer (default 32)")
-    parser.add_argument("--hidden", type=int, default=1024, help="hidden size (default 1024)")
-    parser.add_argument("--keep", default=None, help="write the checkpoints here instead of a temporary directory")
+    add_size_arguments(parser)
     args = parser.parse_args()
-    fields = get_preset("tiny-v3").to_dict()
-    fields.update(hidden_size=args.hidden, num_nextn_predict_layers=0)
-    fields["moe"].update(hidden_size=args.hidden, n_routed_experts=args.experts, moe_intermediate_size=512)
-    config = DeepSeekConfig.from_dict(fields)
+    config = wide_config(args.experts, args.hidden)
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(args.keep or tmp)
         size = random_checkpoint(config, root / "a", 0)

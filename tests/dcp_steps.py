@@ -12,10 +12,23 @@ import torch.distributed.checkpoint as dcp
 from safetensors.torch import save_file
 from torch import Tensor
 
+from configs import tiny_model_config
 from deepmoe.config import DeepSeekConfig
 from deepmoe.io.distributed import DISTRIBUTED_DIR
 from deepmoe.io.files import write_json
 from deepmoe.io.hf import config_to_hf
+from deepmoe.model.decoder import DeepSeekForCausalLM
+
+
+def perturbed_model(scale: float) -> DeepSeekForCausalLM:
+    """A tiny V3-style model with MTP whose weights are moved off their init (norms by 0.1, the rest by
+    `scale`), so that every tensor matters in a logits comparison."""
+    torch.manual_seed(0)
+    model = DeepSeekForCausalLM(tiny_model_config(num_nextn_predict_layers=1)).eval()
+    with torch.no_grad():
+        for name, t in model.state_dict().items():
+            t.add_(torch.randn_like(t) * (0.1 if "norm" in name else scale))
+    return model
 
 
 def write_step(step: Path, config: DeepSeekConfig, state: dict[str, Tensor], ranks: int = 1) -> Path:

@@ -10,11 +10,10 @@ import pytest
 import torch
 
 from configs import tiny_model_config
-from dcp_steps import write_step
+from dcp_steps import perturbed_model, write_step
 from deepmoe.io.checkpoint import CheckpointError, checkpoint_dir, load_checkpoint, read_last
 from deepmoe.io.distributed import DISTRIBUTED_DIR, DistributedCheckpoint, is_distributed_checkpoint
 from deepmoe.model import from_pretrained
-from deepmoe.model.decoder import DeepSeekForCausalLM
 
 pytestmark = [
     pytest.mark.usefixtures("one_thread"),
@@ -24,12 +23,7 @@ pytestmark = [
 
 @pytest.fixture(scope="module")
 def model():
-    torch.manual_seed(0)
-    model = DeepSeekForCausalLM(tiny_model_config(num_nextn_predict_layers=1)).eval()
-    with torch.no_grad():
-        for name, t in model.state_dict().items():
-            t.add_(torch.randn_like(t) * (0.1 if "norm" in name else 0.02))
-    return model
+    return perturbed_model(0.02)
 
 
 @pytest.mark.parametrize("ranks", [1, 3])

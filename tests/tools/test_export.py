@@ -10,12 +10,10 @@ import torch
 import transformers
 from safetensors.torch import load_file
 
-from configs import tiny_model_config
-from dcp_steps import write_step
+from dcp_steps import perturbed_model, write_step
 from deepmoe.io.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from deepmoe.io.distributed import DISTRIBUTED_DIR
 from deepmoe.io.files import OutputDirectoryError
-from deepmoe.model.decoder import DeepSeekForCausalLM
 from deepmoe.tools.export import EXPORT_RECORD, export_checkpoint
 
 pytestmark = [
@@ -26,12 +24,7 @@ pytestmark = [
 
 @pytest.fixture(scope="module")
 def model():
-    torch.manual_seed(0)
-    model = DeepSeekForCausalLM(tiny_model_config(num_nextn_predict_layers=1)).eval()
-    with torch.no_grad():
-        for name, t in model.state_dict().items():
-            t.add_(torch.randn_like(t) * (0.1 if "norm" in name else 0.05))
-    return model
+    return perturbed_model(0.05)
 
 
 @pytest.fixture

@@ -375,6 +375,14 @@ def _listing(names: list[str], limit: int = 4) -> str:
     return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
 
 
+def _mismatch(directory: Path, config_file: Path, missing: list[str], unexpected: list[str], where: str = "") -> str:
+    """The message of a checkpoint whose tensors do not match its config: what is missing and unexpected."""
+    problems = [f"missing {len(missing)} tensor(s) {_listing(missing)}"] if missing else []
+    if unexpected:
+        problems.append(f"unexpected {len(unexpected)} tensor(s) {_listing(unexpected)}{where}")
+    return f"{directory}: does not match {config_file.name}: " + "; ".join(problems)
+
+
 def load_checkpoint(
     path: str | os.PathLike, dtype: torch.dtype | None = None, device: str | torch.device | None = None,
     check_finite: bool = True,
@@ -462,12 +470,7 @@ def check_distributed(
     missing = [n for n in expected if n not in tensors]
     unexpected = [n for n in tensors if n not in expected and n not in tied]
     if missing or unexpected:
-        problems = []
-        if missing:
-            problems.append(f"missing {len(missing)} tensor(s) {_listing(missing)}")
-        if unexpected:
-            problems.append(f"unexpected {len(unexpected)} tensor(s) {_listing(unexpected)}")
-        raise CheckpointError(f"{tensors.directory}: does not match {config_file.name}: " + "; ".join(problems))
+        raise CheckpointError(_mismatch(tensors.directory, config_file, missing, unexpected))
     for name, want in expected.items():
         got = tensors.shape(name)
         if got != want:
@@ -513,13 +516,8 @@ def _validate(ckpt: SafetensorsCheckpoint, config: DeepSeekConfig, config_file: 
     missing = [n for n in expected if n not in present]
     unexpected = [n for n in names if n not in expected and n not in optional]
     if missing or unexpected:
-        problems = []
-        if missing:
-            problems.append(f"missing {len(missing)} tensor(s) {_listing(missing)}")
-        if unexpected:
-            where = ckpt.file_of(unexpected[0]).name
-            problems.append(f"unexpected {len(unexpected)} tensor(s) {_listing(unexpected)} (in {where})")
-        raise CheckpointError(f"{ckpt.directory}: does not match {config_file.name}: " + "; ".join(problems))
+        where = f" (in {ckpt.file_of(unexpected[0]).name})" if unexpected else ""
+        raise CheckpointError(_mismatch(ckpt.directory, config_file, missing, unexpected, where))
     for name in names:
         want = expected.get(name) or optional[name]
         got = ckpt.shape(name)
