@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from deepmoe.data.prepared import IGNORE_INDEX, split_batch
 from deepmoe.model.decoder import DeepSeekForCausalLM
 from deepmoe.moe.experts import RoutedExperts
 
@@ -52,7 +53,8 @@ def evaluate(
     autocast: Callable[[], AbstractContextManager] = nullcontext,
     share: Callable[[Tensor], tuple[Tensor, bool]] | None = None,
 ) -> Evaluation:
-    """The next-token loss (lm loss only, no MTP) of `model` over `batches` ([B, S] ids each) in eval mode,
+    """The next-token loss (lm loss only, no MTP) of `model` over `batches` ([B, S] ids each, or
+    `LabeledBatch`es whose -100 labels do not count) in eval mode,
     and the expert loads. `share(batch)` gives this process's part of a batch and whether it counts (an
     expert-parallel trainer's split); the model's training mode is restored afterwards."""
     was_training = model.training
@@ -62,13 +64,14 @@ def evaluate(
     try:
         for batch in batches:
             batch, counted = share(batch) if share is not None else (batch, True)
-            n = batch.shape[0] * (batch.shape[1] - 1) * int(counted)
-            if batch.shape[1] < 2:
+            input_ids, labels = split_batch(batch)
+            if input_ids.shape[1] < 2:
                 continue
-            batch = batch.to(device)
+            n = int((labels[:, 1:] != IGNORE_INDEX).sum()) * int(counted)  # the predicted tokens that count
             with autocast():
-                out = model(batch, labels=batch, output_mtp=False)
-            result.loss_sum += float(out.lm_loss.float()) * n
+                out = model(input_ids.to(device), labels=labels.to(device), output_mtp=False)
+            if n:  # a batch whose labels are all ignored has a NaN mean loss and no weight
+                result.loss_sum += float(out.lm_loss.float()) * n
             result.tokens += n
             for idx, s in out.routing_stats.items():
                 result.load[idx] = result.load.get(idx, 0) + s.tokens_per_expert.to("cpu") * int(counted)

@@ -18,6 +18,14 @@ from __future__ import annotations
 
 from deepmoe.data.batches import PackedBatches, heldout_batches, unigram_entropy
 from deepmoe.data.corpus import TokenizedCorpus, prepare_corpus
+from deepmoe.data.prepared import (
+    LabeledBatch,
+    PreparedCorpus,
+    PreparedDataset,
+    is_prepared,
+    parse_source,
+    split_batch,
+)
 from deepmoe.data.sources import (
     CODE_DOMAIN_BYTES,
     TEXT_EXTENSIONS,
@@ -32,7 +40,10 @@ from deepmoe.data.tokenizer import EOT_TOKEN, TOKENIZER_FILE, get_tokenizer, loa
 __all__ = [
     "CODE_DOMAIN_BYTES",
     "EOT_TOKEN",
+    "LabeledBatch",
     "PackedBatches",
+    "PreparedCorpus",
+    "PreparedDataset",
     "TEXT_EXTENSIONS",
     "TOKENIZER_FILE",
     "TextSource",
@@ -41,10 +52,13 @@ __all__ = [
     "corpus_hash",
     "get_tokenizer",
     "heldout_batches",
+    "is_prepared",
     "load_tokenizer",
+    "parse_source",
     "prepare_corpus",
     "read_text_path",
     "resolve_cache_dir",
+    "split_batch",
     "split_documents",
     "unigram_entropy",
 ]

@@ -22,9 +22,15 @@ def _check_stream(tokens: torch.Tensor, batch_size: int, seq_len: int) -> torch.
     return tokens.to(torch.int64).contiguous()
 
 
-def _epoch_seed(seed: int, epoch: int) -> int:
-    digest = hashlib.sha256(f"deepmoe.PackedBatches:{seed}:{epoch}".encode()).digest()
+def _epoch_seed(seed: int, epoch: int, source: int = 0) -> int:
+    key = f"deepmoe.PackedBatches:{seed}:{epoch}" + (f":{source}" if source else "")
+    digest = hashlib.sha256(key.encode()).digest()
     return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+def epoch_permutation(count: int, seed: int, epoch: int, source: int = 0) -> torch.Tensor:
+    """The order in which epoch `epoch` visits `count` windows (of mixture source `source`), seeded by `seed`."""
+    return torch.randperm(count, generator=torch.Generator().manual_seed(_epoch_seed(seed, epoch, source)))
 
 
 class PackedBatches:
@@ -36,8 +42,10 @@ class PackedBatches:
     that reaches the end of an epoch is completed from the start of the next one.
     """
 
-    def __init__(self, tokens: torch.Tensor, batch_size: int, seq_len: int, seed: int):
+    def __init__(self, tokens: torch.Tensor, batch_size: int, seq_len: int, seed: int, rows: slice = slice(None)):
         tokens = _check_stream(tokens, batch_size, seq_len)
+        self.rows = rows
+        """The rows of each batch returned (a torchrun rank's share); the position advances by whole batches."""
         if isinstance(seed, bool) or not isinstance(seed, int):
             raise ValueError(f"seed={seed!r} must be an integer")
         self.batch_size = batch_size
@@ -53,8 +61,7 @@ class PackedBatches:
 
     def _permutation(self) -> torch.Tensor:
         if self._order_epoch != self.epoch:
-            generator = torch.Generator().manual_seed(_epoch_seed(self.seed, self.epoch))
-            self._order = torch.randperm(self.num_windows, generator=generator)
+            self._order = epoch_permutation(self.num_windows, self.seed, self.epoch)
             self._order_epoch = self.epoch
         return self._order
 
@@ -73,7 +80,7 @@ class PackedBatches:
             if self.position == self.num_windows:
                 self.epoch += 1
                 self.position = 0
-        return self._windows[torch.cat(picks)]
+        return self._windows[torch.cat(picks)[self.rows]]
 
     def state_dict(self) -> dict:
         """JSON-serialisable position in the stream."""

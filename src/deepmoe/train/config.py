@@ -39,7 +39,11 @@ class TrainConfig:
     """Options of a training run; validated on construction (ValueError naming the field)."""
 
     preset: str | None = option(None, "model preset (default tiny-v3; none with --init-from)", choices=tuple(PRESETS))
-    data: str | None = option(None, "text file or directory (default: the corpus bundled with deepmoe)")
+    data: str | list[str] | None = option(
+        None, "a text file or folder, or a directory made by `deepmoe data prepare` (read memory-mapped); repeat "
+        "as PATH:WEIGHT to mix prepared directories by weight (default: the corpus bundled with deepmoe)",
+        action="append", metavar="PATH[:WEIGHT]"
+    )  # fmt: skip
     vocab_size: int | None = option(
         None, "vocabulary of the tokenizer trained on the corpus (default 4096; the model gets the tokenizer's; "
         "none with --init-from, whose tokenizer.json is used)"
@@ -114,8 +118,13 @@ class TrainConfig:
         def fail(name: str, allowed: str) -> None:
             check(self, False, name, allowed)
 
+        if isinstance(self.data, (list, tuple)):  # one entry is the path itself; several are a mixture
+            if not self.data or not all(isinstance(d, (str, os.PathLike)) for d in self.data):
+                fail("data", "must be a path, a list of PATH[:WEIGHT] entries, or None")
+            self.data = os.fspath(self.data[0]) if len(self.data) == 1 else [os.fspath(d) for d in self.data]
         for name in ("data", "init_from"):
-            if getattr(self, name) is not None and not isinstance(getattr(self, name), (str, os.PathLike)):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, (str, os.PathLike, list)):
                 fail(name, "must be a path or None")
         if self.init_from is not None:
             for name in ("preset", "vocab_size", "layers", "hidden_size", "model_overrides"):

@@ -111,10 +111,14 @@ class Ranks:
         dist.all_reduce(reduced)
         return reduced.to(t.device)
 
+    def rows(self, batch_size: int) -> slice:
+        """This rank's rows of a global batch of `batch_size` sequences."""
+        share = batch_size // self.world
+        return slice(self.rank * share, (self.rank + 1) * share)
+
     def local(self, batch: Tensor) -> Tensor:
         """This rank's share of a global batch (its 1/W of the sequences)."""
-        share = batch.shape[0] // self.world
-        return batch[self.rank * share : (self.rank + 1) * share]
+        return batch[self.rows(batch.shape[0])]
 
     def global_stats(self, stats: dict[int, RoutingStats]) -> dict[int, RoutingStats]:
         """Routing statistics over every rank's tokens: loads summed, entropy averaged, metrics recomputed."""

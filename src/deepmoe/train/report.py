@@ -7,7 +7,6 @@ import math
 from pathlib import Path
 from typing import Any
 
-from deepmoe import data
 from deepmoe import report as plots
 from deepmoe.config import DeepSeekConfig
 from deepmoe.evaluate import Evaluation
@@ -15,6 +14,7 @@ from deepmoe.model.parameters import count_parameters
 from deepmoe.moe.balance import coefficient_of_variation, max_violation
 from deepmoe.train.checkpoint import EVAL_LOG_NAME, LOG_NAME, REPORT_NAME
 from deepmoe.train.config import TrainConfig
+from deepmoe.train.inputs import unigram_entropy
 
 
 def run_report(
@@ -40,7 +40,7 @@ def run_report(
     routed, dropped = totals["routed_slots"], totals["dropped_slots"]
     total_routed = sum(routed.get(str(i), 0) for i in layers)
     params = count_parameters(model_config)
-    entropy = float(data.unigram_entropy(corpus.train, corpus.vocab_size))
+    entropy = unigram_entropy(corpus)
     log = plots.read_jsonl(run_dir / LOG_NAME)
     report = {
         "steps": step,

@@ -54,7 +54,14 @@ from deepmoe.train import checkpoint as ckpt
 from deepmoe.train.checkpoint import CONFIG_NAME, EVAL_LOG_NAME, LOG_NAME
 from deepmoe.train.config import RESUME_OVERRIDABLE, TrainConfig, build_model_config, build_optimizer, lr_at
 from deepmoe.train.distributed import Ranks, held_bytes, launch_layout, launched_world
-from deepmoe.train.inputs import initial_model, load_corpus
+from deepmoe.train.inputs import (
+    data_sources,
+    heldout_batches,
+    initial_model,
+    load_corpus,
+    train_tokens,
+    training_batches,
+)
 from deepmoe.train.report import run_report, write_run_files
 from deepmoe.train.step import NonFiniteError, optimizer_step
 
@@ -122,9 +129,14 @@ def train(config: TrainConfig, corpus: Any = None, observer: TrainingObserver | 
     out = Path(config.out)
     if (out / ckpt.LAST_NAME).exists():
         raise ValueError(f"{out} already holds a run ({out / ckpt.LAST_NAME}): continue it with --resume {out}")
-    for name in ("data", "init_from"):  # saved with the run: --resume may run from another directory
-        if getattr(config, name) is not None:
-            config = dataclasses.replace(config, **{name: os.path.abspath(getattr(config, name))})
+    # saved with the run: --resume may run from another directory
+    if config.init_from is not None:
+        config = dataclasses.replace(config, init_from=os.path.abspath(config.init_from))
+    if config.data is not None:
+        absolute = [f"{os.path.abspath(path)}:{weight:g}" for path, weight in data_sources(config)]
+        config = dataclasses.replace(
+            config, data=absolute if isinstance(config.data, list) else os.path.abspath(config.data)
+        )
     with ckpt.hold_run_directory(out, ckpt.is_unstarted_run):
         model_config = load_config(config.init_from) if config.init_from else build_model_config(config, 1)
         launch_layout(config.expert_parallel, config.data_parallel).check(model_config, config.batch_size)
@@ -271,12 +283,8 @@ class _Run:
         self.ranks.shard(self.model, self.model_config, config.batch_size, bf16=self.bf16,
                          activation_checkpointing=config.activation_checkpointing)  # fmt: skip
         self.optimizer = build_optimizer(self.model, config)
-        self.batches = data.PackedBatches(corpus.train, config.batch_size, config.seq_len, config.seed)
-        if corpus.heldout.numel() < config.seq_len:
-            raise ValueError(
-                f"the held-out split has {corpus.heldout.numel()} tokens, fewer than one sequence of "
-                f"seq_len={config.seq_len}: use a larger corpus or a smaller --seq-len"
-            )
+        self.batches = training_batches(corpus, config, self.ranks.rows(config.batch_size))
+        heldout_batches(corpus, config, 1)  # a clear error now when there is no held-out sequence
         self.moe_layers = sorted(i for i in self.model.moe_layers() if i < self.model_config.num_hidden_layers)
         if self.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
@@ -379,8 +387,9 @@ class _Run:
             result = optimizer_step(
                 self.model,
                 self.optimizer,
-                [self.ranks.local(batch).to(self.device, non_blocking=True) for batch in batches],
+                [batch.to(self.device, non_blocking=True) for batch in batches],  # this rank's rows
                 max_norm=cfg.grad_clip,
+                forward=self._forward,
                 context=self._autocast,
                 reduce=lambda value: self.ranks.all_reduce([value])[0],
                 collect=_loss_parts,
@@ -401,7 +410,7 @@ class _Run:
         record = {"step": self.step, "lr": lr}
         record.update({k: v / cfg.grad_accum for k, v in sums.items()})
         record["grad_norm"] = result.grad_norm
-        record["tokens"] = sum(batch.numel() for batch in batches)
+        record["tokens"] = cfg.grad_accum * cfg.batch_size * cfg.seq_len  # the global batch's
         if self.ranks.layout.expert_parallel > 1:
             record["comm_bytes_per_rank"] = self.ranks.all_reduce([float(self._take_traffic())])[0]
         if self._held is None:  # once per session, after the first step made the gradients and moments
@@ -421,6 +430,10 @@ class _Run:
             self.totals["routed_slots"][key] = self.totals["routed_slots"].get(key, 0) + slots
             self.totals["dropped_slots"][key] = self.totals["dropped_slots"].get(key, 0) + slots - kept_slots
         return record
+
+    def _forward(self, batch: Tensor | data.LabeledBatch) -> Any:
+        input_ids, labels = data.split_batch(batch)
+        return self.model(input_ids, labels=labels)
 
     def _begin_update(self) -> None:
         """From the optimizer's update to the step's end, a Ctrl-C leaves no consistent state to save."""
@@ -450,9 +463,7 @@ class _Run:
 
     def periodic_eval(self) -> dict[str, Any]:
         if self._eval_batches is None:
-            self._eval_batches = data.heldout_batches(
-                self.corpus.heldout, self.cfg.batch_size, self.cfg.seq_len, max_batches=self.cfg.eval_batches or None
-            )
+            self._eval_batches = heldout_batches(self.corpus, self.cfg, self.cfg.eval_batches or None)
         result = self.evaluate(self._eval_batches)
         record = {"step": self.step, "heldout_loss": result.loss, "heldout_perplexity": result.perplexity}
         record["maxvio"] = [float(max_violation(result.load[i])) for i in self.moe_layers if i in result.load]
@@ -528,7 +539,7 @@ class _Run:
         return (
             f"{'resuming' if self.step else 'training'} {cfg.preset or cfg.init_from} "
             f"({counts.total / 1e6:.2f} M parameters{mtp}, vocab {self.model_config.vocab_size}) on "
-            f"{self.corpus.train.numel():,} tokens, device {self.device}{ranks}"
+            f"{train_tokens(self.corpus):,} tokens, device {self.device}{ranks}"
             f"{', bf16' if self.bf16 else ''}: step {self.step} -> {cfg.steps}, run directory {self.out}"
             + (f"; LR schedule of {schedule} steps (min_lr after it)" if schedule != cfg.steps else "")
         )
@@ -543,7 +554,7 @@ class _Run:
         bound = self.cfg.final_eval_batches
         if bound is None:  # a normal run: 200 batches at most; a smoke run: no more than it trained on
             bound = min(FINAL_EVAL_BATCHES, max(1, self.step * self.cfg.grad_accum))
-        heldout = data.heldout_batches(self.corpus.heldout, self.cfg.batch_size, self.cfg.seq_len, bound or None)
+        heldout = heldout_batches(self.corpus, self.cfg, bound or None)
         result = self.evaluate(heldout)
         if not self.is_main:
             return {}
@@ -551,6 +562,8 @@ class _Run:
         ckpt.append_jsonl(self.out / EVAL_LOG_NAME, {**final, "final": True})
         report = run_report(self.out, self.step, result, self.moe_layers, self.totals, self.model_config, self.cfg,
                             self.corpus, self._layout(), self.bf16, str(self.device))  # fmt: skip
+        if hasattr(self.batches, "tokens_per_source"):  # prepared data: the tokens drawn from each source
+            report["tokens_per_source"] = dict(zip(self.corpus.paths, self.batches.tokens_per_source, strict=True))
         if self.cfg.fp8_experts and self.world == 1:  # the error report runs the layers alone, not sharded
             report["fp8_error_per_layer"] = fp8_error_per_layer(self.model, heldout[0].to(self.device))
         if "comm_bytes_per_step_per_rank" in report:
