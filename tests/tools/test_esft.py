@@ -493,3 +493,37 @@ def test_from_pretrained_applies_a_delta(tmp_path):
     loaded = DeepSeekForCausalLM.from_pretrained(checkpoint, delta=delta)
     for name, t in model.state_dict().items():
         assert torch.equal(loaded.state_dict()[name], t), name
+
+
+def test_esft_on_prepared_chat_data_trains_on_the_assistant_tokens(tmp_path):
+    """A prepared chat directory made with the model's tokenizer: ESFT scores on its train split, trains on the
+    assistant's tokens only (the prompt tokens are -100 labels) and evaluates on its held-out split; data
+    prepared with another tokenizer is refused, naming both."""
+    from corpora import write_prepared
+    from deepmoe.tools.esft import esft
+
+    text = "".join(f"user: add {i} and {i % 9}\nassistant: {i + i % 9}\n" for i in range(300))
+    tokenizer = byte_level_bpe(text)
+    config = DeepSeekConfig.from_dict({**_tiny_config().to_dict(), "vocab_size": tokenizer.get_vocab_size()})
+    torch.manual_seed(0)
+    checkpoint = save_pretrained(DeepSeekForCausalLM(config), tmp_path / "base")
+    tokenizer.save(str(checkpoint / "tokenizer.json"))
+    convs, masks = [], []
+    for i in range(40):
+        prompt, answer = (
+            tokenizer.encode(f"user: add {i} and {i % 9}\nassistant: ").ids,
+            tokenizer.encode(f"{i + i % 9}\n").ids,
+        )
+        convs.append(prompt + answer + [0])
+        masks.append([0] * len(prompt) + [1] * (len(answer) + 1))
+    chat = write_prepared(tmp_path / "chat", tokenizer, convs[:32], convs[32:], chat=True,
+                          masks={"train": masks[:32], "heldout": masks[32:]})  # fmt: skip
+    summary = esft(checkpoint, str(chat), tmp_path / "delta", steps=4, lr=3e-3, seq_len=16, batch_size=4,
+                   score_tokens=256, device="cpu", p=0.3)  # fmt: skip
+    assert summary["loss_after_esft"] < summary["loss_before"]
+    assert summary["train_tokens"] == sum(len(c) for c in convs[:32])
+
+    other = write_prepared(tmp_path / "other", byte_level_bpe(text[::-1]), convs[:32], convs[32:], chat=True,
+                           masks={"train": masks[:32], "heldout": masks[32:]})  # fmt: skip
+    with pytest.raises(ValueError, match="another tokenizer"):
+        esft(checkpoint, str(other), tmp_path / "delta2", steps=1, seq_len=16, batch_size=4, device="cpu")

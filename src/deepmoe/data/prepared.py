@@ -365,11 +365,17 @@ class PreparedCorpus:
     def heldout_batches(self, batch_size: int, seq_len: int, max_batches: int | None) -> list[Tensor | LabeledBatch]:
         """The held-out windows of every source taken in turn (window j of each source before window j + 1), in
         batches of `batch_size`, at most `max_batches`; ValueError when there is not one window."""
-        windows = [d.heldout.windows(seq_len, self.chat, self._pad_id()) for d in self.datasets]
+        return self.ordered_batches("heldout", batch_size, seq_len, max_batches)
+
+    def ordered_batches(
+        self, split: str, batch_size: int, seq_len: int, max_batches: int | None
+    ) -> list[Tensor | LabeledBatch]:
+        """The windows of `split` ("train" or "heldout") in order, as `heldout_batches` takes them."""
+        windows = [getattr(d, split).windows(seq_len, self.chat, self._pad_id()) for d in self.datasets]
         order = [(s, j) for j in range(max(w.count for w in windows)) for s, w in enumerate(windows) if j < w.count]
         if not order:
             raise ValueError(
-                f"the held-out split of {', '.join(self.paths)} has no sequence of seq_len={seq_len} tokens: prepare "
+                f"the {split} split of {', '.join(self.paths)} has no sequence of seq_len={seq_len} tokens: prepare "
                 "the data with a larger --heldout-fraction, or use a smaller --seq-len"
             )
         if max_batches is not None:

@@ -47,6 +47,8 @@ import math
 import os
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import nullcontext
+from dataclasses import dataclass
+from functools import partial
 from operator import attrgetter
 from pathlib import Path
 from typing import Any
@@ -56,7 +58,15 @@ from tokenizers import Tokenizer
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
-from deepmoe.data import EOT_TOKEN, PackedBatches, load_tokenizer
+from deepmoe.data import (
+    EOT_TOKEN,
+    LabeledBatch,
+    PackedBatches,
+    PreparedCorpus,
+    is_prepared,
+    load_tokenizer,
+    split_batch,
+)
 from deepmoe.evaluate import heldout_loss
 from deepmoe.io.checkpoint import SafetensorsCheckpoint, checkpoint_dir
 from deepmoe.io.delta import DELTA_FORMAT, DELTA_META, check_selection, delta_size, save_delta
@@ -154,6 +164,12 @@ def _batches(train_batches: Iterable[Tensor], steps: int) -> Iterator[Tensor]:
             yield next(iterator)
 
 
+def _lm_forward(model: nn.Module, batch: Tensor | LabeledBatch) -> Any:
+    """The model on a batch, labels included (a `LabeledBatch`'s -100 labels do not count), no MTP."""
+    input_ids, labels = split_batch(batch)
+    return model(input_ids, labels=labels, output_mtp=False)
+
+
 def _train(
     model: nn.Module,
     params: list[nn.Parameter],
@@ -185,7 +201,7 @@ def _train(
                 [batch.to(device)],
                 max_norm=grad_clip,
                 loss=attrgetter("lm_loss"),
-                forward=lambda batch: model(batch, labels=batch, output_mtp=False),
+                forward=partial(_lm_forward, model),
                 context=forward_context,
             )
         except NonFiniteError as err:
@@ -363,6 +379,39 @@ def _task_tokens(
     return train, held[:eval_tokens]
 
 
+@dataclass
+class _Task:
+    """The task data of an ESFT run: batches to score the experts on, to evaluate on, and to train on."""
+
+    score_batches: list[Any]
+    eval_batches: list[Any]
+    train_batches: Callable[[int], Any]
+    """seed -> endless training batches."""
+    train_tokens: int
+    max_id: int
+
+
+def _task(data: str, eval_data: str | None, eval_fraction: float, eval_tokens: int, seq_len: int, batch_size: int,
+          score_tokens: int, tokenizer) -> _Task:  # fmt: skip
+    """Text (`_task_tokens`), or a prepared directory (`deepmoe data prepare`, made with the model's tokenizer;
+    chat data trains on the assistant's tokens only): its train split scored and trained on, its held-out
+    split evaluated on."""
+    if not is_prepared(data):
+        train, held = _task_tokens(
+            data, eval_data, eval_fraction, eval_tokens, seq_len, tokenizer, tokenizer.token_to_id(EOT_TOKEN)
+        )
+        return _Task(fixed_batches(train, seq_len, batch_size, score_tokens), fixed_batches(held, seq_len, batch_size),
+                     lambda seed: PackedBatches(train, batch_size, seq_len, seed), int(train.numel()),
+                     int(max(train.max(), held.max())))  # fmt: skip
+    if eval_data is not None:
+        raise ValueError(f"{data} is prepared data: it has its own held-out split (leave out --eval-data)")
+    corpus = PreparedCorpus([(data, 1.0)], tokenizer)
+    score = corpus.ordered_batches("train", batch_size, seq_len, max(1, score_tokens // (batch_size * seq_len)))
+    held = corpus.heldout_batches(batch_size, seq_len, max(1, eval_tokens // (batch_size * seq_len)))
+    return _Task(score, held, lambda seed: corpus.batches(batch_size, seq_len, seed), corpus.train_tokens,
+                 corpus.vocab_size - 1)  # fmt: skip
+
+
 Progress = Callable[[str, int, int, float | None], None]
 """progress(phase, step, steps, loss): `esft` calls it with step 0 and loss None when a fine-tuning phase
 ("esft", then "full" with `compare_full`) starts, then after each of its `steps` steps with that step's loss."""
@@ -428,23 +477,20 @@ def _esft(
         raise ValueError(f"{model_dir}: a dense model has no experts to fine-tune")
     if seq_len > model.config.max_position_embeddings:
         raise ValueError(f"seq_len={seq_len} exceeds max_position_embeddings={model.config.max_position_embeddings}")
-    train_tokens, eval_tokens_ = _task_tokens(
-        data, eval_data, eval_fraction, eval_tokens, seq_len, tokenizer, tokenizer.token_to_id(EOT_TOKEN)
-    )
-    if int(max(train_tokens.max(), eval_tokens_.max())) >= model.config.vocab_size:
+    task = _task(data, eval_data, eval_fraction, eval_tokens, seq_len, batch_size, score_tokens, tokenizer)
+    if task.max_id >= model.config.vocab_size:
         raise ValueError(f"the tokenizer yields ids beyond the model's vocab_size={model.config.vocab_size}")
 
-    score_batches = fixed_batches(train_tokens, seq_len, batch_size, score_tokens)
-    routing = collect_routing(model, [b.to(device) for b in score_batches])
+    score_batches, eval_batches = task.score_batches, task.eval_batches
+    routing = collect_routing(model, [split_batch(b)[0].to(device) for b in score_batches])
     scores = expert_scores(routing, method)
     selection = select_experts(scores, p)
-    eval_batches = fixed_batches(eval_tokens_, seq_len, batch_size)
     base_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     loss_before = heldout_loss(model, eval_batches)
     results: dict[str, dict[str, Any]] = {}
 
     def finetune(label: str, fn: Callable[..., nn.Module], *extra: Any) -> None:
-        batches = PackedBatches(train_tokens, batch_size, seq_len, seed)
+        batches = task.train_batches(seed)
         losses: list[float] = []
         if progress is not None:
             progress(label, 0, steps, None)
@@ -485,9 +531,9 @@ def _esft(
         "p": p,
         "steps": steps,
         "lr": lr,
-        "train_tokens": int(train_tokens.numel()),
-        "eval_tokens": int(sum(b.numel() for b in eval_batches)),
-        "score_tokens": int(sum(b.numel() for b in score_batches)),
+        "train_tokens": task.train_tokens,
+        "eval_tokens": int(sum(split_batch(b)[0].numel() for b in eval_batches)),
+        "score_tokens": int(sum(split_batch(b)[0].numel() for b in score_batches)),
         "selection": {str(k): v for k, v in selection.items()},
         "selected_score": {str(k): float(scores[k][v].sum()) if v else 0.0 for k, v in selection.items()},
         "layer_score": {str(k): float(scores[k].sum()) for k in selection},
