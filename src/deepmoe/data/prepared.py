@@ -323,9 +323,12 @@ def tokenizer_digest(tokenizer: Tokenizer) -> str:
 
 class PreparedCorpus:
     """What a training run reads from prepared data: one directory, or several mixed by weight (they must share
-    one tokenizer). Gives the batches, the held-out batches and the baseline the trainer needs."""
+    one tokenizer, and `tokenizer`, the one of the checkpoint `tokenizer_of` when given). Gives the batches,
+    the held-out batches and the baseline the trainer needs."""
 
-    def __init__(self, sources: list[tuple[str, float]], tokenizer: Tokenizer | None = None):
+    def __init__(
+        self, sources: list[tuple[str, float]], tokenizer: Tokenizer | None = None, tokenizer_of: str = "the model"
+    ):
         self.datasets = [PreparedDataset(path) for path, _ in sources]
         self.paths = [os.path.abspath(path) for path, _ in sources]
         self.weights = [weight for _, weight in sources]
@@ -341,8 +344,8 @@ class PreparedCorpus:
                 raise ValueError(f"the mixture mixes chat and plain-text data: {self.paths[0]} and {path}")
         if tokenizer is not None and not same_tokenizer(tokenizer, self.tokenizer):
             raise ValueError(
-                f"{self.paths[0]} was prepared with another tokenizer ({tokenizer_digest(self.tokenizer)}) than the "
-                f"model's ({tokenizer_digest(tokenizer)}): prepare it with --tokenizer <the checkpoint>"
+                f"{self.paths[0]} was prepared with another tokenizer ({tokenizer_digest(self.tokenizer)}) than "
+                f"{tokenizer_of}'s ({tokenizer_digest(tokenizer)}): prepare it with --tokenizer {tokenizer_of}"
             )
         self.vocab_size = max(d.vocab_size for d in self.datasets)
         self.eot_id = first.eot_id

@@ -405,7 +405,7 @@ def _task(data: str, eval_data: str | None, eval_fraction: float, eval_tokens: i
                      int(max(train.max(), held.max())))  # fmt: skip
     if eval_data is not None:
         raise ValueError(f"{data} is prepared data: it has its own held-out split (leave out --eval-data)")
-    corpus = PreparedCorpus([(data, 1.0)], tokenizer)
+    corpus = PreparedCorpus([(data, 1.0)], tokenizer, "the model")
     score = corpus.ordered_batches("train", batch_size, seq_len, max(1, score_tokens // (batch_size * seq_len)))
     held = corpus.heldout_batches(batch_size, seq_len, max(1, eval_tokens // (batch_size * seq_len)))
     return _Task(score, held, lambda seed: corpus.batches(batch_size, seq_len, seed), corpus.train_tokens,

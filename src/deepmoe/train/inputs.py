@@ -43,7 +43,7 @@ def load_corpus(config: TrainConfig, corpus: Any, step_dir: Path | None = None) 
             text = next(path for (path, _), p in zip(sources, prepared, strict=True) if not p)
             raise ValueError(f"data {text!r} is not prepared data: a mixture reads prepared directories only "
                              f"(deepmoe data prepare {text} --out DIR)")  # fmt: skip
-        return data.PreparedCorpus(sources, tokenizer)
+        return data.PreparedCorpus(sources, tokenizer, str(source))
     if len(sources) > 1:
         raise ValueError("a mixture (--data PATH:WEIGHT) reads prepared directories only: prepare each source with "
                          "deepmoe data prepare")  # fmt: skip
