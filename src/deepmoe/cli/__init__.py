@@ -17,6 +17,7 @@ COMMANDS = {  # name on the command line: module in deepmoe.cli
     "demo": "demo",
     "balance-demo": "balance_demo",
     "train": "train",
+    "data": "data",
     "export": "export",
     "analyze": "analyze",
     "esft": "esft",
