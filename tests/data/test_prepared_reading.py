@@ -132,3 +132,21 @@ def test_training_on_prepared_data_resumes_and_reports_its_sources(tmp_path, tok
         train(TrainConfig(**{**options, "data": str(other), "out": str(tmp_path / "ft"), "preset": None,
                              "layers": None, "hidden_size": None, "vocab_size": None,
                              "init_from": str(tmp_path / "run")}))  # fmt: skip
+
+
+def test_mixture_flags_on_the_command_line(tmp_path, tokenizer, capsys):
+    """`deepmoe train --data A:3 --data B:1`: the repeated flag is the mixture; a text path in it is refused."""
+    from deepmoe.cli import main
+
+    a = write_prepared(tmp_path / "a", tokenizer, documents(14, 20), documents(15, 4))
+    b = write_prepared(tmp_path / "b", tokenizer, documents(16, 20), documents(17, 4))
+    common = ["train", "--preset", "tiny-v3", "--layers", "1", "--hidden", "32", "--seq-len", "16", "--batch-size",
+              "2", "--steps", "1", "--warmup-steps", "1", "--final-eval-batches", "1", "--no-progress"]  # fmt: skip
+    assert main([*common, "--data", f"{a}:3", "--data", f"{b}:1", "--out", str(tmp_path / "run")]) == 0
+    saved = json.loads((tmp_path / "run" / "train_config.json").read_text())
+    assert saved["data"] == [f"{a}:3", f"{b}:1"]
+    (tmp_path / "notes.txt").write_text("plain text " * 50)
+    assert (
+        main([*common, "--data", f"{a}:1", "--data", str(tmp_path / "notes.txt"), "--out", str(tmp_path / "r2")]) == 1
+    )
+    assert "is not prepared data" in capsys.readouterr().err
