@@ -22,11 +22,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from tokenizers import Tokenizer, pre_tokenizers, trainers
+from tokenizers import Tokenizer
 
 from deepmoe.data.readers import BadInput, ChatRenderer, SourceStats, input_files, read_source
 from deepmoe.data.shards import ShardWriter, encode_in_workers, make_batches
-from deepmoe.data.tokenizer import EOT_TOKEN, TOKENIZER_FILE, _check_vocab_size, _new_tokenizer
+from deepmoe.data.tokenizer import EOT_TOKEN, TOKENIZER_FILE, _check_vocab_size, train_bpe
 from deepmoe.io.files import (
     atomic_directory,
     atomic_write,
@@ -252,15 +252,7 @@ def _train_tokenizer(files, text_field, chat, on_error, vocab_size, config) -> b
             errors.append(e)
 
     logger.info("training a byte-level BPE tokenizer of %d tokens on the input", vocab_size)
-    tokenizer = _new_tokenizer()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        min_frequency=2,
-        special_tokens=[EOT_TOKEN],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tokenizer.train_from_iterator(texts(), trainer=trainer)
+    tokenizer = train_bpe(texts(), vocab_size)
     if errors:
         raise errors[0]
     return tokenizer.to_str().encode("utf-8")

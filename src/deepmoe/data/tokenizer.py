@@ -7,6 +7,7 @@ import hashlib
 import logging
 import os
 import warnings
+from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
@@ -113,6 +114,21 @@ def _load_tokenizer(path: Path) -> Tokenizer | None:
     return tokenizer
 
 
+def train_bpe(texts: Iterable[str], vocab_size: int, length: int | None = None) -> Tokenizer:
+    """A byte-level BPE of `vocab_size` tokens (special token ``EOT_TOKEN``, pairs seen at least twice) trained
+    on `texts`, streamed."""
+    tokenizer = _new_tokenizer()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        min_frequency=2,
+        special_tokens=[EOT_TOKEN],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tokenizer.train_from_iterator(texts, trainer=trainer, length=length)
+    return tokenizer
+
+
 def get_tokenizer(sources: list[TextSource], vocab_size: int, cache_dir: str | os.PathLike | None = None) -> Tokenizer:
     """A byte-level BPE tokenizer trained locally on ``sources`` (special token ``EOT_TOKEN``), cached as
     ``<cache>/tokenizers/bpe-<vocab>-<hash of corpus and vocab size>.json``: a second call loads it."""
@@ -125,15 +141,7 @@ def get_tokenizer(sources: list[TextSource], vocab_size: int, cache_dir: str | o
         logger.info("tokenizer: cached %s", path)
         return tokenizer
     logger.info("tokenizer: training byte-level BPE, vocab %d, on %d documents", vocab_size, len(sources))
-    tokenizer = _new_tokenizer()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        min_frequency=2,
-        special_tokens=[EOT_TOKEN],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tokenizer.train_from_iterator((s.text for s in sources), trainer=trainer, length=len(sources))
+    tokenizer = train_bpe((s.text for s in sources), vocab_size, length=len(sources))
     data = tokenizer.to_str().encode("utf-8")
     _write_cache(path, data)
     return tokenizer
