@@ -6,12 +6,12 @@ from deepmoe.io.checkpoint import (
     CheckpointError,
     SafetensorsCheckpoint,
     checkpoint_dir,
-    dequantize_fp8,
     load_checkpoint,
     load_config,
     parse_size,
     save_checkpoint,
 )
+from deepmoe.io.fp8_blocks import dequantize_fp8, quantize_fp8
 from deepmoe.io.hf import config_from_hf, config_to_hf, expected_shapes
 
 __all__ = [
@@ -25,5 +25,6 @@ __all__ = [
     "load_checkpoint",
     "load_config",
     "parse_size",
+    "quantize_fp8",
     "save_checkpoint",
 ]

@@ -37,6 +37,7 @@ from deepmoe.io.distributed import (
     is_distributed_checkpoint,
 )
 from deepmoe.io.files import atomic_directory, visible_entries, write_json
+from deepmoe.io.fp8_blocks import FP8_DTYPES, SCALE_SUFFIX, dequantize_fp8
 from deepmoe.io.hf import (
     config_from_hf,
     config_to_hf,
@@ -55,8 +56,6 @@ LAST_NAME = "last"
 """In a training run's directory: one line, the name of its newest complete checkpoint directory."""
 WEIGHTS_NAME = "model.safetensors"
 INDEX_NAME = "model.safetensors.index.json"
-SCALE_SUFFIX = "_scale_inv"
-FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
 _SHARD_NAME = re.compile(r"model-\d{5}-of-\d{5}\.safetensors")
 TOKENIZER_FILES = re.compile(r"(tokenizer.*|special_tokens_map\.json|generation_config\.json|vocab\..*|merges\.txt)")
 """Files beside the weights that belong to a HF checkpoint (tokenizer, generation settings)."""
@@ -233,35 +232,6 @@ class SafetensorsCheckpoint:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-
-def dequantize_fp8(
-    weight: Tensor, scale_inv: Tensor, block_size: tuple[int, int] = (128, 128), dtype: torch.dtype = torch.bfloat16
-) -> Tensor:
-    """w = fp8 weight × scale_inv of its (bm × bn) block, computed in float32 one row-block at a time.
-
-    weight [..., M, N] (float8), scale_inv [..., ceil(M/bm), ceil(N/bn)] float32 (DeepSeek-V3's
-    `<name>_scale_inv`); edge blocks may be partial. Returns [..., M, N] in `dtype`.
-    """
-    if weight.dim() < 2:
-        raise ValueError(f"an FP8 weight must have >= 2 dimensions, got shape {tuple(weight.shape)}")
-    *lead, m, n = weight.shape
-    bm, bn = block_size
-    rows, cols = math.ceil(m / bm), math.ceil(n / bn)
-    if tuple(scale_inv.shape) != (*lead, rows, cols):
-        raise ValueError(
-            f"scale_inv has shape {tuple(scale_inv.shape)}, expected {(*lead, rows, cols)} "
-            f"for a weight of shape {tuple(weight.shape)} in {bm}x{bn} blocks"
-        )
-    out = torch.empty(weight.shape, dtype=dtype, device=weight.device)
-    w, o = weight.reshape(-1, m, n), out.view(-1, m, n)
-    s = scale_inv.reshape(-1, rows, cols).to(torch.float32)
-    for e in range(w.shape[0]):
-        for r in range(rows):
-            r0, r1 = r * bm, min(m, (r + 1) * bm)
-            column_scale = s[e, r].repeat_interleave(bn)[:n]  # [N]: each column block's scale
-            o[e, r0:r1] = (w[e, r0:r1].to(torch.float32) * column_scale).to(dtype)
-    return out
 
 
 # ---- writing ------------------------------------------------------------------------------------
