@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 from tokenizers import Tokenizer
 
+from deepmoe.data.prepared import FORMAT, INDEX_NAME, VERSION, is_prepared
 from deepmoe.data.readers import BadInput, ChatRenderer, SourceStats, input_files, read_source
 from deepmoe.data.shards import ShardWriter, encode_in_workers, make_batches
 from deepmoe.data.tokenizer import EOT_TOKEN, TOKENIZER_FILE, _check_vocab_size, train_bpe
@@ -39,8 +40,7 @@ from deepmoe.io.files import (
 
 logger = logging.getLogger(__name__)
 
-FORMAT_NAME, FORMAT_VERSION = "deepmoe-tokens", 1
-INDEX_FILE, PROGRESS_FILE, TOKEN_COUNTS_FILE = "index.json", "progress.json", "token_counts.npy"
+PROGRESS_FILE, TOKEN_COUNTS_FILE = "progress.json", "token_counts.npy"
 TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
 SPLITS = ("train", "heldout")
 DEFAULT_SHARD_TOKENS = 100_000_000
@@ -91,15 +91,7 @@ def split_of(index: int, period: int) -> str:
 def is_prepared_dataset(directory: Path) -> bool:
     """Whether `directory` is an earlier output of `prepare_dataset` (index.json of this format and only its
     own files), which a new run may replace."""
-    try:
-        index = json.loads((directory / INDEX_FILE).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return False
-    return (
-        isinstance(index, dict)
-        and index.get("format") == FORMAT_NAME
-        and all(_OWN_FILES.fullmatch(n) for n in visible_entries(directory))
-    )
+    return is_prepared(directory) and all(_OWN_FILES.fullmatch(n) for n in visible_entries(directory))
 
 
 # ---- the staging directory -----------------------------------------------------------------------------
@@ -182,7 +174,7 @@ def prepare_dataset(
     tokenizer_json, config_json = _tokenizer_files(tokenizer)
     tokenizer_id = f"train:{vocab_size}" if tokenizer_json is None else hashlib.sha256(tokenizer_json).hexdigest()
     tokenizer_id += hashlib.sha256(config_json or b"").hexdigest()
-    with claim_directory(out, f"prepared dataset ({INDEX_FILE})", is_prepared_dataset) as target:
+    with claim_directory(out, f"prepared dataset ({INDEX_NAME})", is_prepared_dataset) as target:
         staging = target.parent / f".{target.name}.partial"
         state = _open_staging(staging, _fingerprint(files, options, tokenizer_id))
         config = json.loads(config_json) if config_json else None
@@ -334,8 +326,8 @@ def _finish(staging: Path, target: Path, report: PrepareReport, tokenizer_json: 
                 counts += np.bincount(ids, minlength=report.vocab_size)
     atomic_write(staging / TOKEN_COUNTS_FILE, lambda f: np.save(f, counts))
     index = {
-        "format": FORMAT_NAME,
-        "version": FORMAT_VERSION,
+        "format": FORMAT,
+        "version": VERSION,
         "dtype": report.dtype,
         "chat": options["chat"],
         "tokenizer": {
@@ -350,7 +342,7 @@ def _finish(staging: Path, target: Path, report: PrepareReport, tokenizer_json: 
         "heldout_fraction": fraction,
         "options": options,
     }
-    write_json(staging / INDEX_FILE, index)
+    write_json(staging / INDEX_NAME, index)
     with atomic_directory(target) as tmp:  # hard links: the staging directory stays whole until the swap is done
         for entry in sorted(staging.iterdir()):
             if entry.name != PROGRESS_FILE:
