@@ -19,6 +19,7 @@ COMMANDS = {  # name on the command line: module in deepmoe.cli
     "train": "train",
     "data": "data",
     "export": "export",
+    "convert": "convert",
     "analyze": "analyze",
     "esft": "esft",
     "steer": "steer",
