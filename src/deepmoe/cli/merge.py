@@ -47,6 +47,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="DELTA",
         help="δ: a parent tensor with ‖W_k − W_base‖_F / ‖W_base‖_F < δ counts as the base's (default 0)",
     )
+    add(
+        "--dtype",
+        choices=("bf16", "fp32", "fp8"),
+        default=None,
+        help="the child's dtype: bf16 or fp32 (FP8 parents dequantised, no quantization_config), or fp8 (the "
+        "parents' FP8 tensors requantised in their 128x128-block format, with their quantization_config); "
+        "default: bf16 for FP8 parents, else the base's dtypes",
+    )
     add("--out", default=None, metavar="DIR", help="output checkpoint directory (required unless --dry-run)")
     add("--max-shard-size", default="5GB", help="largest output shard (default 5GB)")
     add("--dry-run", action="store_true", help="print what would be merged and how much the parents differ")
@@ -77,10 +85,13 @@ def run(args: argparse.Namespace) -> int:
         threshold=args.threshold,
         max_shard_size=args.max_shard_size,
         dry_run=args.dry_run,
+        dtype=args.dtype,
     )
     title = "dry run: " if args.dry_run else f"merged into {args.out}: "
     table = Table(
-        title=title + f"{len(report.parents)} parents, base {report.parents[0]}, δ={report.threshold:g}",
+        title=title
+        + f"{len(report.parents)} parents, base {report.parents[0]}, δ={report.threshold:g}"
+        + (f", {report.dtype}" if report.dtype else ""),
         caption="d_k = ‖W_k − W_base‖_F / ‖W_base‖_F of parent k, measured when δ > 0 or in a dry run",
     )
     table.add_column("class", no_wrap=True)

@@ -15,6 +15,14 @@ reads (no memory map, so pages do not stay resident), a row block of at most `CH
 at a time, and written straight into the output shards (their headers are known in advance), so the
 peak memory is a few row blocks, not a model. The output is a sharded HF checkpoint with the base's config.json and
 tokenizer files, written atomically.
+
+FP8 parents (DeepSeek-V3/R1 as published: e4m3 weights with a float32 `<name>_scale_inv` per block of the
+config's `quantization_config.weight_block_size`): each row block is dequantised as it is read (row blocks
+start on block boundaries), λ and δ work on the dequantised values, and the child is written in `dtype`:
+bf16 (the default for FP8 parents) or fp32 without a quantization_config, or fp8: the same tensors as in
+the parents requantised a row block at a time (`quantize_fp8`, scale = amax/448 per block) with their
+`_scale_inv`, and the parents' quantization_config. Parents must be quantised alike (the same tensors FP8,
+one block size, every scale present).
 """
 
 from __future__ import annotations
@@ -40,10 +48,21 @@ from deepmoe.io.checkpoint import (
     load_config,
     parse_size,
     plan_shards,
+    read_json,
     shard_file_name,
 )
+from deepmoe.io.distributed import cast_dtype
 from deepmoe.io.files import atomic_directory, claim_directory, fsync_path, refuse_overlap, write_json
-from deepmoe.io.safetensors_stream import DTYPES, ShardWriter, StoredTensor, read_rows, row_blocks
+from deepmoe.io.fp8_blocks import SCALE_SUFFIX, dequantize_fp8, quantize_fp8
+from deepmoe.io.safetensors_stream import (
+    DTYPES,
+    ShardWriter,
+    StoredTensor,
+    dtype_code,
+    itemsize,
+    read_rows,
+    row_blocks,
+)
 
 TENSOR_CLASSES = (
     "routed_experts",
@@ -62,6 +81,13 @@ CHUNK_BYTES = 64 * 2**20
 
 FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")
 """The safetensors dtypes merge reads and writes."""
+FP8_CODES = ("F8_E4M3", "F8_E5M2")
+"""Block-scaled FP8 weights, read dequantised (their `_scale_inv` beside them)."""
+OUTPUT_DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp32": torch.float32, "float32": torch.float32,
+                 "fp8": None}  # fmt: skip
+"""`dtype` of merge_checkpoints: fp8 requantises the tensors the parents store in FP8."""
+DEFAULT_QUANTIZATION = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
+                        "weight_block_size": [128, 128]}  # fmt: skip
 MERGE_RECORD = "merge.json"
 # settings that only change training, not the function a checkpoint computes: parents may differ in them
 _TRAINING_ONLY = {
@@ -109,8 +135,68 @@ def _flat_config(directory: Path) -> dict[str, Any]:
     return {**config, **{f"moe.{k}": v for k, v in moe.items()}, "moe": bool(moe)}
 
 
-def check_parents(parents: Sequence[Path]) -> list[dict[str, StoredTensor]]:
-    """The parents' tensors; ValueError naming the first architecture, name, shape or dtype mismatch."""
+@dataclass(frozen=True)
+class Parents:
+    """The parents' tensors, checked alike: `tensors[k]` name -> where (the `_scale_inv` tensors left out),
+    `scales[k]` FP8 weight name -> its `_scale_inv`, `block` the FP8 block size (None: no FP8 tensors)."""
+
+    tensors: list[dict[str, StoredTensor]]
+    scales: list[dict[str, StoredTensor]]
+    block: tuple[int, int] | None
+
+    def is_fp8(self, name: str) -> bool:
+        return name in self.scales[0]
+
+
+def _split_scales(
+    path: Path, own: dict[str, StoredTensor]
+) -> tuple[dict[str, StoredTensor], dict[str, StoredTensor], tuple[int, int] | None]:
+    """(weights, FP8 weight name -> its scale, block size or None) of one parent; ValueError naming the tensor
+    of a scale without an FP8 weight, an FP8 weight without a scale, or a scale of the wrong shape."""
+    scales = {}
+    for name, t in own.items():
+        weight = name.removesuffix(SCALE_SUFFIX)
+        if weight != name and weight in own:
+            if own[weight].dtype not in FP8_CODES:
+                raise ValueError(f"{t.path}: has {name!r}, but tensor {weight!r} is {own[weight].dtype}, not FP8")
+            if t.dtype not in FLOAT_DTYPES:
+                raise ValueError(f"{t.path}: scale {name!r} has dtype {t.dtype}, not a float type")
+            scales[weight] = t
+    weights = {
+        n: t for n, t in own.items() if not (n.endswith(SCALE_SUFFIX) and n.removesuffix(SCALE_SUFFIX) in scales)
+    }
+    fp8 = [n for n, t in weights.items() if t.dtype in FP8_CODES]
+    if not fp8:
+        return weights, scales, None
+    quant = read_json(path / CONFIG_NAME, CONFIG_NAME).get("quantization_config") or {}
+    raw = quant.get("weight_block_size") or (128, 128)
+    if not (isinstance(raw, (list, tuple)) and len(raw) == 2 and all(type(b) is int and b > 0 for b in raw)):
+        raise ValueError(
+            f"{path / CONFIG_NAME}: quantization_config.weight_block_size={raw!r} is not two positive ints"
+        )
+    block = (raw[0], raw[1])
+    for name in fp8:
+        t = weights[name]
+        if name not in scales:
+            raise ValueError(f"{t.path}: FP8 tensor {name!r} has no {name + SCALE_SUFFIX!r}")
+        want = _scale_shape(t.shape, block) if len(t.shape) >= 2 else None
+        if want is None or scales[name].shape != want:
+            raise ValueError(
+                f"{scales[name].path}: scale {name + SCALE_SUFFIX!r} has shape {list(scales[name].shape)}, FP8 tensor "
+                f"{name!r} of shape {list(t.shape)} in {block[0]}x{block[1]} blocks (quantization_config) needs "
+                f"{list(want) if want else 'a weight of >= 2 dimensions'}"
+            )
+    return weights, scales, block
+
+
+def _scale_shape(shape: tuple[int, ...], block: tuple[int, int]) -> tuple[int, ...]:
+    *lead, m, n = shape
+    return (*lead, math.ceil(m / block[0]), math.ceil(n / block[1]))
+
+
+def check_parents(parents: Sequence[Path]) -> Parents:
+    """The parents' tensors; ValueError naming the first architecture, name, shape, dtype or quantisation
+    mismatch (FP8 in one parent and not in another, another block size, a missing scale)."""
     if len(parents) < 2:
         raise ValueError(f"merge needs at least two parent checkpoints, got {len(parents)}")
     base_config = _flat_config(parents[0])
@@ -122,13 +208,14 @@ def check_parents(parents: Sequence[Path]) -> list[dict[str, StoredTensor]]:
                     f"{parent} has another architecture than the base {parents[0]}: "
                     f"{key}={config.get(key)!r}, the base has {value!r}"
                 )
-    tensors = [stored_tensors(p) for p in parents]
+    split = [_split_scales(p, stored_tensors(p)) for p in parents]
+    tensors, scales, blocks = [s[0] for s in split], [s[1] for s in split], [s[2] for s in split]
     base = tensors[0]
     for name, t in base.items():
-        if t.dtype not in FLOAT_DTYPES:
-            raise ValueError(f"{t.path}: tensor {name!r} has dtype {t.dtype}: merge reads F32, F16, BF16 and F64 "
-                             "(dequantise FP8 checkpoints first)")  # fmt: skip
-    for parent, own in zip(parents[1:], tensors[1:], strict=True):
+        if t.dtype not in FLOAT_DTYPES + FP8_CODES:
+            raise ValueError(f"{t.path}: tensor {name!r} has dtype {t.dtype}: merge reads F32, F16, BF16, F64 and "
+                             "block-scaled FP8")  # fmt: skip
+    for parent, own, block in zip(parents[1:], tensors[1:], blocks[1:], strict=True):
         for name, t in base.items():
             if name not in own:
                 raise ValueError(f"{parent} lacks tensor {name!r} of the base {parents[0]}")
@@ -136,12 +223,23 @@ def check_parents(parents: Sequence[Path]) -> list[dict[str, StoredTensor]]:
                 raise ValueError(
                     f"{own[name].path}: tensor {name!r} has shape {list(own[name].shape)}, the base {list(t.shape)}"
                 )
-            if own[name].dtype not in FLOAT_DTYPES:
+            if own[name].dtype not in FLOAT_DTYPES + FP8_CODES:
                 raise ValueError(f"{own[name].path}: tensor {name!r} has dtype {own[name].dtype}, not a float type")
+            if (own[name].dtype in FP8_CODES) != (t.dtype in FP8_CODES):
+                raise ValueError(
+                    f"the parents are quantised differently: tensor {name!r} is {own[name].dtype} in {parent} but "
+                    f"{t.dtype} in the base {parents[0]} (merge needs the same tensors FP8 in every parent)"
+                )
+            if t.dtype in FP8_CODES and block != blocks[0]:
+                raise ValueError(
+                    f"the parents are quantised differently: FP8 tensor {name!r} is in {block[0]}x{block[1]} blocks "
+                    f"in {parent} but {blocks[0][0]}x{blocks[0][1]} in the base {parents[0]} "
+                    "(quantization_config.weight_block_size)"
+                )
         extra = [name for name in own if name not in base]
         if extra:
             raise ValueError(f"{parent} has tensor {extra[0]!r}, which the base {parents[0]} lacks")
-    return tensors
+    return Parents(tensors, scales, blocks[0])
 
 
 def resolve_weights(
@@ -188,6 +286,8 @@ class MergeReport:
     classes: dict[str, ClassStats]
     out: str | None
     files: list[str] = field(default_factory=list)
+    dtype: str | None = None
+    """The child's dtype option (bf16, fp32, fp8), None: the base's dtypes."""
 
     @property
     def total_bytes(self) -> int:
@@ -198,6 +298,7 @@ class MergeReport:
             "parents": self.parents,
             "weights": self.weights,
             "threshold": self.threshold,
+            "dtype": self.dtype,
             "out": self.out,
             "classes": {
                 c: {"tensors": s.tensors, "bytes": s.bytes, "kept_from_base": s.kept,
@@ -207,14 +308,39 @@ class MergeReport:
         }  # fmt: skip
 
 
-def _differences(files: list[BinaryIO], ts: list[StoredTensor]) -> list[float]:
-    """d_k for k = 1..n−1, the Frobenius norms accumulated over row blocks."""
-    base_sq, diff_sq = 0.0, [0.0] * (len(ts) - 1)
-    for r0, r1 in row_blocks(ts[0], CHUNK_BYTES):
-        base = read_rows(files[0], ts[0], r0, r1).double()
+def _row_ranges(parents: Parents, name: str) -> list[tuple[int, int]]:
+    """The row blocks of tensor `name` (`row_blocks`), each starting on an FP8 block row where the tensor is
+    a 2-d FP8 weight, so its scale rows are whole."""
+    t = parents.tensors[0][name]
+    ranges = list(row_blocks(t, CHUNK_BYTES))
+    if not (parents.is_fp8(name) and len(t.shape) == 2) or len(ranges) == 1:
+        return ranges
+    bm = parents.block[0]
+    step = max(bm, (ranges[0][1] - ranges[0][0]) // bm * bm)
+    return [(r0, min(t.rows, r0 + step)) for r0 in range(0, t.rows, step)]
+
+
+def _read(parents: Parents, files: list[dict[Path, BinaryIO]], k: int, name: str, r0: int, r1: int,
+          work: torch.dtype) -> torch.Tensor:  # fmt: skip
+    """Rows [r0, r1) of parent k's tensor `name` as `work`, dequantised where it is FP8."""
+    t = parents.tensors[k][name]
+    rows = read_rows(files[k][t.path], t, r0, r1)
+    if t.dtype not in FP8_CODES:
+        return rows.to(work)
+    scale, block = parents.scales[k][name], parents.block
+    s0, s1 = (r0 // block[0], math.ceil(r1 / block[0])) if len(t.shape) == 2 else (r0, r1)
+    return dequantize_fp8(rows, read_rows(files[k][scale.path], scale, s0, s1), block, torch.float32).to(work)
+
+
+def _differences(parents: Parents, files: list[dict[Path, BinaryIO]], name: str) -> list[float]:
+    """d_k for k = 1..n−1, the Frobenius norms (of the dequantised values) accumulated over row blocks."""
+    n = len(parents.tensors)
+    base_sq, diff_sq = 0.0, [0.0] * (n - 1)
+    for r0, r1 in _row_ranges(parents, name):
+        base = _read(parents, files, 0, name, r0, r1, torch.float64)
         base_sq += float(base.square().sum())
-        for k in range(1, len(ts)):
-            diff_sq[k - 1] += float((read_rows(files[k], ts[k], r0, r1).double() - base).square().sum())
+        for k in range(1, n):
+            diff_sq[k - 1] += float((_read(parents, files, k, name, r0, r1, torch.float64) - base).square().sum())
     norm = math.sqrt(base_sq)
     return [math.sqrt(d) / norm if norm else (0.0 if d == 0 else math.inf) for d in diff_sq]
 
@@ -242,11 +368,15 @@ def merge_checkpoints(
     threshold: float = 0.0,
     max_shard_size: int | str = "5GB",
     dry_run: bool = False,
+    dtype: str | None = None,
 ) -> MergeReport:
     """Merge `parents` (the first is the base) into `out`: W = Σ_k λ_k W_k per tensor, λ from
     `weights` or `class_weights[tensor_class(name)]`, the base's tensor kept where every parent is
     within `threshold` δ of it (see the module docstring). Parents with λ_k = 0 are not read for the
-    sum, so λ = (1, 0, ...) gives parent one bit for bit. The child has the base's dtypes.
+    sum, so λ = (1, 0, ...) gives parent one bit for bit. The child has the base's dtypes, or `dtype`:
+    "bf16" or "fp32" (every float tensor but the expert biases, which stay float32; the default "bf16"
+    for FP8 parents, whose child then has no quantization_config), or "fp8" (FP8 parents only: the
+    tensors they store in FP8 requantised in their block format, the others in the base's dtypes).
 
     `dry_run`: nothing is written; the report has, per class, the tensor count, bytes, the mean
     normalised difference of each parent to the base and how many tensors δ would keep.
@@ -255,35 +385,62 @@ def merge_checkpoints(
     paths = [checkpoint_dir(p) for p in parents]
     if not is_number(threshold) or threshold < 0:
         raise ValueError(f"threshold δ={threshold!r} is invalid: must be a finite number >= 0")
+    if dtype is not None and dtype not in OUTPUT_DTYPES:
+        raise ValueError(f"dtype {dtype!r} is not one of bf16, fp32, fp8")
     table = resolve_weights(len(paths), weights, class_weights)
     if out is None and not dry_run:
         raise ValueError("give the output directory (--out), or ask for a dry run")
     if not dry_run:
         refuse_overlap(out, paths, "a parent")
     limit = parse_size(max_shard_size)
-    tensors = check_parents(paths)
+    checked = check_parents(paths)
+    tensors = checked.tensors
     base = tensors[0]
     names = list(base)
+    fp8 = [n for n in names if checked.is_fp8(n)]
+    if dtype is None and fp8:
+        dtype = "bf16"
+    quantize = dtype == "fp8"
+    if quantize and not fp8:
+        raise ValueError("dtype fp8 requantises the tensors the parents store in FP8, and these parents have none: "
+                         "choose bf16 or fp32")  # fmt: skip
+    if quantize and any(base[n].dtype != "F8_E4M3" for n in fp8):
+        name = next(n for n in fp8 if base[n].dtype != "F8_E4M3")
+        raise ValueError(f"dtype fp8 writes e4m3, but the parents store tensor {name!r} as {base[name].dtype}")
+    cast = None if dtype is None or quantize else OUTPUT_DTYPES[dtype]
+
+    def layout(name: str) -> list[tuple[str, str, tuple[int, ...]]]:
+        """The output entries (name, dtype code, shape) of one tensor: itself, and its scale if quantised."""
+        t = base[name]
+        if quantize and checked.is_fp8(name):
+            return [(name, "F8_E4M3", t.shape), (name + SCALE_SUFFIX, "F32", _scale_shape(t.shape, checked.block))]
+        if cast is None:
+            return [(name, t.dtype, t.shape)]
+        return [(name, dtype_code(cast_dtype(name, DTYPES[t.dtype], cast)), t.shape)]
+
+    entries = {name: layout(name) for name in names}
     stats = {c: ClassStats(differences=[[] for _ in paths[1:]]) for c in TENSOR_CLASSES}
     sizes = []
     for name in names:
-        t = base[name]
+        nbytes = sum(math.prod(shape) * itemsize(code) for _, code, shape in entries[name])
         s = stats[tensor_class(name)]
         s.tensors += 1
-        s.bytes += t.end - t.start
-        sizes.append((name, t.end - t.start))
+        s.bytes += nbytes
+        sizes.append((name, nbytes))
     report = MergeReport([str(p) for p in paths], {c: table[c] for c in TENSOR_CLASSES if stats[c].tensors},
-                         float(threshold), stats, None if dry_run else str(out))  # fmt: skip
-    files = [{path: open(path, "rb") for path in {t.path for t in own.values()}} for own in tensors]  # noqa: SIM115
+                         float(threshold), stats, None if dry_run else str(out), dtype=dtype)  # fmt: skip
+    files = [
+        {path: open(path, "rb") for path in {t.path for t in [*tensors[k].values(), *checked.scales[k].values()]}}  # noqa: SIM115
+        for k in range(len(paths))
+    ]
     try:
 
         def plan(name: str) -> tuple[list[float], list[int]] | None:
             """(λ, the parent index whose tensor each λ multiplies) or None: keep the base tensor."""
             c = tensor_class(name)
-            ts = [own[name] for own in tensors]
             sources = list(range(len(paths)))
             if threshold > 0 or dry_run:
-                d = _differences([files[k][ts[k].path] for k in range(len(paths))], ts)
+                d = _differences(checked, files, name)
                 for k, value in enumerate(d, start=1):
                     stats[c].differences[k - 1].append(value)
                     if value < threshold:
@@ -303,10 +460,12 @@ def merge_checkpoints(
             weight_map = {}
             for i, shard in enumerate(shards):
                 file = shard_file_name(i, len(shards))
-                with ShardWriter(tmp / file, [(n, base[n].dtype, base[n].shape) for n in shard]) as writer:
+                with ShardWriter(tmp / file, [e for n in shard for e in entries[n]]) as writer:
                     for name in shard:
-                        _write_tensor(writer, name, plan(name), tensors, files)
-                        weight_map[name] = file
+                        out_dtype = DTYPES[entries[name][0][1]]
+                        _write_tensor(writer, name, plan(name), checked, files, out_dtype, quantize)
+                        for entry, *_ in entries[name]:
+                            weight_map[entry] = file
                 report.files.append(file)
             if len(shards) > 1:
                 write_json(tmp / INDEX_NAME, {"metadata": {"total_size": sum(n for _, n in sizes)},
@@ -315,6 +474,8 @@ def merge_checkpoints(
                 if entry.is_file() and (entry.name == CONFIG_NAME or TOKENIZER_FILES.fullmatch(entry.name)):
                     shutil.copyfile(entry, tmp / entry.name)
                     fsync_path(tmp / entry.name)
+            if dtype is not None:
+                _write_config(tmp / CONFIG_NAME, dtype, checked.block)
             write_json(tmp / MERGE_RECORD, report.to_dict())
         return report
     finally:
@@ -323,30 +484,65 @@ def merge_checkpoints(
                 f.close()
 
 
+def _write_config(path: Path, dtype: str, block: tuple[int, int] | None) -> None:
+    """The child's config.json (a copy of the base's) for `dtype`: fp8 keeps the parents'
+    quantization_config (DeepSeek's, with their block size, where they had none); bf16 and fp32 drop it and
+    name the dtype."""
+    raw = read_json(path, CONFIG_NAME)
+    if dtype == "fp8":
+        if not raw.get("quantization_config"):
+            raw["quantization_config"] = {**DEFAULT_QUANTIZATION, "weight_block_size": list(block)}
+    else:
+        raw.pop("quantization_config", None)
+        name = str(OUTPUT_DTYPES[dtype]).removeprefix("torch.")
+        for key in [k for k in ("torch_dtype", "dtype") if k in raw] or ["torch_dtype"]:
+            raw[key] = name
+    write_json(path, raw)
+
+
 def _write_tensor(
     writer: ShardWriter,
     name: str,
     plan: tuple[list[float], list[int]] | None,
-    tensors: list[dict[str, StoredTensor]],
+    parents: Parents,
     files: list[dict[Path, BinaryIO]],
+    out_dtype: torch.dtype,
+    quantize: bool,
 ) -> None:
     """Σ_k λ_k W_k of one tensor (or the base's, plan None) into `writer`, a row block at a time, in
-    float32 (float64 where a parent stores float64), cast to the base's dtype."""
+    float32 (float64 where a parent stores float64) from the dequantised parents, cast to `out_dtype`, or,
+    for an FP8 tensor with `quantize`, requantised block row by block row and followed by its scale. A kept
+    base tensor stored as it will be written is copied bit for bit (an FP8 one with its scale)."""
+    tensors = parents.tensors
     base = tensors[0][name]
-    out_dtype = DTYPES[base.dtype]
+    quantize = quantize and parents.is_fp8(name)
     work = torch.float64 if any(own[name].dtype == "F64" for own in tensors) else torch.float32
-    for r0, r1 in row_blocks(base, CHUNK_BYTES):
-        if plan is None:
+    copy = plan is None and (quantize or DTYPES[base.dtype] == out_dtype)
+    scales = []
+    for r0, r1 in _row_ranges(parents, name):
+        if copy:
             writer.write(read_rows(files[0][base.path], base, r0, r1))
             continue
-        rows = torch.zeros((r1 - r0, *base.shape[1:]) if base.shape else (), dtype=work)
-        first = True
-        for lam, source in zip(*plan, strict=True):
-            if lam == 0:  # not read: λ = (1, 0) gives parent one bit for bit (no −0 + 0 = +0)
-                continue
-            t = tensors[source][name]
-            term = read_rows(files[source][t.path], t, r0, r1).to(work)
-            term = term if lam == 1 else lam * term
-            rows = term if first else rows + term
-            first = False
-        writer.write(rows.to(out_dtype))
+        if plan is None:
+            rows = _read(parents, files, 0, name, r0, r1, work)
+        else:
+            rows = torch.zeros((r1 - r0, *base.shape[1:]) if base.shape else (), dtype=work)
+            first = True
+            for lam, source in zip(*plan, strict=True):
+                if lam == 0:  # not read: λ = (1, 0) gives parent one bit for bit (no −0 + 0 = +0)
+                    continue
+                term = _read(parents, files, source, name, r0, r1, work)
+                term = term if lam == 1 else lam * term
+                rows = term if first else rows + term
+                first = False
+        if quantize:
+            q, scale = quantize_fp8(rows, parents.block)
+            writer.write(q)
+            scales.append(scale)
+        else:
+            writer.write(rows.to(out_dtype))
+    if quantize and copy:
+        scale = parents.scales[0][name]
+        scales.append(read_rows(files[0][scale.path], scale, 0, scale.rows).to(torch.float32))
+    for scale in scales:  # a scale is 1/(bm·bn) of its tensor: kept until the tensor is written
+        writer.write(scale)
