@@ -260,13 +260,16 @@ def analyze_checkpoint(
     top_k: int = 5,
     device: str = "auto",
     tokenizer: str | os.PathLike | Tokenizer | None = None,
+    mmap: bool = False,
 ) -> dict[str, Any]:
     """`deepmoe analyze` as a function: load the checkpoint `model_dir` (a run directory means its newest
     step) and its tokenizer, read each text source (a file or folder, or `bundled:DOMAIN`: the held-out
     documents of a bundled domain) into [batch_size, seq_len] windows, at most `max_tokens` tokens per
     source, and return `analyze`'s report with "model" added (write it with `write_analysis`).
     `device` "auto" is cuda when available. `tokenizer` (a `Tokenizer`, or a tokenizer.json file or its
-    directory) replaces the checkpoint's. ValueError (one line) when the model or a source is unusable.
+    directory) replaces the checkpoint's. `mmap=True` loads the model memory-mapped (on the CPU; "auto" then
+    means the CPU), for a checkpoint larger than free memory (`from_pretrained(..., mmap=True)`). ValueError
+    (one line) when the model or a source is unusable.
     """
     for name, value in (("max_tokens", max_tokens), ("seq_len", seq_len), ("batch_size", batch_size), ("top_k", top_k)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -278,7 +281,10 @@ def analyze_checkpoint(
     if not model_dir.is_dir():
         raise ValueError(f"{model_dir} is not a checkpoint directory")
     tokenizer = load_tokenizer(model_dir, needed_for="analyze (reading the text sources)", tokenizer=tokenizer)
-    model = from_pretrained(model_dir, device=_device_name(device)).eval()
+    if mmap:
+        model = from_pretrained(model_dir, device="cpu" if device == "auto" else device, mmap=True)
+    else:
+        model = from_pretrained(model_dir, device=_device_name(device)).eval()
     if tokenizer.get_vocab_size() > model.config.vocab_size:
         raise ValueError(
             f"the tokenizer has {tokenizer.get_vocab_size()} tokens, the model only {model.config.vocab_size}"
