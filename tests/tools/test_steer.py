@@ -346,3 +346,30 @@ def test_steer_out_never_overwrites_a_file_it_did_not_write(tmp_path):
     ours = steering_plan(STEER_SCORES, k=2)
     write_json(tmp_path / "ours.json", ours)
     check_steering_target(tmp_path / "ours.json")  # a steering file may be replaced
+
+
+def test_steer_and_generate_with_mmap_give_what_they_give_without(checkpoint, tmp_path, capsys):
+    """--mmap (weights memory-mapped, each layer's experts built when it runs): the same steering file (plan,
+    frequencies, effect) and, with it applied, the same generated ids as the ordinary load."""
+    from deepmoe.cli import main
+
+    pairs = tmp_path / "pairs.jsonl"
+    lines = [{"a": f"to be or not to be {i}", "b": f"def f(x):\n    return x + {i}"} for i in range(6)]
+    pairs.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    plans = {}
+    for name, extra in (("plain", []), ("mapped", ["--mmap"])):
+        out = tmp_path / f"{name}.json"
+        argv = [str(checkpoint), "--pairs", str(pairs), "--out", str(out), "--top", "2", "--effect", "--device", "cpu"]
+        assert run(_args(*argv, *extra)) == 0
+        plans[name] = json.loads(out.read_text())
+    assert plans["mapped"]["layers"] == plans["plain"]["layers"]
+    assert plans["mapped"]["frequencies"] == plans["plain"]["frequencies"]
+    assert plans["mapped"]["effect"] == plans["plain"]["effect"]
+    capsys.readouterr()
+    generated = []
+    for extra in ([], ["--mmap"]):
+        argv = ["generate", str(checkpoint), "--ids", "5", "6", "7", "--max-new-tokens", "6", "--no-eos", "--steer",
+                str(tmp_path / "plain.json"), *extra]  # fmt: skip
+        assert main(argv) == 0
+        generated.append(capsys.readouterr().out)
+    assert generated[0] == generated[1] and generated[0].strip()

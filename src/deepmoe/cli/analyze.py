@@ -10,7 +10,7 @@ from typing import Any
 from rich.table import Table
 
 from deepmoe.cli import common
-from deepmoe.cli.argtypes import positive_int
+from deepmoe.cli.argtypes import add_mmap_argument, positive_int
 from deepmoe.tools.analyze import analyze_checkpoint
 from deepmoe.tools.analyze_files import write_analysis
 
@@ -43,6 +43,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=positive_int, default=8, help="sequences per batch (default 8)")
     parser.add_argument("--top-k", type=positive_int, default=5, help="entries in each top list (default 5)")
     parser.add_argument("--device", default="auto", help="auto (default: cuda when available), cpu, cuda, ...")
+    add_mmap_argument(parser)
     parser.add_argument("--tokenizer", metavar="PATH", help=common.TOKENIZER_HELP)
 
 
@@ -102,6 +103,7 @@ def run(args: argparse.Namespace) -> int:
             top_k=args.top_k,
             device=args.device,
             tokenizer=args.tokenizer,
+            mmap=args.mmap,
         )
         written = write_analysis(report, args.out)
     except (ValueError, OSError) as error:

@@ -52,3 +52,12 @@ def unit_interval(text: str) -> float:
     if not 0 < value <= 1:
         raise argparse.ArgumentTypeError(f"must be in (0, 1], got {text}")
     return value
+
+
+def add_mmap_argument(parser: argparse.ArgumentParser) -> None:
+    """--mmap of the commands that only read a model (`from_pretrained(..., mmap=True)`)."""
+    parser.add_argument(
+        "--mmap", action="store_true",
+        help="keep the weights memory-mapped from the checkpoint's files (CPU, inference only), for a model larger "
+        "than free memory: each layer's experts are built when the layer runs",
+    )  # fmt: skip

@@ -6,7 +6,7 @@ import argparse
 
 import torch
 
-from deepmoe.cli.argtypes import non_negative_float, non_negative_int, positive_int, unit_interval
+from deepmoe.cli.argtypes import add_mmap_argument, non_negative_float, non_negative_int, positive_int, unit_interval
 from deepmoe.cli.common import TOKENIZER_HELP, load_tokenizer
 from deepmoe.io import load_config
 from deepmoe.model import from_pretrained
@@ -51,6 +51,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     eos.add_argument("--no-eos", action="store_true", help="do not stop at the checkpoint's eos_token_id")
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    add_mmap_argument(parser)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--steer", metavar="FILE", default=None, help="steering file from `deepmoe steer`")
     parser.add_argument("--delta", metavar="DIR", default=None, help="expert delta from `deepmoe esft`")
@@ -89,7 +90,7 @@ def run(args: argparse.Namespace) -> int:
     _check_sampling_flags(args)
 
     tokenizer = load_tokenizer(args.model, args.tokenizer) if args.prompt is not None else None
-    model = from_pretrained(args.model, dtype=getattr(torch, args.dtype), delta=args.delta).eval()
+    model = from_pretrained(args.model, dtype=getattr(torch, args.dtype), delta=args.delta, mmap=args.mmap).eval()
     if args.steer is not None:
         apply_steering(model, args.steer)
     ids = tokenizer.encode(args.prompt).ids if tokenizer is not None else args.ids

@@ -8,7 +8,7 @@ from typing import Any
 from rich.table import Table
 
 from deepmoe.cli import common
-from deepmoe.cli.argtypes import non_negative_int, positive_int
+from deepmoe.cli.argtypes import add_mmap_argument, non_negative_int, positive_int
 from deepmoe.tools.steer import FULL_LAYER, METHODS, rank_scores, steer
 from deepmoe.tools.steering_file import ACTIONS
 
@@ -74,6 +74,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=positive_int, default=8)
     parser.add_argument("--show", type=non_negative_int, default=16, help="ranked experts to print (default 16)")
     parser.add_argument("--device", default="auto", help="cpu, cuda, ... (default: cuda when available)")
+    add_mmap_argument(parser)
     parser.add_argument("--tokenizer", metavar="PATH", help=common.TOKENIZER_HELP)
 
 
@@ -91,7 +92,7 @@ def run(args: argparse.Namespace) -> int:
         args.model, a=args.a, b=args.b, pairs=args.pairs, out=args.out, side=args.side, top=args.top,
         action=args.action, per_layer=args.per_layer, full_layer=args.full_layer, method=args.method,
         effect=args.effect, ks=args.ks, max_tokens=args.max_tokens, seq_len=args.seq_len,
-        batch_size=args.batch_size, device=args.device, tokenizer=args.tokenizer,
+        batch_size=args.batch_size, device=args.device, tokenizer=args.tokenizer, mmap=args.mmap,
         on_plan=lambda plan: console.print(ranking_table(plan, args.show, names)),
     )  # fmt: skip
     for side, rows in output.get("effect", {}).items():

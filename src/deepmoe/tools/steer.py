@@ -464,6 +464,7 @@ def steer(
     device: str = "auto",
     on_plan: Callable[[dict[str, Any]], None] | None = None,
     tokenizer: str | os.PathLike | Tokenizer | None = None,
+    mmap: bool = False,
 ) -> dict[str, Any]:
     """`deepmoe steer` as a function: score the experts of the checkpoint `model_dir` on behaviour A against
     B (`a` and `b` text sources: files, folders or `bundled:DOMAIN`; or `pairs`, a JSONL file of {"a", "b"}
@@ -476,7 +477,8 @@ def steer(
     `steering_effect` rows}). With `out`, that file is written there, and `out` is checked before any work:
     only a steering file is ever replaced (`check_steering_target`). `on_plan(output)` is called once the
     plan is made, before the (longer) effect measurement. `tokenizer` (a `Tokenizer`, or a tokenizer.json
-    file or its directory) replaces the checkpoint's. ValueError on unusable inputs.
+    file or its directory) replaces the checkpoint's. `mmap=True` keeps the weights memory-mapped (CPU,
+    `from_pretrained(..., mmap=True)`) for a checkpoint larger than free memory. ValueError on unusable inputs.
     """
     if pairs is not None and (a is not None or b is not None):
         raise ValueError("steer takes either a and b (text sources) or pairs, not both")
@@ -493,8 +495,10 @@ def steer(
         check_steering_target(out)  # before any work; again when writing
         if not os.access(os.path.dirname(os.path.abspath(out)), os.W_OK):
             raise ValueError(f"--out {out}: the directory {os.path.dirname(os.path.abspath(out))} is not writable")
+    if mmap:
+        device = "cpu" if device == "auto" else device
     device = device if device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-    model = from_pretrained(model_dir, device=device).eval()
+    model = from_pretrained(model_dir, device=device, mmap=mmap).eval()
     if not model.moe_layers():
         raise ValueError(f"{model_dir}: the model has no MoE layer to steer")
     tokenizer = load_tokenizer(model_dir, needed_for="steering (reading text)", tokenizer=tokenizer)
