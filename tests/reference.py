@@ -165,3 +165,34 @@ def sequence_loss(scores, chosen, n, k, batch_size):
             total += f * p
         losses.append(total)
     return sum(losses) / batch_size
+
+
+def quantize_fp8_blocks(w: torch.Tensor, block: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """DeepSeek's weight_quant written out: per (bm × bn) block (edge blocks partial) scale = amax / 448 (1 for
+    an all-zero block), q = w / scale in e4m3; returns (q, scale_inv) as V3's checkpoints store them."""
+    m, n = w.shape
+    bm, bn = block
+    scale = torch.empty(math.ceil(m / bm), math.ceil(n / bn))
+    q = torch.empty(m, n, dtype=torch.float8_e4m3fn)
+    for r in range(scale.shape[0]):
+        for c in range(scale.shape[1]):
+            tile = w[r * bm : (r + 1) * bm, c * bn : (c + 1) * bn].float()
+            amax = tile.abs().max()
+            scale[r, c] = amax / 448.0 if amax > 0 else 1.0
+            q[r * bm : (r + 1) * bm, c * bn : (c + 1) * bn] = (tile / scale[r, c]).to(torch.float8_e4m3fn)
+    return q, scale
+
+
+def transformers_logits(path, ids: torch.Tensor) -> torch.Tensor:
+    """The logits of transformers' DeepseekV3ForCausalLM (eager attention) loaded from the HF checkpoint `path`
+    on `ids`, in float64 (its note that an MTP layer is "unexpected" silenced)."""
+    import transformers
+
+    verbosity = transformers.logging.get_verbosity()
+    transformers.logging.set_verbosity_error()
+    try:
+        theirs = transformers.DeepseekV3ForCausalLM.from_pretrained(path, attn_implementation="eager").eval()
+    finally:
+        transformers.logging.set_verbosity(verbosity)
+    with torch.no_grad():
+        return theirs(ids).logits.double()

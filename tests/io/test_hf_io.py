@@ -33,6 +33,7 @@ from deepmoe.io import checkpoint as ckpt_module
 from deepmoe.io import files as files_module
 from deepmoe.model import from_pretrained, save_pretrained
 from deepmoe.presets import PRESETS
+from reference import quantize_fp8_blocks
 
 transformers = pytest.importorskip("transformers")
 
@@ -374,20 +375,6 @@ def test_v3_mtp_layout_on_disk(tmp_path):
 # ---- FP8 ---------------------------------------------------------------------------------------
 
 
-def _quantize_fp8(w: torch.Tensor, block: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-block e4m3 quantisation as DeepSeek-V3's weights are stored: w ≈ q · scale_inv."""
-    m, n = w.shape
-    bm, bn = block
-    scale = torch.empty(math.ceil(m / bm), math.ceil(n / bn))
-    q = torch.empty(m, n, dtype=torch.float8_e4m3fn)
-    for r in range(scale.shape[0]):
-        for c in range(scale.shape[1]):
-            tile = w[r * bm : (r + 1) * bm, c * bn : (c + 1) * bn]
-            scale[r, c] = tile.abs().max() / 448.0
-            q[r * bm : (r + 1) * bm, c * bn : (c + 1) * bn] = (tile / scale[r, c]).to(torch.float8_e4m3fn)
-    return q, scale
-
-
 def _dequantize_reference(q: torch.Tensor, scale: torch.Tensor, block: tuple[int, int]) -> torch.Tensor:
     out = torch.empty(q.shape)
     bm, bn = block
@@ -400,7 +387,7 @@ def _dequantize_reference(q: torch.Tensor, scale: torch.Tensor, block: tuple[int
 
 def test_fp8_dequantisation_equals_the_per_block_reference():
     w = torch.randn(300, 200)
-    q, scale = _quantize_fp8(w, (128, 128))  # partial edge blocks in both directions
+    q, scale = quantize_fp8_blocks(w, (128, 128))  # partial edge blocks in both directions
     got = dequantize_fp8(q, scale, (128, 128), torch.float32)
     assert torch.equal(got, _dequantize_reference(q, scale, (128, 128)))
     assert (got - w).abs().max() < 0.07 * w.abs().max()  # it is a quantisation of w
@@ -419,7 +406,7 @@ def test_fp8_checkpoint_is_dequantised_on_load(tmp_path):
     quantized = [n for n, t in files.items() if t.dim() == 2 and ("proj" in n) and "embed" not in n]
     expected = {}
     for name in quantized:
-        files[name], files[name + "_scale_inv"] = _quantize_fp8(files[name], block)
+        files[name], files[name + "_scale_inv"] = quantize_fp8_blocks(files[name], block)
         expected[name] = _dequantize_reference(files[name], files[name + "_scale_inv"], block).to(torch.bfloat16)
     save_file(files, str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
     quantization = {"quant_method": "fp8", "fmt": "e4m3", "weight_block_size": list(block)}

@@ -6,7 +6,6 @@ threshold on dequantised values, and parents quantised differently refused."""
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 
 import pytest
@@ -19,27 +18,13 @@ from deepmoe.io import save_checkpoint
 from deepmoe.model import from_pretrained
 from deepmoe.model.decoder import DeepSeekForCausalLM
 from deepmoe.tools.merge import merge_checkpoints
+from reference import quantize_fp8_blocks
 
 BLOCK = (16, 12)  # partial edge blocks: 24-row kv_a_proj_with_mqa, 32-wide hidden (32 = 2·12 + 8)
 QUANTIZATION = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic", "weight_block_size": list(BLOCK)}
 
 
-def quantize_reference(w: torch.Tensor, block: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
-    """DeepSeek's weight_quant written out: per block scale = amax/448 (1 for a zero block), q = w/scale."""
-    m, n = w.shape
-    bm, bn = block
-    scale = torch.empty(math.ceil(m / bm), math.ceil(n / bn))
-    q = torch.empty(m, n, dtype=torch.float8_e4m3fn)
-    for r in range(scale.shape[0]):
-        for c in range(scale.shape[1]):
-            tile = w[r * bm : (r + 1) * bm, c * bn : (c + 1) * bn].float()
-            amax = tile.abs().max()
-            scale[r, c] = amax / 448.0 if amax > 0 else 1.0
-            q[r * bm : (r + 1) * bm, c * bn : (c + 1) * bn] = (tile / scale[r, c]).to(torch.float8_e4m3fn)
-    return q, scale
-
-
-def dequantize_reference(q: torch.Tensor, scale: torch.Tensor, block: tuple[int, int]) -> torch.Tensor:
+def dequantize_fp8_blocks(q: torch.Tensor, scale: torch.Tensor, block: tuple[int, int]) -> torch.Tensor:
     """transformers' FP8 dequantisation where installed, else a plain per-block loop."""
     try:
         from transformers.integrations.finegrained_fp8 import _dequantize_fp8_weight
@@ -73,7 +58,7 @@ def save_fp8(path: Path, seed: int, block: tuple[int, int] = BLOCK, edit=None) -
     files = {}
     for name, t in load_file(str(path / "model.safetensors")).items():
         if is_quantised(name, t):
-            files[name], files[name + "_scale_inv"] = quantize_reference(t, block)
+            files[name], files[name + "_scale_inv"] = quantize_fp8_blocks(t, block)
         else:
             files[name] = t if name.endswith("e_score_correction_bias") else t.to(torch.bfloat16)
     if edit is not None:
@@ -94,7 +79,7 @@ def dequantised(path: Path) -> dict[str, torch.Tensor]:
     for name, t in files.items():
         if name.endswith("_scale_inv"):
             continue
-        out[name] = dequantize_reference(t, files[name + "_scale_inv"], block) if t.dtype.itemsize == 1 else t.float()
+        out[name] = dequantize_fp8_blocks(t, files[name + "_scale_inv"], block) if t.dtype.itemsize == 1 else t.float()
     return out
 
 
@@ -152,7 +137,7 @@ def test_fp8_child_is_requantised_in_the_parents_format_and_loads(parents, tmp_p
     da, db = dequantised(a), dequantised(b)
     for name in (n for n in parent if n.endswith("_scale_inv")):
         weight = name[: -len("_scale_inv")]
-        q, scale = quantize_reference(0.5 * da[weight] + 0.5 * db[weight], BLOCK)
+        q, scale = quantize_fp8_blocks(0.5 * da[weight] + 0.5 * db[weight], BLOCK)
         assert torch.equal(child[name], scale) and torch.equal(child[weight].float(), q.float()), weight
     ids = torch.tensor([[1, 5, 9, 3, 7, 2]])
     with torch.no_grad():
@@ -189,7 +174,7 @@ def test_threshold_works_on_dequantised_values(parents, tmp_path):
             assert torch.equal(child[name].view(torch.uint8), t.view(torch.uint8)), name
     da, db = dequantised(a), dequantised(b)
     expert = "model.layers.1.mlp.experts.0.gate_proj.weight"
-    q, scale = quantize_reference(0.25 * da[expert] + 0.75 * db[expert], BLOCK)
+    q, scale = quantize_fp8_blocks(0.25 * da[expert] + 0.75 * db[expert], BLOCK)
     assert torch.equal(child[expert + "_scale_inv"], scale) and torch.equal(child[expert].float(), q.float())
 
 
@@ -199,7 +184,7 @@ def _drop_scale(files):
 
 def _dequantise_one(files):
     name = "model.layers.1.mlp.shared_experts.up_proj.weight"
-    files[name] = dequantize_reference(files[name], files.pop(name + "_scale_inv"), BLOCK).to(torch.bfloat16)
+    files[name] = dequantize_fp8_blocks(files[name], files.pop(name + "_scale_inv"), BLOCK).to(torch.bfloat16)
 
 
 @pytest.mark.parametrize(

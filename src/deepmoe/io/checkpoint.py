@@ -19,6 +19,7 @@ import json
 import math
 import os
 import re
+import shutil
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
@@ -36,7 +37,7 @@ from deepmoe.io.distributed import (
     cast_dtype,
     is_distributed_checkpoint,
 )
-from deepmoe.io.files import atomic_directory, visible_entries, write_json
+from deepmoe.io.files import atomic_directory, fsync_path, visible_entries, write_json
 from deepmoe.io.fp8_blocks import FP8_DTYPES, SCALE_SUFFIX, dequantize_fp8
 from deepmoe.io.hf import (
     config_from_hf,
@@ -306,6 +307,15 @@ def _checkpoint_files(directory: Path) -> set[str]:
     except (OSError, ValueError, AttributeError, TypeError):
         pass
     return names
+
+
+def copy_tokenizer_files(source: Path, target: Path, also: tuple[str, ...] = ()) -> None:
+    """Copy the tokenizer files of the checkpoint directory `source` (and the files named in `also`) into
+    `target`, each fsynced: what a command writing a new checkpoint from `source` carries over."""
+    for entry in sorted(source.iterdir()):
+        if entry.is_file() and (entry.name in also or TOKENIZER_FILES.fullmatch(entry.name)):
+            shutil.copyfile(entry, target / entry.name)
+            fsync_path(target / entry.name)
 
 
 def checkpoint_output(record: str) -> Callable[[Path], bool]:

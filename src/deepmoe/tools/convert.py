@@ -19,7 +19,6 @@ from __future__ import annotations
 import logging
 import os
 import re
-import shutil
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -33,6 +32,7 @@ from deepmoe.io.checkpoint import (
     SafetensorsCheckpoint,
     checkpoint_dir,
     checkpoint_output,
+    copy_tokenizer_files,
     parse_size,
     read_json,
     write_shards,
@@ -45,7 +45,7 @@ from deepmoe.io.deepseek_layout import (
     is_deepseek_dir,
     write_deepseek,
 )
-from deepmoe.io.files import atomic_directory, claim_directory, fsync_path, refuse_overlap, visible_entries, write_json
+from deepmoe.io.files import atomic_directory, claim_directory, refuse_overlap, visible_entries, write_json
 from deepmoe.io.fp8_blocks import FP8_DTYPES, SCALE_SUFFIX, dequantize_fp8, quantize_fp8
 from deepmoe.io.safetensors_stream import DTYPES, PendingTensor
 
@@ -177,10 +177,7 @@ def convert_checkpoint(
                     write_json(tmp / CONFIG_NAME, config)
                 else:
                     write_deepseek(tensors, config, tmp, model_parallel, block)
-                for entry in sorted(step.iterdir()):
-                    if entry.is_file() and TOKENIZER_FILES.fullmatch(entry.name):
-                        shutil.copyfile(entry, tmp / entry.name)
-                        fsync_path(tmp / entry.name)
+                copy_tokenizer_files(step, tmp)
                 record = {
                     "source": str(step.resolve()),
                     "from": "deepseek" if deepseek else "hf",

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -22,17 +21,17 @@ from torch import Tensor
 
 from deepmoe.io.checkpoint import (
     CONFIG_NAME,
-    TOKENIZER_FILES,
     check_distributed,
     checkpoint_dir,
     checkpoint_output,
+    copy_tokenizer_files,
     load_checkpoint,
     load_config,
     save_checkpoint,
     step_number,
 )
 from deepmoe.io.distributed import DistributedCheckpoint, is_distributed_checkpoint
-from deepmoe.io.files import atomic_directory, claim_directory, fsync_path, refuse_overlap, write_json
+from deepmoe.io.files import atomic_directory, claim_directory, refuse_overlap, write_json
 
 EXPORT_RECORD = "export.json"
 logger = logging.getLogger(__name__)
@@ -67,10 +66,7 @@ def export_checkpoint(
         logger.info("exporting %s (%s) to %s", step, "distributed" if distributed else "safetensors", target)
         with atomic_directory(target) as tmp:
             save_checkpoint(tensors, config, tmp, max_shard_size=max_shard_size)
-            for entry in sorted(step.iterdir()):
-                if entry.is_file() and TOKENIZER_FILES.fullmatch(entry.name):
-                    shutil.copyfile(entry, tmp / entry.name)
-                    fsync_path(tmp / entry.name)
+            copy_tokenizer_files(step, tmp)
             record = {
                 "source": str(step.resolve()),
                 "step": step_number(step),

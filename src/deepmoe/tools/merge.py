@@ -30,7 +30,6 @@ from __future__ import annotations
 import math
 import os
 import re
-import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,10 +40,10 @@ import torch
 from deepmoe.io.checkpoint import (
     CONFIG_NAME,
     INDEX_NAME,
-    TOKENIZER_FILES,
     SafetensorsCheckpoint,
     checkpoint_dir,
     checkpoint_output,
+    copy_tokenizer_files,
     load_config,
     parse_size,
     plan_shards,
@@ -52,7 +51,7 @@ from deepmoe.io.checkpoint import (
     shard_file_name,
 )
 from deepmoe.io.distributed import cast_dtype
-from deepmoe.io.files import atomic_directory, claim_directory, fsync_path, refuse_overlap, write_json
+from deepmoe.io.files import atomic_directory, claim_directory, refuse_overlap, write_json
 from deepmoe.io.fp8_blocks import SCALE_SUFFIX, dequantize_fp8, quantize_fp8
 from deepmoe.io.safetensors_stream import (
     DTYPES,
@@ -470,10 +469,7 @@ def merge_checkpoints(
             if len(shards) > 1:
                 write_json(tmp / INDEX_NAME, {"metadata": {"total_size": sum(n for _, n in sizes)},
                                               "weight_map": weight_map})  # fmt: skip
-            for entry in sorted(paths[0].iterdir()):
-                if entry.is_file() and (entry.name == CONFIG_NAME or TOKENIZER_FILES.fullmatch(entry.name)):
-                    shutil.copyfile(entry, tmp / entry.name)
-                    fsync_path(tmp / entry.name)
+            copy_tokenizer_files(paths[0], tmp, also=(CONFIG_NAME,))
             if dtype is not None:
                 _write_config(tmp / CONFIG_NAME, dtype, checked.block)
             write_json(tmp / MERGE_RECORD, report.to_dict())

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import math
 import os
-import shutil
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -38,14 +37,14 @@ from torch import Tensor
 from deepmoe.config import DeepSeekConfig, MoEConfig
 from deepmoe.io.checkpoint import (
     CONFIG_NAME,
-    TOKENIZER_FILES,
     SafetensorsCheckpoint,
     checkpoint_dir,
     checkpoint_output,
+    copy_tokenizer_files,
     load_checkpoint,
     read_json,
 )
-from deepmoe.io.files import atomic_directory, claim_directory, fsync_path, refuse_overlap, write_json
+from deepmoe.io.files import atomic_directory, claim_directory, refuse_overlap, write_json
 from deepmoe.io.hf import expected_shapes, rope_from_hf
 from deepmoe.model.decoder import DeepSeekForCausalLM
 from deepmoe.moe import MoE
@@ -243,10 +242,7 @@ def upcycle(
         result, model = _upcycle(dense_path, experts_per_ffn, shared, top_k, replicas, noise, keep_dense, check, seed)
         with atomic_directory(target) as tmp:
             model.save_pretrained(tmp)
-            for entry in sorted(checkpoint_dir(dense_path).iterdir()):
-                if entry.is_file() and TOKENIZER_FILES.fullmatch(entry.name):
-                    shutil.copyfile(entry, tmp / entry.name)
-                    fsync_path(tmp / entry.name)
+            copy_tokenizer_files(checkpoint_dir(dense_path), tmp)
             record = {
                 "dense": os.path.abspath(dense_path), "experts_per_ffn": experts_per_ffn, "shared": shared,
                 "top_k": top_k, "replicas": replicas, "noise": noise, "keep_dense": keep_dense, "seed": seed,
