@@ -196,3 +196,14 @@ def transformers_logits(path, ids: torch.Tensor) -> torch.Tensor:
         transformers.logging.set_verbosity(verbosity)
     with torch.no_grad():
         return theirs(ids).logits.double()
+
+
+def dequantize_fp8_blocks(q: torch.Tensor, scale: torch.Tensor, block: tuple[int, int]) -> torch.Tensor:
+    """w = q · scale_inv of its block, a plain loop over the blocks, in float32."""
+    out = torch.empty(q.shape)
+    bm, bn = block
+    for r in range(scale.shape[0]):
+        for c in range(scale.shape[1]):
+            tile = (slice(r * bm, (r + 1) * bm), slice(c * bn, (c + 1) * bn))
+            out[tile] = q[tile].float() * scale[r, c]
+    return out

@@ -33,7 +33,7 @@ from deepmoe.io import checkpoint as ckpt_module
 from deepmoe.io import files as files_module
 from deepmoe.model import from_pretrained, save_pretrained
 from deepmoe.presets import PRESETS
-from reference import quantize_fp8_blocks
+from reference import dequantize_fp8_blocks, quantize_fp8_blocks
 
 transformers = pytest.importorskip("transformers")
 
@@ -375,21 +375,11 @@ def test_v3_mtp_layout_on_disk(tmp_path):
 # ---- FP8 ---------------------------------------------------------------------------------------
 
 
-def _dequantize_reference(q: torch.Tensor, scale: torch.Tensor, block: tuple[int, int]) -> torch.Tensor:
-    out = torch.empty(q.shape)
-    bm, bn = block
-    for r in range(scale.shape[0]):
-        for c in range(scale.shape[1]):
-            tile = (slice(r * bm, (r + 1) * bm), slice(c * bn, (c + 1) * bn))
-            out[tile] = q[tile].float() * scale[r, c]
-    return out
-
-
 def test_fp8_dequantisation_equals_the_per_block_reference():
     w = torch.randn(300, 200)
     q, scale = quantize_fp8_blocks(w, (128, 128))  # partial edge blocks in both directions
     got = dequantize_fp8(q, scale, (128, 128), torch.float32)
-    assert torch.equal(got, _dequantize_reference(q, scale, (128, 128)))
+    assert torch.equal(got, dequantize_fp8_blocks(q, scale, (128, 128)))
     assert (got - w).abs().max() < 0.07 * w.abs().max()  # it is a quantisation of w
     stacked = dequantize_fp8(torch.stack([q, q]), torch.stack([scale, 2 * scale]), (128, 128), torch.float32)
     assert torch.equal(stacked[0], got) and torch.equal(stacked[1], 2 * got)
@@ -407,7 +397,7 @@ def test_fp8_checkpoint_is_dequantised_on_load(tmp_path):
     expected = {}
     for name in quantized:
         files[name], files[name + "_scale_inv"] = quantize_fp8_blocks(files[name], block)
-        expected[name] = _dequantize_reference(files[name], files[name + "_scale_inv"], block).to(torch.bfloat16)
+        expected[name] = dequantize_fp8_blocks(files[name], files[name + "_scale_inv"], block).to(torch.bfloat16)
     save_file(files, str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
     quantization = {"quant_method": "fp8", "fmt": "e4m3", "weight_block_size": list(block)}
     raw = dict(config_to_hf(config), torch_dtype="bfloat16", quantization_config=quantization)

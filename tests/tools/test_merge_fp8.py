@@ -18,24 +18,18 @@ from deepmoe.io import save_checkpoint
 from deepmoe.model import from_pretrained
 from deepmoe.model.decoder import DeepSeekForCausalLM
 from deepmoe.tools.merge import merge_checkpoints
-from reference import quantize_fp8_blocks
+from reference import dequantize_fp8_blocks, quantize_fp8_blocks
 
 BLOCK = (16, 12)  # partial edge blocks: 24-row kv_a_proj_with_mqa, 32-wide hidden (32 = 2·12 + 8)
 QUANTIZATION = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic", "weight_block_size": list(BLOCK)}
 
 
-def dequantize_fp8_blocks(q: torch.Tensor, scale: torch.Tensor, block: tuple[int, int]) -> torch.Tensor:
+def dequantize_reference(q: torch.Tensor, scale: torch.Tensor, block: tuple[int, int]) -> torch.Tensor:
     """transformers' FP8 dequantisation where installed, else a plain per-block loop."""
     try:
         from transformers.integrations.finegrained_fp8 import _dequantize_fp8_weight
     except ImportError:
-        out = torch.empty(q.shape)
-        bm, bn = block
-        for r in range(scale.shape[0]):
-            for c in range(scale.shape[1]):
-                tile = (slice(r * bm, (r + 1) * bm), slice(c * bn, (c + 1) * bn))
-                out[tile] = q[tile].float() * scale[r, c]
-        return out
+        return dequantize_fp8_blocks(q, scale, block)
     return _dequantize_fp8_weight(q, scale, list(block), torch.float32)
 
 
@@ -79,7 +73,7 @@ def dequantised(path: Path) -> dict[str, torch.Tensor]:
     for name, t in files.items():
         if name.endswith("_scale_inv"):
             continue
-        out[name] = dequantize_fp8_blocks(t, files[name + "_scale_inv"], block) if t.dtype.itemsize == 1 else t.float()
+        out[name] = dequantize_reference(t, files[name + "_scale_inv"], block) if t.dtype.itemsize == 1 else t.float()
     return out
 
 
@@ -184,7 +178,7 @@ def _drop_scale(files):
 
 def _dequantise_one(files):
     name = "model.layers.1.mlp.shared_experts.up_proj.weight"
-    files[name] = dequantize_fp8_blocks(files[name], files.pop(name + "_scale_inv"), BLOCK).to(torch.bfloat16)
+    files[name] = dequantize_reference(files[name], files.pop(name + "_scale_inv"), BLOCK).to(torch.bfloat16)
 
 
 @pytest.mark.parametrize(
