@@ -23,7 +23,7 @@ DEVICES = ("auto", "cpu", "cuda")
 RESUME_OVERRIDABLE = frozenset(
     {"steps", "schedule_steps", "lr", "min_lr", "grad_clip", "eval_every", "eval_batches", "save_every",
      "keep_last", "device", "progress", "expert_parallel", "data_parallel", "activation_checkpointing",
-     "final_eval_batches"}
+     "final_eval_batches", "peak_tflops"}
 )  # fmt: skip
 """Options a resumed run may change; the others are the run's."""
 
@@ -112,6 +112,10 @@ class TrainConfig:
     activation_checkpointing: bool = option(
         False, "recompute each block's activations in the backward pass (less memory, about one more forward)"
     )  # fmt: skip
+    peak_tflops: float | None = option(
+        None, "peak TFLOP/s of one device for the MFU in the log and report (default: the dense bf16 peak of a "
+        "known GPU, e.g. 989 for an H100/H200; none on a CPU)", metavar="TFLOPS"
+    )  # fmt: skip
     progress: bool = option(True, "progress bar")
 
     def __post_init__(self) -> None:
@@ -160,6 +164,8 @@ class TrainConfig:
                 fail(name, "must be None or an integer >= 1")
         if self.bias_update_speed is not None and (not is_real(self.bias_update_speed) or self.bias_update_speed < 0):
             fail("bias_update_speed", "must be None or a finite number >= 0")
+        if self.peak_tflops is not None and (not is_real(self.peak_tflops) or not self.peak_tflops > 0):
+            fail("peak_tflops", "must be a number > 0 (TFLOP/s of one device) or None")
         if not is_real(self.lr) or self.lr <= 0:
             fail("lr", "must be a finite number > 0")
         if not is_real(self.min_lr) or not 0 <= self.min_lr <= self.lr:

@@ -47,13 +47,14 @@ from deepmoe.evaluate import Evaluation, evaluate, fp8_error_per_layer
 from deepmoe.io.checkpoint import load_config
 from deepmoe.io.files import write_json
 from deepmoe.model.decoder import DeepSeekForCausalLM
-from deepmoe.model.parameters import count_parameters
+from deepmoe.model.parameters import count_parameters, training_flops_per_token
 from deepmoe.moe.balance import RoutingStats, max_violation, merge_routing_stats
 from deepmoe.parallel.checkpoint import load_full_optimizer_state
 from deepmoe.train import checkpoint as ckpt
 from deepmoe.train.checkpoint import CONFIG_NAME, EVAL_LOG_NAME, LOG_NAME
 from deepmoe.train.config import RESUME_OVERRIDABLE, TrainConfig, build_model_config, build_optimizer, lr_at
 from deepmoe.train.distributed import Ranks, held_bytes, launch_layout, launched_world
+from deepmoe.train.flops import device_peak_tflops, model_flops_utilisation
 from deepmoe.train.inputs import (
     data_sources,
     heldout_batches,
@@ -313,6 +314,8 @@ class _Run:
         self._in_update = False
         self._eval_batches: list[Tensor] | None = None
         self._held: dict[str, int] | None = None
+        self.flops_per_token = training_flops_per_token(self.model_config, config.seq_len)
+        self.peak_tflops = device_peak_tflops(self.device, config.peak_tflops)
 
     # -- state ------------------------------------------------------------------------------------
     def _snapshot(self) -> tuple[dict[str, Any], tuple]:
@@ -522,11 +525,16 @@ class _Run:
         return stopper.requested
 
     def timed_step(self) -> dict[str, Any]:
-        """`train_step`, with its time and tokens/s added to the record and the run's totals."""
+        """`train_step`, with its time, tokens/s (all ranks'), model FLOPs per token and MFU (when the devices'
+        peak is known) added to the record, and the run's totals."""
         start = time.perf_counter()
         record = self.train_step()
         elapsed = time.perf_counter() - start
         record["tokens_per_s"] = record["tokens"] / max(elapsed, 1e-9)
+        record["flops_per_token"] = self.flops_per_token
+        if self.peak_tflops is not None:
+            record["mfu"] = model_flops_utilisation(record["tokens_per_s"], self.flops_per_token, self.peak_tflops,
+                                                    self.world)  # fmt: skip
         self.totals["tokens"] += record["tokens"]
         self.totals["train_time_s"] += elapsed
         return record
@@ -562,6 +570,11 @@ class _Run:
         ckpt.append_jsonl(self.out / EVAL_LOG_NAME, {**final, "final": True})
         report = run_report(self.out, self.step, result, self.moe_layers, self.totals, self.model_config, self.cfg,
                             self.corpus, self._layout(), self.bf16, str(self.device))  # fmt: skip
+        report["flops_per_token"] = self.flops_per_token
+        if self.peak_tflops is not None:
+            report["peak_tflops"] = self.peak_tflops
+            report["mfu"] = model_flops_utilisation(report["tokens_per_second"], self.flops_per_token,
+                                                    self.peak_tflops, self.world)  # fmt: skip
         if hasattr(self.batches, "tokens_per_source"):  # prepared data: the tokens drawn from each source
             report["tokens_per_source"] = dict(zip(self.corpus.paths, self.batches.tokens_per_source, strict=True))
         if self.cfg.fp8_experts and self.world == 1:  # the error report runs the layers alone, not sharded
