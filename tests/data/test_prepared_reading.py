@@ -150,3 +150,5 @@ def test_mixture_flags_on_the_command_line(tmp_path, tokenizer, capsys):
         main([*common, "--data", f"{a}:1", "--data", str(tmp_path / "notes.txt"), "--out", str(tmp_path / "r2")]) == 1
     )
     assert "is not prepared data" in capsys.readouterr().err
+    assert main([*common, "--data", f"{a}:1", "--data", f"{tmp_path / 'nope'}:1", "--out", str(tmp_path / "r3")]) == 1
+    assert "nope' does not exist" in capsys.readouterr().err

@@ -165,7 +165,7 @@ class TrainConfig:
         if self.bias_update_speed is not None and (not is_real(self.bias_update_speed) or self.bias_update_speed < 0):
             fail("bias_update_speed", "must be None or a finite number >= 0")
         if self.peak_tflops is not None and (not is_real(self.peak_tflops) or not self.peak_tflops > 0):
-            fail("peak_tflops", "must be a number > 0 (TFLOP/s of one device) or None")
+            fail("peak_tflops", "must be a number > 0 (the TFLOP/s of one device)")
         if not is_real(self.lr) or self.lr <= 0:
             fail("lr", "must be a finite number > 0")
         if not is_real(self.min_lr) or not 0 <= self.min_lr <= self.lr:

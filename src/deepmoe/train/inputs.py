@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +38,9 @@ def load_corpus(config: TrainConfig, corpus: Any, step_dir: Path | None = None) 
     if source is not None:
         tokenizer = data.load_tokenizer(source, needed_for="init_from (the tokenizer its model was trained with)")
     sources = data_sources(config) if config.data is not None else []
+    for path, _ in sources:
+        if not os.path.exists(path):
+            raise ValueError(f"data path {path!r} does not exist")
     prepared = [data.is_prepared(path) for path, _ in sources]
     if any(prepared):
         if not all(prepared):
