@@ -28,17 +28,20 @@ class ParameterCount:
         return self.active - self.embedding
 
 
+def _unchosen_expert_parameters(layer: MoE) -> int:
+    """The routed-expert parameters of `layer` a token does not use (N_r − K_r experts)."""
+    per_expert = layer.experts.gate_up_proj[0].numel() + layer.experts.down_proj[0].numel()
+    return (layer.config.n_routed_experts - layer.config.num_experts_per_tok) * per_expert
+
+
 def count_parameters(config: DeepSeekConfig) -> ParameterCount:
     """Counts on the meta device: no memory is allocated, so the 671B preset is instant."""
     with torch.device("meta"):
         model = DeepSeekForCausalLM(config)
     mtp = sum(p.numel() for p in model.model.mtp.parameters())
     total = sum(p.numel() for p in model.parameters()) - mtp
-    inactive = 0
-    for idx, layer in model.moe_layers().items():
-        if idx < config.num_hidden_layers:
-            per_expert = layer.experts.gate_up_proj[0].numel() + layer.experts.down_proj[0].numel()
-            inactive += (layer.config.n_routed_experts - layer.config.num_experts_per_tok) * per_expert
+    inactive = sum(_unchosen_expert_parameters(layer) for idx, layer in model.moe_layers().items()
+                   if idx < config.num_hidden_layers)  # fmt: skip
     embedding = model.model.embed_tokens.weight.numel()
     return ParameterCount(total=total, active=total - inactive, mtp=mtp, embedding=embedding)
 
@@ -57,10 +60,7 @@ def training_flops_per_token(config: DeepSeekConfig, seq_len: int) -> float:
     def matrices(module: torch.nn.Module) -> int:
         """Weight matrices of `module` a token uses: routed experts not chosen excluded."""
         total = sum(p.numel() for p in module.parameters() if p.dim() >= 2)
-        for layer in (m for m in module.modules() if isinstance(m, MoE)):
-            per_expert = layer.experts.gate_up_proj[0].numel() + layer.experts.down_proj[0].numel()
-            total -= (layer.config.n_routed_experts - layer.config.num_experts_per_tok) * per_expert
-        return total
+        return total - sum(_unchosen_expert_parameters(m) for m in module.modules() if isinstance(m, MoE))
 
     head = config.vocab_size * config.hidden_size
     depths = len(model.model.mtp)

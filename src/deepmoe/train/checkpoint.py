@@ -176,11 +176,23 @@ def optimizer_state_by_name(info: dict[str, Any], tensors: dict[str, Tensor]) ->
 # ---- writing -----------------------------------------------------------------------------------
 
 
+def write_state_json(directory: Path, info: dict[str, Any]) -> None:
+    """training_state.json: `info` under the format's name and version."""
+    write_json(directory / STATE_JSON, {"format": STATE_FORMAT, "version": STATE_VERSION, **info})
+
+
 def write_training_state(directory: Path, info: dict[str, Any], tensors: dict[str, Tensor]) -> None:
     path = directory / STATE_TENSORS
     st_torch.save_file(tensors, str(path), metadata={"format": "pt"})
     fsync_path(path)
-    write_json(directory / STATE_JSON, {"format": STATE_FORMAT, "version": STATE_VERSION, **info})
+    write_state_json(directory, info)
+
+
+def save_tokenizer(tokenizer: Any, directory: Path) -> None:
+    """The run's tokenizer as `directory/tokenizer.json`, fsynced (nothing for a run without one)."""
+    if tokenizer is not None and hasattr(tokenizer, "save"):
+        tokenizer.save(str(directory / TOKENIZER_NAME))
+        fsync_path(directory / TOKENIZER_NAME)
 
 
 def write_last(out_dir: Path, name: str) -> None:
@@ -215,9 +227,7 @@ def save_training_checkpoint(
     # staged as `.step-N.tmp-*`; a complete `step-N` that `last` does not name (left by a crash) is replaced whole
     with atomic_directory(target) as staging:
         save_checkpoint(weights, config, staging)
-        if tokenizer is not None and hasattr(tokenizer, "save"):
-            tokenizer.save(str(staging / TOKENIZER_NAME))
-            fsync_path(staging / TOKENIZER_NAME)
+        save_tokenizer(tokenizer, staging)
         opt_info, opt_tensors = optimizer
         rng_info, rng_tensors = rng
         write_training_state(

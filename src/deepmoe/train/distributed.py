@@ -23,7 +23,7 @@ from deepmoe import parallel
 from deepmoe.config import DeepSeekConfig
 from deepmoe.io.checkpoint import CONFIG_NAME as HF_CONFIG_NAME
 from deepmoe.io.distributed import DISTRIBUTED_DIR
-from deepmoe.io.files import atomic_directory, fsync_path, make_readable, write_json
+from deepmoe.io.files import atomic_directory, make_readable, write_json
 from deepmoe.io.hf import config_to_hf
 from deepmoe.moe.balance import RoutingStats, merge_routing_stats
 from deepmoe.parallel.checkpoint import load_sharded, save_sharded
@@ -174,13 +174,9 @@ class Ranks:
             if self.is_main:
                 layout = dataclasses.asdict(self.layout)
                 write_json(staging_dir / HF_CONFIG_NAME, config_to_hf(config))
-                if tokenizer is not None and hasattr(tokenizer, "save"):
-                    tokenizer.save(str(staging_dir / ckpt.TOKENIZER_NAME))
-                    fsync_path(staging_dir / ckpt.TOKENIZER_NAME)
-                state = {**info, "step": step, "optimizer": {"param_groups": groups}, "rng_per_rank": rng,
-                         "distributed": layout}  # fmt: skip
-                write_json(staging_dir / ckpt.STATE_JSON, {"format": ckpt.STATE_FORMAT, "version": ckpt.STATE_VERSION,
-                                                            **state})  # fmt: skip
+                ckpt.save_tokenizer(tokenizer, staging_dir)
+                ckpt.write_state_json(staging_dir, {**info, "step": step, "optimizer": {"param_groups": groups},
+                                                    "rng_per_rank": rng, "distributed": layout})  # fmt: skip
                 for entry in staging_dir.rglob("*"):
                     make_readable(entry)
             dist.barrier()  # every rank's files are complete before rank 0 renames the directory
