@@ -37,11 +37,32 @@ def wide_config(experts: int, hidden: int, layers: int | None = None) -> DeepSee
     return DeepSeekConfig.from_dict(fields)
 
 
-def load_pair(checkpoint: str | None, preset: str = "tiny-v3"):
-    """(deepmoe model, transformers model, description) holding the same float32 weights.
+def small_v3_config() -> DeepSeekConfig:
+    """A V3-style model of the size issue 19 measures: 4 layers (the first dense), hidden 512, MLA with 8 heads
+    (q_lora 192, kv_lora 128, nope/rope/v 64/32/64), 64 routed experts of width 256 in 8 groups (top-4 groups,
+    top-8 experts, sigmoid, bias), one shared expert, vocabulary 8192, no MTP."""
+    fields = get_preset("tiny-v3").to_dict()
+    fields.update(
+        hidden_size=512, intermediate_size=1024, vocab_size=8192, max_position_embeddings=4096,
+        num_attention_heads=8, q_lora_rank=192, kv_lora_rank=128, qk_nope_head_dim=64, qk_rope_head_dim=32,
+        v_head_dim=64, num_nextn_predict_layers=0,
+    )  # fmt: skip
+    fields["moe"].update(
+        hidden_size=512, n_routed_experts=64, moe_intermediate_size=256, num_experts_per_tok=8, n_group=8,
+        topk_group=4,
+    )  # fmt: skip
+    return DeepSeekConfig.from_dict(fields)
 
-    Without a checkpoint, a random `preset` model without MTP modules (transformers has none) is saved
-    and loaded by both.
+
+MODELS = {"small-v3": small_v3_config, "tiny-v3": lambda: get_preset("tiny-v3")}
+"""The random models the model-level benchmarks take with --model (small-v3: issue 19's V3-style shape)."""
+
+
+def load_pair(checkpoint: str | None, model: str = "small-v3", device: str = "cpu", dtype=torch.float32):
+    """(deepmoe model, transformers model, description) holding the same weights, on `device` in `dtype`.
+
+    Without a checkpoint, a random `model` (a name in MODELS) without MTP modules (transformers has none) is
+    saved and loaded by both.
     """
     from transformers import AutoModelForCausalLM
 
@@ -49,12 +70,12 @@ def load_pair(checkpoint: str | None, preset: str = "tiny-v3"):
         path = checkpoint
         if path is None:
             torch.manual_seed(0)
-            config = DeepSeekConfig.from_dict({**get_preset(preset).to_dict(), "num_nextn_predict_layers": 0})
+            config = DeepSeekConfig.from_dict({**MODELS[model]().to_dict(), "num_nextn_predict_layers": 0})
             DeepSeekForCausalLM(config).save_pretrained(tmp)
             path = tmp
-        ours = from_pretrained(path, dtype=torch.float32)
-        theirs = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
-    return ours, theirs, checkpoint or f"random {preset} without MTP"
+        ours = from_pretrained(path, dtype=dtype, device=device)
+        theirs = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device)
+    return ours, theirs, checkpoint or f"random {model} without MTP"
 
 
 def interleaved_medians(
