@@ -39,5 +39,5 @@ def moe_configs(draw, **fixed) -> MoEConfig:
 def random_bias(layer, seed: int) -> None:
     """Give the selection bias (if any) values large enough to change choices."""
     if layer.gate.e_score_correction_bias is not None:
-        g = torch.Generator().manual_seed(seed)
+        g = torch.Generator(torch.get_default_device()).manual_seed(seed)
         layer.gate.e_score_correction_bias.copy_(0.3 * torch.randn(layer.config.n_routed_experts, generator=g))

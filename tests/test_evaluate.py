@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from configs import tiny_preset
 from deepmoe.evaluate import fp8_error_per_layer
 from deepmoe.model.decoder import DeepSeekForCausalLM
+
+# cpu_only: fp8 evaluation on CPU kernels with a CPU generator
+pytestmark = pytest.mark.cpu_only
 
 
 def tiny_model(hidden: int = 128) -> DeepSeekForCausalLM:

@@ -9,6 +9,9 @@ import pytest
 
 from deepmoe.cli import main
 
+# cpu_only: the CLI, run in-process and in subprocesses, on checkpoints on disk
+pytestmark = pytest.mark.cpu_only
+
 
 def test_demo_prints_the_load_table(capsys):
     assert main(["balance-demo", "--steps", "200", "--tokens", "4096"]) == 0

@@ -12,6 +12,9 @@ import pytest
 
 from deepmoe.cli import common, main
 
+# cpu_only: the CLI's error messages, on checkpoints on disk
+pytestmark = pytest.mark.cpu_only
+
 
 def error_line(capsys) -> str:
     err = capsys.readouterr().err.strip()

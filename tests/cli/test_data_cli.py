@@ -7,7 +7,12 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from deepmoe.cli import main
+
+# cpu_only: the data CLI: files on disk
+pytestmark = pytest.mark.cpu_only
 
 
 def write_jsonl(path, n: int, bad_line: int | None = None) -> None:

@@ -16,6 +16,7 @@ from deepmoe.model.decoder import DeepSeekForCausalLM
 pytestmark = [
     pytest.mark.usefixtures("one_thread"),
     pytest.mark.filterwarnings("ignore:torch.distributed is disabled"),
+    pytest.mark.cpu_only,  # cpu_only: the export CLI: files on disk
 ]
 
 

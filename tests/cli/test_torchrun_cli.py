@@ -12,6 +12,9 @@ from pathlib import Path
 
 import pytest
 
+# cpu_only: torchrun subprocesses over gloo
+pytestmark = pytest.mark.cpu_only
+
 SMALL = ["--preset", "tiny-v3", "--layers", "2", "--hidden", "64", "--seq-len", "16", "--batch-size", "4",
          "--warmup-steps", "1", "--eval-every", "0", "--final-eval-batches", "1", "--no-progress", "--device",
          "cpu"]  # fmt: skip

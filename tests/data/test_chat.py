@@ -14,6 +14,9 @@ from tokenizers import Tokenizer
 from corpora import byte_level_bpe
 from deepmoe.data.prepare import prepare_dataset
 
+# cpu_only: data preparation: tokenizers, files and numpy
+pytestmark = pytest.mark.cpu_only
+
 BOS, USER, ASSISTANT, EOS = "<｜begin▁of▁sentence｜>", "<｜User｜>", "<｜Assistant｜>", "<｜end▁of▁sentence｜>"
 DEEPSEEK_LIKE_TEMPLATE = (
     "{% if not add_generation_prompt is defined %}{% set add_generation_prompt = false %}{% endif %}"

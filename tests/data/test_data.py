@@ -25,6 +25,9 @@ from deepmoe.data import (
     unigram_entropy,
 )
 
+# cpu_only: data pipelines: files, numpy and CPU generators
+pytestmark = pytest.mark.cpu_only
+
 # ----------------------------------------------------------------------------------------------- fixtures
 
 

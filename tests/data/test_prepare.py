@@ -17,6 +17,9 @@ from deepmoe.data import prepare as prepare_module
 from deepmoe.data.prepare import prepare_dataset
 from deepmoe.data.tokenizer import _encode_documents
 
+# cpu_only: data preparation: files and numpy
+pytestmark = pytest.mark.cpu_only
+
 WORDS = "the quick brown fox jumps over a lazy dog while seven wizards quietly hex jolly banjo players".split()
 
 

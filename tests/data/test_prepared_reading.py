@@ -15,7 +15,8 @@ import torch
 from corpora import byte_level_bpe, write_prepared
 from deepmoe.data import LabeledBatch, PackedBatches, PreparedCorpus, PreparedDataset
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+# cpu_only: prepared data read from memory-mapped files
+pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.cpu_only]
 TEXT = "".join(f"the router sends token {i % 29} to expert {i % 7}; " for i in range(400))
 
 

@@ -8,6 +8,9 @@ import torch
 
 from deepmoe.io.deepseek_layout import is_mtp, model_args, owner, rank_slice, split_dim, to_deepseek, to_hf
 
+# cpu_only: checkpoint files read to CPU tensors
+pytestmark = pytest.mark.cpu_only
+
 # HF name -> (DeepSeek name, split dimension across ranks: 0 rows, 1 columns, None whole or per-expert rank)
 PUBLISHED = {
     "model.embed_tokens.weight": ("embed.weight", 0),

@@ -18,6 +18,7 @@ from deepmoe.model import from_pretrained
 pytestmark = [
     pytest.mark.usefixtures("one_thread"),
     pytest.mark.filterwarnings("ignore:torch.distributed is disabled"),
+    pytest.mark.cpu_only,  # cpu_only: checkpoint files read to CPU tensors, gloo process groups
 ]
 
 

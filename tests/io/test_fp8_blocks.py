@@ -9,6 +9,9 @@ import torch
 
 from deepmoe.io import quantize_fp8
 
+# cpu_only: fp8 checkpoint blocks dequantised on the CPU
+pytestmark = pytest.mark.cpu_only
+
 
 def test_quantize_stacked_experts_and_bad_shapes():
     torch.manual_seed(1)

@@ -35,6 +35,9 @@ from deepmoe.model import from_pretrained, save_pretrained
 from deepmoe.presets import PRESETS
 from reference import dequantize_fp8_blocks, quantize_fp8_blocks
 
+# cpu_only: checkpoint files read to CPU tensors
+pytestmark = pytest.mark.cpu_only
+
 transformers = pytest.importorskip("transformers")
 
 _YARN_V2 = {"beta_fast": 32, "beta_slow": 1, "factor": 40, "mscale": 0.707, "mscale_all_dim": 0.707,

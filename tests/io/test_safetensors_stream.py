@@ -19,6 +19,9 @@ from deepmoe.io.safetensors_stream import (
     write_file,
 )
 
+# cpu_only: safetensors files streamed to CPU tensors
+pytestmark = pytest.mark.cpu_only
+
 MERGE_DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
 
 

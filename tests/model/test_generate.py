@@ -84,6 +84,7 @@ def test_text_streamer_is_a_generate_streamer(byte_bpe):
     assert "".join(out) == MULTIBYTE and all(out)
 
 
+@pytest.mark.cpu_only  # the CLI on a checkpoint on disk
 def test_cli_prints_multibyte_text_whole(tmp_path, capsys, byte_bpe, monkeypatch):
     """`deepmoe generate --prompt` prints the decoded text of the generated ids, not U+FFFD per byte."""
     import importlib
@@ -155,7 +156,7 @@ def test_library_applies_sampling_settings():
     model = _tiny()
     ids = torch.tensor([[1, 2, 3], [4, 5, 6]])
     greedy = generate(model, ids, max_new_tokens=6)
-    g = torch.Generator().manual_seed(0)
+    g = torch.Generator(torch.get_default_device()).manual_seed(0)
     assert torch.equal(generate(model, ids, 6, do_sample=True, top_k=1, generator=g), greedy)
     assert torch.equal(generate(model, ids, 6, do_sample=True, top_p=1e-6, generator=g), greedy)
     assert torch.equal(generate(model, ids, 6, do_sample=True, temperature=1e-4, generator=g), greedy)
@@ -170,6 +171,7 @@ def _write_checkpoint(path) -> DeepSeekForCausalLM:
     return DeepSeekForCausalLM.from_pretrained(path).eval()
 
 
+@pytest.mark.cpu_only  # the CLI on a checkpoint on disk
 def test_cli_applies_temperature_top_k_and_top_p(tmp_path, capsys):
     from deepmoe.cli import main
 
@@ -191,6 +193,7 @@ def test_cli_applies_temperature_top_k_and_top_p(tmp_path, capsys):
     assert run() == greedy
 
 
+@pytest.mark.cpu_only  # the CLI
 @pytest.mark.parametrize(
     ("flags", "message"),
     [
@@ -209,6 +212,7 @@ def test_cli_refuses_sampling_flags_it_would_ignore(capsys, tmp_path, flags, mes
     assert len(err) == 1 and err[0].startswith("deepmoe generate: error: ") and message in err[0]
 
 
+@pytest.mark.cpu_only  # the CLI
 @pytest.mark.parametrize(
     "flags",
     [["--temperature", "-1"], ["--temperature", "nan"], ["--top-p", "1.7"], ["--top-p", "-1", "--temperature", "1"],
@@ -307,6 +311,8 @@ def test_model_generate_takes_the_attention_mask():
 )
 def test_bad_attention_masks_are_refused(mask, message):
     with pytest.raises(ValueError, match=message):
+        if isinstance(mask, torch.Tensor):
+            mask = mask.to(torch.get_default_device())
         generate(_tiny(), torch.tensor([[1, 2, 3]]), max_new_tokens=2, attention_mask=mask)
 
 

@@ -16,6 +16,9 @@ from deepmoe import MoE
 from deepmoe.model.decoder import DeepSeekForCausalLM
 from deepmoe.presets import get_preset
 
+# cpu_only: meta models materialised with to_empty(device="cpu")
+pytestmark = pytest.mark.cpu_only
+
 YARN_V2 = {"type": "yarn", "factor": 4, "original_max_position_embeddings": 64, "beta_fast": 32, "beta_slow": 1,
            "mscale": 0.707, "mscale_all_dim": 0.707}  # fmt: skip
 YARN_V3 = {**YARN_V2, "mscale": 1.0, "mscale_all_dim": 1.0}

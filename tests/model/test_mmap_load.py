@@ -16,6 +16,9 @@ from deepmoe.io import config_to_hf, expected_shapes, save_checkpoint
 from deepmoe.io.fp8_blocks import quantize_fp8
 from deepmoe.model import from_pretrained
 
+# cpu_only: memory-mapped loading and RSS measurements
+pytestmark = pytest.mark.cpu_only
+
 
 def tiny_config(**overrides) -> DeepSeekConfig:
     """2 layers (the first dense), V3 routing, one MTP module."""

@@ -108,6 +108,7 @@ def test_residual_moe_is_a_dense_mlp_plus_a_top1_correction():
     torch.testing.assert_close(out.hidden_states, expected, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.cpu_only  # files on disk, loaded to the CPU
 @pytest.mark.parametrize("name", ["tiny-pyramid-moe", "tiny-residual-moe"])
 def test_save_and_load_keep_the_variant(tmp_path, name):
     torch.manual_seed(0)
@@ -125,6 +126,7 @@ def test_save_and_load_keep_the_variant(tmp_path, name):
         assert torch.equal(model(ids).logits, loaded(ids).logits)
 
 
+@pytest.mark.cpu_only  # the trainer: CPU data pipeline, checkpoints on disk
 @pytest.mark.filterwarnings("ignore:config written as deepseek, but its MoE layers")
 @pytest.mark.parametrize("name", ["tiny-pyramid-moe", "tiny-residual-moe"])
 def test_variant_presets_train(tmp_path, name):

@@ -22,6 +22,9 @@ from deepmoe.io.delta import merge_delta, save_delta
 from deepmoe.model import DeepSeekForCausalLM, from_pretrained, save_pretrained
 from deepmoe.train.trainer import TrainConfig, train
 
+# cpu_only: from_pretrained on files, loaded to the CPU
+pytestmark = pytest.mark.cpu_only
+
 VOCAB = 64
 
 

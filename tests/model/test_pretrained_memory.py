@@ -11,6 +11,9 @@ import torch
 from configs import tiny_model_config, tiny_preset
 from deepmoe.model import DeepSeekForCausalLM, from_pretrained, save_pretrained
 
+# cpu_only: RSS measurements of loading
+pytestmark = pytest.mark.cpu_only
+
 YARN = {"type": "yarn", "factor": 4, "original_max_position_embeddings": 32, "beta_fast": 32, "beta_slow": 1,
         "mscale": 0.707, "mscale_all_dim": 0.707}  # fmt: skip
 TINY = dict(vocab_size=96, num_hidden_layers=2, max_position_embeddings=128)

@@ -23,6 +23,9 @@ from deepmoe.moe import MoE
 from deepmoe.moe.router import Router
 from deepmoe.runtime import debug_checks, debug_checks_enabled, set_debug_checks
 
+# cpu_only: torch.compile's CPU backends and timings on CPU
+pytestmark = pytest.mark.cpu_only
+
 if not hasattr(torch, "compile") or not torch._dynamo.is_dynamo_supported():
     pytest.skip("torch.compile is not available on this platform", allow_module_level=True)
 

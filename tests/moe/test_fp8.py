@@ -20,6 +20,9 @@ from deepmoe.moe.fp8 import (
     quantize_weight_blocks,
 )
 
+# cpu_only: fp8 emulation checked bit-exactly on CPU kernels, CPU autocast and generators
+pytestmark = pytest.mark.cpu_only
+
 MIN_NORMAL = 2.0**-6  # smallest normal e4m3 value
 SUBNORMAL_STEP = 2.0**-9  # spacing of e4m3 subnormals
 

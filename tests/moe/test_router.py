@@ -17,6 +17,10 @@ from reference import capacity_keep, route
 from strategies import moe_configs, random_bias
 
 
+def _generator(seed: int) -> torch.Generator:
+    return torch.Generator(torch.get_default_device()).manual_seed(seed)
+
+
 def _layer(cfg: MoEConfig, seed: int) -> MoE:
     torch.manual_seed(seed)
     layer = MoE(cfg)
@@ -38,7 +42,7 @@ def _assert_matches_reference(layer, x, routing, disabled=(), forced=()):
 @given(cfg=moe_configs(), n_tokens=st.integers(1, 12), seed=st.integers(0, 2**16))
 def test_routing_matches_reference(cfg, n_tokens, seed):
     layer = _layer(cfg, seed)
-    x = torch.randn(n_tokens, cfg.hidden_size, generator=torch.Generator().manual_seed(seed))
+    x = torch.randn(n_tokens, cfg.hidden_size, generator=_generator(seed))
     _assert_matches_reference(layer, x, layer.gate(x))
 
 
@@ -46,7 +50,7 @@ def test_routing_matches_reference(cfg, n_tokens, seed):
 @given(cfg=moe_configs(topk_method="noaux_tc"), n_tokens=st.integers(1, 16), seed=st.integers(0, 2**16))
 def test_group_limit_keeps_tokens_inside_their_groups(cfg, n_tokens, seed):
     layer = _layer(cfg, seed)
-    x = torch.randn(n_tokens, cfg.hidden_size, generator=torch.Generator().manual_seed(seed))
+    x = torch.randn(n_tokens, cfg.hidden_size, generator=_generator(seed))
     groups = layer.gate(x).topk_idx // cfg.experts_per_group
     for t in range(n_tokens):
         assert len(set(groups[t].tolist())) <= cfg.topk_group
@@ -80,7 +84,7 @@ def test_masks_never_choose_disabled_and_always_choose_forced(cfg, n_tokens, see
     except ValueError as error:  # only the "too few reachable experts" refusal is allowed here
         assert "reachable" in str(error)
         return
-    x = torch.randn(n_tokens, cfg.hidden_size, generator=torch.Generator().manual_seed(seed))
+    x = torch.randn(n_tokens, cfg.hidden_size, generator=_generator(seed))
     routing = layer.gate(x)
     for t in range(n_tokens):
         chosen = set(routing.topk_idx[t].tolist())
@@ -168,7 +172,7 @@ def test_capacity_drops_the_lowest_priority_slots(cfg, batch, seq, seed, capacit
         }
     )
     layer = _layer(cfg, seed).train()
-    x = torch.randn(batch * seq, cfg.hidden_size, generator=torch.Generator().manual_seed(seed))
+    x = torch.randn(batch * seq, cfg.hidden_size, generator=_generator(seed))
     routing = layer.gate(x, batch_size=batch)
     chosen = [row.tolist() for row in routing.topk_idx]
     kept = capacity_keep(chosen, routing.scores.tolist(), cfg, batch)
@@ -233,6 +237,7 @@ def _gate(**fields) -> Router:
     return Router(tiny_moe(**fields))
 
 
+@pytest.mark.cpu_only  # numpy masks
 @pytest.mark.parametrize(
     "make", [lambda m: m, lambda m: m.tolist(), lambda m: m.numpy(), lambda m: list(m.numpy())], ids=str
 )
@@ -302,6 +307,7 @@ def test_groups_without_a_score_fill_the_slots_in_index_order_as_the_reference()
 
 
 # ---- meta-device init (finding 11) -----------------------------------------------------------------------------
+@pytest.mark.cpu_only  # to_empty(device="cpu")
 def test_reset_parameters_initialises_a_meta_router():
     cfg = tiny_v3_moe()
     torch.manual_seed(0)
@@ -330,7 +336,7 @@ def test_reset_parameters_initialises_a_meta_router():
         lambda m: m.to(torch.bfloat16),
         lambda m: m.half(),
         lambda m: m.bfloat16(),
-        lambda m: m.to("cpu", torch.bfloat16),
+        pytest.param(lambda m: m.to("cpu", torch.bfloat16), marks=pytest.mark.cpu_only),  # moves to the CPU
         lambda m: m.double(),
         lambda m: torch.nn.Sequential(m).to(torch.bfloat16)[0],
     ],
@@ -417,6 +423,7 @@ def bias_worker(out: str) -> None:
     dist.destroy_process_group()
 
 
+@pytest.mark.cpu_only  # gloo process group in subprocesses
 def test_update_bias_over_a_process_group_sums_the_load(tmp_path):
     from distributed import launch
 

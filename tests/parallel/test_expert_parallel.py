@@ -18,6 +18,9 @@ import sys
 import pytest
 import torch
 
+# cpu_only: gloo process groups in subprocesses
+pytestmark = pytest.mark.cpu_only
+
 CASES = {
     "greedy": dict(scoring_func="softmax", aux_loss_alpha=0.01, device_aux_loss_alpha=0.05, comm_aux_loss_alpha=0.02),
     "device-limited M=1": dict(topk_method="group_limited_greedy", topk_group=1, comm_aux_loss_alpha=0.02),

@@ -8,6 +8,9 @@ import pytest
 from configs import tiny_model_config
 from deepmoe.parallel import LayoutError, ParallelLayout
 
+# cpu_only: CPU device meshes over gloo
+pytestmark = pytest.mark.cpu_only
+
 
 def pyramid(counts: list[int], **overrides):
     """A Pyramid-MoE tiny model: one dense layer, then MoE layers with `counts` experts; MTP keeps moe's 4."""

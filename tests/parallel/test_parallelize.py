@@ -25,7 +25,8 @@ import sys
 import pytest
 import torch
 
-pytestmark = pytest.mark.slow
+# cpu_only: gloo process groups in subprocesses
+pytestmark = [pytest.mark.slow, pytest.mark.cpu_only]
 
 WORLD, BATCH, SEQ, VOCAB, EXPERTS = 4, 2, 8, 64, 8
 LR = 0.5

@@ -11,6 +11,9 @@ import pytest
 
 from deepmoe.cli import main
 
+# cpu_only: the CLI's argument handling
+pytestmark = pytest.mark.cpu_only
+
 ARGUMENT_ERRORS = {
     "no command": [],
     "unknown command": ["bogus"],

@@ -17,6 +17,9 @@ from deepmoe import DeepSeekConfig, DeepSeekForCausalLM, MoE, MoEConfig
 from deepmoe.data import prepare_corpus, read_text_path
 from deepmoe.model.generate import generate, generate_speculative
 
+# cpu_only: CLI and files attacked with bad configs and inputs
+pytestmark = pytest.mark.cpu_only
+
 FUZZ = settings(
     max_examples=100,
     deadline=None,

@@ -35,6 +35,9 @@ from deepmoe.model.decoder import DeepSeekForCausalLM
 from deepmoe.presets import get_preset
 from deepmoe.train import checkpoint as train_ckpt
 
+# cpu_only: files, faults and subprocesses
+pytestmark = pytest.mark.cpu_only
+
 NORM = "model.norm.weight"
 O_PROJ = "model.layers.0.self_attn.o_proj.weight"
 

@@ -24,6 +24,9 @@ from deepmoe.model.decoder import DeepSeekForCausalLM
 from deepmoe.train import checkpoint as train_ckpt
 from deepmoe.train.trainer import TrainConfig, resume, train
 
+# cpu_only: pickle scans of files on disk
+pytestmark = pytest.mark.cpu_only
+
 SRC = Path(deepmoe.__file__).parent
 PICKLE_MODULES = {"pickle", "cPickle", "_pickle", "dill", "cloudpickle", "joblib", "shelve", "marshal"}
 

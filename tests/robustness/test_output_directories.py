@@ -23,6 +23,9 @@ from deepmoe.tools.analyze_files import write_analysis
 from deepmoe.tools.upcycle import upcycle
 from deepmoe.train.trainer import TrainConfig, resume, train
 
+# cpu_only: output directories and subprocesses
+pytestmark = pytest.mark.cpu_only
+
 VOCAB = 64
 TESTS = Path(__file__).resolve().parents[1]
 

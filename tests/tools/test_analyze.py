@@ -26,6 +26,9 @@ from deepmoe.tools.routing_metrics import (
     top_pairs,
 )
 
+# cpu_only: a checkpoint tool: files on disk, CPU loading, the CLI
+pytestmark = pytest.mark.cpu_only
+
 # ---- formulas ------------------------------------------------------------------------------------
 
 

@@ -17,7 +17,8 @@ from deepmoe.io.fp8_blocks import dequantize_fp8
 from deepmoe.tools.convert import CONVERT_RECORD, convert_checkpoint
 from reference import transformers_logits
 
-pytestmark = [pytest.mark.usefixtures("one_thread")]
+# cpu_only: a checkpoint tool: files on disk, CPU loading, the CLI
+pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.cpu_only]
 
 
 @pytest.fixture(scope="module")

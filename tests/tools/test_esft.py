@@ -31,7 +31,8 @@ from deepmoe.tools.routing import LayerRouting, collect_routing
 VOCAB = 64
 
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+# cpu_only: a checkpoint tool: files on disk, CPU loading, the CLI
+pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.cpu_only]
 
 
 def _routing(tokens: int, counts: list[int], gate_sum: list[float]) -> LayerRouting:

@@ -19,6 +19,7 @@ from reference import transformers_logits
 pytestmark = [
     pytest.mark.usefixtures("one_thread"),
     pytest.mark.filterwarnings("ignore:torch.distributed is disabled"),
+    pytest.mark.cpu_only,  # cpu_only: a checkpoint tool: files on disk, CPU loading, the CLI
 ]
 
 

@@ -13,6 +13,9 @@ from deepmoe.model import DeepSeekForCausalLM, KVCache
 from deepmoe.presets import get_preset
 from deepmoe.tools.inspect import kv_cache_bytes_per_token
 
+# cpu_only: a checkpoint tool: files on disk, CPU loading, the CLI
+pytestmark = pytest.mark.cpu_only
+
 
 def test_v3_mla_cache_is_the_published_70kb_per_token():
     sizes = kv_cache_bytes_per_token(get_preset("deepseek-v3"))

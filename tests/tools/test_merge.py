@@ -21,6 +21,9 @@ from deepmoe.model.decoder import DeepSeekForCausalLM
 from deepmoe.model.generate import generate
 from deepmoe.tools.merge import merge_checkpoints, tensor_class
 
+# cpu_only: a checkpoint tool: files on disk, CPU loading, the CLI
+pytestmark = pytest.mark.cpu_only
+
 
 def tiny_config(**overrides) -> DeepSeekConfig:
     """`tiny_model_config` with its MTP module."""

@@ -20,6 +20,9 @@ from deepmoe.model.decoder import DeepSeekForCausalLM
 from deepmoe.tools.merge import merge_checkpoints
 from reference import dequantize_fp8_blocks, quantize_fp8_blocks
 
+# cpu_only: a checkpoint tool: files on disk, CPU loading, the CLI
+pytestmark = pytest.mark.cpu_only
+
 BLOCK = (16, 12)  # partial edge blocks: 24-row kv_a_proj_with_mqa, 32-wide hidden (32 = 2·12 + 8)
 QUANTIZATION = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic", "weight_block_size": list(BLOCK)}
 

@@ -15,6 +15,9 @@ from deepmoe.tools import analyze_files, study
 from deepmoe.tools.analyze_files import coactivation_colours, plot_coactivation
 from deepmoe.tools.routing_metrics import MIN_COUNT, independent_lift
 
+# cpu_only: a checkpoint tool: files on disk, CPU loading, the CLI
+pytestmark = pytest.mark.cpu_only
+
 
 @pytest.fixture
 def drawn(monkeypatch):

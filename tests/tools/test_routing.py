@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from configs import tiny_preset
 from deepmoe import DeepSeekForCausalLM
 from deepmoe.tools.routing import collect_routing
+
+# cpu_only: a checkpoint tool: files on disk, CPU loading, the CLI
+pytestmark = pytest.mark.cpu_only
 
 
 def test_sums_match_a_token_by_token_count():

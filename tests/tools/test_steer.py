@@ -23,6 +23,9 @@ from deepmoe.tools.steer import (
 )
 from deepmoe.tools.steering_file import apply_steering, clear_steering
 
+# cpu_only: a checkpoint tool: files on disk, CPU loading, the CLI
+pytestmark = pytest.mark.cpu_only
+
 
 def _routing(tokens: int, counts: list[int], gates: list[float]) -> LayerRouting:
     n = len(counts)

@@ -17,6 +17,9 @@ from deepmoe.cli import main
 from deepmoe.config import DeepSeekConfig
 from deepmoe.tools import study
 
+# cpu_only: a checkpoint tool: files on disk, CPU loading, the CLI
+pytestmark = pytest.mark.cpu_only
+
 VOCAB = 64
 MICRO = replace(
     study.SCALES["quick"], hidden_size=32, seq_len=16, batch_size=2, steps=3, warmup_steps=1,

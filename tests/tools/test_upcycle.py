@@ -22,6 +22,9 @@ from deepmoe.presets import get_preset
 from deepmoe.tools.upcycle import upcycle, upcycle_state, upcycled_config
 from deepmoe.train.trainer import TrainConfig, train
 
+# cpu_only: a checkpoint tool: files on disk, CPU loading, the CLI
+pytestmark = pytest.mark.cpu_only
+
 VOCAB = 64
 
 

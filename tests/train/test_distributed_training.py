@@ -25,7 +25,8 @@ import torch
 from corpora import StandInCorpus
 
 VOCAB = 64
-pytestmark = pytest.mark.usefixtures("one_thread")
+# cpu_only: gloo process groups in subprocesses
+pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.cpu_only]
 
 
 def corpus() -> StandInCorpus:

@@ -16,7 +16,8 @@ from deepmoe.model.decoder import DeepSeekForCausalLM
 from deepmoe.model.parameters import training_flops_per_token
 from deepmoe.train.flops import model_flops_utilisation
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+# cpu_only: counts CPU attention kernels; the trainer on files
+pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.cpu_only]
 
 
 def _grouped(x_shape, w_shape, *_, **__) -> int:  # x [S, in] @ weight [G, in, out], row by row

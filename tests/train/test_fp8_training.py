@@ -13,7 +13,8 @@ from deepmoe.cli.train import add_arguments, options_from_args
 from deepmoe.train import TrainConfig, resume, train
 from deepmoe.train import checkpoint as ckpt
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+# cpu_only: the trainer on files, fp8 on CPU kernels
+pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.cpu_only]
 
 
 def test_fp8_training_runs_and_reports_the_fp8_error(tmp_path):

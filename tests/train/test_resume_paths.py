@@ -14,6 +14,9 @@ from deepmoe.cli import main
 from deepmoe.io.checkpoint import CheckpointError, checkpoint_dir, read_last
 from deepmoe.train import TrainConfig, resume, train
 
+# cpu_only: the trainer's checkpoints on disk
+pytestmark = pytest.mark.cpu_only
+
 
 def corpus() -> StandInCorpus:
     g = torch.Generator().manual_seed(1)

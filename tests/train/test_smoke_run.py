@@ -19,6 +19,9 @@ from deepmoe.model.parameters import count_parameters
 from deepmoe.train import TrainConfig, train
 from deepmoe.train import trainer as trainer_module
 
+# cpu_only: the trainer's CLI run on files
+pytestmark = pytest.mark.cpu_only
+
 VOCAB, SEQ_LEN, BATCH = 64, 16, 2
 
 

@@ -29,7 +29,7 @@ def _model(seed: int = 0) -> DeepSeekForCausalLM:
 
 
 def _micro_batches(n: int = 2, seed: int = 1) -> list[torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
+    g = torch.Generator(torch.get_default_device()).manual_seed(seed)
     return [torch.randint(0, VOCAB, (2, 16), generator=g) for _ in range(n)]
 
 
@@ -57,6 +57,7 @@ def _adamw_by_hand(params, lr, weight_decay, betas, eps) -> None:
         p.addcdiv_(exp_avg, denom, value=-lr / bias1)
 
 
+@pytest.mark.cpu_only  # exact loss and gradient-norm equality of two runs: CUDA's atomic adds are not reproducible
 @pytest.mark.parametrize("max_norm", [0.05, None])
 def test_one_step_equals_the_step_written_out_by_hand(max_norm):
     batches = _micro_batches()

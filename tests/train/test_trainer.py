@@ -54,7 +54,8 @@ def tiny(out: Path, **overrides) -> TrainConfig:
     return TrainConfig(**options)
 
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+# cpu_only: the trainer: data pipelines with CPU generators, checkpoints on disk, subprocesses
+pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.cpu_only]
 
 
 def snapshot(directory: Path) -> dict[str, bytes]:
