@@ -7,9 +7,12 @@ For each layer shape and dtype, times forward (no grad) and forward+backward of:
   - DeepSeek loop: the per-expert loop of DeepSeek-V3's inference/model.py (torch.where per expert),
     routed by deepmoe's gate, on the same weights;
   - transformers DeepseekV3MoE, once per experts implementation it offers on this device.
-Variants run interleaved, round by round, and each figure is a median; ratios are what to read.
+Variants run interleaved, round by round, and each figure is a median; ratios are what to read. Under each
+table: the forward+backward TFLOP/s of the deepmoe layer and of the dense floor (the experts' matrix products,
+6·T·3·H·I per active expert, the router's small product left out) and their ratio. On CUDA every timing
+synchronises the device before and after.
 
-    python benchmarks/moe_layer.py [--tokens 4096] [--rounds 5] [--dtypes float32 bfloat16] [--device cpu]
+    python benchmarks/moe_layer.py [--tokens 4096] [--rounds 5] [--dtypes float32 bfloat16] [--device cpu|cuda]
 """
 
 from __future__ import annotations
@@ -108,8 +111,8 @@ def timed(fn: Callable[[], None], device: str) -> float:
     return time.perf_counter() - start
 
 
-def run_shape(name: str, overrides: dict, dtype: torch.dtype, args) -> list[tuple[str, float, float, str]]:
-    cfg = MoEConfig(
+def make_config(overrides: dict, args) -> MoEConfig:
+    return MoEConfig(
         hidden_size=args.hidden,
         moe_intermediate_size=args.width,
         n_routed_experts=args.experts,
@@ -117,6 +120,17 @@ def run_shape(name: str, overrides: dict, dtype: torch.dtype, args) -> list[tupl
         num_experts_per_tok=args.topk,
         **overrides,
     )
+
+
+def active_training_flops(cfg: MoEConfig, tokens: int) -> float:
+    """Forward+backward FLOPs of the experts' products: 3 matrices of H×I per active expert (K_r routed + N_s
+    shared), 2 FLOPs per multiply-add, backward twice the forward; what the dense floor of equal width does too."""
+    active = cfg.num_experts_per_tok + cfg.n_shared_experts
+    return 6.0 * tokens * 3 * cfg.hidden_size * cfg.moe_intermediate_size * active
+
+
+def run_shape(name: str, overrides: dict, dtype: torch.dtype, args) -> list[tuple[str, float, float, str]]:
+    cfg = make_config(overrides, args)
     torch.manual_seed(0)
     layer = MoE(cfg).to(device=args.device, dtype=dtype)
     active_width = (cfg.num_experts_per_tok + cfg.n_shared_experts) * cfg.moe_intermediate_size
@@ -198,6 +212,16 @@ def print_table(title: str, rows: list[tuple[str, float, float, str]]) -> None:
         )
 
 
+def print_tflops(rows: list[tuple[str, float, float, str]], flops: float) -> None:
+    """The deepmoe layer's and the dense floor's achieved forward+backward TFLOP/s, and their ratio."""
+    floor_train, ours_train = rows[0][2], rows[1][2]
+    ours, floor = flops / ours_train / 1e12, flops / floor_train / 1e12
+    print(
+        f"\nforward+backward, {flops / 1e9:.1f} GFLOP of expert products: deepmoe grouped_mm {ours:.3g} TFLOP/s, "
+        f"dense SwiGLU floor {floor:.3g} TFLOP/s, deepmoe / dense {ours / floor:.2f}"
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tokens", type=int, default=4096)
@@ -209,7 +233,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
     parser.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
-    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument(
         "--max-batched-gib",
         type=float,
@@ -217,6 +241,8 @@ def main() -> None:
         help="skip transformers' batched_mm when its per-slot weight copy exceeds this",
     )
     args = parser.parse_args()
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device is available")
     # Page faults from glibc returning memory to the OS would otherwise dominate (all variants alike).
     malloc_tuned = keep_freed_memory()
     try:
@@ -225,8 +251,9 @@ def main() -> None:
         hf_version = transformers.__version__
     except ImportError:
         hf_version = "not installed"
+    device_name = torch.cuda.get_device_name() if args.device == "cuda" else args.device
     print(
-        f"torch {torch.__version__}, transformers {hf_version}, device {args.device}, "
+        f"torch {torch.__version__}, transformers {hf_version}, device {device_name}, "
         f"{torch.get_num_threads()} threads; T={args.tokens}, H={args.hidden}, {args.experts} experts of width "
         f"{args.width}, top-{args.topk}, {args.shared} shared; median of {args.rounds} interleaved rounds; "
         f"glibc keeps freed memory: {malloc_tuned}"
@@ -234,7 +261,9 @@ def main() -> None:
     for dtype_name in args.dtypes:
         dtype = getattr(torch, dtype_name)
         for shape in args.shapes:
-            print_table(f"{shape}, {dtype_name}", run_shape(shape, SHAPES[shape], dtype, args))
+            rows = run_shape(shape, SHAPES[shape], dtype, args)
+            print_table(f"{shape}, {dtype_name}", rows)
+            print_tflops(rows, active_training_flops(make_config(SHAPES[shape], args), args.tokens))
 
 
 if __name__ == "__main__":
