@@ -230,6 +230,31 @@ def test_cached_decoding_matches_full_forward(name: str):
     assert _rel_err(redone, full[:, 8:]) < 1e-5
 
 
+
+@pytest.mark.parametrize("name", ["mla-absorbed", "mha"])
+def test_cache_written_in_place_grows_and_keeps_gradients(name: str):
+    """A cache sized for 3 tokens grows while decoding 7 more one by one; under autograd it concatenates, and the
+    gradients through the cached steps are those of the full forward."""
+    config, absorb = CACHED[name]
+    module = _build(config)
+    module.absorb = absorb
+    x = torch.randn(2, 10, module.o_proj.out_features)
+    with torch.no_grad():
+        full = module(x, torch.arange(10))
+        cache = KVCache(max_length=3)
+        steps = [module(x[:, :3], torch.arange(3), cache)]
+        steps += [module(x[:, i : i + 1], torch.arange(i, i + 1), cache) for i in range(3, 10)]
+    assert cache.get_seq_length() == 10 and _rel_err(torch.cat(steps, dim=1), full) < 1e-5
+
+    leaf = x.clone().requires_grad_(True)
+    cache = KVCache(max_length=16)
+    first = module(leaf[:, :4], torch.arange(4), cache)
+    cached = torch.cat([first, module(leaf[:, 4:], torch.arange(4, 10), cache)], dim=1)
+    (grad_cached,) = torch.autograd.grad(cached.square().sum(), leaf)
+    leaf_full = x.clone().requires_grad_(True)
+    (grad_full,) = torch.autograd.grad(module(leaf_full, torch.arange(10)).square().sum(), leaf_full)
+    assert _rel_err(grad_cached, grad_full) < 1e-5
+
 @pytest.mark.parametrize("q_lora_rank", [None, 24])
 def test_absorbed_equals_naive(q_lora_rank: int | None):
     module = _build(_mla_config(q_lora_rank=q_lora_rank))
@@ -252,7 +277,8 @@ def test_mla_cache_holds_only_the_latent_and_the_rope_key():
         for layer in layers:
             layer(x, torch.arange(5), cache)
     for i, layer in enumerate(layers):
-        c_kv, k_rope = cache.layers[i]
+        (latent,) = cache.layers[i]
+        c_kv, k_rope = latent.split([config.kv_lora_rank, config.qk_rope_head_dim], dim=-1)
         assert c_kv.shape == (3, 5, config.kv_lora_rank) and k_rope.shape == (3, 5, config.qk_rope_head_dim)
         with torch.no_grad():  # c_KV after kv_a_layernorm
             want = layer.kv_a_layernorm(layer.kv_a_proj_with_mqa(x)[..., : config.kv_lora_rank])

@@ -71,6 +71,21 @@ def test_mtp_depths_predict_further_tokens():
     assert out.mtp_loss.item() == pytest.approx(0.3 / 2 * sum(v.item() for v in losses), rel=1e-6)
 
 
+
+def test_decoding_without_routing_statistics_computes_the_same_logits():
+    """output_routing_stats=False (what generate passes) drops the statistics and, in eval mode only, the balance
+    losses; the logits are the same, and a training forward still carries its aux loss."""
+    model = DeepSeekForCausalLM(tiny_preset("tiny-v3")).eval()
+    ids = torch.randint(0, model.config.vocab_size, (2, 12))
+    with torch.no_grad():
+        full = model(ids)
+        lean = model(ids, output_routing_stats=False)
+    torch.testing.assert_close(lean.logits, full.logits, rtol=0, atol=0)
+    assert full.routing_stats and not lean.routing_stats and lean.aux_loss == 0
+    model.train()
+    trained = model(ids, labels=ids, output_routing_stats=False)
+    assert not trained.routing_stats and trained.aux_loss > 0
+
 def test_dense_model_without_moe():
     model = _tiny("tiny-v3", moe=None, num_nextn_predict_layers=0)
     out = model(torch.randint(0, 97, (1, 5)))

@@ -170,3 +170,13 @@ def test_aux_loss_free_balancing_brings_maxvio_below_0_1():
     run = run_balance_demo(steps=300, n_tokens=16384, seed=1)
     assert run.max_vio_before > 2.0  # the skewed router really is collapsed
     assert run.max_vio_after < 0.1
+
+
+def test_expert_weight_gradients_come_in_the_parameters_layout():
+    """The grouped product's weight gradient is computed as [N_r, out, in], the experts' storage, so autograd
+    hands it to the parameter as it is, not as a transposed view that costs a copy of every expert per step."""
+    layer = MoE(tiny_moe())
+    x = torch.randn(2, 5, layer.config.hidden_size)
+    weights = (layer.experts.gate_up_proj, layer.experts.down_proj)
+    for grad in torch.autograd.grad(layer(x).hidden_states.square().sum(), weights):
+        assert grad.is_contiguous()

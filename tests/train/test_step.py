@@ -1,7 +1,7 @@
 """The shared training step (`deepmoe.train.step.optimizer_step`) against a plain reference: one step of a
 tiny model written out by hand (forward, backward of the mean loss, global-norm clipping, AdamW by its
-formula) gives bit-identical parameters; the parameter filter (what the optimizer holds) and a gradient
-hook leave everything else bit-identical; non-finite losses and norms stop before the update."""
+formula) gives the same parameters (to the fused kernel's rounding); the parameter filter (what the optimizer
+holds) and a gradient hook leave everything else bit-identical; non-finite losses and norms stop before the update."""
 
 from __future__ import annotations
 
@@ -78,7 +78,11 @@ def test_one_step_equals_the_step_written_out_by_hand(max_norm):
     assert result.losses == losses and result.grad_norm == float(norm)
     assert max_norm is None or result.grad_norm > max_norm  # the clipping did something
     assert len(result.collected) == 2 and all(t.dim() == 0 for t in result.collected)
-    _assert_equal(_state(model), _state(reference))
+    # the optimizer is torch's fused AdamW, which rounds the formula's steps in its own order
+    state, want = _state(model), _state(reference)
+    assert state.keys() == want.keys()
+    for name in state:
+        torch.testing.assert_close(state[name], want[name], rtol=1e-6, atol=1e-7, msg=name)
 
 
 def test_the_loss_selector_and_the_forward_context():

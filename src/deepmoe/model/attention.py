@@ -9,7 +9,8 @@ Differences from transformers (none changes the output):
   come out as [x0', x2', ...; x1', x3', ...]), the same permutation for queries and keys, so q·k is unchanged;
   its cache holds k_pe permuted that way. deepmoe (like DeepSeek's code and transformers' V2) keeps the
   interleaved layout. transformers' V2 ignores rope_interleave and always rotates interleaved pairs.
-- transformers' cache holds (c_KV, k_pe) as one-head 4D tensors [B, 1, S, d]; deepmoe's holds [B, S, d].
+- transformers' cache holds (c_KV, k_pe) as one-head 4D tensors [B, 1, S, d]; deepmoe's holds them side by side,
+  [c_KV; k_pe] as one [B, S, d_c + d_r].
 """
 
 from __future__ import annotations
@@ -26,34 +27,61 @@ from deepmoe.model.rope import RotaryEmbedding, apply_rotary, softmax_scale
 
 
 class KVCache:
-    """Per-layer cached tensors, each [B, S, ...], appended along the sequence dimension.
+    """Per-layer cached tensors, each [B, S, ...], written in place into buffers along the sequence dimension.
 
-    MLA layers cache (c_KV [B, S, kv_lora_rank], k_rope [B, S, qk_rope_head_dim]); MHA layers (k, v)
+    MLA layers cache one tensor, [c_KV; k_rope] [B, S, kv_lora_rank + qk_rope_head_dim] (the latent and the RoPE
+    key side by side, so the absorbed form attends over it without copying); MHA layers (k, v)
     [B, S, num_key_value_heads, head_dim]. Keys are held after RoPE.
+
+    The buffers are allocated for `max_length` tokens (or what the first update needs) and double when a layer
+    outgrows them, so a decoding step writes its token instead of copying the whole cache. Under autograd (a
+    new tensor that requires grad) the layer's tensors are concatenated instead, so no saved tensor is
+    overwritten.
     """
 
-    def __init__(self) -> None:
-        self.layers: dict[int, tuple[Tensor, ...]] = {}
+    def __init__(self, max_length: int | None = None) -> None:
+        self.max_length = max_length
+        self._buffers: dict[int, tuple[Tensor, ...]] = {}
+        self._lengths: dict[int, int] = {}
+
+    @property
+    def layers(self) -> dict[int, tuple[Tensor, ...]]:
+        """Layer index → its cached tensors [B, S, ...] (views of the buffers)."""
+        return {i: tuple(b[:, : self._lengths[i]] for b in buffers) for i, buffers in self._buffers.items()}
 
     def update(self, layer_idx: int, *new: Tensor) -> tuple[Tensor, ...]:
         """Append `new` (each [B, S_new, ...]) to the layer's tensors and return them all ([B, S_total, ...])."""
-        old = self.layers.get(layer_idx)
-        full = new if old is None else tuple(torch.cat((o, n), dim=1) for o, n in zip(old, new, strict=True))
-        self.layers[layer_idx] = full
-        return full
+        buffers, length = self._buffers.get(layer_idx), self._lengths.get(layer_idx, 0)
+        end = length + new[0].shape[1]
+        if torch.is_grad_enabled() and any(t.requires_grad for t in new):
+            if buffers is not None:
+                new = tuple(torch.cat((b[:, :length], n), 1) for b, n in zip(buffers, new, strict=True))
+            full = new
+            self._buffers[layer_idx], self._lengths[layer_idx] = full, end
+            return full
+        if buffers is None or end > buffers[0].shape[1]:
+            capacity = max(end, self.max_length or 0, 2 * buffers[0].shape[1] if buffers is not None else 0)
+            grown = tuple(n.new_empty(n.shape[0], capacity, *n.shape[2:]) for n in new)
+            if buffers is not None and length:
+                for g, b in zip(grown, buffers, strict=True):
+                    g[:, :length] = b[:, :length]
+            buffers = self._buffers[layer_idx] = grown
+        for b, n in zip(buffers, new, strict=True):
+            b[:, length:end] = n
+        self._lengths[layer_idx] = end
+        return tuple(b[:, :end] for b in buffers)
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         """Tokens cached for the layer (0 when it holds nothing)."""
-        cached = self.layers.get(layer_idx)
-        return 0 if cached is None else cached[0].shape[1]
+        return self._lengths.get(layer_idx, 0)
 
     def crop(self, max_length: int) -> None:
         """Keep at most the first `max_length` tokens of every layer (drop rejected speculative tokens)."""
-        self.layers = {i: tuple(t[:, :max_length] for t in cached) for i, cached in self.layers.items()}
+        self._lengths = {i: min(n, max_length) for i, n in self._lengths.items()}
 
     def nbytes_per_token(self) -> int:
         """Bytes held per token of one sequence, summed over all layers."""
-        return sum(math.prod(t.shape[2:]) * t.element_size() for cached in self.layers.values() for t in cached)
+        return sum(math.prod(b.shape[2:]) * b.element_size() for buffers in self._buffers.values() for b in buffers)
 
 
 def causal_attention(
@@ -102,7 +130,7 @@ class MultiHeadLatentAttention(nn.Module):
 
     c_Q = W_DQ h, q = W_UQ RMSNorm(c_Q) (or q = W_Q h without q_lora_rank), split per head into q^C and q^R;
     [c_KV; k^R] = W_DKV h (kv_a_proj_with_mqa), c_KV ← RMSNorm(c_KV); [k^C; v] = [W_UK; W_UV] c_KV (kv_b_proj);
-    q^R and the single, head-shared k^R carry RoPE. Only (c_KV, k^R) are cached.
+    q^R and the single, head-shared k^R carry RoPE. Only [c_KV; k^R] is cached.
 
     absorb=False decompresses k^C, v for every cached token. absorb=True attends over the cache directly, as
     one key/value head shared by all query heads: score = (W_UKᵀ q^C)·c_KV + q^R·k^R, output W_UV Σ p·c_KV.
@@ -152,19 +180,22 @@ class MultiHeadLatentAttention(nn.Module):
         c_kv, k_rope = self.kv_a_proj_with_mqa(x).split([self.kv_lora_rank, self.qk_rope_head_dim], dim=-1)
         c_kv = self.kv_a_layernorm(c_kv)  # [B, S, d_c]
         k_rope = _rotate(k_rope.unsqueeze(2), cos, sin, self.rope_interleave).squeeze(2)  # [B, S, d_r]
+        latent = torch.cat((c_kv, k_rope), dim=-1)  # [B, S, d_c + d_r]
         if cache is not None:
-            c_kv, k_rope = cache.update(self.layer_idx, c_kv, k_rope)  # [B, T, d_c], [B, T, d_r]
-        offset = c_kv.shape[1] - seqlen
+            (latent,) = cache.update(self.layer_idx, latent)  # [B, T, d_c + d_r]
+        offset = latent.shape[1] - seqlen
 
         if self.absorb:
             w_kv_b = self.kv_b_proj.weight.view(self.n_heads, -1, self.kv_lora_rank)  # [n, d_n + d_v, d_c]
             q_latent = torch.einsum("bshd,hdc->bshc", q_nope, w_kv_b[:, : self.qk_nope_head_dim])  # W_UKᵀ q^C
             q = torch.cat((q_latent, q_rope), dim=-1).view(bsz, seqlen * self.n_heads, 1, -1)  # [B, S·n, 1, d_c+d_r]
-            k = torch.cat((c_kv, k_rope), dim=-1).unsqueeze(2)  # [B, T, 1, d_c + d_r]
-            out = causal_attention(q, k, c_kv.unsqueeze(2), self.softmax_scale, offset, self.n_heads, key_mask)
-            out = out.view(bsz, seqlen, self.n_heads, self.kv_lora_rank)  # Σ p·c_KV per head
+            # one key/value head: the keys are [c_KV; k^R], the values c_KV (the same tensor: SDPA wants one width)
+            kv = latent.unsqueeze(2)  # [B, T, 1, d_c + d_r]
+            out = causal_attention(q, kv, kv, self.softmax_scale, offset, self.n_heads, key_mask)
+            out = out[..., : self.kv_lora_rank].reshape(bsz, seqlen, self.n_heads, -1)  # Σ p·c_KV per head
             out = torch.einsum("bshc,hdc->bshd", out, w_kv_b[:, self.qk_nope_head_dim :])  # W_UV: [B, S, n, d_v]
         else:
+            c_kv, k_rope = latent.split([self.kv_lora_rank, self.qk_rope_head_dim], dim=-1)
             kv = self.kv_b_proj(c_kv).view(bsz, c_kv.shape[1], self.n_heads, -1)
             k_nope, v = kv.split([self.qk_nope_head_dim, self.v_head_dim], dim=-1)  # [B, T, n, d_n / d_v]
             k = torch.cat((k_nope, k_rope.unsqueeze(2).expand(-1, -1, self.n_heads, -1)), dim=-1)

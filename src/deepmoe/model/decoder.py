@@ -53,7 +53,8 @@ class BlockRouting:
     a view leaving an FSDP2 unit is a hazard FSDP2 warns about)."""
 
     aux_loss: Tensor
-    stats: RoutingStats
+    stats: RoutingStats | None
+    """None when the forward was asked for no routing statistics (decoding)."""
 
 
 class DecoderLayer(nn.Module):
@@ -70,13 +71,21 @@ class DecoderLayer(nn.Module):
         else:
             self.mlp = SwiGLU(config.hidden_size, config.intermediate_size)
 
-    def forward(self, x: Tensor, positions: Tensor, cache: KVCache | None, key_mask: Tensor | None = None):
+    def forward(
+        self,
+        x: Tensor,
+        positions: Tensor,
+        cache: KVCache | None,
+        key_mask: Tensor | None = None,
+        output_routing_stats: bool = True,
+    ):
         """x [B, S, H] → ([B, S, H], the MoE layer's `BlockRouting` or None); key_mask [B, T] bool, False at
         padding keys."""
         x = x + self.self_attn(self.input_layernorm(x), positions, cache, key_mask)
         h = self.post_attention_layernorm(x)
         if isinstance(self.mlp, MoE):
-            moe_out = self.mlp(h, check_finite=False)  # no host sync per layer: the model checks its input ids
+            # no host sync per layer (check_finite=False): the model checks its input ids
+            moe_out = self.mlp(h, check_finite=False, output_stats=output_routing_stats)
             return x + moe_out.hidden_states, BlockRouting(moe_out.aux_loss, moe_out.stats)
         return x + self.mlp(h), None
 
@@ -97,11 +106,18 @@ class MTPModule(nn.Module):
         self.block = DecoderLayer(config, layer_idx)
         self.norm = RMSNorm(h, config.rms_norm_eps)
 
-    def forward(self, previous: Tensor, next_embeddings: Tensor, positions: Tensor, cache: KVCache | None):
+    def forward(
+        self,
+        previous: Tensor,
+        next_embeddings: Tensor,
+        positions: Tensor,
+        cache: KVCache | None,
+        output_routing_stats: bool = True,
+    ):
         """previous h^{k-1} [B, S, H], next_embeddings Emb(t_{i+k}) [B, S, H] → (h^k, normed h^k, `BlockRouting`
         or None)."""
         x = self.eh_proj(torch.cat([self.enorm(next_embeddings), self.hnorm(previous)], dim=-1))
-        x, moe_out = self.block(x, positions, cache)
+        x, moe_out = self.block(x, positions, cache, output_routing_stats=output_routing_stats)
         return x, self.norm(x), moe_out
 
 
@@ -251,6 +267,7 @@ class DeepSeekForCausalLM(nn.Module):
         use_cache: bool = False,
         output_mtp: bool | None = None,
         attention_mask: Tensor | None = None,
+        output_routing_stats: bool = True,
     ) -> CausalLMOutput:
         """input_ids [B, S] → logits [B, S, V]; `labels` [B, S] (−100 = ignore) are shifted inside, as in HF.
 
@@ -265,6 +282,9 @@ class DeepSeekForCausalLM(nn.Module):
         `attention_mask` [B, past + S] of 0/1 over the cached and new tokens (as in HF) marks padding: padded keys
         are masked out of attention and positions count real tokens only (a left-padded row's first token is at
         position 0). What the padding positions themselves output is meaningless.
+
+        `output_routing_stats=False` (what decoding passes) skips the per-layer routing statistics and, in eval
+        mode, the balance losses: `routing_stats` stays empty and `aux_loss` is 0.
         """
         cfg = self.config
         cache = past_key_values if past_key_values is not None else (KVCache() if use_cache else None)
@@ -285,9 +305,10 @@ class DeepSeekForCausalLM(nn.Module):
         stats: dict[int, RoutingStats] = {}
         aux = embeddings.new_zeros((), dtype=torch.float32)
         for layer in self.model.layers:
-            x, moe_out = layer(x, positions, cache, key_mask)
+            x, moe_out = layer(x, positions, cache, key_mask, output_routing_stats)
             if moe_out is not None:
-                stats[layer.layer_idx] = moe_out.stats
+                if moe_out.stats is not None:
+                    stats[layer.layer_idx] = moe_out.stats
                 aux = aux + moe_out.aux_loss
         logits = self.head(self.model.norm(x))
         out = CausalLMOutput(logits=logits, aux_loss=aux, routing_stats=stats, past_key_values=cache, hidden_states=x)
@@ -297,7 +318,7 @@ class DeepSeekForCausalLM(nn.Module):
         if self.model.mtp and output_mtp and cache is None:
             if key_mask is not None:
                 raise ValueError("the MTP modules do not take padding: give an attention_mask of ones or none")
-            self._multi_token_prediction(x, embeddings, out)
+            self._multi_token_prediction(x, embeddings, out, output_routing_stats)
         if labels is not None:
             out.lm_loss = F.cross_entropy(
                 logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100
@@ -328,7 +349,9 @@ class DeepSeekForCausalLM(nn.Module):
             raise ValueError("attention_mask must hold only 0 (padding) and 1 (token)")
         return None if key_mask.all() else key_mask
 
-    def _multi_token_prediction(self, hidden: Tensor, embeddings: Tensor, out: CausalLMOutput) -> None:
+    def _multi_token_prediction(
+        self, hidden: Tensor, embeddings: Tensor, out: CausalLMOutput, output_routing_stats: bool = True
+    ) -> None:
         """Depth k uses h^{k-1}_{0..S-k-1} and Emb(t_{k..S-1}); fills out.mtp_logits, stats and aux loss."""
         seq = hidden.shape[1]
         previous = hidden
@@ -336,10 +359,13 @@ class DeepSeekForCausalLM(nn.Module):
             if seq - k < 1:
                 break
             positions = torch.arange(seq - k, device=hidden.device)
-            previous, normed, moe_out = module(previous[:, : seq - k], embeddings[:, k:], positions, None)
+            previous, normed, moe_out = module(
+                previous[:, : seq - k], embeddings[:, k:], positions, None, output_routing_stats
+            )
             out.mtp_logits.append(self.head(normed))
             if moe_out is not None:
-                out.routing_stats[module.block.layer_idx] = moe_out.stats
+                if moe_out.stats is not None:
+                    out.routing_stats[module.block.layer_idx] = moe_out.stats
                 out.aux_loss = out.aux_loss + moe_out.aux_loss
 
     # ---- Hugging Face-style entry points (the work is done in deepmoe.model.pretrained and .generate) ----

@@ -182,14 +182,15 @@ def generate(
     eos = _eos_ids(eos_token_id, model)
     pad = _pad_id(pad_token_id, model, eos)
     eos_ids = torch.tensor(eos, dtype=input_ids.dtype, device=input_ids.device)
-    cache = KVCache() if use_cache else None
+    cache = KVCache(max_length=input_ids.shape[1] + max_new_tokens) if use_cache else None
     tokens = input_ids
     step_input = input_ids
     finished = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
     with _inference(model):
         for _ in range(max_new_tokens):
             extra = {} if mask is None else {"attention_mask": mask}
-            logits = model(step_input if use_cache else tokens, past_key_values=cache, **extra).logits[:, -1]
+            out = model(step_input if use_cache else tokens, past_key_values=cache, output_routing_stats=False, **extra)
+            logits = out.logits[:, -1]
             next_token = sample_next(logits, do_sample, temperature, top_k, top_p, generator).to(tokens.dtype)
             if eos:
                 next_token = next_token.masked_fill(finished, pad)
@@ -253,18 +254,18 @@ def _speculative(
     streamer: Callable[[Tensor], None] | None,
 ) -> tuple[Tensor, SpeculativeStats]:
     mtp = model.model.mtp[0]
-    cache, stats = KVCache(), SpeculativeStats()
+    cache, stats = KVCache(max_length=input_ids.shape[1] + max_new_tokens + 1), SpeculativeStats()
     n_main = model.config.num_hidden_layers
 
     def run_main(ids: Tensor):
-        out = model(ids, past_key_values=cache)
+        out = model(ids, past_key_values=cache, output_routing_stats=False)
         return out.logits.argmax(-1), out.hidden_states  # [1, s], [1, s, H]
 
     def draft(hidden: Tensor, next_ids: Tensor) -> Tensor:
         """MTP over new positions: h^0_i with Emb(t_{i+1}) → the draft for the token after t_{i+1}."""
         start = cache.get_seq_length(n_main)
         positions = torch.arange(start, start + hidden.shape[1], device=hidden.device)
-        _, normed, _ = mtp(hidden, model.model.embed_tokens(next_ids), positions, cache)
+        _, normed, _ = mtp(hidden, model.model.embed_tokens(next_ids), positions, cache, output_routing_stats=False)
         return model.head(normed[:, -1:]).argmax(-1)  # [1, 1]
 
     emitted: list[Tensor] = []

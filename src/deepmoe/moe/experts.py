@@ -139,7 +139,11 @@ class _GroupedMatMul(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             grad_x = _GroupedMatMul.apply(grad, weight.transpose(1, 2), offsets, ctx.use_kernel)
         if ctx.needs_input_grad[1]:
-            grad_w = _GroupedWeightGrad.apply(x, grad, offsets, ctx.use_kernel)
+            if weight.transpose(1, 2).is_contiguous():  # a transposed parameter ([G, out, in] in memory, as the
+                # experts' are): its gradient in that layout, gradᵀ·x, so autograd hands it on without a copy
+                grad_w = _GroupedWeightGrad.apply(grad, x, offsets, ctx.use_kernel).transpose(1, 2)
+            else:
+                grad_w = _GroupedWeightGrad.apply(x, grad, offsets, ctx.use_kernel)
         return grad_x, grad_w, None, None
 
 

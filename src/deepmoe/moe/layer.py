@@ -132,7 +132,14 @@ class MoE(nn.Module):
         if self.shared_experts is not None:
             self.shared_experts.reset_parameters()
 
-    def forward(self, hidden_states: Tensor, batch_size: int | None = None, *, check_finite: bool = True) -> MoEOutput:
+    def forward(
+        self,
+        hidden_states: Tensor,
+        batch_size: int | None = None,
+        *,
+        check_finite: bool = True,
+        output_stats: bool = True,
+    ) -> MoEOutput:
         """hidden_states [B, S, H], or [T, H]: `batch_size` sequences of T / batch_size tokens each, one after the
         other (token t is in sequence t // (T / batch_size)) → an output of the same shape.
 
@@ -148,6 +155,9 @@ class MoE(nn.Module):
         `deepmoe.runtime.set_debug_checks` look at its layers' inputs). Nothing else in the forward syncs, except
         what needs group sizes on the host: the experts' per-expert loop (no grouped kernel) and FP8 products,
         and expert parallelism's exchanges.
+
+        `output_stats=False` (decoding) leaves out the routing statistics (`stats` None) and, outside training,
+        the balance losses (`aux_loss` 0): work nothing reads while generating.
         """
         self._check_input(hidden_states)
         if (check_finite or debug_checks_enabled()) and not torch.compiler.is_compiling():
@@ -163,9 +173,10 @@ class MoE(nn.Module):
         if self.shared_experts is not None:
             out = out + self.shared_experts(x)
 
-        losses = balance_losses(routing, self.config)
+        losses = balance_losses(routing, self.config) if output_stats or self.training else {}
         aux_loss = sum(losses.values()) if losses else x.new_zeros((), dtype=torch.float32)
-        return MoEOutput(out.view(shape).to(hidden_states.dtype), aux_loss, losses, routing, routing_stats(routing))
+        stats = routing_stats(routing) if output_stats else None
+        return MoEOutput(out.view(shape).to(hidden_states.dtype), aux_loss, losses, routing, stats)
 
     def update_bias(self, load: Tensor | Sequence[float], process_group: dist.ProcessGroup | None = None) -> None:
         """Aux-loss-free balancing step (R4); `load` [N_r] = tokens routed to each expert by this process (a
