@@ -1,7 +1,7 @@
 """Training-step speed: deepmoe against transformers on the same weights with the same optimizer (issue 4),
 and deepmoe's model FLOPs per token with the MFU they give (issue 19).
 
-One optimizer step = forward, backward, gradient clipping and AdamW on [batch, seq] tokens, for a random
+One optimizer step = forward, backward, gradient clipping and fused AdamW on [batch, seq] tokens, for a random
 --model (small-v3, issue 19's V3-style shape, or tiny-v3; without MTP) or --checkpoint, loaded into deepmoe
 and into transformers' DeepseekV3ForCausalLM on --device in --dtype (real bfloat16 weights with bfloat16);
 steps are interleaved round by round and each figure is a median. On CUDA every step ends with a device
@@ -28,7 +28,8 @@ from deepmoe.train.flops import device_peak_tflops, model_flops_utilisation
 
 
 def optimizer_step(model, loss_of: Callable, autocast_bf16: bool, device: torch.device) -> Callable[[], None]:
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1)
+    # fused AdamW for both: what deepmoe's trainer builds and transformers' Trainer defaults to (torch >= 2.8)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1, fused=True)
 
     def step():
         autocast = torch.autocast(device.type, dtype=torch.bfloat16) if autocast_bf16 else contextlib.nullcontext()

@@ -6,6 +6,7 @@ import random
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from configs import tiny_preset
 from corpora import byte_level_bpe
@@ -316,12 +317,29 @@ def test_bad_attention_masks_are_refused(mask, message):
         generate(_tiny(), torch.tensor([[1, 2, 3]]), max_new_tokens=2, attention_mask=mask)
 
 
-def test_speculative_refuses_padding_and_accepts_a_full_mask():
+def test_batched_speculative_decoding_equals_greedy_row_by_row():
+    """Left-padded rows of different lengths, where row 0's drafts are always right (its logits say 7) and the
+    others' mostly wrong: rows accept and reject independently in the same steps, and every row's tokens are
+    greedy decoding's, in the batch and alone."""
     model = _tiny("tiny-v3", num_nextn_predict_layers=1)
-    with pytest.raises(ValueError, match="padding"):
-        generate_speculative(model, torch.tensor([[0, 5, 6]]), 4, attention_mask=torch.tensor([[0, 1, 1]]))
-    out, _ = generate_speculative(model, torch.tensor([[4, 5, 6]]), 4, attention_mask=torch.ones(1, 3))
-    assert torch.equal(out, generate(model, torch.tensor([[4, 5, 6]]), 4))
+    head = model.head
+    model.head = lambda x: torch.cat([F.one_hot(torch.full_like(x[:1, ..., 0], 7, dtype=torch.long), 97).float(),
+                                      head(x[1:])])  # fmt: skip
+    ids = torch.randint(0, 97, (3, 7), generator=torch.Generator(torch.get_default_device()).manual_seed(3))
+    mask = torch.ones_like(ids)
+    mask[1, :3] = mask[2, :1] = 0
+    greedy = generate(model, ids, 12, attention_mask=mask, eos_token_id=[])
+    speculative, stats = generate_speculative(model, ids, 12, attention_mask=mask, eos_token_id=[])
+    assert torch.equal(speculative, greedy)
+    assert 0 < stats.accepted < stats.drafted  # both kinds of row in the same steps
+    assert (speculative[0, 7:] == 7).all()
+    model.head = head  # what rows 1 and 2 saw
+    for row in (1, 2):
+        prompt = ids[row : row + 1, int((mask[row] == 0).sum()) :]
+        alone, _ = generate_speculative(model, prompt, 12, eos_token_id=[])
+        assert torch.equal(alone[0, -12:], greedy[row, -12:])
+    with pytest.raises(ValueError, match="one sequence"):
+        generate_speculative(model, ids, 2, streamer=print)
 
 
 def _free_run(model, ids, n=8):

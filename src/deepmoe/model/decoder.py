@@ -113,11 +113,12 @@ class MTPModule(nn.Module):
         positions: Tensor,
         cache: KVCache | None,
         output_routing_stats: bool = True,
+        key_mask: Tensor | None = None,
     ):
         """previous h^{k-1} [B, S, H], next_embeddings Emb(t_{i+k}) [B, S, H] → (h^k, normed h^k, `BlockRouting`
-        or None)."""
+        or None); key_mask [B, T] bool over the cached and new slots, False where masked out."""
         x = self.eh_proj(torch.cat([self.enorm(next_embeddings), self.hnorm(previous)], dim=-1))
-        x, moe_out = self.block(x, positions, cache, output_routing_stats=output_routing_stats)
+        x, moe_out = self.block(x, positions, cache, key_mask, output_routing_stats)
         return x, self.norm(x), moe_out
 
 

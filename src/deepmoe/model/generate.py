@@ -225,82 +225,111 @@ def generate_speculative(
     streamer: Callable[[Tensor], None] | None = None,
     *,
     attention_mask: Tensor | None = None,
+    pad_token_id: int | None = None,
 ) -> tuple[Tensor, SpeculativeStats]:
-    """Greedy decoding that drafts one token with the first MTP module and verifies it with the main
-    model: the tokens equal plain greedy decoding; accepted drafts save main-model passes.
+    """Greedy decoding that drafts one token per row with the first MTP module and verifies it with the main
+    model: the tokens equal plain greedy decoding (`generate`, do_sample=False) row by row, and each accepted
+    draft saves a main-model pass.
 
-    input_ids [1, S] → ([1, S + n], stats). `eos_token_id` as in `generate` (default config.eos_token_id).
-    One unpadded sequence only: an `attention_mask` with padding is refused. Greedy only: there is no
-    sampling here.
+    input_ids [B, S] → ([B, S + n], stats), with `attention_mask` (left padding), `eos_token_id` and
+    `pad_token_id` as in `generate`. Every step verifies [t, draft] for all rows at once; rows accept or reject
+    their drafts independently: a rejected draft's cache slot stays, masked out of attention and not counted
+    in the positions (when every row rejects, the slot is dropped instead). `streamer` (one sequence only) is
+    called with each new token [1]. Greedy only: there is no sampling here.
     """
     if not model.model.mtp:
         raise ValueError("speculative decoding needs a model with num_nextn_predict_layers >= 1")
     _check_generation_args(model, input_ids, max_new_tokens)
-    if input_ids.shape[0] != 1:
-        raise ValueError(f"speculative decoding takes one sequence [1, seq], got {tuple(input_ids.shape)}")
+    if streamer is not None and input_ids.shape[0] != 1:
+        raise ValueError(f"a streamer takes one sequence: input_ids has {input_ids.shape[0]} rows")
     mask = _check_attention_mask(attention_mask, input_ids)
-    if mask is not None and not mask.all():
-        raise ValueError("speculative decoding takes one unpadded sequence: attention_mask has padding (zeros)")
     eos = _eos_ids(eos_token_id, model)
+    pad = _pad_id(pad_token_id, model, eos)
     with _inference(model):
-        return _speculative(model, input_ids, max_new_tokens, eos, streamer)
+        return _speculative(model, input_ids, mask, max_new_tokens, eos, pad, streamer)
+
+
+class _Emitted:
+    """Each row's new tokens: up to `limit`, nothing after its EOS; `done` once a row has all it will get."""
+
+    def __init__(self, rows: int, limit: int, eos: list[int], streamer: Callable[[Tensor], None] | None) -> None:
+        self.tokens: list[list[int]] = [[] for _ in range(rows)]
+        self.limit, self.eos, self.streamer = limit, set(eos), streamer
+        self.done = [limit == 0] * rows
+
+    def add(self, row: int, token: int) -> None:
+        if self.done[row]:
+            return
+        self.tokens[row].append(token)
+        if self.streamer is not None:
+            self.streamer(torch.tensor([token]))
+        self.done[row] = token in self.eos or len(self.tokens[row]) >= self.limit
+
+    def padded(self, pad: int, like: Tensor) -> Tensor:
+        """[B, n], n the longest row (as `generate` stops once every row is finished), shorter rows padded."""
+        n = max(len(t) for t in self.tokens)
+        return torch.tensor([t + [pad] * (n - len(t)) for t in self.tokens], dtype=like.dtype, device=like.device)
 
 
 def _speculative(
     model: nn.Module,
     input_ids: Tensor,
+    mask: Tensor | None,
     max_new_tokens: int,
     eos: list[int],
+    pad: int,
     streamer: Callable[[Tensor], None] | None,
 ) -> tuple[Tensor, SpeculativeStats]:
-    mtp = model.model.mtp[0]
-    cache, stats = KVCache(max_length=input_ids.shape[1] + max_new_tokens + 1), SpeculativeStats()
+    mtp, embed = model.model.mtp[0], model.model.embed_tokens
     n_main = model.config.num_hidden_layers
-
-    def run_main(ids: Tensor):
-        out = model(ids, past_key_values=cache, output_routing_stats=False)
-        return out.logits.argmax(-1), out.hidden_states  # [1, s], [1, s, H]
-
-    def draft(hidden: Tensor, next_ids: Tensor) -> Tensor:
-        """MTP over new positions: h^0_i with Emb(t_{i+1}) → the draft for the token after t_{i+1}."""
-        start = cache.get_seq_length(n_main)
-        positions = torch.arange(start, start + hidden.shape[1], device=hidden.device)
-        _, normed, _ = mtp(hidden, model.model.embed_tokens(next_ids), positions, cache, output_routing_stats=False)
-        return model.head(normed[:, -1:]).argmax(-1)  # [1, 1]
-
-    emitted: list[Tensor] = []
-
-    def emit(token: Tensor) -> bool:
-        emitted.append(token)
-        if streamer is not None:
-            streamer(token.view(1))
-        return int(token) in eos or len(emitted) >= max_new_tokens
-
+    rows, prompt = input_ids.shape
+    cache, stats = KVCache(max_length=prompt + 2 * max_new_tokens), SpeculativeStats()
+    emitted = _Emitted(rows, max_new_tokens, eos, streamer)
     if max_new_tokens == 0:
         return input_ids, stats
-    predictions, hidden = run_main(input_ids)
-    token = predictions[:, -1:]  # t_n
-    if emit(token):
-        return torch.cat([input_ids, *emitted], dim=1), stats
-    guess = draft(hidden, torch.cat([input_ids[:, 1:], token], dim=1))
-    while True:
-        length = cache.get_seq_length()
-        predictions, hidden = run_main(torch.cat([token, guess], dim=1))  # verify t_n and the draft
-        stats.drafted += 1
-        if torch.equal(predictions[:, :1], guess):
-            stats.accepted += 1
-            if emit(guess) or emit(predictions[:, 1:]):
-                break
-            new_hidden, next_ids = hidden, torch.cat([guess, predictions[:, 1:]], dim=1)
-            token = predictions[:, 1:]
+    valid = mask if mask is not None else torch.ones_like(input_ids)  # [B, T] over the cache slots: 0 = masked
+    every_row = torch.arange(rows, device=input_ids.device)
+
+    def draft(hidden: Tensor, next_ids: Tensor, pick: Tensor) -> Tensor:
+        """MTP over the new slots: h^0_i with Emb(t_{i+1}) → the draft for t_{i+2}, read at slot `pick` [B]."""
+        start = cache.get_seq_length(n_main)
+        key_mask = None if bool(valid.all()) else valid.bool()
+        if key_mask is None:
+            positions = torch.arange(start, start + hidden.shape[1], device=hidden.device)
         else:
-            cache.crop(length + 1)  # the draft's position held a wrong token: forget it
-            if emit(predictions[:, :1]):
-                break
-            new_hidden, next_ids = hidden[:, :1], predictions[:, :1]
-            token = predictions[:, :1]
-        guess = draft(new_hidden, next_ids)
-    return torch.cat([input_ids, *emitted], dim=1), stats
+            positions = (valid.cumsum(-1) - 1).clamp(min=0)[:, start:]
+        _, normed, _ = mtp(hidden, embed(next_ids), positions, cache, False, key_mask)
+        return model.head(normed[every_row, pick]).argmax(-1)  # [B]
+
+    out = model(input_ids, past_key_values=cache, attention_mask=valid, output_routing_stats=False)
+    token = out.logits[:, -1].argmax(-1)  # [B], t_n: the first new token, not yet in the cache
+    for row, value in enumerate(token.tolist()):
+        emitted.add(row, value)
+    last = torch.full((rows,), prompt - 1, device=input_ids.device)
+    guess = draft(out.hidden_states, torch.cat([input_ids[:, 1:], token[:, None]], dim=1), last)
+    while not all(emitted.done):
+        valid = torch.cat([valid, valid.new_ones(rows, 2)], dim=1)
+        out = model(torch.stack([token, guess], 1), past_key_values=cache, attention_mask=valid,
+                    output_routing_stats=False)  # fmt: skip
+        predicted = out.logits.argmax(-1)  # [B, 2]: the token after t_n, and after the draft
+        accepted = predicted[:, 0] == guess
+        active = [not d for d in emitted.done]
+        stats.drafted += sum(active)
+        stats.accepted += sum(a and ok for a, ok in zip(active, accepted.tolist(), strict=True))
+        for row, (ok, first, second) in enumerate(zip(accepted.tolist(), *predicted.t().tolist(), strict=True)):
+            emitted.add(row, first)  # = the draft where accepted
+            if ok:
+                emitted.add(row, second)
+        token = torch.where(accepted, predicted[:, 1], predicted[:, 0])
+        if not accepted.any():  # no row keeps its draft's slot: drop it
+            cache.crop(cache.get_seq_length() - 1)
+            valid = valid[:, :-1]
+            guess = draft(out.hidden_states[:, :1], predicted[:, :1], torch.zeros_like(last))
+        else:
+            valid[:, -1] = accepted.to(valid.dtype)  # a rejected draft's slot is masked out from now on
+            next_ids = torch.where(accepted[:, None], torch.stack([guess, predicted[:, 1]], 1), predicted[:, :1])
+            guess = draft(out.hidden_states, next_ids, accepted.long())
+    return torch.cat([input_ids, emitted.padded(pad, input_ids)], dim=1), stats
 
 
 class IncrementalDecoder:

@@ -218,12 +218,15 @@ class RoutedExperts(nn.Module):
             nn.init.uniform_(w, -bound, bound)
 
     def use_kernel(self, x: Tensor) -> bool:
-        """Whether to take the grouped kernel (where it exists for x's device and dtype): not for "loop"."""
+        """Whether to take the grouped kernel (where it exists for x's device and dtype): not for "loop", nor
+        ("auto") for fewer rows than experts on the CPU (decoding), where the CPU kernel's product per expert,
+        empty ones included, costs more than a loop over the experts that got rows."""
         if self.implementation == "loop":
             return False
         if self.implementation == "grouped_mm" and _GROUPED_MM is None:
             raise RuntimeError("experts_implementation='grouped_mm' but this torch build has no grouped_mm")
-        return True
+        small_batch = x.device.type == "cpu" and x.shape[0] < self.n_experts and not torch.compiler.is_compiling()
+        return not (self.implementation == "auto" and small_batch)
 
     def _matmul(self, x: Tensor, weight: Tensor, offsets: Tensor, use_kernel: bool) -> Tensor:
         if self.fp8:
