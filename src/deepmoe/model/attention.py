@@ -133,7 +133,9 @@ class MultiHeadLatentAttention(nn.Module):
     q^R and the single, head-shared k^R carry RoPE. Only [c_KV; k^R] is cached.
 
     absorb=False decompresses k^C, v for every cached token. absorb=True attends over the cache directly, as
-    one key/value head shared by all query heads: score = (W_UKᵀ q^C)·c_KV + q^R·k^R, output W_UV Σ p·c_KV.
+    one key/value head shared by all query heads: score = (W_UKᵀ q^C)·c_KV + q^R·k^R, output W_UV Σ p·c_KV,
+    whenever tokens are cached; a prompt with nothing cached before it (prefill, training) still runs the naive
+    form, which computes the same with fewer FLOPs when queries are as many as keys.
     """
 
     def __init__(self, config: DeepSeekConfig, layer_idx: int) -> None:
@@ -185,7 +187,7 @@ class MultiHeadLatentAttention(nn.Module):
             (latent,) = cache.update(self.layer_idx, latent)  # [B, T, d_c + d_r]
         offset = latent.shape[1] - seqlen
 
-        if self.absorb:
+        if self.absorb and offset > 0:  # a prompt with nothing cached (prefill) is cheaper in the naive form
             w_kv_b = self.kv_b_proj.weight.view(self.n_heads, -1, self.kv_lora_rank)  # [n, d_n + d_v, d_c]
             q_latent = torch.einsum("bshd,hdc->bshc", q_nope, w_kv_b[:, : self.qk_nope_head_dim])  # W_UKᵀ q^C
             q = torch.cat((q_latent, q_rope), dim=-1).view(bsz, seqlen * self.n_heads, 1, -1)  # [B, S·n, 1, d_c+d_r]
