@@ -173,6 +173,9 @@ class Router(nn.Module):
         self.register_buffer("forced_experts", torch.zeros(n, dtype=torch.bool), persistent=False)
         self.disable_top = 0
         self.has_expert_mask = False
+        self.replay: Tensor | None = None
+        """[T, K] expert ids to use instead of choosing (routing replay, e.g. RL's re-scoring of sampled tokens):
+        the next forwards take these experts, with gate weights from the current scores; None: choose."""
         self.reset_parameters()
 
     @torch.no_grad()
@@ -306,6 +309,36 @@ class Router(nn.Module):
             raise ValueError("MoE router got NaN or inf: the layer input (or the router weight) is not finite")
         scores = logits.softmax(-1) if cfg.scoring_func == "softmax" else logits.sigmoid()
 
+        if self.replay is not None:
+            topk_idx = self._replayed(logits.shape[0])
+        else:
+            topk_idx = self._choose(scores)
+        topk_weight = scores.gather(1, topk_idx)
+        if cfg.norm_topk_prob:
+            topk_weight = topk_weight / (topk_weight.sum(-1, keepdim=True) + 1e-20)
+        topk_weight = topk_weight * cfg.routed_scaling_factor
+
+        kept = None
+        if self.training and cfg.capacity_factor is not None:
+            kept = self._capacity_mask(scores, topk_idx, batch_size)
+            topk_weight = topk_weight * kept
+        return RouterOutput(logits, scores, topk_idx, topk_weight, kept, batch_size)
+
+    def _replayed(self, tokens: int) -> Tensor:
+        """The replayed expert ids [T, K], checked against this forward's tokens and the layer's experts."""
+        replay, cfg = self.replay, self.config
+        if replay.shape != (tokens, cfg.num_experts_per_tok) or replay.dtype != torch.int64:
+            raise ValueError(
+                f"routing replay must be int64 [{tokens}, {cfg.num_experts_per_tok}] for this forward's tokens, got "
+                f"{replay.dtype} {tuple(replay.shape)}"
+            )
+        if debug_checks_enabled() and ((replay < 0) | (replay >= cfg.n_routed_experts)).any():  # a host sync
+            raise ValueError(f"routing replay holds expert ids outside [0, {cfg.n_routed_experts})")
+        return replay
+
+    def _choose(self, scores: Tensor) -> Tensor:
+        """R2/R3/R6: the K_r experts [T, K] each token takes, ranked by s + b within its allowed groups."""
+        cfg = self.config
         choice = scores.detach()  # what selection ranks: s + b, limited to allowed groups/experts
         if self.e_score_correction_bias is not None:
             choice = choice + self.e_score_correction_bias
@@ -325,17 +358,7 @@ class Router(nn.Module):
                 "MoE router had to choose a disabled or out-of-group expert: the expert mask leaves a token too few "
                 "(set_expert_mask refuses such masks; was the mask or the config changed after it?)"
             )
-
-        topk_weight = scores.gather(1, topk_idx)
-        if cfg.norm_topk_prob:
-            topk_weight = topk_weight / (topk_weight.sum(-1, keepdim=True) + 1e-20)
-        topk_weight = topk_weight * cfg.routed_scaling_factor
-
-        kept = None
-        if self.training and cfg.capacity_factor is not None:
-            kept = self._capacity_mask(scores, topk_idx, batch_size)
-            topk_weight = topk_weight * kept
-        return RouterOutput(logits, scores, topk_idx, topk_weight, kept, batch_size)
+        return topk_idx
 
     def _limit_groups(self, choice: Tensor, masked: bool) -> Tensor:
         """R3: keep the experts of each token's best `topk_group` groups; −inf elsewhere."""
