@@ -207,7 +207,7 @@ class MoEConfig:
         return asdict(self)
 
 
-MODEL_TYPES = ("deepseek", "deepseek_v2", "deepseek_v3")
+MODEL_TYPES = ("deepseek", "deepseek_v2", "deepseek_v3", "deepseek_v32")
 ATTENTION_TYPES = ("mla", "mha")
 
 
@@ -246,6 +246,14 @@ class DeepSeekConfig:
     qk_rope_head_dim: int = 8
     v_head_dim: int = 16
     attention_bias: bool = False
+
+    # DeepSeek Sparse Attention (DSA, DeepSeek-V3.2): model_type "deepseek_v32" only; None elsewhere (dense MLA)
+    index_topk: int | None = None
+    """k: the cached tokens each query attends to, the top-k of the lightning indexer's scores."""
+    index_head_dim: int | None = None
+    """D, the indexer's query/key width (its first qk_rope_head_dim dims carry RoPE)."""
+    index_n_heads: int | None = None
+    """H^I, the indexer's query heads (one shared key head)."""
 
     # position embedding
     max_position_embeddings: int = 4096
@@ -326,6 +334,7 @@ class DeepSeekConfig:
                 "qk_rope_head_dim",
                 "must be an even integer >= 2",
             )
+        self._check_sparse_attention()
         check(self, is_real(self.rope_theta) and self.rope_theta > 0, "rope_theta", "must be a finite number > 0")
         if self.rope_scaling is not None:
             check(self, isinstance(self.rope_scaling, dict), "rope_scaling", "must be a dict or None")
@@ -383,6 +392,39 @@ class DeepSeekConfig:
             or (isinstance(eos, list) and all(is_int(e) and e >= 0 for e in eos)),
             "eos_token_id",
             "must be None, an integer >= 0 or a list of them",
+        )
+
+    @property
+    def has_indexer(self) -> bool:
+        """Whether the MLA layers select their keys with DSA's lightning indexer (model_type "deepseek_v32")."""
+        return self.model_type == "deepseek_v32"
+
+    def _check_sparse_attention(self) -> None:
+        fields = ("index_topk", "index_head_dim", "index_n_heads")
+        if not self.has_indexer:
+            for field in fields:
+                check(self, getattr(self, field) is None, field, "must be None unless model_type='deepseek_v32'")
+            return
+        check(self, self.attention_type == "mla", "attention_type", "must be 'mla' with model_type='deepseek_v32'")
+        check(
+            self,
+            is_int(self.q_lora_rank),
+            "q_lora_rank",
+            "must be set with model_type='deepseek_v32' (the indexer's query comes from MLA's compressed query)",
+        )
+        for field in fields:
+            check(self, is_int(getattr(self, field)) and getattr(self, field) >= 1, field, "must be an integer >= 1")
+        check(
+            self,
+            self.index_topk <= self.max_position_embeddings,
+            "index_topk",
+            f"must be <= max_position_embeddings={self.max_position_embeddings} (a larger k selects every token)",
+        )
+        check(
+            self,
+            self.index_head_dim >= self.qk_rope_head_dim,
+            "index_head_dim",
+            f"must be >= qk_rope_head_dim={self.qk_rope_head_dim} (its first qk_rope_head_dim dims carry RoPE)",
         )
 
     @property

@@ -129,6 +129,11 @@ def _deepseek_v3() -> DeepSeekConfig:
     )
 
 
+def _deepseek_v32() -> DeepSeekConfig:
+    """DeepSeek-V3.2: V3 with DeepSeek Sparse Attention (a lightning indexer of 64 heads × 128 picks 2048 tokens)."""
+    return replace(_deepseek_v3(), model_type="deepseek_v32", index_topk=2048, index_head_dim=128, index_n_heads=64)
+
+
 def _tiny(published: DeepSeekConfig, **moe_overrides) -> DeepSeekConfig:
     """The published architecture (attention kind, gate, routing rule, losses) at a few million
     parameters, small enough to train on a CPU in minutes."""
@@ -181,12 +186,21 @@ PRESETS = {
     "deepseek-v2-lite": _deepseek_v2_lite,
     "deepseek-v2": _deepseek_v2,
     "deepseek-v3": _deepseek_v3,
+    "deepseek-v3.2": _deepseek_v32,
     "tiny-deepseek-moe": lambda: _tiny(_deepseek_moe_16b()),
     # tiny-v2 leaves out query compression, as V2-Lite does: the tiny presets cover MLA with and without it
     "tiny-v2": lambda: replace(
         _tiny(_deepseek_v2(), n_group=4, topk_group=2, n_devices=4, routed_scaling_factor=1.0), q_lora_rank=None
     ),
     "tiny-v3": lambda: _tiny(_deepseek_v3(), n_group=4, topk_group=2),
+    # tiny-v3 plus a small indexer; k = 8 is below most prompts, so the selection matters
+    "tiny-v32": lambda: replace(
+        _tiny(_deepseek_v3(), n_group=4, topk_group=2),
+        model_type="deepseek_v32",
+        index_topk=8,
+        index_head_dim=32,
+        index_n_heads=4,
+    ),
     # DeepSpeed-MoE's variants as configs (docs/design.md#e4-layer-placement-and-the-deepspeed-moe-variants)
     "tiny-pyramid-moe": _tiny_pyramid_moe,
     "tiny-residual-moe": _tiny_residual_moe,

@@ -39,6 +39,7 @@ CONFIGS = {
     "v3 (MTP, YaRN, bias, q_lora)": lambda: replace(
         shrink("tiny-v3"), rope_scaling=dict(YARN_V3), moe=replace(shrink("tiny-v3").moe, n_group=2, topk_group=1)
     ),
+    "v3.2 (DSA indexer: LayerNorm, float32 weights_proj)": lambda: shrink("tiny-v32"),
     "pyramid, tied embeddings": lambda: shrink(
         "tiny-pyramid-moe", moe_experts_per_layer=[0, 4], tie_word_embeddings=True
     ),

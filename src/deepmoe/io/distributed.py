@@ -34,8 +34,8 @@ DISTRIBUTED_DIR = "distributed"
 """In a step directory: the DCP directory of a multi-process run's checkpoint."""
 MODEL_PREFIX = "model."
 """DCP's prefix of the model's tensors (the state's "model" entry), before the state-dict name."""
-KEEP_FLOAT32 = "e_score_correction_bias"
-"""Names ending so (the expert-bias buffers) stay float32 when tensors are cast."""
+KEEP_FLOAT32 = ("e_score_correction_bias", "indexer.weights_proj.weight")
+"""Names ending so (the expert-bias buffers, DSA's indexer head weights) stay float32 when tensors are cast."""
 _SINGLE_PROCESS = r"torch\.distributed is disabled, unavailable or uninitialized"
 
 
@@ -57,7 +57,7 @@ def is_distributed_checkpoint(step_dir: str | os.PathLike) -> bool:
 
 def cast_dtype(name: str, stored: torch.dtype, dtype: torch.dtype | None) -> torch.dtype:
     """The dtype a tensor stored as `stored` is read as when casting to `dtype` (None: as stored):
-    floating tensors become `dtype`, except the expert biases, always float32."""
+    floating tensors become `dtype`, except the expert biases and the indexer's head weights, always float32."""
     if not stored.is_floating_point:
         return stored
     return torch.float32 if name.endswith(KEEP_FLOAT32) else dtype or stored

@@ -34,6 +34,7 @@ ARCHITECTURES = {
     "deepseek": "DeepseekForCausalLM",
     "deepseek_v2": "DeepseekV2ForCausalLM",
     "deepseek_v3": "DeepseekV3ForCausalLM",
+    "deepseek_v32": "DeepseekV32ForCausalLM",
 }
 
 # Values the published configuration classes use for an absent key (deepseek: DeepSeek's own
@@ -66,6 +67,12 @@ _DEFAULTS: dict[str, dict[str, Any]] = {
         scoring_func="sigmoid", topk_method="noaux_tc", num_nextn_predict_layers=1,
     ),
 }  # fmt: skip
+# V3.2: V3's defaults and DSA's indexer; transformers' class has no num_nextn_predict_layers (absent: no MTP)
+_DEFAULTS["deepseek_v32"] = dict(
+    _DEFAULTS["deepseek_v3"], max_position_embeddings=163840, num_nextn_predict_layers=0, index_topk=2048,
+    index_head_dim=128, index_n_heads=64,
+)  # fmt: skip
+_WITH_MTP = ("deepseek_v3", "deepseek_v32")
 _ALIASES = {"num_mtp_layers": "num_nextn_predict_layers", "num_local_experts": "n_routed_experts",
             "num_experts": "n_routed_experts"}  # fmt: skip
 # deepmoe-only fields, kept under config.json's "deepmoe" key so that a deepmoe save -> load is exact
@@ -75,6 +82,7 @@ _MOE_EXTRAS = (
     "z_loss_coef", "entropy_loss_coef", "experts_implementation",
 )  # fmt: skip
 _MODEL_EXTRAS = ("mtp_loss_weight", "moe_experts_per_layer")
+_INDEX_FIELDS = ("index_topk", "index_head_dim", "index_n_heads")  # DSA's lightning indexer (deepseek_v32)
 
 
 # ---- config ------------------------------------------------------------------------------------
@@ -95,7 +103,7 @@ def rope_from_hf(d: dict[str, Any], default_theta: float) -> tuple[float, dict[s
 
 
 def config_from_hf(d: dict[str, Any]) -> DeepSeekConfig:
-    """A `DeepSeekConfig` from a config.json dict of model_type deepseek, deepseek_v2 or deepseek_v3.
+    """A `DeepSeekConfig` from a config.json dict of model_type deepseek, deepseek_v2, deepseek_v3 or deepseek_v32.
 
     Accepts the published configs' quirks: topk_method "gready" (= "greedy"), null n_group/topk_group,
     a missing aux_loss_alpha (0), `rope_scaling` or transformers 5's `rope_parameters`. Raises
@@ -126,7 +134,7 @@ def config_from_hf(d: dict[str, Any]) -> DeepSeekConfig:
         first_k_dense_replace=min(get("first_k_dense_replace"), layers), moe_layer_freq=get("moe_layer_freq"),
         rms_norm_eps=get("rms_norm_eps"), tie_word_embeddings=bool(get("tie_word_embeddings")),
         initializer_range=get("initializer_range"), attention_bias=bool(get("attention_bias")),
-        num_nextn_predict_layers=get("num_nextn_predict_layers") if model_type == "deepseek_v3" else 0,
+        num_nextn_predict_layers=get("num_nextn_predict_layers") if model_type in _WITH_MTP else 0,
         bos_token_id=d.get("bos_token_id", defaults["bos_token_id"]),
         eos_token_id=d.get("eos_token_id", defaults["eos_token_id"]), pad_token_id=d.get("pad_token_id"),
     )  # fmt: skip
@@ -138,6 +146,8 @@ def config_from_hf(d: dict[str, Any]) -> DeepSeekConfig:
             qk_nope_head_dim=get("qk_nope_head_dim"), qk_rope_head_dim=get("qk_rope_head_dim"),
             v_head_dim=get("v_head_dim"),
         )  # fmt: skip
+    if model_type == "deepseek_v32":
+        fields.update({k: get(k) for k in _INDEX_FIELDS})
     fields.update({k: extras[k] for k in _MODEL_EXTRAS if k in extras})
     fields["moe"] = _moe_from_hf(d, get, model_type, extras)
     config = DeepSeekConfig(**fields)
@@ -194,7 +204,7 @@ def _moe_from_hf(d: dict[str, Any], get: Callable[[str], Any], model_type: str, 
 
 
 def config_to_hf(config: DeepSeekConfig) -> dict[str, Any]:
-    """config.json fields (HF names) for `config`, loadable by transformers (deepseek_v2/v3) and DeepSeek's code.
+    """config.json fields (HF names) for `config`, loadable by transformers (deepseek_v2/v3/v32) and DeepSeek's code.
 
     Raises ValueError if the attention type does not match the model_type; warns where transformers'
     class of that model_type ignores a setting (it would then compute something else).
@@ -203,7 +213,7 @@ def config_to_hf(config: DeepSeekConfig) -> dict[str, Any]:
     if (c.attention_type == "mha") != (mt == "deepseek"):
         raise ValueError(
             f"attention_type={c.attention_type!r} cannot be written as model_type={mt!r}: "
-            "deepseek uses 'mha', deepseek_v2/deepseek_v3 use 'mla'"
+            "deepseek uses 'mha', deepseek_v2/deepseek_v3/deepseek_v32 use 'mla'"
         )
     d: dict[str, Any] = dict(
         architectures=[ARCHITECTURES[mt]], model_type=mt, vocab_size=c.vocab_size, hidden_size=c.hidden_size,
@@ -222,8 +232,10 @@ def config_to_hf(config: DeepSeekConfig) -> dict[str, Any]:
     if mt != "deepseek":
         d.update(q_lora_rank=c.q_lora_rank, kv_lora_rank=c.kv_lora_rank, qk_nope_head_dim=c.qk_nope_head_dim,
                  qk_rope_head_dim=c.qk_rope_head_dim, v_head_dim=c.v_head_dim)  # fmt: skip
-    if mt == "deepseek_v3":
+    if mt in _WITH_MTP:
         d["num_nextn_predict_layers"] = c.num_nextn_predict_layers
+    if mt == "deepseek_v32":
+        d.update({k: getattr(c, k) for k in _INDEX_FIELDS})
     extras: dict[str, Any] = {k: getattr(c, k) for k in _MODEL_EXTRAS}
     if moe is None:
         if mt == "deepseek":
@@ -256,14 +268,14 @@ def _warn_unexpressible(config: DeepSeekConfig) -> None:
         problems.append("transformers' DeepseekV2 routes with softmax and greedy/group_limited_greedy only")
     if mt == "deepseek_v2" and moe.norm_topk_prob:
         problems.append("transformers' DeepseekV2 ignores norm_topk_prob (DeepSeek's V2 code then skips the scaling)")
-    if mt == "deepseek_v3" and (moe.scoring_func != "sigmoid" or moe.topk_method != "noaux_tc"):
-        problems.append("transformers' DeepseekV3 always routes with sigmoid scores and noaux_tc")
+    if mt in _WITH_MTP and (moe.scoring_func != "sigmoid" or moe.topk_method != "noaux_tc"):
+        problems.append(f"transformers' {ARCHITECTURES[mt][:-11]} always routes with sigmoid scores and noaux_tc")
     if mt != "deepseek" and config.moe_layer_freq != 1:
         problems.append(f"transformers' {ARCHITECTURES[mt]} ignores moe_layer_freq={config.moe_layer_freq}")
     if config.moe_experts_per_layer is not None:
         problems.append("its MoE layers all have n_routed_experts (moe_experts_per_layer is read by deepmoe only)")
-    if mt == "deepseek_v2" and not config.rope_interleave:
-        problems.append("transformers' DeepseekV2 always uses interleaved RoPE")
+    if mt in ("deepseek_v2", "deepseek_v32") and not config.rope_interleave:
+        problems.append(f"transformers' {ARCHITECTURES[mt][:-11]} always uses interleaved RoPE in MLA")
     for problem in problems:
         warnings.warn(f"config written as {mt}, but {problem}: other libraries will compute another model",
                       UserWarning, stacklevel=3)  # fmt: skip
@@ -303,6 +315,12 @@ def expected_shapes(config: DeepSeekConfig) -> dict[str, tuple[int, ...]]:
             biased = {"kv_a_proj_with_mqa": c.kv_lora_rank + c.qk_rope_head_dim, "o_proj": h}
             if c.q_lora_rank is not None:
                 biased["q_a_proj"] = c.q_lora_rank
+            if c.has_indexer:  # DSA's lightning indexer
+                i, d_i, h_i = a + "indexer.", c.index_head_dim, c.index_n_heads
+                shapes[i + "wq_b.weight"] = (h_i * d_i, c.q_lora_rank)
+                shapes[i + "wk.weight"] = (d_i, h)
+                shapes[i + "k_norm.weight"] = shapes[i + "k_norm.bias"] = (d_i,)
+                shapes[i + "weights_proj.weight"] = (h_i, h)
         if c.attention_bias:
             shapes.update({a + name + ".bias": (size,) for name, size in biased.items()})
         m = p + "mlp."

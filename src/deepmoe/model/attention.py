@@ -24,13 +24,15 @@ from torch import Tensor, nn
 from deepmoe.config import DeepSeekConfig
 from deepmoe.model.norm import RMSNorm
 from deepmoe.model.rope import RotaryEmbedding, apply_rotary, softmax_scale
+from deepmoe.model.sparse_attention import LightningIndexer, allowed_keys, selection_mask, sparse_latent_attention
 
 
 class KVCache:
     """Per-layer cached tensors, each [B, S, ...], written in place into buffers along the sequence dimension.
 
     MLA layers cache one tensor, [c_KV; k_rope] [B, S, kv_lora_rank + qk_rope_head_dim] (the latent and the RoPE
-    key side by side, so the absorbed form attends over it without copying); MHA layers (k, v)
+    key side by side, so the absorbed form attends over it without copying), and with DSA's lightning indexer a
+    second one, its keys k^I [B, S, index_head_dim]; MHA layers (k, v)
     [B, S, num_key_value_heads, head_dim]. Keys are held after RoPE.
 
     The buffers are allocated for `max_length` tokens (or what the first update needs) and double when a layer
@@ -85,7 +87,14 @@ class KVCache:
 
 
 def causal_attention(
-    q: Tensor, k: Tensor, v: Tensor, scale: float, offset: int, group: int = 1, key_mask: Tensor | None = None
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    scale: float,
+    offset: int,
+    group: int = 1,
+    key_mask: Tensor | None = None,
+    mask: Tensor | None = None,
 ) -> Tensor:
     """softmax(q·kᵀ · scale, causal) · v with scaled_dot_product_attention.
 
@@ -94,11 +103,13 @@ def causal_attention(
     keys at indices <= its own. group > 1 holds `group` query heads that share a key/value head in consecutive rows.
     key_mask [B, T] bool, False at padding: no query sees those keys, except a padding token itself (so that its
     row, whose keys may all be padding, stays finite; what it computes is never seen by real tokens).
+    mask [B, S, T] bool: the keys each token sees (DSA's selection), in place of the causal and padding masks.
     """
     rows, keys = q.shape[1], k.shape[1]
-    causal = offset == 0 and group == 1 and key_mask is None  # the plain causal square: SDPA's is_causal
-    mask = None
-    if key_mask is not None or (rows > group and not causal):  # tokens after cached ones, grouped rows, padding
+    causal = offset == 0 and group == 1 and key_mask is None and mask is None  # the plain causal square: is_causal
+    if mask is not None:
+        mask = mask.repeat_interleave(group, dim=1).unsqueeze(1)  # [B, 1, S·group, T]
+    elif key_mask is not None or (rows > group and not causal):  # tokens after cached ones, grouped rows, padding
         last = torch.arange(rows, device=q.device) // group + offset  # [S·group], index of each row's token
         key_index = torch.arange(keys, device=q.device)
         mask = key_index <= last[:, None]  # [S·group, T]
@@ -136,6 +147,10 @@ class MultiHeadLatentAttention(nn.Module):
     one key/value head shared by all query heads: score = (W_UKᵀ q^C)·c_KV + q^R·k^R, output W_UV Σ p·c_KV,
     whenever tokens are cached; a prompt with nothing cached before it (prefill, training) still runs the naive
     form, which computes the same with fewer FLOPs when queries are as many as keys.
+
+    With `config.has_indexer` (DeepSeek-V3.2's DSA, `model/sparse_attention.py`) each token attends only over the
+    top-`index_topk` keys of the lightning `indexer`, whose keys k^I are cached beside [c_KV; k^R]: the naive form
+    masks the others out, the absorbed form gathers the selected latents (its work per token ∝ k, not the context).
     """
 
     def __init__(self, config: DeepSeekConfig, layer_idx: int) -> None:
@@ -166,6 +181,7 @@ class MultiHeadLatentAttention(nn.Module):
         self.o_proj = nn.Linear(self.n_heads * self.v_head_dim, hidden, bias=bias)
         self.rotary = RotaryEmbedding(config)
         self.softmax_scale = softmax_scale(config)
+        self.indexer = LightningIndexer(config) if config.has_indexer else None
 
     def forward(
         self, x: Tensor, positions: Tensor, cache: KVCache | None = None, key_mask: Tensor | None = None
@@ -173,7 +189,11 @@ class MultiHeadLatentAttention(nn.Module):
         """x: [B, S, H]; positions: [S] (or per row [B, S]) absolute positions of x's tokens, which follow the
         cached ones; key_mask: [B, T] bool over the cached and new tokens, False at padding."""
         bsz, seqlen, _ = x.shape
-        q = self.q_proj(x) if self.q_lora_rank is None else self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+        if self.q_lora_rank is None:
+            q_compressed, q = None, self.q_proj(x)
+        else:
+            q_compressed = self.q_a_layernorm(self.q_a_proj(x))  # c^Q [B, S, d_cq], also the indexer's input
+            q = self.q_b_proj(q_compressed)
         q = q.view(bsz, seqlen, self.n_heads, -1)
         q_nope, q_rope = q.split([self.qk_nope_head_dim, self.qk_rope_head_dim], dim=-1)  # [B, S, n, d_n / d_r]
         cos, sin = _rope(self.rotary, positions)
@@ -183,17 +203,29 @@ class MultiHeadLatentAttention(nn.Module):
         c_kv = self.kv_a_layernorm(c_kv)  # [B, S, d_c]
         k_rope = _rotate(k_rope.unsqueeze(2), cos, sin, self.rope_interleave).squeeze(2)  # [B, S, d_r]
         latent = torch.cat((c_kv, k_rope), dim=-1)  # [B, S, d_c + d_r]
-        if cache is not None:
+        index_keys = self.indexer.keys(x, cos, sin) if self.indexer is not None else None  # k^I [B, S, D]
+        if cache is not None and index_keys is not None:
+            latent, index_keys = cache.update(self.layer_idx, latent, index_keys)  # [B, T, d_c + d_r], [B, T, D]
+        elif cache is not None:
             (latent,) = cache.update(self.layer_idx, latent)  # [B, T, d_c + d_r]
-        offset = latent.shape[1] - seqlen
+        total = latent.shape[1]
+        offset = total - seqlen
+        selected = None
+        if self.indexer is not None:
+            allowed = allowed_keys(bsz, seqlen, total, offset, key_mask, x.device)  # [B, S, T]
+            selected = self.indexer(x, q_compressed, index_keys, cos, sin, allowed)  # indices, valid: [B, S, k]
 
         if self.absorb and offset > 0:  # a prompt with nothing cached (prefill) is cheaper in the naive form
             w_kv_b = self.kv_b_proj.weight.view(self.n_heads, -1, self.kv_lora_rank)  # [n, d_n + d_v, d_c]
             q_latent = torch.einsum("bshd,hdc->bshc", q_nope, w_kv_b[:, : self.qk_nope_head_dim])  # W_UKᵀ q^C
-            q = torch.cat((q_latent, q_rope), dim=-1).view(bsz, seqlen * self.n_heads, 1, -1)  # [B, S·n, 1, d_c+d_r]
-            # one key/value head: the keys are [c_KV; k^R], the values c_KV (the same tensor: SDPA wants one width)
-            kv = latent.unsqueeze(2)  # [B, T, 1, d_c + d_r]
-            out = causal_attention(q, kv, kv, self.softmax_scale, offset, self.n_heads, key_mask)
+            q = torch.cat((q_latent, q_rope), dim=-1)  # [B, S, n, d_c + d_r]
+            if selected is not None:  # DSA: attend over each token's k selected latents only
+                out = sparse_latent_attention(q, latent, *selected, self.softmax_scale)  # [B, S, n, d_c + d_r]
+            else:
+                q = q.view(bsz, seqlen * self.n_heads, 1, -1)  # [B, S·n, 1, d_c + d_r]
+                # one key/value head: the keys are [c_KV; k^R], the values c_KV (the same tensor: SDPA wants one width)
+                kv = latent.unsqueeze(2)  # [B, T, 1, d_c + d_r]
+                out = causal_attention(q, kv, kv, self.softmax_scale, offset, self.n_heads, key_mask)
             out = out[..., : self.kv_lora_rank].reshape(bsz, seqlen, self.n_heads, -1)  # Σ p·c_KV per head
             out = torch.einsum("bshc,hdc->bshd", out, w_kv_b[:, self.qk_nope_head_dim :])  # W_UV: [B, S, n, d_v]
         else:
@@ -202,7 +234,8 @@ class MultiHeadLatentAttention(nn.Module):
             k_nope, v = kv.split([self.qk_nope_head_dim, self.v_head_dim], dim=-1)  # [B, T, n, d_n / d_v]
             k = torch.cat((k_nope, k_rope.unsqueeze(2).expand(-1, -1, self.n_heads, -1)), dim=-1)
             q = torch.cat((q_nope, q_rope), dim=-1)
-            out = causal_attention(q, k, v, self.softmax_scale, offset, key_mask=key_mask)  # [B, S, n, d_v]
+            mask = selection_mask(*selected, total) if selected is not None else None  # DSA's keys [B, S, T]
+            out = causal_attention(q, k, v, self.softmax_scale, offset, key_mask=key_mask, mask=mask)  # [B, S, n, d_v]
         return self.o_proj(out.flatten(2))
 
 

@@ -6,7 +6,7 @@ about the largest tensor. The dtype conversions are DeepSeek's:
 
 - to bf16/fp32: every FP8 weight is dequantised with its `_scale_inv` (DeepSeek's `fp8_cast_bf16.py`), the
   scales and config.json's `quantization_config` are dropped, the other floating tensors are cast; the
-  router's `e_score_correction_bias` keeps its dtype (float32 in V3);
+  router's `e_score_correction_bias` and V3.2's `indexer.weights_proj` keep their dtype (float32 in V3);
 - to fp8: the linear weights DeepSeek-V3 publishes in FP8 (attention q/kv/o projections, dense, shared and
   routed experts' gate/up/down projections; not the embedding, head, norms, router or MTP `eh_proj`) are
   quantised in 128x128 blocks (`quantize_fp8`), each with its `_scale_inv`, and the config gets DeepSeek's
@@ -58,7 +58,7 @@ QUANTISED = re.compile(
     r"|mlp\.(experts\.\d+\.|shared_experts\.)?(gate_proj|up_proj|down_proj))\.weight"
 )
 """The HF weights DeepSeek-V3 stores in FP8."""
-KEEP_DTYPE = "e_score_correction_bias"
+KEEP_DTYPE = ("e_score_correction_bias", "indexer.weights_proj.weight")
 logger = logging.getLogger(__name__)
 
 

@@ -45,6 +45,8 @@ def kv_cache_bytes_per_token(config: DeepSeekConfig, bytes_per_value: int = 2, g
     if config.attention_type == "mla":
         per_head = config.qk_nope_head_dim + config.qk_rope_head_dim + config.v_head_dim  # one key + one value
         own = config.kv_lora_rank + config.qk_rope_head_dim  # c_KV and the shared k_rope
+        if config.has_indexer:
+            own += config.index_head_dim  # DSA: the lightning indexer's key k^I
     else:
         per_head = 2 * config.head_dim
         own = config.num_key_value_heads * per_head
