@@ -1,5 +1,6 @@
-"""DeepSeek Sparse Attention (DSA, DeepSeek-V3.2 report §2.1): a lightning indexer picks, for each query token t,
-the k = `index_topk` earlier tokens whose latent MLA attends to; all others are masked out.
+"""DeepSeek Sparse Attention (DSA; the V3.2 report's "DeepSeek Sparse Attention", docs/design.md#m7-deepseek-sparse-
+attention): a lightning indexer picks, for each query token t, the k = `index_topk` earlier tokens whose latents
+MLA attends to; all others are masked out.
 
 The indexer has H^I = `index_n_heads` query heads of width D = `index_head_dim` and one shared key head:
 
@@ -10,7 +11,7 @@ The indexer has H^I = `index_n_heads` query heads of width D = `index_head_dim` 
 
 RoPE rotates the first qk_rope_head_dim dims of q^I and k^I with the half-split (rotate_half, non-interleaved)
 pairing (x_i, x_{i+d/2}), unlike MLA's own interleaved pairs (x_{2i}, x_{2i+1}): DeepSeek's released indexer
-does so, and a model run with the other pairing scores long contexts wrongly without failing. Token t then
+does so, and a model run with the other pairing selects worse at long context without any error. Token t then
 attends (MLA, either form) only over the k keys with the largest I_{t,s} (all of them when t < k).
 
 Parameter names are those of DeepSeek-V3.2's checkpoints and transformers' DeepseekV32Indexer
