@@ -28,6 +28,7 @@ COMMANDS = {  # name on the command line: module in deepmoe.cli
     "study": "study",
     "inspect": "inspect",
     "generate": "generate",
+    "grpo": "grpo",
 }
 
 
