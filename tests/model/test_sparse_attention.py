@@ -157,6 +157,9 @@ def test_indexer_scores_and_selection_equal_the_formula():
     want = torch.tensor(want, dtype=torch.float64)
     torch.testing.assert_close(scores.double(), want, rtol=1e-5, atol=1e-5)
 
+    indexer.max_logits = 8 * seq  # one query token per chunk, as a long prompt is scored
+    with torch.no_grad():
+        torch.testing.assert_close(indexer.scores(x, q_compressed, keys, cos, sin)[0], scores, rtol=1e-6, atol=1e-6)
     indices, valid = indexer(x, q_compressed, keys, cos, sin, allowed_keys(1, seq, seq, 0, None, x.device))
     assert indices.shape == (1, seq, 3)
     for t in range(seq):

@@ -101,13 +101,22 @@ class LightningIndexer(nn.Module):
         """k^I = RoPE(LayerNorm(W^{IK} x)): x [B, S, H] → [B, S, D] (what the cache holds beside the latent)."""
         return rotate_half_split(self.k_norm(self.wk(x)).unsqueeze(2), cos, sin).squeeze(2)
 
+    max_logits: int = 2**27
+    """The most per-head logits [B, S', H^I, T] (float32) one chunk of query tokens builds (512 MiB): a long
+    prompt is scored S' tokens at a time."""
+
     def scores(self, x: Tensor, q_compressed: Tensor, keys: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
         """I [B, S, T] float32 (no mask) of x [B, S, H] against keys [B, T, D]; q_compressed = c^Q [B, S, d_cq]."""
         bsz, seqlen, _ = x.shape
         q = rotate_half_split(self.wq_b(q_compressed).view(bsz, seqlen, self.n_heads, self.head_dim), cos, sin)
-        logits = torch.einsum("bsjd,btd->bsjt", q.float(), keys.float()) * self.head_dim**-0.5  # [B, S, H^I, T]
+        q, keys = q.float(), keys.float()
         w = self.weights_proj(x) * self.n_heads**-0.5  # [B, S, H^I], float32
-        return torch.einsum("bsj,bsjt->bst", w, logits.relu())
+        rows = max(1, self.max_logits // (bsz * self.n_heads * keys.shape[1]))
+        chunks = []
+        for i in range(0, seqlen, rows):
+            logits = torch.einsum("bsjd,btd->bsjt", q[:, i : i + rows], keys) * self.head_dim**-0.5  # [B, S', H^I, T]
+            chunks.append(torch.einsum("bsj,bsjt->bst", w[:, i : i + rows], logits.relu()))
+        return torch.cat(chunks, dim=1)
 
     def forward(
         self, x: Tensor, q_compressed: Tensor, keys: Tensor, cos: Tensor, sin: Tensor, allowed: Tensor
