@@ -25,6 +25,7 @@ COMMANDS = {  # name on the command line: module in deepmoe.cli
     "steer": "steer",
     "merge": "merge",
     "upcycle": "upcycle",
+    "prune": "prune",
     "study": "study",
     "inspect": "inspect",
     "generate": "generate",
