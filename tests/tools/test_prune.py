@@ -228,6 +228,9 @@ def test_prune_refuses_bad_keeps_and_a_non_empty_out(checkpoint, tmp_path, capsy
     assert "error:" in capsys.readouterr().err and sorted(p.name for p in checkpoint.iterdir())[0] == "config.json"
     with pytest.raises(OutputDirectoryError, match="is the checkpoint being pruned"):
         prune(checkpoint, str(checkpoint.parent / "task.py"), checkpoint, keep=8, device="cpu")
+    dense = save_pretrained(DeepSeekForCausalLM(tiny_model_config(moe=None)), tmp_path / "dense")
+    with pytest.raises(ValueError, match="a dense model has no experts to prune"):
+        prune(dense, str(checkpoint.parent / "task.py"), tmp_path / "d", keep=2)
     with pytest.raises(ValueError, match="method='best'"):
         prune(checkpoint, str(checkpoint.parent / "task.py"), tmp_path / "m", keep=8, method="best")
 

@@ -44,7 +44,7 @@ from torch import Tensor
 
 from deepmoe.config import DeepSeekConfig
 from deepmoe.data import EOT_TOKEN, PreparedCorpus, is_prepared, load_tokenizer, split_batch
-from deepmoe.io.checkpoint import checkpoint_dir, copy_tokenizer_files
+from deepmoe.io.checkpoint import checkpoint_dir, copy_tokenizer_files, load_config
 from deepmoe.io.files import atomic_directory, claim_directory, refuse_overlap, write_json
 from deepmoe.model import from_pretrained
 from deepmoe.model.decoder import DeepSeekForCausalLM
@@ -291,19 +291,20 @@ def prune(
             raise ValueError(f"{name}={value!r} must be an integer >= 1")
     source = checkpoint_dir(model_dir)
     refuse_overlap(out, [source], "the checkpoint being pruned")
-    with claim_directory(out, "pruned checkpoint") as target:
-        model = from_pretrained(source, device=_device(device))
-        config = model.config
-        if config.moe is None:
-            raise ValueError(f"{source}: a dense model has no experts to prune")
-        for layer in model.moe_layers().values():  # refuse a bad keep before the calibration pass
-            kept_count(config, layer.config.n_routed_experts, keep)
-        if seq_len > config.max_position_embeddings:
-            raise ValueError(f"seq_len={seq_len} exceeds max_position_embeddings={config.max_position_embeddings}")
+    config = load_config(source)
+    if config.moe is None:
+        raise ValueError(f"{source}: a dense model has no experts to prune")
+    layers = [i for i in range(config.num_hidden_layers + config.num_nextn_predict_layers) if config.is_moe_layer(i)]
+    for idx in layers:  # a bad keep is refused before any work
+        kept_count(config, config.moe_config(idx).n_routed_experts, keep)
+    if seq_len > config.max_position_embeddings:
+        raise ValueError(f"seq_len={seq_len} exceeds max_position_embeddings={config.max_position_embeddings}")
+    with claim_directory(out, "new or empty directory") as target:
         vocab = load_tokenizer(source, needed_for="pruning (reading the calibration text)", tokenizer=tokenizer)
         batches = calibration_batches(data, vocab, tokens, seq_len, batch_size)
         if max(int(b.max()) for b in batches) >= config.vocab_size:
             raise ValueError(f"the tokenizer yields ids beyond the model's vocab_size={config.vocab_size}")
+        model = from_pretrained(source, device=_device(device))
         device_ = next(model.parameters()).device
         stats = collect_expert_stats(model, [b.to(device_) for b in batches])
         scores = expert_scores(stats, method)
