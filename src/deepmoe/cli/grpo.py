@@ -7,8 +7,8 @@ from pathlib import Path
 
 from deepmoe.cli import common
 from deepmoe.cli.argtypes import positive_int
-from deepmoe.io.checkpoint import checkpoint_dir, copy_tokenizer_files
-from deepmoe.tools.grpo import TASKS, GRPOConfig, StepLog, UserReward, grpo
+from deepmoe.io.checkpoint import checkpoint_dir
+from deepmoe.tools.grpo import TASKS, Arithmetic, GRPOConfig, StepLog, UserReward, grpo
 
 HELP = "GRPO on verifiable rewards, with MoE routing replay"
 DESCRIPTION = (
@@ -24,6 +24,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add = parser.add_argument
     add("model", metavar="CKPT", help="checkpoint directory (a run, a step or an HF folder) with tokenizer.json")
     add("--task", choices=sorted(TASKS), default="arithmetic", help="built-in task: prompts and exact checker")
+    add("--operands-below", type=positive_int, default=50, help="arithmetic: a, b < this (default 50)")
     add("--reward", metavar="MODULE:FUNCTION", help="your reward(prompt, completion) -> number, on --task's prompts")
     add("--out", required=True, metavar="DIR", help="a new (or empty) directory for the log and the model")
     add("--steps", type=positive_int, default=200, help="rollout batches (default 200)")
@@ -49,9 +50,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from deepmoe import from_pretrained
 
-    out = Path(args.out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise ValueError(f"--out {out} exists and is not an empty directory: give a new one")
     config = GRPOConfig(
         steps=args.steps, prompts_per_step=args.prompts, group=args.group, max_new_tokens=args.max_new_tokens,
         temperature=args.temperature, clip_eps=args.clip_eps, kl_beta=args.kl_beta, lr=args.lr,
@@ -62,7 +60,7 @@ def run(args: argparse.Namespace) -> int:
     source = checkpoint_dir(args.model)
     model = from_pretrained(source)
     tokenizer = common.load_tokenizer(str(source), args.tokenizer)
-    task = TASKS[args.task]()
+    task = Arithmetic(args.operands_below) if args.task == "arithmetic" else TASKS[args.task]()
     if args.reward:
         task = UserReward(task, args.reward)
     console = common.console()
@@ -73,9 +71,8 @@ def run(args: argparse.Namespace) -> int:
             f"kl {entry.kl:.4f}  ratio var {entry.ratio_variance:.2e}  changed routing {entry.changed_routing:.1%}"
         )
 
-    grpo(model, tokenizer, task, config, out, on_step=show,
+    grpo(model, tokenizer, task, config, args.out, source=source, on_step=show,
          on_warning=lambda text: common.error_console().print(f"warning: {text}"))  # fmt: skip
-    model.save_pretrained(out / "final")
-    copy_tokenizer_files(source, out / "final")
+    out = Path(args.out)
     console.print(f"wrote {out / 'log.jsonl'} and the model to {out / 'final'}")
     return 0

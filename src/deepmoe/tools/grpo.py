@@ -31,6 +31,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from deepmoe.io.checkpoint import copy_tokenizer_files
+from deepmoe.io.files import claim_directory, refuse_overlap, write_json
 from deepmoe.model.generate import generate
 from deepmoe.moe import MoE
 
@@ -305,16 +307,29 @@ def grpo(
     task: Task,
     config: GRPOConfig,
     out: str | Path,
+    source: str | Path | None = None,
     on_step: Callable[[StepLog], None] | None = None,
     on_warning: Callable[[str], None] | None = None,
 ) -> list[StepLog]:
-    """Run GRPO on `model` (updated in place; a frozen copy is the reference) for `task`; writes `out`/log.jsonl
-    and `out`/grpo_config.json; returns the per-step logs. `tokenizer`: a `tokenizers.Tokenizer`; completions
-    end at the model's EOS id (config.eos_token_id) or after max_new_tokens."""
+    """Run GRPO on `model` (updated in place; a frozen copy is the reference) for `task` in the new (or empty)
+    directory `out`, held against other processes while it runs: `grpo_config.json`, `log.jsonl` (one line per
+    step) and the trained model in `final/` (with `source`'s tokenizer files when the checkpoint directory it
+    came from is given). Returns the per-step logs. `tokenizer`: a `tokenizers.Tokenizer`; completions end at
+    the model's EOS id (config.eos_token_id) or after max_new_tokens."""
     config.check()
-    out = Path(out)
+    if source is not None:
+        refuse_overlap(out, [source], "the checkpoint GRPO starts from")
+    with claim_directory(out, "new or empty directory") as target:
+        logs = _run(model, tokenizer, task, config, target, on_step, on_warning)
+        model.save_pretrained(target / "final")
+        if source is not None:
+            copy_tokenizer_files(Path(source), target / "final")
+    return logs
+
+
+def _run(model, tokenizer, task, config, out: Path, on_step, on_warning) -> list[StepLog]:
     out.mkdir(parents=True, exist_ok=True)
-    (out / "grpo_config.json").write_text(json.dumps(asdict(config), indent=2))
+    write_json(out / "grpo_config.json", asdict(config))
     rng = random.Random(config.seed)
     generator = torch.Generator(model.model.embed_tokens.weight.device).manual_seed(config.seed)
     reference = _frozen_copy(model)
