@@ -17,7 +17,7 @@ from tokenizers import Tokenizer
 
 from _common import interleaved_medians
 from deepmoe import from_pretrained
-from deepmoe.model.generate import generate, generate_speculative
+from deepmoe.model.generate import generate, generate_speculative, left_padded
 from deepmoe.runtime import keep_freed_memory
 
 PROMPTS = [
@@ -28,14 +28,6 @@ PROMPTS = [
     "import os\nimport sys\n\n",
     "class Queue:\n    def __init__(self):\n",
 ]
-
-
-def left_padded(rows: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Token id lists → (ids [B, S], attention_mask [B, S]), padding on the left (id 0, mask 0)."""
-    width = max(len(r) for r in rows)
-    ids = torch.tensor([[0] * (width - len(r)) + r for r in rows])
-    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
-    return ids, mask
 
 
 def main() -> None:

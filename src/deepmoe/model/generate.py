@@ -123,6 +123,15 @@ def _check_attention_mask(attention_mask, input_ids: Tensor) -> Tensor | None:
     return mask
 
 
+def left_padded(rows: list[list[int]], pad_id: int = 0, device=None) -> tuple[Tensor, Tensor]:
+    """Token id lists of any lengths → (input_ids [B, S], attention_mask [B, S]) padded on the left with `pad_id`
+    (mask 0), the batch layout `generate` and `generate_speculative` take."""
+    width = max(len(r) for r in rows)
+    ids = torch.tensor([[pad_id] * (width - len(r)) + list(r) for r in rows], dtype=torch.long, device=device)
+    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], dtype=torch.long, device=device)
+    return ids, mask
+
+
 @contextmanager
 def _inference(model: nn.Module) -> Iterator[None]:
     """Run the model as at inference (eval: no capacity dropping, so one row's tokens, padding included,

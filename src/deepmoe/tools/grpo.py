@@ -33,7 +33,7 @@ from torch import Tensor, nn
 
 from deepmoe.io.checkpoint import copy_tokenizer_files
 from deepmoe.io.files import claim_directory, refuse_overlap, write_json
-from deepmoe.model.generate import generate
+from deepmoe.model.generate import generate, left_padded
 from deepmoe.moe import MoE
 
 # ---- the objective -------------------------------------------------------------------------------------------
@@ -294,13 +294,6 @@ class StepLog:
     skipped: int
 
 
-def _left_padded(rows: list[list[int]], device: torch.device) -> tuple[Tensor, Tensor]:
-    width = max(len(r) for r in rows)
-    ids = torch.tensor([[0] * (width - len(r)) + r for r in rows], device=device)
-    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=device)
-    return ids, mask
-
-
 def grpo(
     model: nn.Module,
     tokenizer,
@@ -360,7 +353,7 @@ def _step(model, reference, tokenizer, task, config, optimizer, params, rng, gen
     device = model.model.embed_tokens.weight.device
     prompts = [task.prompt(rng) for _ in range(config.prompts_per_step)]
     rows = [tokenizer.encode(p).ids for p in prompts for _ in range(config.group)]
-    prompt_ids, prompt_mask = _left_padded(rows, device)
+    prompt_ids, prompt_mask = left_padded(rows, device=device)
     start = prompt_ids.shape[1]
     model.eval()
     recorder = RoutingRecorder(model)
