@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from configs import tiny_preset
 from corpora import byte_level_bpe
 from deepmoe.model.decoder import DeepSeekForCausalLM
-from deepmoe.model.generate import IncrementalDecoder, TextStreamer, generate, generate_speculative
+from deepmoe.model.generate import IncrementalDecoder, TextStreamer, generate, generate_speculative, left_padded
 
 MULTIBYTE = "東京 こんにちは, café — “quoted” naïve 日本語のテキスト ok"
 
@@ -237,6 +237,13 @@ def _left_pad(prompts: list[list[int]], pad: int = 0) -> tuple[torch.Tensor, tor
     ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts])
     mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
     return ids, mask
+
+
+def test_left_padded_is_the_layout_generate_takes():
+    ids, mask = left_padded([[5, 17, 42], [61], [9, 33]], pad_id=3)
+    assert ids.tolist() == [[5, 17, 42], [3, 3, 61], [3, 9, 33]] and mask.tolist() == [[1, 1, 1], [0, 0, 1], [0, 1, 1]]
+    want = _left_pad([[5, 17, 42], [61], [9, 33]], pad=3)
+    assert torch.equal(ids, want[0]) and torch.equal(mask, want[1])
 
 
 PROMPTS = [[5, 17, 42, 8, 3], [61, 2], [9, 33, 70, 12, 44, 1, 90], [7]]
