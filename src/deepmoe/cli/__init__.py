@@ -29,6 +29,7 @@ COMMANDS = {  # name on the command line: module in deepmoe.cli
     "study": "study",
     "inspect": "inspect",
     "generate": "generate",
+    "serve": "serve",
     "grpo": "grpo",
 }
 
