@@ -7,8 +7,8 @@
    prompts and seeds (--steps each).
 3. Prints, per run, the reward over the first and the last --window steps, the variance of the importance ratio
    ρ = π_θ/π_θold over the completion tokens (ρ = 1 exactly at each batch's first update; the second update, μ = 2,
-   is where the re-scoring network matters), the share of (token, layer) pairs whose experts the current router
-   would choose differently from the sampler's, and the wall time.
+   is where the re-scoring network matters), the share of (token, layer) pairs whose experts the router, after
+   the step's updates, would choose differently from the sampler, and the wall time.
 
     python benchmarks/grpo.py [--high 20] [--sft-steps 150] [--steps 100] [--window 10] [--out runs/grpo-bench]
 """

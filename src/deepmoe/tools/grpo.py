@@ -291,6 +291,8 @@ class StepLog:
     ratio_variance: float
     clipped: float
     changed_routing: float
+    """The share of (token, layer) pairs whose experts the router, after this step's updates, would choose
+    differently from the sampler: what routing replay holds fixed."""
     skipped: int
 
 
@@ -391,7 +393,6 @@ def _step(model, reference, tokenizer, task, config, optimizer, params, rng, gen
     with torch.no_grad():
         old_logp = completion_logprobs(model, ids, attention_mask, start, recorded)  # under the sampler's routing
         ref_logp = completion_logprobs(reference, ids, attention_mask, start)
-        changed = changed_routing(model, ids, attention_mask, recorded)
     parts = None
     for _ in range(config.updates_per_batch):
         logp = completion_logprobs(model, ids, attention_mask, start, replay)
@@ -401,6 +402,7 @@ def _step(model, reference, tokenizer, task, config, optimizer, params, rng, gen
         if config.grad_clip:
             torch.nn.utils.clip_grad_norm_(params, config.grad_clip)
         optimizer.step()
+    changed = changed_routing(model, ids, attention_mask, recorded)  # the router after this step's updates
     return StepLog(
         step=0,
         reward=float(reward_tensor[valid].mean()) if valid.any() else float("nan"),
