@@ -3,6 +3,7 @@ chat, streaming, logprobs and echo), and its errors through FastAPI's TestClient
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 
@@ -219,3 +220,30 @@ def test_a_full_queue_answers_503(served):
             assert [r.status_code for r in results] == [200, 200]
     finally:
         gate.set()
+
+
+def test_per_request_steering_and_routing(served, client, tmp_path):
+    """`deepmoe.disabled` and a steer.json file steer that request only; `return_routing` gives each new token's
+    experts per MoE layer."""
+    engine = served[2]
+    layer = engine.moe_layers[-1]
+    kwargs = {"model": "tiny", "prompt": "the quick", "max_tokens": 6, "temperature": 0}
+    plain = client.completions.create(**kwargs, extra_body={"deepmoe": {"return_routing": True}})
+    routed = plain.choices[0].model_extra["deepmoe"]
+    assert routed["layers"] == engine.moe_layers and len(routed["routing"]) == 6
+    used = sorted({token[-1][0] for token in routed["routing"]})
+    steer = {"deepmoe": {"disabled": {str(layer): used}, "return_routing": True}}
+    steered = client.completions.create(**kwargs, extra_body=steer)
+    experts = {e for token in steered.choices[0].model_extra["deepmoe"]["routing"] for e in token[-1]}
+    assert not experts & set(used)
+    assert steered.choices[0].text != plain.choices[0].text
+    path = tmp_path / "steer.json"
+    path.write_text(json.dumps({"format": "deepmoe-steering", "version": 1, "action": "disable",
+                                "layers": {str(layer): used}}))  # fmt: skip
+    from_file = client.completions.create(**kwargs, extra_body={"deepmoe": {"steer": str(path)}})
+    assert from_file.choices[0].text == steered.choices[0].text
+    assert client.completions.create(**kwargs).choices[0].text == plain.choices[0].text  # nothing left behind
+    bad = TestClient(served[3]).post("/v1/completions", json={"prompt": "a", "deepmoe": {"disabled": {"0": [1]}}})
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "deepmoe"
+    missing = TestClient(served[3]).post("/v1/completions", json={"prompt": "a", "deepmoe": {"steer": "/nope.json"}})
+    assert missing.status_code == 400 and "deepmoe.steer" in missing.json()["error"]["message"]

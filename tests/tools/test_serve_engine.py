@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from deepmoe.model.generate import generate
-from deepmoe.tools.serve import Engine, GenerationRequest, QueueFull
+from deepmoe.tools.serve import Engine, GenerationRequest, QueueFull, Steering
 from deepmoe.tools.serve.engine import Finished, TokenInfo, wait_idle
 from serving import tiny_model
 
@@ -129,3 +129,46 @@ def test_bad_requests_are_refused(model, fields, message):
     engine = Engine(model, max_context=64)
     with pytest.raises(ValueError, match=message):
         engine.check(GenerationRequest(emit=lambda e: None, **fields))
+
+
+def test_steering_applies_to_its_row_only(model):
+    """A steered request batched with unsteered ones gets the tokens of the model with that global mask; the
+    others get the unmasked model's; the returned routing never names a disabled expert."""
+    layer = max(model.moe_layers().keys() & set(range(model.config.num_hidden_layers)))
+    gate = model.moe_layers()[layer].gate
+    engine = Engine(model, max_batch=4, eos_token_id=[]).start()
+    try:
+        plain = [_alone(model, p, 8) for p in PROMPTS[:3]]
+        first_choice = engine.generate(prompt=PROMPTS[1], max_tokens=8, return_routing=True)[1]
+        disabled = sorted({t.routing[engine.moe_layers.index(layer)][0] for t in first_choice})  # what it used
+        gate.set_expert_mask(disabled=disabled)
+        try:
+            steered = _alone(model, PROMPTS[1], 8)
+        finally:
+            gate.clear_expert_mask()
+        assert steered != plain[1]
+        results: list = [None] * 3
+
+        def run(i: int) -> None:
+            extra = {"steering": Steering(disabled={layer: disabled}), "return_routing": True} if i == 1 else {}
+            results[i] = engine.generate(prompt=PROMPTS[i], max_tokens=8, **extra)[1]
+
+        threads = [threading.Thread(target=run, args=(i,)) for i in range(3)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        assert [[t.id for t in r] for r in results] == [plain[0], steered, plain[2]]
+        used = {e for t in results[1] for e in t.routing[engine.moe_layers.index(layer)]}
+        assert not used & set(disabled)
+        assert all(len(t.routing) == len(engine.moe_layers) for t in results[1])
+    finally:
+        engine.stop()
+
+
+def test_bad_steering_is_refused(model):
+    engine = Engine(model)
+    with pytest.raises(ValueError, match="steering names layers \\[0\\]"):
+        engine.check(GenerationRequest(prompt=[1], emit=print, steering=Steering(disabled={0: [1]})))
+    with pytest.raises(ValueError, match="layer 1: disabled experts .* out of range"):
+        engine.check(GenerationRequest(prompt=[1], emit=print, steering=Steering(disabled={1: [99]})))

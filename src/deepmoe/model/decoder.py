@@ -23,7 +23,7 @@ from deepmoe.model.norm import RMSNorm
 from deepmoe.model.pretrained import load_pretrained, save_pretrained
 from deepmoe.moe import MoE, RoutingStats, SwiGLU
 from deepmoe.moe.experts import RoutedExperts
-from deepmoe.moe.router import Router
+from deepmoe.moe.router import Router, RowExpertMask
 from deepmoe.parallel import apply_expert_parallel
 
 
@@ -78,14 +78,15 @@ class DecoderLayer(nn.Module):
         cache: KVCache | None,
         key_mask: Tensor | None = None,
         output_routing_stats: bool = True,
+        expert_mask: RowExpertMask | None = None,
     ):
         """x [B, S, H] → ([B, S, H], the MoE layer's `BlockRouting` or None); key_mask [B, T] bool, False at
-        padding keys."""
+        padding keys; expert_mask: the rows' own expert masks for the MoE layer (`Router.row_mask`)."""
         x = x + self.self_attn(self.input_layernorm(x), positions, cache, key_mask)
         h = self.post_attention_layernorm(x)
         if isinstance(self.mlp, MoE):
             # no host sync per layer (check_finite=False): the model checks its input ids
-            moe_out = self.mlp(h, check_finite=False, output_stats=output_routing_stats)
+            moe_out = self.mlp(h, check_finite=False, output_stats=output_routing_stats, expert_mask=expert_mask)
             return x + moe_out.hidden_states, BlockRouting(moe_out.aux_loss, moe_out.stats)
         return x + self.mlp(h), None
 
@@ -269,6 +270,7 @@ class DeepSeekForCausalLM(nn.Module):
         output_mtp: bool | None = None,
         attention_mask: Tensor | None = None,
         output_routing_stats: bool = True,
+        expert_masks: dict[int, RowExpertMask] | None = None,
     ) -> CausalLMOutput:
         """input_ids [B, S] → logits [B, S, V]; `labels` [B, S] (−100 = ignore) are shifted inside, as in HF.
 
@@ -286,6 +288,9 @@ class DeepSeekForCausalLM(nn.Module):
 
         `output_routing_stats=False` (what decoding passes) skips the per-layer routing statistics and, in eval
         mode, the balance losses: `routing_stats` stays empty and `aux_loss` is 0.
+
+        `expert_masks` {MoE layer index: `RowExpertMask`} (from that layer's `gate.row_mask`): each row's own
+        disabled/forced experts in that layer, on top of the global masks (per-request steering when serving).
         """
         cfg = self.config
         cache = past_key_values if past_key_values is not None else (KVCache() if use_cache else None)
@@ -305,8 +310,12 @@ class DeepSeekForCausalLM(nn.Module):
         x = embeddings
         stats: dict[int, RoutingStats] = {}
         aux = embeddings.new_zeros((), dtype=torch.float32)
+        masks = expert_masks or {}
+        if masks and not set(masks) <= {i for i, b in enumerate(self.model.layers) if isinstance(b.mlp, MoE)}:
+            moe = sorted(i for i in self.moe_layers() if i < cfg.num_hidden_layers)
+            raise ValueError(f"expert_masks names layers {sorted(masks)}; the MoE layers are {moe}")
         for layer in self.model.layers:
-            x, moe_out = layer(x, positions, cache, key_mask, output_routing_stats)
+            x, moe_out = layer(x, positions, cache, key_mask, output_routing_stats, masks.get(layer.layer_idx))
             if moe_out is not None:
                 if moe_out.stats is not None:
                     stats[layer.layer_idx] = moe_out.stats

@@ -20,7 +20,7 @@ from deepmoe.config import MoEConfig
 from deepmoe.moe.balance import RoutingStats, balance_losses, routing_stats
 from deepmoe.moe.dispatch import Dispatcher, LocalDispatcher
 from deepmoe.moe.experts import RoutedExperts, SwiGLU
-from deepmoe.moe.router import Router, RouterOutput
+from deepmoe.moe.router import Router, RouterOutput, RowExpertMask
 from deepmoe.runtime import debug_checks_enabled
 
 
@@ -139,6 +139,7 @@ class MoE(nn.Module):
         *,
         check_finite: bool = True,
         output_stats: bool = True,
+        expert_mask: RowExpertMask | None = None,
     ) -> MoEOutput:
         """hidden_states [B, S, H], or [T, H]: `batch_size` sequences of T / batch_size tokens each, one after the
         other (token t is in sequence t // (T / batch_size)) → an output of the same shape.
@@ -158,6 +159,8 @@ class MoE(nn.Module):
 
         `output_stats=False` (decoding) leaves out the routing statistics (`stats` None) and, outside training,
         the balance losses (`aux_loss` 0): work nothing reads while generating.
+
+        `expert_mask` (`Router.row_mask`): each sequence's own disabled/forced experts (per-request steering).
         """
         self._check_input(hidden_states)
         if (check_finite or debug_checks_enabled()) and not torch.compiler.is_compiling():
@@ -167,7 +170,7 @@ class MoE(nn.Module):
         batch_size = self._check_batch_size(hidden_states, batch_size)
         x = hidden_states.reshape(-1, shape[-1])  # [T, H]
 
-        routing = self.gate(x, batch_size)
+        routing = self.gate(x, batch_size, expert_mask)
         rows, tokens_per_expert, state = self.dispatcher.dispatch(x, routing)
         out = self.dispatcher.combine(self.experts(rows, tokens_per_expert, state.row_weight), state)
         if self.shared_experts is not None:

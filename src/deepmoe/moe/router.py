@@ -39,6 +39,15 @@ class RouterOutput:
     """Number of sequences the T tokens form (sequence-major), for per-sequence quantities."""
 
 
+@dataclass(frozen=True)
+class RowExpertMask:
+    """Expert masks of one batch's rows (per-request steering): `disabled`, `forced` [B, N_r] bool, applied to
+    every token of their row on top of the router's own (global) masks. `Router.row_mask` builds and checks one."""
+
+    disabled: Tensor
+    forced: Tensor
+
+
 def count_ids(ids: Tensor, n: int) -> Tensor:
     """[n] int64, how often each id in [0, n) occurs in `ids`: `torch.bincount(ids, minlength=n)` with a
     static shape (ids >= n are not allowed), which `torch.compile` traces without a graph break."""
@@ -237,6 +246,17 @@ class Router(nn.Module):
                 f"disable_top={disable_top} leaves {n - disable_top} experts, fewer than num_experts_per_tok={k}"
             )
         off, on = _index_mask(disabled, n, "disabled"), _index_mask(forced, n, "forced")
+        self._check_mask(off, on)
+        self.disabled_experts.copy_(off)
+        self.forced_experts.copy_(on)
+        self.disable_top = disable_top
+        self.has_expert_mask = bool(off.any() or on.any() or disable_top)
+
+    def _check_mask(self, off: Tensor, on: Tensor) -> None:
+        """ValueError when `off` and `on` ([N_r] bool) overlap, force more than K_r experts, or leave some token
+        fewer than K_r reachable experts (`worst_case_reach`)."""
+        cfg = self.config
+        k = cfg.num_experts_per_tok
         if (off & on).any():
             raise ValueError(f"experts {torch.nonzero(off & on).flatten().tolist()} are both disabled and forced")
         if on.sum() > k:
@@ -253,10 +273,29 @@ class Router(nn.Module):
                 f"disabling {int(off.sum())} and forcing {int(on.sum())} experts leaves some token only {reach} "
                 f"reachable experts{detail}, fewer than num_experts_per_tok={k}"
             )
-        self.disabled_experts.copy_(off)
-        self.forced_experts.copy_(on)
-        self.disable_top = disable_top
-        self.has_expert_mask = bool(off.any() or on.any() or disable_top)
+
+    def row_mask(self, rows: Sequence[tuple[ExpertSelection, ExpertSelection]]) -> RowExpertMask:
+        """Per-row expert masks for a batch of len(rows) rows, each (disabled, forced) as `set_expert_mask` takes
+        them, checked as it checks them, combined with this router's own masks (a row cannot re-enable an
+        expert the router disables). Pass it as `expert_mask` to `forward`, `MoE.forward`, or per layer to the
+        model's forward (`expert_masks`)."""
+        if self.disable_top:
+            raise ValueError("per-row expert masks cannot be combined with disable_top")
+        n = self.config.n_routed_experts
+        disabled, forced = [], []
+        for i, (row_off, row_on) in enumerate(rows):
+            off = _index_mask(row_off, n, f"row {i} disabled") | self.disabled_experts.cpu()
+            on = _index_mask(row_on, n, f"row {i} forced") | self.forced_experts.cpu()
+            try:
+                self._check_mask(off, on)
+            except ValueError as error:
+                raise ValueError(f"row {i}: {error}") from None
+            disabled.append(off)
+            forced.append(on)
+        device = self.weight.device
+        stacked = [torch.stack(m).to(device) if m else torch.zeros(0, n, dtype=torch.bool, device=device)
+                   for m in (disabled, forced)]  # fmt: skip
+        return RowExpertMask(*stacked)
 
     def clear_expert_mask(self) -> None:
         self.set_expert_mask()
@@ -295,8 +334,9 @@ class Router(nn.Module):
         bias.add_(self.config.bias_update_speed * torch.sign(above_mean).to(bias.dtype))
 
     # ---- forward ------------------------------------------------------------------------------
-    def forward(self, x: Tensor, batch_size: int = 1) -> RouterOutput:
-        """Route `x` [T, H]; `batch_size` sequences of T / batch_size tokens each.
+    def forward(self, x: Tensor, batch_size: int = 1, expert_mask: RowExpertMask | None = None) -> RouterOutput:
+        """Route `x` [T, H]; `batch_size` sequences of T / batch_size tokens each. `expert_mask` (from `row_mask`):
+        each sequence's own expert masks, [batch_size, N_r], on top of the router's.
 
         The routing is computed in float32 whatever x's dtype: a float64 input (a float64 model) is rounded to
         float32 here, with a warning, once per process (the rest of the layer keeps float64)."""
@@ -312,7 +352,7 @@ class Router(nn.Module):
         if self.replay is not None:
             topk_idx = self._replayed(logits.shape[0])
         else:
-            topk_idx = self._choose(scores)
+            topk_idx = self._choose(scores, expert_mask, batch_size)
         topk_weight = scores.gather(1, topk_idx)
         if cfg.norm_topk_prob:
             topk_weight = topk_weight / (topk_weight.sum(-1, keepdim=True) + 1e-20)
@@ -336,21 +376,25 @@ class Router(nn.Module):
             raise ValueError(f"routing replay holds expert ids outside [0, {cfg.n_routed_experts})")
         return replay
 
-    def _choose(self, scores: Tensor) -> Tensor:
-        """R2/R3/R6: the K_r experts [T, K] each token takes, ranked by s + b within its allowed groups."""
+    def _choose(self, scores: Tensor, expert_mask: RowExpertMask | None = None, batch_size: int = 1) -> Tensor:
+        """R2/R3/R6: the K_r experts [T, K] each token takes, ranked by s + b within its allowed groups (and the
+        rows' own `expert_mask`)."""
         cfg = self.config
         choice = scores.detach()  # what selection ranks: s + b, limited to allowed groups/experts
         if self.e_score_correction_bias is not None:
             choice = choice + self.e_score_correction_bias
-        masked = self.has_expert_mask
+        masked = self.has_expert_mask or expert_mask is not None
+        disabled, forced = self.disabled_experts, self.forced_experts  # [N], or per token [T, N]
+        if expert_mask is not None:
+            disabled, forced = self._per_token(expert_mask, scores.shape[0], batch_size)
         if masked:
-            choice = choice.masked_fill(self.disabled_experts, -math.inf)
+            choice = choice.masked_fill(disabled, -math.inf)
             if self.disable_top:
                 choice = choice.scatter(1, scores.detach().topk(self.disable_top, dim=-1).indices, -math.inf)
         if cfg.topk_method != "greedy" and cfg.topk_group < cfg.n_group:
-            choice = self._limit_groups(choice, masked)
+            choice = self._limit_groups(choice, forced if masked else None)
         if masked:
-            choice = choice.masked_fill(self.forced_experts, math.inf)
+            choice = choice.masked_fill(forced, math.inf)
         topk_idx = choice.topk(cfg.num_experts_per_tok, dim=-1).indices  # [T, K]
         # set_expert_mask's reach check proves this never happens; asserting it costs a host sync: debug only
         if masked and debug_checks_enabled() and torch.isneginf(choice.gather(1, topk_idx)).any():
@@ -360,8 +404,22 @@ class Router(nn.Module):
             )
         return topk_idx
 
-    def _limit_groups(self, choice: Tensor, masked: bool) -> Tensor:
-        """R3: keep the experts of each token's best `topk_group` groups; −inf elsewhere."""
+    def _per_token(self, row_mask: RowExpertMask, tokens: int, batch_size: int) -> tuple[Tensor, Tensor]:
+        """The row masks, each row's repeated for its tokens and combined with the router's: [T, N] each."""
+        n = self.config.n_routed_experts
+        for name in ("disabled", "forced"):
+            mask = getattr(row_mask, name)
+            if not isinstance(mask, Tensor) or mask.dtype != torch.bool or tuple(mask.shape) != (batch_size, n):
+                shape = tuple(mask.shape) if isinstance(mask, Tensor) else type(mask).__name__
+                raise ValueError(f"expert_mask.{name} must be a bool tensor [{batch_size}, {n}], got {shape}")
+        per_row = tokens // batch_size
+        disabled = (row_mask.disabled | self.disabled_experts).repeat_interleave(per_row, 0)
+        forced = (row_mask.forced | self.forced_experts).repeat_interleave(per_row, 0)
+        return disabled, forced
+
+    def _limit_groups(self, choice: Tensor, forced: Tensor | None) -> Tensor:
+        """R3: keep the experts of each token's best `topk_group` groups; −inf elsewhere. `forced` [N] or [T, N]
+        (None: no mask): a forced expert's group is always kept."""
         cfg = self.config
         t = choice.shape[0]
         grouped = choice.view(t, cfg.n_group, cfg.experts_per_group)
@@ -369,7 +427,9 @@ class Router(nn.Module):
             group_scores = grouped.amax(-1)  # V2: best expert of the group
         else:
             group_scores = grouped.topk(2, dim=-1).values.sum(-1)  # V3: sum of the top-2 biased scores
-        forced_groups = self.forced_experts.view(cfg.n_group, cfg.experts_per_group).any(-1) if masked else None
+        forced_groups = None
+        if forced is not None:
+            forced_groups = forced.view(*forced.shape[:-1], cfg.n_group, cfg.experts_per_group).any(-1)
         if forced_groups is not None:
             group_scores = group_scores.masked_fill(forced_groups, math.inf)
         # ties (−inf groups under a mask) go to the lower group index, as `worst_case_reach` assumes

@@ -27,6 +27,7 @@ from torch import Tensor, nn
 
 from deepmoe.model.attention import KVCache
 from deepmoe.model.generate import _eos_ids, sample_next
+from deepmoe.moe.router import RowExpertMask
 
 logger = logging.getLogger(__name__)
 
@@ -108,7 +109,7 @@ class _Row:
     next_token: int  # sampled, not yet in the cache
     generated: int
     generator: torch.Generator
-    row_mask: dict[int, tuple[Tensor, Tensor]] | None
+    row_mask: dict[int, Tensor] | None
     pending: TokenInfo | None = None  # sampled, emitted once its routing is known (return_routing)
     finish: Finished | None = None  # emitted after `pending`
 
@@ -248,8 +249,24 @@ class Engine:
         return prompt, [e for e in events if isinstance(e, TokenInfo)], finish.reason
 
     # ---- steering ----------------------------------------------------------------------------------------
-    def _row_mask(self, steering: Steering) -> dict[int, tuple[Tensor, Tensor]] | None:
-        raise ValueError("deepmoe: per-request steering is not supported by this engine")
+    def _row_mask(self, steering: Steering) -> dict[int, Tensor]:
+        """{layer: [2, N_r] bool (disabled; forced)}: the request's masks, checked by each layer's router (with
+        its global mask); ValueError naming the layer otherwise."""
+        gates = self.model.moe_layers()
+        layers = sorted(set(steering.disabled) | set(steering.forced))
+        unknown = [i for i in layers if i not in self.moe_layers]
+        if unknown:
+            raise ValueError(f"deepmoe: steering names layers {unknown}, but the MoE layers are {self.moe_layers}")
+        masks = {}
+        for i in layers:
+            try:
+                mask = gates[i].gate.row_mask([(steering.disabled.get(i), steering.forced.get(i))])
+            except ValueError as error:
+                raise ValueError(
+                    f"deepmoe: layer {i}: {str(error).removeprefix('row 0: ').removeprefix('row 0 ')}"
+                ) from None
+            masks[i] = torch.cat([mask.disabled, mask.forced])
+        return masks
 
     # ---- the engine thread -------------------------------------------------------------------------------
     def _hook(self, layer: int):
@@ -421,9 +438,19 @@ class Engine:
             cache.update(i, *(t[:, lead:] for t in tensors))
         self._cache, self._mask = cache, mask[:, lead:].contiguous()
 
-    @staticmethod
-    def _stack_masks(row_masks: list, rows: int) -> dict[int, tuple[Tensor, Tensor]] | None:
-        return None
+    def _stack_masks(self, row_masks: list[dict[int, Tensor] | None], rows: int) -> dict[int, RowExpertMask] | None:
+        """The rows' masks as the model's `expert_masks` (rows without steering: no expert masked)."""
+        layers = sorted({i for m in row_masks if m for i in m})
+        if not layers:
+            return None
+        gates = self.model.moe_layers()
+        out = {}
+        for i in layers:
+            n = gates[i].config.n_routed_experts
+            none = torch.zeros(2, n, dtype=torch.bool, device=self.device)
+            both = torch.stack([m[i] if m and i in m else none for m in row_masks], 1)  # [2, B, N]
+            out[i] = RowExpertMask(both[0], both[1])
+        return out
 
     def _step(self) -> None:
         """One decoding step for every row; finished rows leave the cache."""
