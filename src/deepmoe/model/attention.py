@@ -24,7 +24,14 @@ from torch import Tensor, nn
 from deepmoe.config import DeepSeekConfig
 from deepmoe.model.norm import RMSNorm
 from deepmoe.model.rope import RotaryEmbedding, apply_rotary, softmax_scale
-from deepmoe.model.sparse_attention import LightningIndexer, allowed_keys, selection_mask, sparse_latent_attention
+from deepmoe.model.sparse_attention import (
+    LightningIndexer,
+    allowed_keys,
+    attention_distribution,
+    indexer_kl,
+    selection_mask,
+    sparse_latent_attention,
+)
 
 
 class KVCache:
@@ -151,6 +158,9 @@ class MultiHeadLatentAttention(nn.Module):
     With `config.has_indexer` (DeepSeek-V3.2's DSA, `model/sparse_attention.py`) each token attends only over the
     top-`index_topk` keys of the lightning `indexer`, whose keys k^I are cached beside [c_KV; k^R]: the naive form
     masks the others out, the absorbed form gathers the selected latents (its work per token ∝ k, not the context).
+    The indexer reads x and c^Q detached, so the language-model loss never reaches it. In train mode the naive form
+    also leaves the indexer's KL loss in `indexer_loss` (`take_indexer_loss`): over the selected keys, or, with
+    `indexer_warmup` set, over every causal key while the attention itself stays dense (V3.2's dense warm-up).
     """
 
     def __init__(self, config: DeepSeekConfig, layer_idx: int) -> None:
@@ -182,6 +192,15 @@ class MultiHeadLatentAttention(nn.Module):
         self.rotary = RotaryEmbedding(config)
         self.softmax_scale = softmax_scale(config)
         self.indexer = LightningIndexer(config) if config.has_indexer else None
+        self.indexer_warmup = False
+        """DSA's dense warm-up: attend over every causal key; in train mode the KL still trains the indexer."""
+        self.indexer_loss: Tensor | None = None
+        """The indexer's KL of the last train-mode forward (scalar float32), until `take_indexer_loss`."""
+
+    def take_indexer_loss(self) -> Tensor | None:
+        """The indexer's KL of the last train-mode forward (None when it computed none), forgotten here."""
+        loss, self.indexer_loss = self.indexer_loss, None
+        return loss
 
     def forward(
         self, x: Tensor, positions: Tensor, cache: KVCache | None = None, key_mask: Tensor | None = None
@@ -189,6 +208,7 @@ class MultiHeadLatentAttention(nn.Module):
         """x: [B, S, H]; positions: [S] (or per row [B, S]) absolute positions of x's tokens, which follow the
         cached ones; key_mask: [B, T] bool over the cached and new tokens, False at padding."""
         bsz, seqlen, _ = x.shape
+        self.indexer_loss = None
         if self.q_lora_rank is None:
             q_compressed, q = None, self.q_proj(x)
         else:
@@ -203,17 +223,20 @@ class MultiHeadLatentAttention(nn.Module):
         c_kv = self.kv_a_layernorm(c_kv)  # [B, S, d_c]
         k_rope = _rotate(k_rope.unsqueeze(2), cos, sin, self.rope_interleave).squeeze(2)  # [B, S, d_r]
         latent = torch.cat((c_kv, k_rope), dim=-1)  # [B, S, d_c + d_r]
-        index_keys = self.indexer.keys(x, cos, sin) if self.indexer is not None else None  # k^I [B, S, D]
+        # the indexer's input is detached: only its own KL loss trains it, and that loss never reaches the model
+        index_keys = self.indexer.keys(x.detach(), cos, sin) if self.indexer is not None else None  # k^I [B, S, D]
         if cache is not None and index_keys is not None:
             latent, index_keys = cache.update(self.layer_idx, latent, index_keys)  # [B, T, d_c + d_r], [B, T, D]
         elif cache is not None:
             (latent,) = cache.update(self.layer_idx, latent)  # [B, T, d_c + d_r]
         total = latent.shape[1]
         offset = total - seqlen
-        selected = None
-        if self.indexer is not None:
+        selected = index_scores = allowed = None
+        if self.indexer is not None and (self.training or not self.indexer_warmup):
             allowed = allowed_keys(bsz, seqlen, total, offset, key_mask, x.device)  # [B, S, T]
-            selected = self.indexer(x, q_compressed, index_keys, cos, sin, allowed)  # indices, valid: [B, S, k]
+            index_scores = self.indexer.scores(x.detach(), q_compressed.detach(), index_keys, cos, sin)  # I [B, S, T]
+            if not self.indexer_warmup:
+                selected = self.indexer.select(index_scores, allowed)  # indices, valid: [B, S, k]
 
         if self.absorb and offset > 0:  # a prompt with nothing cached (prefill) is cheaper in the naive form
             w_kv_b = self.kv_b_proj.weight.view(self.n_heads, -1, self.kv_lora_rank)  # [n, d_n + d_v, d_c]
@@ -236,6 +259,10 @@ class MultiHeadLatentAttention(nn.Module):
             q = torch.cat((q_nope, q_rope), dim=-1)
             mask = selection_mask(*selected, total) if selected is not None else None  # DSA's keys [B, S, T]
             out = causal_attention(q, k, v, self.softmax_scale, offset, key_mask=key_mask, mask=mask)  # [B, S, n, d_v]
+            if self.training and index_scores is not None:  # KL over S_t (sparse) or every causal key (warm-up)
+                support = allowed if mask is None else mask
+                target = attention_distribution(q, k, self.softmax_scale, support)  # p_t [B, S, T], no gradient
+                self.indexer_loss = indexer_kl(target, index_scores, support)
         return self.o_proj(out.flatten(2))
 
 

@@ -32,12 +32,16 @@ class CausalLMOutput:
     logits: Tensor
     """[B, S, V] next-token logits."""
     loss: Tensor | None = None
-    """lm_loss + aux_loss + mtp_loss, when labels are given."""
+    """lm_loss + aux_loss + mtp_loss (+ indexer_loss_weight · indexer_loss in train mode), when labels are given."""
     lm_loss: Tensor | None = None
     aux_loss: Tensor | None = None
     """Sum of the MoE layers' weighted balance losses (0 for a dense model)."""
     mtp_loss: Tensor | None = None
     """λ/D Σ_k L_k of the multi-token-prediction modules, when labels are given."""
+    indexer_loss: Tensor | None = None
+    """DSA (train mode): the lightning indexers' KL to the main attention, the mean over the MLA layers (MTP blocks
+    included) of each one's mean over query tokens; in `loss` times `indexer_loss_weight`. Its gradient reaches the
+    indexers only, and the other losses' never do."""
     mtp_logits: list[Tensor] = field(default_factory=list)
     """[B, S − k, V] for depth k = 1..D: position i predicts token i + k + 1."""
     routing_stats: dict[int, RoutingStats] = field(default_factory=dict)
@@ -137,6 +141,9 @@ class DeepSeekModel(nn.Module):
 class DeepSeekForCausalLM(nn.Module):
     """DeepSeekMoE 16B / V2 / V3-style causal LM built from a `DeepSeekConfig`."""
 
+    indexer_loss_weight: float = 1.0
+    """The weight of `indexer_loss` (DSA's lightning indexers' KL, train mode) in `loss`."""
+
     def __init__(self, config: DeepSeekConfig):
         super().__init__()
         self.config = config
@@ -197,6 +204,22 @@ class DeepSeekForCausalLM(nn.Module):
         for module in self.modules():
             if isinstance(module, MultiHeadLatentAttention):
                 module.absorb = absorb
+
+    def indexed_attention(self) -> list[MultiHeadLatentAttention]:
+        """The MLA modules with a lightning indexer (DSA), MTP blocks included; empty without one."""
+        blocks = [*self.model.layers, *(m.block for m in self.model.mtp)]
+        return [b.self_attn for b in blocks if getattr(b.self_attn, "indexer", None) is not None]
+
+    def indexer_parameters(self) -> list[nn.Parameter]:
+        """The lightning indexers' parameters (what DSA's dense warm-up trains)."""
+        return [p for attn in self.indexed_attention() for p in attn.indexer.parameters()]
+
+    def set_indexer_warmup(self, warmup: bool = True) -> None:
+        """DSA's dense warm-up (True): every MLA layer with an indexer attends densely, and in train mode its KL
+        runs over all causal keys; False: attention over the indexer's top-k (the default). Which parameters train
+        is the caller's (the trainer freezes all but `indexer_parameters()` during the warm-up)."""
+        for attn in self.indexed_attention():
+            attn.indexer_warmup = warmup
 
     def moe_layers(self) -> dict[int, MoE]:
         """Layer index → MoE layer, MTP blocks included (index num_hidden_layers + k)."""
@@ -329,11 +352,16 @@ class DeepSeekForCausalLM(nn.Module):
             if key_mask is not None:
                 raise ValueError("the MTP modules do not take padding: give an attention_mask of ones or none")
             self._multi_token_prediction(x, embeddings, out, output_routing_stats)
+        kl = [loss for attn in self.indexed_attention() if (loss := attn.take_indexer_loss()) is not None]
+        if kl:
+            out.indexer_loss = torch.stack(kl).mean()
         if labels is not None:
             out.lm_loss = F.cross_entropy(
                 logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100
             )
             out.loss = out.lm_loss + out.aux_loss
+            if out.indexer_loss is not None:
+                out.loss = out.loss + self.indexer_loss_weight * out.indexer_loss
             if out.mtp_logits:
                 depth_losses = [
                     F.cross_entropy(

@@ -19,6 +19,12 @@ Parameter names are those of DeepSeek-V3.2's checkpoints and transformers' Deeps
 Hadamard transform and score in FP8; the transform is orthogonal (q·k unchanged) and FP8 only rounds, so both
 are left out here, as transformers leaves them out. The indexer only selects: top-k has no gradient, so the
 language-model loss does not train its weights.
+
+Training (the V3.2 report's continued pre-training; docs/design.md#m7-deepseek-sparse-attention): in train mode
+MLA also returns the indexer's loss, KL(p_t ‖ softmax(I_t)) averaged over the query tokens, with p_t the main
+attention's distribution summed over heads and L1-normalised (`attention_distribution`, no gradient) and the
+indexer's input detached from the main model (`indexer_kl`). In the dense warm-up the attention stays dense and
+the KL runs over every causal key; in sparse training it runs over the selected keys S_t only.
 """
 
 from __future__ import annotations
@@ -118,15 +124,19 @@ class LightningIndexer(nn.Module):
             chunks.append(torch.einsum("bsj,bsjt->bst", w[:, i : i + rows], logits.relu()))
         return torch.cat(chunks, dim=1)
 
+    def select(self, scores: Tensor, allowed: Tensor) -> tuple[Tensor, Tensor]:
+        """The top-min(k, T) keys of each token among the `allowed` ones [B, S, T] by `scores` [B, S, T] (no
+        gradient): (indices [B, S, k] into the T keys, valid [B, S, k] bool: False for picks outside `allowed`,
+        which fill the k slots when fewer are allowed)."""
+        index = scores.detach().masked_fill(~allowed, float("-inf"))
+        indices = index.topk(min(self.index_topk, index.shape[-1]), dim=-1).indices  # [B, S, k]
+        return indices, allowed.gather(-1, indices)
+
     def forward(
         self, x: Tensor, q_compressed: Tensor, keys: Tensor, cos: Tensor, sin: Tensor, allowed: Tensor
     ) -> tuple[Tensor, Tensor]:
-        """The top-min(k, T) keys of each token among the `allowed` ones [B, S, T]: (indices [B, S, k] into the T
-        keys, valid [B, S, k] bool: False for picks outside `allowed`, which fill the k slots when fewer are
-        allowed)."""
-        index = self.scores(x, q_compressed, keys, cos, sin).masked_fill(~allowed, float("-inf"))
-        indices = index.topk(min(self.index_topk, index.shape[-1]), dim=-1).indices  # [B, S, k]
-        return indices, allowed.gather(-1, indices)
+        """`select` on the scores of x [B, S, H] against keys [B, T, D]: (indices, valid) [B, S, k]."""
+        return self.select(self.scores(x, q_compressed, keys, cos, sin), allowed)
 
 
 def selection_mask(indices: Tensor, valid: Tensor, total: int) -> Tensor:
@@ -148,3 +158,33 @@ def sparse_latent_attention(q: Tensor, latent: Tensor, indices: Tensor, valid: T
     mask = valid.reshape(bsz * seqlen, 1, 1, k)
     out = F.scaled_dot_product_attention(q.reshape(bsz * seqlen, 1, n_heads, width), picked, picked, mask, scale=scale)
     return out.view(bsz, seqlen, n_heads, width)
+
+
+def attention_distribution(q: Tensor, k: Tensor, scale: float, mask: Tensor, max_logits: int = 2**27) -> Tensor:
+    """p_t of the indexer's loss: the attention probabilities softmax(q·kᵀ · scale) over the keys in `mask`, summed
+    over the heads and L1-normalised (the mean over heads), float32 and without gradient.
+
+    q: [B, S, n, d]; k: [B, T, n, d]; mask [B, S, T] bool (causal and padding, or DSA's selection; every row has a
+    key) → [B, S, T], 0 outside `mask`. Computed S' query tokens at a time (at most `max_logits` logits)."""
+    bsz, seqlen, n_heads, _ = q.shape
+    rows = max(1, max_logits // (bsz * n_heads * k.shape[1]))
+    with torch.no_grad():
+        k = k.float()
+        chunks = []
+        for i in range(0, seqlen, rows):
+            logits = torch.einsum("bshd,bthd->bsht", q[:, i : i + rows].float(), k) * scale  # [B, S', n, T]
+            logits = logits.masked_fill(~mask[:, i : i + rows, None], float("-inf"))
+            chunks.append(logits.softmax(-1).mean(2))
+        return torch.cat(chunks, dim=1)
+
+
+def indexer_kl(target: Tensor, scores: Tensor, support: Tensor) -> Tensor:
+    """The indexer's loss: the mean over query tokens of KL(p_t ‖ softmax(I_t)), both over the keys in `support`.
+
+    target p [B, S, T] (rows summing to 1 over `support`, 0 elsewhere: `attention_distribution` under the same
+    mask); scores I [B, S, T] (the indexer's, with gradient); support [B, S, T] bool, every row non-empty → scalar
+    float32. The KL's gradient reaches only `scores`."""
+    log_q = scores.float().masked_fill(~support, -1e30).log_softmax(-1)  # finite: p · log q is 0 off the support
+    p = target.detach().float()
+    kl = torch.where(support & (p > 0), p * (p.clamp_min(1e-30).log() - log_q), torch.zeros_like(log_q))
+    return kl.sum(-1).mean()

@@ -292,14 +292,16 @@ def read_training_state(step_dir: str | os.PathLike) -> tuple[dict[str, Any], di
     return info, tensors
 
 
-def load_model_weights(model: nn.Module, step_dir: str | os.PathLike) -> None:
-    """Copy the HF-format weights of a checkpoint directory into `model` (names and shapes must match)."""
+def load_model_weights(model: nn.Module, step_dir: str | os.PathLike, new: Callable[[str], bool] | None = None) -> None:
+    """Copy the HF-format weights of a checkpoint directory into `model` (names and shapes must match); the model's
+    tensors whose name `new(name)` accepts may be absent from the checkpoint (they keep their values)."""
     _, state = load_checkpoint(step_dir)
     own = model.state_dict()
-    if own.keys() != state.keys():
-        missing, extra = sorted(own.keys() - state.keys()), sorted(state.keys() - own.keys())
+    expected = own.keys() if new is None else {name for name in own if name in state or not new(name)}
+    if expected != state.keys():
+        missing, extra = sorted(expected - state.keys()), sorted(state.keys() - expected)
         raise CheckpointError(f"{step_dir}: weights do not match the model (missing {missing[:3]}, extra {extra[:3]})")
-    model.load_state_dict(state, strict=True)
+    model.load_state_dict(state, strict=new is None)
 
 
 # ---- the run directory --------------------------------------------------------------------------

@@ -20,6 +20,7 @@ from deepmoe.presets import PRESETS, get_preset
 DEFAULT_PRESET, DEFAULT_VOCAB_SIZE = "tiny-v3", 4096
 SCHEDULES = ("cosine", "wsd")
 DEVICES = ("auto", "cpu", "cuda")
+SPARSE_ATTENTION = ("dsa",)
 RESUME_OVERRIDABLE = frozenset(
     {"steps", "schedule_steps", "lr", "min_lr", "grad_clip", "eval_every", "eval_batches", "save_every",
      "keep_last", "device", "progress", "expert_parallel", "data_parallel", "activation_checkpointing",
@@ -93,6 +94,20 @@ class TrainConfig:
     )  # fmt: skip
     layers: int | None = option(None, "override the preset's number of layers")
     hidden_size: int | None = option(None, "override the preset's hidden size (and its MoE layers')", flag="--hidden")
+    sparse_attention: str | None = option(
+        None, "dsa: give every MLA layer DeepSeek-V3.2's lightning indexer (DSA; model_type deepseek_v32): each token "
+        "attends to the indexer's top --index-topk keys, the indexer trained by its KL to the main attention (MLA "
+        "presets with query compression, q_lora_rank)", choices=SPARSE_ATTENTION
+    )  # fmt: skip
+    index_topk: int | None = option(
+        None, "DSA: keys each token attends to (default: the preset's; needed when it has none); below --seq-len",
+        minimum=1, metavar="K"
+    )  # fmt: skip
+    indexer_warmup: int = option(
+        0, "DSA: steps of dense warm-up first, in which attention stays dense and only the indexers train (on their "
+        "KL to the main attention); then sparse training", metavar="N"
+    )  # fmt: skip
+    indexer_loss_weight: float = option(1.0, "DSA: weight of the indexers' KL in the loss (it trains them alone)")
     bias_update_speed: float | None = option(
         None, "γ of aux-loss-free balancing, b_i += γ·sign(mean load − load_i) (default: the model's)"
     )  # fmt: skip
@@ -153,7 +168,17 @@ class TrainConfig:
             fail("data_parallel", f"must be one of {', '.join(DATA_PARALLEL)}")
         if self.seq_len < 2:
             fail("seq_len", "must be >= 2 (a sequence predicts its next tokens)")
-        for name in ("warmup_steps", "eval_every", "eval_batches", "save_every", "keep_last", "seed"):
+        if self.sparse_attention is not None and self.sparse_attention not in SPARSE_ATTENTION:
+            fail("sparse_attention", f"must be None or one of {', '.join(SPARSE_ATTENTION)}")
+        if self.index_topk is not None and (not is_int(self.index_topk) or self.index_topk < 1):
+            fail("index_topk", "must be None or an integer >= 1")
+        if self.index_topk is not None and self.index_topk >= self.seq_len:
+            fail("index_topk", f"must be below seq_len={self.seq_len}: with k >= the sequence every token attends to "
+                 "all its keys, and sparse training is dense")  # fmt: skip
+        if not is_real(self.indexer_loss_weight) or self.indexer_loss_weight < 0:
+            fail("indexer_loss_weight", "must be a finite number >= 0")
+        for name in ("warmup_steps", "eval_every", "eval_batches", "save_every", "keep_last", "seed",
+                     "indexer_warmup"):  # fmt: skip
             if not is_int(getattr(self, name)) or getattr(self, name) < 0:
                 fail(name, "must be an integer >= 0")
         if self.final_eval_batches is not None and (not is_int(self.final_eval_batches) or self.final_eval_batches < 0):
@@ -253,6 +278,49 @@ def _apply_model_overrides(fields: dict[str, Any], overrides: dict[str, Any]) ->
             raise ValueError(f"TrainConfig.model_overrides.{name} is not a DeepSeekConfig or MoEConfig field")
 
 
+def add_indexer(fields: dict[str, Any], config: TrainConfig) -> None:
+    """`sparse_attention="dsa"` and `index_topk` on a preset's (or init_from's) config fields: model_type
+    deepseek_v32 with the indexer's shape kept where the config (or model_overrides) has one, else
+    D = 2·qk_rope_head_dim and H^I = n_h / 2 (V3.2's 128 and 64 on V3's shapes); ValueError naming the option for
+    MHA, no q_lora_rank, or no k."""
+    name = f"preset {config.preset!r}" if config.init_from is None else f"init_from={os.fspath(config.init_from)!r}"
+    if config.sparse_attention == "dsa":
+        if fields.get("attention_type") != "mla":
+            raise ValueError(
+                f"TrainConfig.sparse_attention='dsa' is invalid: {name} uses multi-head attention (MHA), and DSA's "
+                "lightning indexer works on MLA with query compression (q_lora_rank): use an MLA preset such as "
+                "tiny-v3"
+            )
+        if fields.get("q_lora_rank") is None:
+            raise ValueError(
+                f"TrainConfig.sparse_attention='dsa' is invalid: {name} has no query compression (q_lora_rank=None), "
+                "and DSA's lightning indexer reads MLA's compressed query: use a preset with q_lora_rank such as "
+                "tiny-v3, or set model_overrides.q_lora_rank"
+            )
+        fields["model_type"] = "deepseek_v32"  # V3's architecture plus the indexer (V2 routing: save warns)
+        if fields.get("index_head_dim") is None:
+            fields["index_head_dim"] = 2 * fields["qk_rope_head_dim"]
+        if fields.get("index_n_heads") is None:
+            fields["index_n_heads"] = max(1, fields["num_attention_heads"] // 2)
+    elif config.index_topk is not None and fields.get("model_type") != "deepseek_v32":
+        raise ValueError(
+            f"TrainConfig.index_topk={config.index_topk} is invalid: {name} has no lightning indexer; add one with "
+            "TrainConfig.sparse_attention='dsa'"
+        )
+    if config.index_topk is not None:
+        fields["index_topk"] = config.index_topk
+    if fields.get("model_type") == "deepseek_v32" and fields.get("index_topk") is None:
+        raise ValueError(
+            f"TrainConfig.index_topk is needed with TrainConfig.sparse_attention='dsa': {name} has no index_topk (the "
+            "keys each token attends to)"
+        )
+    if config.sparse_attention == "dsa" and fields["index_topk"] >= config.seq_len:
+        raise ValueError(
+            f"TrainConfig.sparse_attention='dsa' is invalid: {name}'s index_topk={fields['index_topk']} is not below "
+            f"TrainConfig.seq_len={config.seq_len}, so sparse training would be dense; give TrainConfig.index_topk"
+        )
+
+
 def build_model_config(config: TrainConfig, vocab_size: int, eot_id: int | None = None) -> DeepSeekConfig:
     """The preset's config with the tokenizer's vocab_size and the run's model overrides."""
     fields = get_preset(config.preset).to_dict()
@@ -273,6 +341,7 @@ def build_model_config(config: TrainConfig, vocab_size: int, eot_id: int | None 
         fields["hidden_size"] = config.hidden_size
         if fields.get("moe"):
             fields["moe"]["hidden_size"] = config.hidden_size
+    add_indexer(fields, config)
     if config.bias_update_speed is not None and fields.get("moe"):
         fields["moe"]["bias_update_speed"] = config.bias_update_speed
     if fields.get("moe"):

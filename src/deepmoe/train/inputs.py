@@ -9,10 +9,11 @@ from pathlib import Path
 from typing import Any
 
 from deepmoe import data
+from deepmoe.config import DeepSeekConfig
 from deepmoe.io.checkpoint import checkpoint_dir, load_config, read_json
 from deepmoe.model.decoder import DeepSeekForCausalLM
 from deepmoe.train import checkpoint as ckpt
-from deepmoe.train.config import TrainConfig
+from deepmoe.train.config import TrainConfig, add_indexer
 
 
 def data_sources(config: TrainConfig) -> list[tuple[str, float]]:
@@ -106,6 +107,15 @@ def initial_model(config: TrainConfig, vocab_size: int) -> DeepSeekForCausalLM:
             f"init_from={config.init_from!r} has vocab_size={model_config.vocab_size}, but its tokenizer has "
             f"{vocab_size} tokens"
         )
+    if config.sparse_attention is not None or config.index_topk is not None:  # DSA: V3.2 on a trained V3
+        fields = model_config.to_dict()
+        add_indexer(fields, config)
+        added = not model_config.has_indexer
+        model_config = DeepSeekConfig.from_dict(fields)
+        if added:  # the checkpoint's weights; the new indexers keep their initialisation
+            model = DeepSeekForCausalLM(model_config)
+            ckpt.load_model_weights(model, config.init_from, new=lambda name: ".indexer." in name)
+            return model
     model = DeepSeekForCausalLM(model_config)
     ckpt.load_model_weights(model, config.init_from)
     return model

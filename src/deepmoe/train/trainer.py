@@ -33,6 +33,7 @@ import threading
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
+from operator import attrgetter
 from pathlib import Path
 from typing import Any
 
@@ -213,7 +214,7 @@ def _seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-_PARTS = ("lm_loss", "aux_loss", "mtp_loss")
+_PARTS = ("lm_loss", "aux_loss", "mtp_loss", "indexer_loss")
 
 
 def _loss_parts(out: Any) -> tuple[list[float], dict[int, RoutingStats]]:
@@ -280,6 +281,13 @@ class _Run:
                 ckpt.load_model_weights(self.model, step_dir)
             self.step = int(state["step"])
             self.totals = state["totals"]
+        if config.indexer_warmup and not self.model_config.has_indexer:
+            raise ValueError(
+                f"TrainConfig.indexer_warmup={config.indexer_warmup} is invalid: the model has no lightning indexer "
+                "to warm up; add one with TrainConfig.sparse_attention='dsa'"
+            )
+        self.model.indexer_loss_weight = config.indexer_loss_weight
+        self._indexer_warmup: bool | None = None  # set by the first step (`_set_indexer_warmup`)
         self.model.to(self.device).train()
         self.ranks.shard(self.model, self.model_config, config.batch_size, bf16=self.bf16,
                          activation_checkpointing=config.activation_checkpointing)  # fmt: skip
@@ -386,12 +394,14 @@ class _Run:
             group["lr"] = lr
         self._take_traffic()  # what evaluations sent is not this step's
         batches = [next(self.batches) for _ in range(cfg.grad_accum)]
+        warmup = self._set_indexer_warmup(self.step < cfg.indexer_warmup)
         try:
             result = optimizer_step(
                 self.model,
                 self.optimizer,
                 [batch.to(self.device, non_blocking=True) for batch in batches],  # this rank's rows
                 max_norm=cfg.grad_clip,
+                loss=attrgetter("indexer_loss" if warmup else "loss"),
                 forward=self._forward,
                 context=self._autocast,
                 reduce=lambda value: self.ranks.all_reduce([value])[0],
@@ -406,7 +416,8 @@ class _Run:
         parts = [sum(micro[i] for micro, _ in result.collected) for i in range(len(_PARTS))]
         sums.update(zip(_PARTS, self.ranks.all_reduce(parts), strict=True))
         merged = self.ranks.global_stats(merge_routing_stats([stats for _, stats in result.collected]))
-        self.model.update_expert_bias(merged)
+        if not warmup:  # the warm-up trains the indexers alone: the routing's bias stays too
+            self.model.update_expert_bias(merged)
         self.step += 1
         self._boundary = self._snapshot()
         self._in_update = False
@@ -433,6 +444,18 @@ class _Run:
             self.totals["routed_slots"][key] = self.totals["routed_slots"].get(key, 0) + slots
             self.totals["dropped_slots"][key] = self.totals["dropped_slots"].get(key, 0) + slots - kept_slots
         return record
+
+    def _set_indexer_warmup(self, warmup: bool) -> bool:
+        """DSA's dense warm-up on (dense attention; every parameter but the indexers' frozen, and the step trains on
+        the indexers' KL alone) or off (sparse attention, everything trains on `loss`); returns `warmup`."""
+        if warmup != self._indexer_warmup:
+            self.model.set_indexer_warmup(warmup)
+            indexer = {id(p) for p in self.model.indexer_parameters()}
+            for p in self.model.parameters():
+                if id(p) not in indexer:
+                    p.requires_grad_(not warmup)
+            self._indexer_warmup = warmup
+        return warmup
 
     def _forward(self, batch: Tensor | data.LabeledBatch) -> Any:
         input_ids, labels = data.split_batch(batch)
@@ -544,6 +567,9 @@ class _Run:
         ranks = self.ranks.describe()
         mtp = f" + {counts.mtp / 1e6:.2f} M MTP" if counts.mtp else ""  # report.json's parameters, mtp_parameters
         schedule = cfg.schedule_steps or cfg.steps
+        if self.model_config.has_indexer:  # DSA: the dense warm-up (indexers only), then sparse attention
+            warm = f"{cfg.indexer_warmup} dense warm-up steps (indexers only), then " if cfg.indexer_warmup else ""
+            ranks += f", sparse attention (DSA): {warm}top-{self.model_config.index_topk} keys"
         return (
             f"{'resuming' if self.step else 'training'} {cfg.preset or cfg.init_from} "
             f"({counts.total / 1e6:.2f} M parameters{mtp}, vocab {self.model_config.vocab_size}) on "
