@@ -247,3 +247,21 @@ def test_per_request_steering_and_routing(served, client, tmp_path):
     assert bad.status_code == 400 and bad.json()["error"]["param"] == "deepmoe"
     missing = TestClient(served[3]).post("/v1/completions", json={"prompt": "a", "deepmoe": {"steer": "/nope.json"}})
     assert missing.status_code == 400 and "deepmoe.steer" in missing.json()["error"]["message"]
+
+
+def test_a_client_leaving_before_the_response_frees_its_row(served):
+    model, tokenizer = served[0], served[1]
+    engine = Engine(model, max_batch=2, eos_token_id=[])
+    original = engine._advance
+
+    def slow(*args):  # 20 ms a token: the request would take ~2.4 s
+        time.sleep(0.02)
+        return original(*args)
+
+    engine._advance = slow
+    with live_server(create_app(engine, tokenizer=tokenizer, model_name="tiny")) as url:
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(url + "/v1/completions", json={"prompt": "the", "max_tokens": 120}, timeout=0.3)
+        start = time.monotonic()
+        assert wait_idle(engine, timeout=5)
+        assert time.monotonic() - start < 1.2  # cancelled, not run to its end

@@ -119,9 +119,20 @@ class _Run:
         for request in self.requests:
             request.cancel()
 
-    async def events(self) -> AsyncIterator[tuple[int, TokenInfo | PromptDone | Finished]]:
+    async def events(self, http: Request | None = None) -> AsyncIterator[tuple[int, TokenInfo | PromptDone | Finished]]:
+        """The events in arrival order until every request has finished; with `http`, a client that hangs up
+        cancels the requests (checked every half second)."""
+        loop = asyncio.get_running_loop()
+        check = loop.time() + 0.5
         while self.open:
-            index, event = await self.queue.get()
+            if http is not None and loop.time() >= check:
+                check = loop.time() + 0.5
+                if await http.is_disconnected():
+                    self.cancel()
+            try:
+                index, event = await asyncio.wait_for(self.queue.get(), None if http is None else 0.5)
+            except TimeoutError:
+                continue
             if isinstance(event, Finished):
                 self.open -= 1
             yield index, event
@@ -353,7 +364,7 @@ def create_app(
             return StreamingResponse(stream(), media_type="text/event-stream")
 
         try:
-            async for index, event in run.events():
+            async for index, event in run.events(request):
                 choices[index].take(event, requests[index])
         finally:
             run.cancel()
@@ -449,7 +460,7 @@ def create_app(
             return StreamingResponse(stream(), media_type="text/event-stream")
 
         try:
-            async for _, event in run.events():
+            async for _, event in run.events(request):
                 choice.take(event, gen)
         finally:
             run.cancel()
