@@ -17,11 +17,11 @@ from deepmoe.model.decoder import DeepSeekForCausalLM
 TEXT = "the quick brown fox jumps over the lazy dog. a cat sat on the mat; the dog ran to the cat. " * 20
 
 
-def tiny_model(vocab_size: int = 300, **overrides) -> DeepSeekForCausalLM:
+def tiny_model(vocab_size: int = 300, name: str = "tiny-v3", **overrides) -> DeepSeekForCausalLM:
     torch.manual_seed(0)
     fields = {"num_hidden_layers": 3, "vocab_size": vocab_size, "initializer_range": 0.2,
               "max_position_embeddings": 128}  # fmt: skip
-    return DeepSeekForCausalLM(tiny_preset("tiny-v3", **{**fields, **overrides})).eval()
+    return DeepSeekForCausalLM(tiny_preset(name, **{**fields, **overrides})).eval()
 
 
 def tiny_tokenizer():

@@ -172,3 +172,25 @@ def test_bad_steering_is_refused(model):
         engine.check(GenerationRequest(prompt=[1], emit=print, steering=Steering(disabled={0: [1]})))
     with pytest.raises(ValueError, match="layer 1: disabled experts .* out of range"):
         engine.check(GenerationRequest(prompt=[1], emit=print, steering=Steering(disabled={1: [99]})))
+
+
+@pytest.mark.parametrize("preset", ["tiny-v2", "tiny-deepseek-moe", "tiny-v32"])
+def test_batching_equals_generate_for_other_attention(preset):
+    """MLA without the V3 routing, plain multi-head attention's (k, v) cache, and DSA's indexer keys: the
+    engine pads and merges every cached tensor of a layer alike."""
+    model = tiny_model(vocab_size=97, name=preset, num_hidden_layers=2, max_position_embeddings=64)
+    engine = Engine(model, max_batch=2, eos_token_id=[]).start()
+    results: list = [None] * 4
+
+    def run(i: int) -> None:
+        results[i] = [t.id for t in engine.generate(prompt=PROMPTS[i], max_tokens=8)[1]]
+
+    try:
+        threads = [threading.Thread(target=run, args=(i,)) for i in range(4)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    finally:
+        engine.stop()
+    assert results == [_alone(model, p, 8) for p in PROMPTS[:4]]

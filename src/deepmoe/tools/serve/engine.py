@@ -166,12 +166,13 @@ class Engine:
         self._stopping = False
         self._capture = False
         self._captured: dict[int, Tensor] = {}
-        gates = model.moe_layers()
-        self._hooks = [gates[i].gate.register_forward_hook(self._hook(i)) for i in self.moe_layers]
+        self._hooks: list = []
 
     # ---- lifecycle -------------------------------------------------------------------------------------
     def start(self) -> Engine:
         if self._thread is None:
+            gates = self.model.moe_layers()  # the routing of return_routing requests, read off the routers
+            self._hooks = [gates[i].gate.register_forward_hook(self._hook(i)) for i in self.moe_layers]
             self._stopping = False
             self._thread = threading.Thread(target=self._loop, name="deepmoe-engine", daemon=True)
             self._thread.start()
@@ -185,6 +186,9 @@ class Engine:
         if self._thread is not None:
             self._thread.join()
             self._thread = None
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks = []
 
     @property
     def active(self) -> int:
