@@ -153,7 +153,8 @@ def sparse_latent_attention(q: Tensor, latent: Tensor, indices: Tensor, valid: T
     → [B, S, n, d_c + d_r] (the caller keeps the first d_c columns, Σ p·c_KV)."""
     bsz, seqlen, n_heads, width = q.shape
     k = indices.shape[-1]
-    picked = latent.gather(1, indices.reshape(bsz, seqlen * k, 1).expand(-1, -1, width))  # [B, S·k, d_c + d_r]
+    # row by row: index_select of whole rows is several times faster than a gather over every column
+    picked = torch.stack([latent[b].index_select(0, indices[b].reshape(-1)) for b in range(bsz)])  # [B, S·k, d]
     picked = picked.view(bsz * seqlen, 1, k, width)  # one key/value head per token, its k selected latents
     mask = valid.reshape(bsz * seqlen, 1, 1, k)
     out = F.scaled_dot_product_attention(q.reshape(bsz * seqlen, 1, n_heads, width), picked, picked, mask, scale=scale)
