@@ -53,10 +53,17 @@ def bad_request(error: ValueError) -> APIError:
     return APIError(400, message, field if sep and " " not in field else None)
 
 
+_TYPE_TAGS = {"str", "int", "float", "bool", "dict", "list", "none"}
+PROMPT_FORMS = "must be a string, a list of strings, a list of token ids or a list of lists of token ids"
+
+
 def _validation_error(error: RequestValidationError) -> APIError:
     first = error.errors()[0]
     loc = [str(p) for p in first.get("loc", ()) if p != "body"]
+    loc = [p for p in loc if p not in _TYPE_TAGS and "[" not in p]  # pydantic's union members: not fields
     field = ".".join(loc) or None
+    if loc[:1] == ["prompt"]:
+        return APIError(400, f"prompt: {PROMPT_FORMS}", "prompt")
     if first.get("type") == "json_invalid":
         return APIError(400, f"the request body is not valid JSON: {first.get('msg', '')}")
     message = first.get("msg", "invalid value")

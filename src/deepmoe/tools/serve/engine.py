@@ -216,6 +216,9 @@ class Engine:
                 f"max_tokens: the prompt's {len(prompt)} tokens + max_tokens={request.max_tokens} exceed the context "
                 f"of {self.max_context} tokens (--max-context)"
             )
+        seed = request.seed
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not -(2**63) <= seed < 2**64):
+            raise ValueError(f"seed: must be an integer in [-2**63, 2**64), got {seed!r}")
         if request.steering is not None:
             self._row_mask(request.steering)
 
