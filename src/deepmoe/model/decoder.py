@@ -352,7 +352,11 @@ class DeepSeekForCausalLM(nn.Module):
             if key_mask is not None:
                 raise ValueError("the MTP modules do not take padding: give an attention_mask of ones or none")
             self._multi_token_prediction(x, embeddings, out, output_routing_stats)
-        kl = [loss for attn in self.indexed_attention() if (loss := attn.take_indexer_loss()) is not None]
+        kl = []  # a plain loop: dynamo cannot trace a walrus inside a comprehension ("uninitialized cell")
+        for attention in self.indexed_attention():
+            loss = attention.take_indexer_loss()
+            if loss is not None:
+                kl.append(loss)
         if kl:
             out.indexer_loss = torch.stack(kl).mean()
         if labels is not None:
