@@ -29,8 +29,8 @@ COMMANDS = {  # name on the command line: module in deepmoe.cli
     "study": "study",
     "inspect": "inspect",
     "generate": "generate",
-    "serve": "serve",
     "grpo": "grpo",
+    "serve": "serve",
 }
 
 
