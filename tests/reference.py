@@ -207,3 +207,22 @@ def dequantize_fp8_blocks(q: torch.Tensor, scale: torch.Tensor, block: tuple[int
             tile = (slice(r * bm, (r + 1) * bm), slice(c * bn, (c + 1) * bn))
             out[tile] = q[tile].float() * scale[r, c]
     return out
+
+
+def randomise_parameters(module: torch.nn.Module, seed: int, bias_std: float | None = 0.1) -> None:
+    """Weights far from any init's symmetry, so routing, selection and attention are uneven: norms near 1,
+    embeddings N(0, 1), other matrices N(0, 1/fan_in), and (unless `bias_std` is None) the selection biases
+    N(0, bias_std²)."""
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            if "norm" in name:
+                p.copy_(1 + 0.2 * torch.randn_like(p))
+            elif "embed" in name:
+                p.normal_()
+            else:
+                p.copy_(torch.randn_like(p) / math.sqrt(p.shape[-1]))
+        if bias_std is not None:
+            for name, b in module.named_buffers():
+                if name.endswith("e_score_correction_bias"):
+                    b.copy_(bias_std * torch.randn_like(b))

@@ -33,7 +33,7 @@ from deepmoe.io import checkpoint as ckpt_module
 from deepmoe.io import files as files_module
 from deepmoe.model import from_pretrained, save_pretrained
 from deepmoe.presets import PRESETS
-from reference import dequantize_fp8_blocks, quantize_fp8_blocks
+from reference import dequantize_fp8_blocks, quantize_fp8_blocks, randomise_parameters
 
 # cpu_only: checkpoint files read to CPU tensors
 pytestmark = pytest.mark.cpu_only
@@ -295,19 +295,8 @@ def _hf_model(config: DeepSeekConfig, seed: int = 0):
     written.pop("architectures")
     hf_config = transformers.AutoConfig.for_model(**written)
     hf_config._attn_implementation = "eager"
-    torch.manual_seed(seed)
     model = transformers.AutoModelForCausalLM.from_config(hf_config).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.copy_(1 + 0.2 * torch.randn_like(p))
-            elif "embed" in name:
-                p.normal_()
-            else:
-                p.copy_(torch.randn_like(p) / math.sqrt(p.shape[-1]))
-        for name, b in model.named_buffers():
-            if name.endswith("e_score_correction_bias"):
-                b.copy_(0.1 * torch.randn_like(b))
+    randomise_parameters(model, seed)
     return model
 
 

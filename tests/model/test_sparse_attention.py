@@ -21,6 +21,7 @@ from deepmoe.model.decoder import DeepSeekForCausalLM
 from deepmoe.model.generate import generate
 from deepmoe.model.rope import RotaryEmbedding
 from deepmoe.model.sparse_attention import LightningIndexer, allowed_keys
+from reference import randomise_parameters
 
 pytestmark = [pytest.mark.cpu_only, pytest.mark.usefixtures("one_thread")]
 transformers = pytest.importorskip("transformers")
@@ -49,22 +50,6 @@ CASES = {
 }
 
 
-def _randomise(module: torch.nn.Module, seed: int) -> None:
-    """Norms near 1, matrices N(0, 1/fan_in), expert biases N(0, 0.1²): weights that route and select unevenly."""
-    torch.manual_seed(seed)
-    with torch.no_grad():
-        for name, p in module.named_parameters():
-            if "norm" in name:
-                p.copy_(1 + 0.2 * torch.randn_like(p))
-            elif "embed" in name:
-                p.normal_()
-            else:
-                p.copy_(torch.randn_like(p) / math.sqrt(p.shape[-1]))
-        for name, b in module.named_buffers():
-            if name.endswith("e_score_correction_bias"):
-                b.copy_(0.1 * torch.randn_like(b))
-
-
 def _hf_model(config: DeepSeekConfig, seed: int = 0):
     written = config_to_hf(config)
     written.pop("architectures")
@@ -73,13 +58,13 @@ def _hf_model(config: DeepSeekConfig, seed: int = 0):
     torch.manual_seed(seed)
     model = transformers.AutoModelForCausalLM.from_config(hf_config).eval()
     assert type(model).__name__ == "DeepseekV32ForCausalLM"
-    _randomise(model, seed)
+    randomise_parameters(model, seed)
     return model
 
 
 def _model(config: DeepSeekConfig, seed: int = 0) -> DeepSeekForCausalLM:
     model = DeepSeekForCausalLM(config).eval()
-    _randomise(model, seed)
+    randomise_parameters(model, seed)
     return model
 
 
@@ -145,7 +130,7 @@ def _reference_scores(indexer: LightningIndexer, x, q_compressed, positions, rop
 def test_indexer_scores_and_selection_equal_the_formula():
     config = v32_config(index_topk=3)
     indexer = LightningIndexer(config)
-    _randomise(indexer, seed=0)
+    randomise_parameters(indexer, seed=0)
     seq = 7
     x, q_compressed = torch.randn(1, seq, 64), torch.randn(1, seq, 24)
     positions = torch.arange(5, 5 + seq)  # RoPE matters: no token at position 0 only

@@ -21,6 +21,7 @@ from deepmoe.train import TrainConfig, train
 from deepmoe.train import trainer as trainer_module
 from deepmoe.train.config import build_model_config, build_optimizer
 from deepmoe.train.step import optimizer_step
+from reference import randomise_parameters
 
 pytestmark = [pytest.mark.cpu_only, pytest.mark.usefixtures("one_thread")]
 
@@ -35,19 +36,6 @@ def v32_config(**overrides) -> DeepSeekConfig:
                   v_head_dim=8, moe=moe, first_k_dense_replace=1, max_position_embeddings=256, index_topk=4,
                   index_head_dim=16, index_n_heads=4, num_nextn_predict_layers=1)  # fmt: skip
     return DeepSeekConfig(**{**fields, **overrides})
-
-
-def _randomise(module: torch.nn.Module, seed: int = 0) -> None:
-    """Norms near 1, matrices N(0, 1/fan_in): attention far from uniform, so the KL is far from 0."""
-    torch.manual_seed(seed)
-    with torch.no_grad():
-        for name, p in module.named_parameters():
-            if "norm" in name:
-                p.copy_(1 + 0.2 * torch.randn_like(p))
-            elif "embed" in name:
-                p.normal_()
-            else:
-                p.copy_(torch.randn_like(p) / math.sqrt(p.shape[-1]))
 
 
 def _ids(batch: int, length: int, seed: int = 0) -> torch.Tensor:
@@ -103,7 +91,7 @@ def _reference_kl(attn: MultiHeadLatentAttention, x: torch.Tensor, positions: to
 def test_indexer_kl_equals_the_formula(warmup):
     config = v32_config(index_topk=3)
     attn = MultiHeadLatentAttention(config, 0).train()
-    _randomise(attn, 1)
+    randomise_parameters(attn, 1, bias_std=None)
     attn.indexer_warmup = warmup
     x, positions = torch.randn(2, 9, 64, generator=torch.Generator().manual_seed(2)), torch.arange(9)
     out = attn(x, positions)
@@ -129,7 +117,7 @@ def _grads(loss: torch.Tensor, params: list[torch.nn.Parameter]) -> list[torch.T
 def test_the_indexers_learn_from_their_kl_alone_and_the_model_from_the_lm_loss_alone():
     """Sparse training: the LM (and MTP, aux) loss never reaches an indexer, the KL never reaches the model."""
     model = DeepSeekForCausalLM(v32_config()).train()
-    _randomise(model)
+    randomise_parameters(model, 0, bias_std=None)
     indexer, main_params = _split(model)
     ids = _ids(2, 12)
     out = model(ids, labels=ids)
@@ -148,7 +136,7 @@ def test_the_dense_warmup_trains_only_the_indexers():
     """Warm-up: dense attention (the LM loss cannot reach an indexer even through the selection), and one step of
     the trainer's recipe (all but the indexers frozen, the step on the KL) changes the indexers and nothing else."""
     model = DeepSeekForCausalLM(v32_config()).train()
-    _randomise(model)
+    randomise_parameters(model, 0, bias_std=None)
     indexer, main_params = _split(model)
     model.set_indexer_warmup(True)
     ids = _ids(2, 12)
@@ -173,7 +161,7 @@ def test_the_dense_warmup_trains_only_the_indexers():
 def test_the_warmup_kl_falls_on_a_fixed_batch():
     """A few warm-up steps of the library loop (`optimizer_step` on the KL, the indexers' parameters only)."""
     model = DeepSeekForCausalLM(v32_config()).train()
-    _randomise(model)
+    randomise_parameters(model, 0, bias_std=None)
     model.set_indexer_warmup(True)
     indexer, main_params = _split(model)
     for p in main_params:
