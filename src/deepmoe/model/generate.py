@@ -77,8 +77,9 @@ def check_sampling_args(
         )
 
 
-def _eos_ids(eos_token_id, model: nn.Module) -> list[int]:
-    """The stop ids: `eos_token_id` (an int or a list of ints; [] = never stop), else the config's."""
+def eos_ids(eos_token_id, model: nn.Module) -> list[int]:
+    """The stop ids (generation's and the server's): `eos_token_id` (an int or a list of ints; [] = never stop),
+    else the config's."""
     if eos_token_id is None:
         eos_token_id = model.config.eos_token_id
         if eos_token_id is None:
@@ -188,9 +189,9 @@ def generate(
     _check_generation_args(model, input_ids, max_new_tokens)
     check_sampling_args(do_sample, temperature, top_k, top_p)
     mask = _check_attention_mask(attention_mask, input_ids)
-    eos = _eos_ids(eos_token_id, model)
+    eos = eos_ids(eos_token_id, model)
     pad = _pad_id(pad_token_id, model, eos)
-    eos_ids = torch.tensor(eos, dtype=input_ids.dtype, device=input_ids.device)
+    eos_tensor = torch.tensor(eos, dtype=input_ids.dtype, device=input_ids.device)
     cache = KVCache(max_length=input_ids.shape[1] + max_new_tokens) if use_cache else None
     tokens = input_ids
     step_input = input_ids
@@ -203,7 +204,7 @@ def generate(
             next_token = sample_next(logits, do_sample, temperature, top_k, top_p, generator).to(tokens.dtype)
             if eos:
                 next_token = next_token.masked_fill(finished, pad)
-                finished |= torch.isin(next_token, eos_ids)
+                finished |= torch.isin(next_token, eos_tensor)
             tokens = torch.cat([tokens, next_token[:, None]], dim=1)
             step_input = next_token[:, None]
             if mask is not None:
@@ -252,7 +253,7 @@ def generate_speculative(
     if streamer is not None and input_ids.shape[0] != 1:
         raise ValueError(f"a streamer takes one sequence: input_ids has {input_ids.shape[0]} rows")
     mask = _check_attention_mask(attention_mask, input_ids)
-    eos = _eos_ids(eos_token_id, model)
+    eos = eos_ids(eos_token_id, model)
     pad = _pad_id(pad_token_id, model, eos)
     with _inference(model):
         return _speculative(model, input_ids, mask, max_new_tokens, eos, pad, streamer)

@@ -26,7 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from deepmoe.model.attention import KVCache
-from deepmoe.model.generate import _eos_ids, sample_next
+from deepmoe.model.generate import eos_ids, sample_next
 from deepmoe.moe.router import RowExpertMask
 
 logger = logging.getLogger(__name__)
@@ -151,7 +151,7 @@ class Engine:
         self.max_batch, self.max_queue = max_batch, max_queue
         self.max_context = max_context or limit
         self.vocab_size = model.config.vocab_size
-        self.eos = frozenset(_eos_ids(eos_token_id, model))
+        self.eos = frozenset(eos_ids(eos_token_id, model))
         self.device = next(model.parameters()).device
         n_main = model.config.num_hidden_layers
         self.moe_layers = sorted(i for i in model.moe_layers() if i < n_main)
