@@ -154,8 +154,35 @@ def test_a_short_run_logs_and_reports_bad_rewards(tmp_path):
     config = GRPOConfig(steps=2, prompts_per_step=3, group=2, max_new_tokens=3, lr=1e-3)
     logs = grpo(model, _tokenizer(), Flaky(high=20), config, tmp_path, on_warning=warnings.append)
     assert len(logs) == 2 and (tmp_path / "log.jsonl").read_text().count("\n") == 2
-    assert all(math.isfinite(entry.loss) for entry in logs)
+    assert all(math.isfinite(entry.loss) and entry.max_vio >= 0 for entry in logs)
     assert sum(entry.skipped for entry in logs) == len(warnings) and all("boom" in w for w in warnings)
     with pytest.raises(RewardError, match="boom"):
         grpo(model, _tokenizer(), Flaky(high=20), GRPOConfig(steps=3, prompts_per_step=4, group=2, max_new_tokens=2,
                                                             skip_bad_rewards=False), tmp_path / "stop")  # fmt: skip
+
+
+def test_a_resumed_run_continues_as_if_it_had_not_stopped(tmp_path):
+    """4 steps in one go against 2 steps, a stop, and a resume to 4 (checkpoints every 2 steps): the same log
+    lines and the same final weights."""
+    config = GRPOConfig(steps=4, prompts_per_step=2, group=2, max_new_tokens=3, lr=1e-3, save_every=2)
+    straight = _model()
+    grpo(straight, _tokenizer(), Arithmetic(high=20), config, tmp_path / "straight")
+
+    stopped = GRPOConfig(**{**config.__dict__, "steps": 2})
+    grpo(_model(), _tokenizer(), Arithmetic(high=20), stopped, tmp_path / "resumed")
+    resumed = _model()
+    with torch.no_grad():
+        for p in resumed.parameters():
+            p.zero_()  # the resume must load the checkpoint's weights, not keep these
+    grpo(resumed, _tokenizer(), Arithmetic(high=20), config, tmp_path / "resumed", resume=True)
+
+    lines = [(tmp_path / run / "log.jsonl").read_text().splitlines() for run in ("straight", "resumed")]
+    assert len(lines[0]) == 4 and lines[0] == lines[1]
+    for (name, a), b in zip(straight.state_dict().items(), resumed.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name
+    with pytest.raises(ValueError, match="is not empty"):  # a finished run is not started over
+        grpo(_model(), _tokenizer(), Arithmetic(high=20), config, tmp_path / "straight")
+    unsaved = GRPOConfig(steps=1, prompts_per_step=1, group=2, max_new_tokens=1)
+    grpo(_model(), _tokenizer(), Arithmetic(high=20), unsaved, tmp_path / "unsaved")
+    with pytest.raises(ValueError, match="no checkpoint"):
+        grpo(_model(), _tokenizer(), Arithmetic(high=20), unsaved, tmp_path / "unsaved", resume=True)

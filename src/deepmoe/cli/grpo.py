@@ -7,8 +7,8 @@ from pathlib import Path
 
 from deepmoe.cli import common
 from deepmoe.cli.argtypes import positive_int
-from deepmoe.io.checkpoint import checkpoint_dir
-from deepmoe.tools.grpo import TASKS, Arithmetic, GRPOConfig, StepLog, UserReward, grpo
+from deepmoe.io.checkpoint import checkpoint_dir, read_last
+from deepmoe.tools.grpo import TASKS, GRPOConfig, StepLog, grpo, read_run_config, task_from_spec
 
 HELP = "GRPO on verifiable rewards, with MoE routing replay"
 DESCRIPTION = (
@@ -22,12 +22,29 @@ DESCRIPTION = (
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add = parser.add_argument
-    add("model", metavar="CKPT", help="checkpoint directory (a run, a step or an HF folder) with tokenizer.json")
+    add(
+        "model",
+        metavar="CKPT",
+        nargs="?",
+        help="checkpoint directory (a run, a step or an HF folder) with tokenizer.json",
+    )
+    add(
+        "--resume",
+        metavar="DIR",
+        help="continue the GRPO run in DIR (its options) from its newest checkpoint, up "
+        "to --steps in total; give no CKPT",
+    )
     add("--task", choices=sorted(TASKS), default="arithmetic", help="built-in task: prompts and exact checker")
     add("--operands-below", type=positive_int, default=50, help="arithmetic: a, b < this (default 50)")
     add("--reward", metavar="MODULE:FUNCTION", help="your reward(prompt, completion) -> number, on --task's prompts")
-    add("--out", required=True, metavar="DIR", help="a new (or empty) directory for the log and the model")
-    add("--steps", type=positive_int, default=200, help="rollout batches (default 200)")
+    add("--out", metavar="DIR", help="a new (or empty) directory for the run: log, checkpoints, final model")
+    add("--steps", type=positive_int, help="rollout batches in total (default 200; with --resume, the run's)")
+    add(
+        "--save-every",
+        type=int,
+        default=0,
+        help="a resumable checkpoint every N steps and after the last (default 0: only the final model)",
+    )
     add("--prompts", type=positive_int, default=4, help="prompts per step (default 4)")
     add("--group", type=positive_int, default=8, help="completions per prompt, G (default 8)")
     add("--max-new-tokens", type=positive_int, default=8, help="completion length limit (default 8)")
@@ -50,19 +67,31 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from deepmoe import from_pretrained
 
-    config = GRPOConfig(
-        steps=args.steps, prompts_per_step=args.prompts, group=args.group, max_new_tokens=args.max_new_tokens,
-        temperature=args.temperature, clip_eps=args.clip_eps, kl_beta=args.kl_beta, lr=args.lr,
-        updates_per_batch=args.updates_per_batch, routing_replay=args.routing_replay,
-        skip_bad_rewards=args.skip_bad_rewards, seed=args.seed,
-    )  # fmt: skip
-    config.check()
-    source = checkpoint_dir(args.model)
-    model = from_pretrained(source)
-    tokenizer = common.load_tokenizer(str(source), args.tokenizer)
-    task = Arithmetic(args.operands_below) if args.task == "arithmetic" else TASKS[args.task]()
-    if args.reward:
-        task = UserReward(task, args.reward)
+    if args.resume:
+        if args.model or args.out:
+            raise ValueError("--resume DIR continues that run: give neither CKPT nor --out")
+        config = read_run_config(args.resume)
+        if args.steps is not None:
+            config.steps = args.steps
+        out, source = Path(args.resume), None
+        model = from_pretrained(out / "reference")
+        tokenizer = common.load_tokenizer(str(read_last(out) or out / "reference"), args.tokenizer)
+    else:
+        if not args.model or not args.out:
+            raise ValueError("give the checkpoint to start from (CKPT) and --out DIR, or --resume DIR")
+        task_spec = {"task": args.task, "operands_below": args.operands_below, "reward": args.reward}
+        config = GRPOConfig(
+            steps=args.steps or 200, prompts_per_step=args.prompts, group=args.group,
+            max_new_tokens=args.max_new_tokens, temperature=args.temperature, clip_eps=args.clip_eps,
+            kl_beta=args.kl_beta, lr=args.lr, updates_per_batch=args.updates_per_batch,
+            routing_replay=args.routing_replay, skip_bad_rewards=args.skip_bad_rewards, seed=args.seed,
+            task=task_spec, save_every=args.save_every,
+        )  # fmt: skip
+        config.check()
+        out, source = Path(args.out), checkpoint_dir(args.model)
+        model = from_pretrained(source)
+        tokenizer = common.load_tokenizer(str(source), args.tokenizer)
+    task = task_from_spec(config.task)
     console = common.console()
 
     def show(entry: StepLog) -> None:
@@ -71,8 +100,7 @@ def run(args: argparse.Namespace) -> int:
             f"kl {entry.kl:.4f}  ratio var {entry.ratio_variance:.2e}  changed routing {entry.changed_routing:.1%}"
         )
 
-    grpo(model, tokenizer, task, config, args.out, source=source, on_step=show,
+    grpo(model, tokenizer, task, config, out, source=source, on_step=show, resume=bool(args.resume),
          on_warning=lambda text: common.error_console().print(f"warning: {text}"))  # fmt: skip
-    out = Path(args.out)
     console.print(f"wrote {out / 'log.jsonl'} and the model to {out / 'final'}")
     return 0

@@ -23,7 +23,7 @@ import math
 import random
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Protocol
 
@@ -31,10 +31,24 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from deepmoe.io.checkpoint import copy_tokenizer_files
+from deepmoe.io.checkpoint import copy_tokenizer_files, read_last
 from deepmoe.io.files import claim_directory, refuse_overlap, write_json
 from deepmoe.model.generate import generate, left_padded
 from deepmoe.moe import MoE
+from deepmoe.moe.balance import max_violation
+from deepmoe.moe.router import count_ids
+from deepmoe.train.checkpoint import (
+    append_jsonl,
+    load_model_weights,
+    load_optimizer_state,
+    optimizer_state,
+    read_training_state,
+    rng_state,
+    save_tokenizer,
+    save_training_checkpoint,
+    set_rng_state,
+    truncate_log,
+)
 
 # ---- the objective -------------------------------------------------------------------------------------------
 
@@ -113,6 +127,18 @@ class RoutingRecorder:
             self.chunks[index].append(output.routing.topk_idx.view(self._batch, -1, output.routing.topk_idx.shape[-1]))
 
         return record
+
+    def max_violation(self, token_mask: Tensor) -> float:
+        """MaxVio of the recorded routing over the tokens where `token_mask` [B, fed or more] is true, averaged
+        over the layers."""
+        values = []
+        for index, chunks in self.chunks.items():
+            if not chunks:
+                continue
+            ids = torch.cat(chunks, dim=1)  # [B, fed, K]
+            chosen = ids[token_mask[:, : ids.shape[1]].bool()]  # [tokens, K]
+            values.append(max_violation(count_ids(chosen, self.layers[index].config.n_routed_experts)).item())
+        return sum(values) / len(values) if values else 0.0
 
     def replay(self, length: int) -> dict[int, Tensor]:
         """Layer index → [B·length, K] for a re-scoring forward over `length` tokens per row: the recorded ids,
@@ -232,6 +258,16 @@ class UserReward:
         return self.function(prompt, completion)
 
 
+def task_from_spec(spec: dict) -> Task:
+    """The task a `GRPOConfig.task` record describes: a built-in task (arithmetic with its operand limit), with a
+    user's reward function on its prompts when `reward` is given."""
+    name = spec.get("task", "arithmetic")
+    if name not in TASKS:
+        raise ValueError(f"unknown GRPO task {name!r}: choose one of {', '.join(sorted(TASKS))}")
+    task = Arithmetic(spec.get("operands_below", 50)) if name == "arithmetic" else TASKS[name]()
+    return UserReward(task, spec["reward"]) if spec.get("reward") else task
+
+
 class RewardError(ValueError):
     """A reward function raised or returned something that is not a finite number."""
 
@@ -267,6 +303,12 @@ class GRPOConfig:
     skip_bad_rewards: bool = True
     """A reward that raises or is not a number: skip that completion (reported) or stop the run (False)."""
     seed: int = 0
+    task: dict = field(default_factory=dict)
+    """How the command line built the task ({"task": name, "operands_below": n, "reward": "module:function"}),
+    recorded so that a resumed run rebuilds it (`task_from_spec`); the library itself does not read it."""
+    save_every: int = 0
+    """Write a resumable checkpoint (`step-N/`: policy, optimizer, RNG states) every this many steps and after the
+    last; 0: only the final model."""
 
     def check(self) -> None:
         for name in ("steps", "prompts_per_step", "group", "max_new_tokens", "updates_per_batch"):
@@ -280,6 +322,8 @@ class GRPOConfig:
                 raise ValueError(f"GRPOConfig.{name} must be > 0, got {getattr(self, name)!r}")
         if self.kl_beta < 0 or self.grad_clip < 0:
             raise ValueError("GRPOConfig.kl_beta and grad_clip must be >= 0")
+        if not isinstance(self.save_every, int) or isinstance(self.save_every, bool) or self.save_every < 0:
+            raise ValueError(f"GRPOConfig.save_every must be an integer >= 0, got {self.save_every!r}")
 
 
 @dataclass
@@ -290,6 +334,9 @@ class StepLog:
     kl: float
     ratio_variance: float
     clipped: float
+    max_vio: float
+    """MaxVio of the sampler's routing over the step's real tokens, (max load − mean) / mean, averaged over the
+    MoE layers (0 for a dense model)."""
     changed_routing: float
     """The share of (token, layer) pairs whose experts the router, after this step's updates, would choose
     differently from the sampler: what routing replay holds fixed."""
@@ -305,48 +352,96 @@ def grpo(
     source: str | Path | None = None,
     on_step: Callable[[StepLog], None] | None = None,
     on_warning: Callable[[str], None] | None = None,
+    resume: bool = False,
 ) -> list[StepLog]:
-    """Run GRPO on `model` (updated in place; a frozen copy is the reference) for `task` in the new (or empty)
-    directory `out`, held against other processes while it runs: `grpo_config.json`, `log.jsonl` (one line per
-    step) and the trained model in `final/` (with `source`'s tokenizer files when the checkpoint directory it
-    came from is given). Returns the per-step logs. `tokenizer`: a `tokenizers.Tokenizer`; completions end at
-    the model's EOS id (config.eos_token_id) or after max_new_tokens."""
+    """Run GRPO on `model` (updated in place) for `task` in the run directory `out`, held against other processes
+    while it runs: `grpo_config.json`, `reference/` (the starting model, the KL's π_ref), `log.jsonl` (one line per
+    step), resumable `step-N/` checkpoints (`config.save_every`) and the trained model in `final/` (with `source`'s
+    tokenizer files when the checkpoint directory it came from is given). `out` must be new or empty, unless
+    `resume`: then it is an earlier run's directory, `model` is loaded from its newest checkpoint with the
+    optimizer and the RNG states, and the run continues to `config.steps` as if it had never stopped. Returns the
+    logs of the steps run now. `tokenizer`: a `tokenizers.Tokenizer`; completions end at the model's EOS id
+    (config.eos_token_id) or after max_new_tokens."""
     config.check()
     if source is not None:
         refuse_overlap(out, [source], "the checkpoint GRPO starts from")
-    with claim_directory(out, "new or empty directory") as target:
-        logs = _run(model, tokenizer, task, config, target, on_step, on_warning)
+    replaceable = (lambda path: (path / CONFIG_FILE).is_file()) if resume else None
+    with claim_directory(out, "GRPO run directory (deepmoe grpo)" if resume else "new or empty directory",
+                         replaceable) as target:  # fmt: skip
+        logs = _run(model, tokenizer, task, config, target, on_step, on_warning, resume)
         model.save_pretrained(target / "final")
         if source is not None:
             copy_tokenizer_files(Path(source), target / "final")
+        else:
+            save_tokenizer(tokenizer, target / "final")
     return logs
 
 
-def _run(model, tokenizer, task, config, out: Path, on_step, on_warning) -> list[StepLog]:
+CONFIG_FILE = "grpo_config.json"
+
+
+def read_run_config(out: str | Path) -> GRPOConfig:
+    """The GRPOConfig an earlier run in `out` was started with (to resume it, maybe with more steps)."""
+    path = Path(out) / CONFIG_FILE
+    if not path.is_file():
+        raise ValueError(f"{out}: not a deepmoe grpo run directory (no {CONFIG_FILE})")
+    return GRPOConfig(**json.loads(path.read_text()))
+
+
+def _run(model, tokenizer, task, config, out: Path, on_step, on_warning, resume: bool) -> list[StepLog]:
     out.mkdir(parents=True, exist_ok=True)
-    write_json(out / "grpo_config.json", asdict(config))
     rng = random.Random(config.seed)
     generator = torch.Generator(model.model.embed_tokens.weight.device).manual_seed(config.seed)
-    reference = _frozen_copy(model)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=config.lr, betas=(0.9, 0.99), weight_decay=0.0)
+    first = 0
+    if resume:
+        first = _restore(model, optimizer, rng, generator, out)
+        truncate_log(out / "log.jsonl", first - 1)
+    else:
+        write_json(out / CONFIG_FILE, asdict(config))
+        model.save_pretrained(out / "reference")
+    reference = _frozen_copy(model, out / "reference")
     eos = model.config.eos_token_id
     logs: list[StepLog] = []
-    with (out / "log.jsonl").open("a") as log_file:
-        for step in range(config.steps):
-            entry = _step(model, reference, tokenizer, task, config, optimizer, params, rng, generator, eos, on_warning)
-            entry.step = step
-            logs.append(entry)
-            log_file.write(json.dumps(asdict(entry)) + "\n")
-            log_file.flush()
-            if on_step is not None:
-                on_step(entry)
+    for step in range(first, config.steps):
+        entry = _step(model, reference, tokenizer, task, config, optimizer, params, rng, generator, eos, on_warning)
+        entry.step = step
+        logs.append(entry)
+        append_jsonl(out / "log.jsonl", asdict(entry))
+        if config.save_every and ((step + 1) % config.save_every == 0 or step + 1 == config.steps):
+            info = {"python_random": _random_to_json(rng), "generator": bytes(generator.get_state().numpy()).hex()}
+            save_training_checkpoint(out, step + 1, model.state_dict(), model.config,
+                                     optimizer_state(optimizer, model), info, rng_state(), tokenizer)  # fmt: skip
+        if on_step is not None:
+            on_step(entry)
     return logs
 
 
-def _frozen_copy(model: nn.Module) -> nn.Module:
-    reference = type(model)(model.config).to(model.model.embed_tokens.weight.device)
-    reference.load_state_dict(model.state_dict())
+def _random_to_json(rng: random.Random) -> list:
+    version, internal, gauss = rng.getstate()
+    return [version, list(internal), gauss]
+
+
+def _restore(model, optimizer, rng: random.Random, generator: torch.Generator, out: Path) -> int:
+    """Load the newest checkpoint of the run in `out` into `model`, `optimizer`, `rng` and `generator`; returns
+    the number of steps it had completed."""
+    step_dir = read_last(out)
+    if step_dir is None:
+        raise ValueError(f"{out}: this GRPO run has no checkpoint to resume (it ran without --save-every)")
+    info, tensors = read_training_state(step_dir)
+    load_model_weights(model, step_dir)
+    load_optimizer_state(optimizer, model, info["optimizer"], tensors)
+    set_rng_state(info["rng"], tensors)
+    version, internal, gauss = info["python_random"]
+    rng.setstate((version, tuple(internal), gauss))
+    generator.set_state(torch.frombuffer(bytearray.fromhex(info["generator"]), dtype=torch.uint8))
+    return int(info["step"])
+
+
+def _frozen_copy(model: nn.Module, path: Path) -> nn.Module:
+    """π_ref: the starting model saved in `path`, frozen, on `model`'s device."""
+    reference = type(model).from_pretrained(path, device=model.model.embed_tokens.weight.device)
     reference.eval().requires_grad_(False)
     return reference
 
@@ -404,6 +499,7 @@ def _step(model, reference, tokenizer, task, config, optimizer, params, rng, gen
         optimizer.step()
     changed = changed_routing(model, ids, attention_mask, recorded)  # the router after this step's updates
     return StepLog(
+        max_vio=recorder.max_violation(attention_mask),
         step=0,
         reward=float(reward_tensor[valid].mean()) if valid.any() else float("nan"),
         loss=parts.loss.item(),
