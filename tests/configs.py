@@ -61,3 +61,16 @@ def tiny_preset(name: str = "tiny-v3", **overrides: Any) -> DeepSeekConfig:
     if "moe" in overrides:
         overrides["moe"] = _with_moe(config.moe, overrides["moe"])
     return DeepSeekConfig.from_dict({**config.to_dict(), **overrides})
+
+
+def v32_config(**overrides) -> DeepSeekConfig:
+    """2 layers (a dense one, then V3 routing over 8 experts), MLA with query compression, an indexer of 8 heads × 16
+    picking 4 keys."""
+    moe = MoEConfig(hidden_size=64, moe_intermediate_size=16, n_routed_experts=8, n_shared_experts=1,
+                    num_experts_per_tok=2, scoring_func="sigmoid", norm_topk_prob=True, routed_scaling_factor=2.5,
+                    topk_method="noaux_tc", n_group=4, topk_group=2, use_expert_bias=True)  # fmt: skip
+    fields = dict(model_type="deepseek_v32", vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                  num_attention_heads=4, q_lora_rank=24, kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=8,
+                  v_head_dim=8, moe=moe, first_k_dense_replace=1, max_position_embeddings=256, index_topk=4,
+                  index_head_dim=16, index_n_heads=8)  # fmt: skip
+    return DeepSeekConfig(**{**fields, **overrides})

@@ -226,3 +226,16 @@ def randomise_parameters(module: torch.nn.Module, seed: int, bias_std: float | N
             for name, b in module.named_buffers():
                 if name.endswith("e_score_correction_bias"):
                     b.copy_(bias_std * torch.randn_like(b))
+
+
+def transformers_model(path):
+    """transformers' model of the checkpoint in `path` (eager attention, eval mode), loaded without its warning
+    about an MTP layer it does not know."""
+    import transformers
+
+    verbosity = transformers.logging.get_verbosity()
+    transformers.logging.set_verbosity_error()
+    try:
+        return transformers.AutoModelForCausalLM.from_pretrained(path, attn_implementation="eager").eval()
+    finally:
+        transformers.logging.set_verbosity(verbosity)

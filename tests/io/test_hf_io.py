@@ -33,7 +33,7 @@ from deepmoe.io import checkpoint as ckpt_module
 from deepmoe.io import files as files_module
 from deepmoe.model import from_pretrained, save_pretrained
 from deepmoe.presets import PRESETS
-from reference import dequantize_fp8_blocks, quantize_fp8_blocks, randomise_parameters
+from reference import dequantize_fp8_blocks, quantize_fp8_blocks, randomise_parameters, transformers_model
 
 # cpu_only: checkpoint files read to CPU tensors
 pytestmark = pytest.mark.cpu_only
@@ -629,12 +629,7 @@ def test_deepmoe_checkpoint_gives_the_same_logits_in_transformers(case, tmp_path
     state = random_state(config, seed=3)
     model.load_state_dict({k: (1 + v if "norm" in k else 3 * v) for k, v in state.items()})
     save_pretrained(model, tmp_path)
-    verbosity = transformers.logging.get_verbosity()
-    transformers.logging.set_verbosity_error()  # the MTP layer is "unexpected" to transformers
-    try:
-        hf_model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation="eager").eval()
-    finally:
-        transformers.logging.set_verbosity(verbosity)
+    hf_model = transformers_model(tmp_path)
     ids = torch.randint(0, 128, (2, 9), generator=torch.Generator().manual_seed(0))
     assert _rel(_logits(model, ids), _logits(hf_model, ids)) < 1e-4
     reloaded = from_pretrained(tmp_path)

@@ -12,7 +12,8 @@ import warnings
 import pytest
 import torch
 
-from deepmoe.config import DeepSeekConfig, MoEConfig
+from configs import v32_config
+from deepmoe.config import DeepSeekConfig
 from deepmoe.io import config_from_hf, config_to_hf
 from deepmoe.io.hf import expected_shapes
 from deepmoe.model import from_pretrained, save_pretrained
@@ -21,26 +22,13 @@ from deepmoe.model.decoder import DeepSeekForCausalLM
 from deepmoe.model.generate import generate
 from deepmoe.model.rope import RotaryEmbedding
 from deepmoe.model.sparse_attention import LightningIndexer, allowed_keys
-from reference import randomise_parameters
+from reference import randomise_parameters, transformers_model
 
 pytestmark = [pytest.mark.cpu_only, pytest.mark.usefixtures("one_thread")]
 transformers = pytest.importorskip("transformers")
 
 YARN = {"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64, "beta_fast": 32, "beta_slow": 1,
         "mscale": 1.0, "mscale_all_dim": 0.707}  # fmt: skip
-
-
-def v32_config(**overrides) -> DeepSeekConfig:
-    """2 layers (a dense one, then V3 routing over 8 experts), MLA with query compression, an indexer of 8 heads × 16
-    picking 4 keys."""
-    moe = MoEConfig(hidden_size=64, moe_intermediate_size=16, n_routed_experts=8, n_shared_experts=1,
-                    num_experts_per_tok=2, scoring_func="sigmoid", norm_topk_prob=True, routed_scaling_factor=2.5,
-                    topk_method="noaux_tc", n_group=4, topk_group=2, use_expert_bias=True)  # fmt: skip
-    fields = dict(model_type="deepseek_v32", vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                  num_attention_heads=4, q_lora_rank=24, kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=8,
-                  v_head_dim=8, moe=moe, first_k_dense_replace=1, max_position_embeddings=256, index_topk=4,
-                  index_head_dim=16, index_n_heads=8)  # fmt: skip
-    return DeepSeekConfig(**{**fields, **overrides})
 
 
 CASES = {
@@ -199,12 +187,7 @@ def test_deepmoe_checkpoint_gives_the_same_logits_in_transformers(case, tmp_path
     config = dataclasses.replace(CASES[case], num_nextn_predict_layers=1)  # V3.2's MTP layer, with its indexer
     model = _model(config, seed=2)
     save_pretrained(model, tmp_path)
-    verbosity = transformers.logging.get_verbosity()
-    transformers.logging.set_verbosity_error()  # the MTP layer is "unexpected" to transformers
-    try:
-        hf_model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation="eager").eval()
-    finally:
-        transformers.logging.set_verbosity(verbosity)
+    hf_model = transformers_model(tmp_path)
     assert type(hf_model).__name__ == "DeepseekV32ForCausalLM"
     ids = _ids(2, 16, seed=1)
     _, rel = _errors(_logits(model, ids), _logits(hf_model, ids))

@@ -11,9 +11,10 @@ import math
 import pytest
 import torch
 
+import configs
 from corpora import StandInCorpus
 from deepmoe.cli import main
-from deepmoe.config import DeepSeekConfig, MoEConfig
+from deepmoe.config import DeepSeekConfig
 from deepmoe.model.attention import MultiHeadLatentAttention
 from deepmoe.model.decoder import DeepSeekForCausalLM
 from deepmoe.model.rope import apply_rotary
@@ -27,15 +28,8 @@ pytestmark = [pytest.mark.cpu_only, pytest.mark.usefixtures("one_thread")]
 
 
 def v32_config(**overrides) -> DeepSeekConfig:
-    """2 layers (dense, then V3 routing over 8 experts), one MTP module, an indexer of 4 heads × 16 picking 4 keys."""
-    moe = MoEConfig(hidden_size=64, moe_intermediate_size=16, n_routed_experts=8, n_shared_experts=1,
-                    num_experts_per_tok=2, scoring_func="sigmoid", norm_topk_prob=True, routed_scaling_factor=2.5,
-                    topk_method="noaux_tc", n_group=4, topk_group=2, use_expert_bias=True)  # fmt: skip
-    fields = dict(model_type="deepseek_v32", vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                  num_attention_heads=4, q_lora_rank=24, kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=8,
-                  v_head_dim=8, moe=moe, first_k_dense_replace=1, max_position_embeddings=256, index_topk=4,
-                  index_head_dim=16, index_n_heads=4, num_nextn_predict_layers=1)  # fmt: skip
-    return DeepSeekConfig(**{**fields, **overrides})
+    """tests/configs.py's v32_config with one MTP module and an indexer of 4 heads."""
+    return configs.v32_config(**{"index_n_heads": 4, "num_nextn_predict_layers": 1, **overrides})
 
 
 def _ids(batch: int, length: int, seed: int = 0) -> torch.Tensor:

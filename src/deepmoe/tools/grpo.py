@@ -483,8 +483,8 @@ def _step(model, reference, tokenizer, task, config, optimizer, params, rng, gen
     advantages = torch.where(valid, advantages, torch.zeros_like(advantages)).flatten()
     token_mask = token_mask & valid.flatten()[:, None]
 
-    replay = recorder.replay(ids.shape[1]) if config.routing_replay else None
     recorded = recorder.replay(ids.shape[1])
+    replay = recorded if config.routing_replay else None
     with torch.no_grad():
         old_logp = completion_logprobs(model, ids, attention_mask, start, recorded)  # under the sampler's routing
         ref_logp = completion_logprobs(reference, ids, attention_mask, start)
