@@ -99,6 +99,10 @@ class MoEConfig:
     fp8_experts: bool = False
     """Routed experts' products in fine-grained FP8 (V3: 1×128 activation tiles, 128×128 weight blocks, e4m3),
     simulated (quantise–dequantise, float32 accumulation) where there is no FP8 matrix unit."""
+    expert_adapter_rank: int | None = None
+    """PESC (docs/design.md#pesc-adapter-experts): r, the bottleneck width of adapter experts. Each routed expert
+    is then the one shared dense FFN (n_shared_experts=1, width moe_intermediate_size) followed by its own adapter
+    y + W_up σ(W_down y); None: ordinary SwiGLU experts."""
 
     def __post_init__(self) -> None:
         for field in (
@@ -187,6 +191,18 @@ class MoEConfig:
             "experts_implementation",
             f"must be one of {EXPERTS_IMPLEMENTATIONS}",
         )
+        rank = self.expert_adapter_rank
+        check(
+            self, rank is None or (is_int(rank) and rank >= 1), "expert_adapter_rank", "must be None or an integer >= 1"
+        )
+        if rank is not None:
+            check(
+                self,
+                self.n_shared_experts == 1,
+                "n_shared_experts",
+                "must be 1 with expert_adapter_rank (PESC): the one dense FFN every adapter expert reads",
+            )
+            check(self, not self.fp8_experts, "fp8_experts", "must be False with expert_adapter_rank (PESC)")
 
     @property
     def experts_per_group(self) -> int:

@@ -30,7 +30,7 @@ class ParameterCount:
 
 def _unchosen_expert_parameters(layer: MoE) -> int:
     """The routed-expert parameters of `layer` a token does not use (N_r − K_r experts)."""
-    per_expert = layer.experts.gate_up_proj[0].numel() + layer.experts.down_proj[0].numel()
+    per_expert = sum(w[0].numel() for w in layer.experts.parameters())  # every expert tensor is [N_r, ...]
     return (layer.config.n_routed_experts - layer.config.num_experts_per_tok) * per_expert
 
 

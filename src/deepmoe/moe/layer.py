@@ -4,6 +4,9 @@ The layer computes in one process with a `LocalDispatcher`; any other `Dispatche
 (`deepmoe.parallel.apply_expert_parallel` shards the experts and installs the all-to-all one).
 
 h_t = Σ_{i ≤ N_s} FFN_i^(s)(u_t) + Σ_{i ≤ N_r} g_i,t FFN_i^(r)(u_t)   (the residual is added by the block)
+
+With `MoEConfig.expert_adapter_rank` (PESC, `deepmoe.moe.adapter_experts`) the routed experts are adapters on the
+one shared FFN's output: h_t = Σ_{i ≤ N_r} g_i,t A_i(FFN^(s)(u_t)).
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from torch import Tensor, nn
 from torch.distributed.tensor import DTensor
 
 from deepmoe.config import MoEConfig
+from deepmoe.moe.adapter_experts import AdapterExperts
 from deepmoe.moe.balance import RoutingStats, balance_losses, routing_stats
 from deepmoe.moe.dispatch import Dispatcher, LocalDispatcher
 from deepmoe.moe.experts import RoutedExperts, SwiGLU
@@ -37,12 +41,14 @@ class MoEOutput:
 
 
 # the settings a layer's weights are shaped by: a config given to a built layer must keep them
-_SHAPE_FIELDS = ("hidden_size", "moe_intermediate_size", "n_routed_experts", "n_shared_experts", "use_expert_bias")
+_SHAPE_FIELDS = ("hidden_size", "moe_intermediate_size", "n_routed_experts", "n_shared_experts", "use_expert_bias",
+                 "expert_adapter_rank")  # fmt: skip
 
 
 class MoE(nn.Module):
     """DeepSeekMoE layer (fine-grained routed experts + shared experts), HF parameter names:
-    `gate` (router), `experts` (stacked routed experts), `shared_experts` (one SwiGLU).
+    `gate` (router), `experts` (stacked routed experts), `shared_experts` (one SwiGLU). With
+    `expert_adapter_rank` (PESC), `experts` are `AdapterExperts` on the output of `shared_experts`.
 
     Built on the meta device (`with torch.device("meta")`), it is materialised with `to_empty(device=...)`
     followed by `reset_parameters()` (then `load_state_dict`, if weights are loaded).
@@ -58,13 +64,18 @@ class MoE(nn.Module):
         super().__init__()
         self.config = config
         self.gate = Router(config)
-        self.experts = RoutedExperts(
-            config.n_routed_experts,
-            config.hidden_size,
-            config.moe_intermediate_size,
-            config.experts_implementation,
-            fp8=config.fp8_experts,
-        )
+        if config.expert_adapter_rank is not None:  # PESC: adapters on the shared FFN's output
+            self.experts: RoutedExperts | AdapterExperts = AdapterExperts(
+                config.n_routed_experts, config.hidden_size, config.expert_adapter_rank, config.experts_implementation
+            )
+        else:
+            self.experts = RoutedExperts(
+                config.n_routed_experts,
+                config.hidden_size,
+                config.moe_intermediate_size,
+                config.experts_implementation,
+                fp8=config.fp8_experts,
+            )
         self.shared_experts = (
             SwiGLU(config.hidden_size, config.moe_intermediate_size * config.n_shared_experts)
             if config.n_shared_experts
@@ -112,7 +123,7 @@ class MoE(nn.Module):
                 except ValueError as err:
                     self._config = gate.config = old
                     raise ValueError(f"the new MoEConfig does not fit the router's expert mask: {err}") from None
-        experts: RoutedExperts | None = self._modules.get("experts")
+        experts: RoutedExperts | AdapterExperts | None = self._modules.get("experts")
         if experts is not None:
             experts.implementation = config.experts_implementation
             experts.fp8 = config.fp8_experts
@@ -171,10 +182,12 @@ class MoE(nn.Module):
         x = hidden_states.reshape(-1, shape[-1])  # [T, H]
 
         routing = self.gate(x, batch_size, expert_mask)
-        rows, tokens_per_expert, state = self.dispatcher.dispatch(x, routing)
+        shared = self.shared_experts(x) if self.shared_experts is not None else None
+        pesc = self.config.expert_adapter_rank is not None  # the adapters take F(x), once per token, not x
+        rows, tokens_per_expert, state = self.dispatcher.dispatch(shared if pesc else x, routing)
         out = self.dispatcher.combine(self.experts(rows, tokens_per_expert, state.row_weight), state)
-        if self.shared_experts is not None:
-            out = out + self.shared_experts(x)
+        if shared is not None and not pesc:
+            out = out + shared
 
         losses = balance_losses(routing, self.config) if output_stats or self.training else {}
         aux_loss = sum(losses.values()) if losses else x.new_zeros((), dtype=torch.float32)
@@ -215,9 +228,10 @@ class MoE(nn.Module):
             raise ValueError(f"MoE expects input of shape [tokens, {h}] or [batch, seq, {h}], got {tuple(x.shape)}")
         if not x.is_floating_point():
             raise ValueError(f"MoE expects a floating-point input, got dtype {x.dtype}")
-        weight_dtype = self.experts.gate_up_proj.dtype
+        expert_weight = next(self.experts.parameters())  # gate_up_proj, or PESC's adapter_down
+        weight_dtype = expert_weight.dtype
         # FSDP2 mixed precision casts the experts' weights to x's dtype when their unit gathers them, after this
-        mixed_precision = isinstance(self.experts.gate_up_proj, DTensor) and x.dtype == torch.bfloat16
+        mixed_precision = isinstance(expert_weight, DTensor) and x.dtype == torch.bfloat16
         if x.dtype != weight_dtype and not torch.is_autocast_enabled(x.device.type) and not mixed_precision:
             raise ValueError(
                 f"MoE input dtype {x.dtype} does not match the layer's dtype {weight_dtype}: "
