@@ -24,6 +24,7 @@ COMMANDS = {  # name on the command line: module in deepmoe.cli
     "esft": "esft",
     "steer": "steer",
     "merge": "merge",
+    "merge-adapter": "merge_adapter",
     "upcycle": "upcycle",
     "prune": "prune",
     "study": "study",

@@ -413,13 +413,14 @@ class DeepSeekForCausalLM(nn.Module):
     # ---- Hugging Face-style entry points (the work is done in deepmoe.model.pretrained and .generate) ----
     @classmethod
     def from_pretrained(
-        cls, path, dtype: torch.dtype | None = None, device=None, delta=None, mmap: bool = False
+        cls, path, dtype: torch.dtype | None = None, device=None, delta=None, mmap: bool = False, adapter=None
     ) -> DeepSeekForCausalLM:
         """Load a HF-format checkpoint directory (config.json + safetensors), a training step's directory or
         a run directory (its newest complete step), optionally with an ESFT delta applied on top. `mmap=True`:
         weights memory-mapped from the files, for inference on a checkpoint larger than memory
-        (`deepmoe.model.pretrained.load_pretrained`)."""
-        return load_pretrained(cls, path, dtype=dtype, device=device, delta=delta, mmap=mmap)
+        (`deepmoe.model.pretrained.load_pretrained`). `adapter`: a LoRA adapter directory (PEFT format) added on top
+        (`deepmoe.model.lora.load_adapter`)."""
+        return load_pretrained(cls, path, dtype=dtype, device=device, delta=delta, mmap=mmap, adapter=adapter)
 
     def save_pretrained(self, path, max_shard_size: int | str = "5GB"):
         """Write config.json + safetensors with HF's names for this model_type, atomically."""

@@ -23,6 +23,7 @@ from deepmoe.config import DeepSeekConfig
 from deepmoe.io.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from deepmoe.io.delta import apply_delta
 from deepmoe.io.lazy import Deferred, map_checkpoint
+from deepmoe.model.lora import load_adapter
 from deepmoe.model.rope import RotaryEmbedding
 from deepmoe.moe.router import Router
 
@@ -36,10 +37,12 @@ def load_pretrained(
     device: str | torch.device | None = None,
     delta: str | os.PathLike | None = None,
     mmap: bool = False,
+    adapter: str | os.PathLike | None = None,
 ) -> Model:
     """`model_class(config)` (eval mode) with the weights of a HF-format checkpoint directory (a HF folder,
     a training step's directory, or a run directory: its newest complete step), plus an expert delta
-    applied on top when `delta` names one.
+    applied on top when `delta` names one, and the LoRA adapter directory `adapter` (PEFT format,
+    `deepmoe.model.lora.load_adapter`: its factors trainable, the base frozen; `merge_lora` folds it in).
 
     dtype None keeps the stored dtypes (FP8 weights become the config's torch_dtype).
 
@@ -55,6 +58,8 @@ def load_pretrained(
     no parameter requires grad, and `device` (other than the CPU) and `delta` are refused.
     """
     if mmap:
+        if adapter is not None:
+            raise ValueError("mmap=True does not load a LoRA adapter: load without mmap (or merge it first)")
         return _load_mapped(model_class, path, dtype, device, delta)
     config, state = load_checkpoint(path, dtype=dtype)
     with torch.device("meta"):  # no randomly initialised float32 copy: the checkpoint's tensors are assigned
@@ -65,6 +70,8 @@ def load_pretrained(
     _materialise_buffers(model, path)
     if delta is not None:
         apply_delta(model, delta)
+    if adapter is not None:
+        load_adapter(model, adapter)
     if device is not None:
         model.to(device)
     return model.eval()
@@ -202,7 +209,11 @@ def _materialise_buffers(model: nn.Module, path: str | os.PathLike, deferred: di
 
 def save_pretrained(model: nn.Module, path: str | os.PathLike, max_shard_size: int | str = "5GB") -> Path:
     """config.json + safetensors of `model` (HF's names for its model_type) in the directory `path`,
-    atomically: `save_checkpoint(model, model.config, path, max_shard_size)`."""
+    atomically: `save_checkpoint(model, model.config, path, max_shard_size)`. A model with LoRA adapters is
+    refused: save them with `deepmoe.model.lora.save_adapter`, or fold them in with `merge_lora` first."""
+    if getattr(model, "lora_config", None) is not None:
+        raise ValueError("save_pretrained: the model has LoRA adapters; save them with save_adapter (the base "
+                         "checkpoint is unchanged), or merge_lora first to save the merged weights")  # fmt: skip
     return save_checkpoint(model, getattr(model, "config", None), path, max_shard_size=max_shard_size)
 
 

@@ -233,6 +233,11 @@ class RoutedExperts(nn.Module):
             return fp8_grouped_matmul(x, weight, offsets)
         return grouped_matmul(x, weight, offsets, use_kernel)
 
+    def _project(self, name: str, x: Tensor, weight: Tensor, offsets: Tensor, use_kernel: bool) -> Tensor:
+        """One stacked projection `name` ("gate_up_proj" or "down_proj", `weight` [G, out, in]) of the sorted
+        rows x [S, in] → [S, out] (`deepmoe.moe.lora.LoRAExperts` adds its low-rank term here)."""
+        return self._matmul(x, weight.transpose(1, 2), offsets, use_kernel)
+
     def forward(self, x: Tensor, tokens_per_expert: Tensor, row_weight: Tensor | None = None) -> Tensor:
         """x [S, H] sorted by expert, tokens_per_expert [N_r] → [S, H].
 
@@ -247,8 +252,8 @@ class RoutedExperts(nn.Module):
             x = x.to(gate_up.dtype)
         offsets = tokens_per_expert.cumsum(0).to(torch.int32)
         use_kernel = self.use_kernel(x)
-        gate, up = self._matmul(x, gate_up.transpose(1, 2), offsets, use_kernel).chunk(2, dim=-1)
+        gate, up = self._project("gate_up_proj", x, gate_up, offsets, use_kernel).chunk(2, dim=-1)
         hidden = F.silu(gate) * up  # [S, I]
         if row_weight is not None:
             hidden = hidden * row_weight.unsqueeze(-1).to(hidden.dtype)
-        return self._matmul(hidden, down.transpose(1, 2), offsets, use_kernel)
+        return self._project("down_proj", hidden, down, offsets, use_kernel)
