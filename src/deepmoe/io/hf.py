@@ -79,7 +79,7 @@ _ALIASES = {"num_mtp_layers": "num_nextn_predict_layers", "num_local_experts": "
 _MOE_EXTRAS = (
     "use_expert_bias", "bias_update_speed", "capacity_factor", "capacity_scope", "drop_policy", "no_drop_fraction",
     "n_devices", "aux_loss_alpha", "device_aux_loss_alpha", "comm_aux_loss_alpha", "seq_aux_loss_alpha",
-    "z_loss_coef", "entropy_loss_coef", "experts_implementation",
+    "z_loss_coef", "entropy_loss_coef", "experts_implementation", "expert_adapter_rank",
 )  # fmt: skip
 _MODEL_EXTRAS = ("mtp_loss_weight", "moe_experts_per_layer")
 _INDEX_FIELDS = ("index_topk", "index_head_dim", "index_n_heads")  # DSA's lightning indexer (deepseek_v32)
@@ -272,6 +272,8 @@ def _warn_unexpressible(config: DeepSeekConfig) -> None:
         problems.append(f"transformers' {ARCHITECTURES[mt][:-11]} always routes with sigmoid scores and noaux_tc")
     if mt != "deepseek" and config.moe_layer_freq != 1:
         problems.append(f"transformers' {ARCHITECTURES[mt]} ignores moe_layer_freq={config.moe_layer_freq}")
+    if moe.expert_adapter_rank is not None:
+        problems.append("its experts are PESC adapters (expert_adapter_rank), which only deepmoe can load")
     if config.moe_experts_per_layer is not None:
         problems.append("its MoE layers all have n_routed_experts (moe_experts_per_layer is read by deepmoe only)")
     if mt in ("deepseek_v2", "deepseek_v32") and not config.rope_interleave:
@@ -330,8 +332,12 @@ def expected_shapes(config: DeepSeekConfig) -> dict[str, tuple[int, ...]]:
             shapes[m + "gate.weight"] = (n, h)
             if moe.use_expert_bias:
                 shapes[m + "gate.e_score_correction_bias"] = (n,)
-            shapes[m + "experts.gate_up_proj"] = (n, 2 * moe.moe_intermediate_size, h)
-            shapes[m + "experts.down_proj"] = (n, h, moe.moe_intermediate_size)
+            if moe.expert_adapter_rank is not None:  # PESC adapters, stored stacked (deepmoe only)
+                shapes[m + "experts.adapter_down"] = (n, moe.expert_adapter_rank, h)
+                shapes[m + "experts.adapter_up"] = (n, h, moe.expert_adapter_rank)
+            else:
+                shapes[m + "experts.gate_up_proj"] = (n, 2 * moe.moe_intermediate_size, h)
+                shapes[m + "experts.down_proj"] = (n, h, moe.moe_intermediate_size)
             if moe.n_shared_experts:
                 width = moe.n_shared_experts * moe.moe_intermediate_size
                 shapes[m + "shared_experts.gate_proj.weight"] = shapes[m + "shared_experts.up_proj.weight"] = (width, h)

@@ -226,6 +226,15 @@ class DeepSeekForCausalLM(nn.Module):
         blocks = [*self.model.layers, *(m.block for m in self.model.mtp)]
         return {b.layer_idx: b.mlp for b in blocks if isinstance(b.mlp, MoE)}
 
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        """The parameters training updates: all of them, except in a PESC model (`MoEConfig.expert_adapter_rank`),
+        which trains its adapter experts and routers only; the dense FFNs, attention, embeddings, norms and head
+        stay frozen (docs/design.md#pesc-adapter-experts)."""
+        if self.config.moe is None or self.config.moe.expert_adapter_rank is None:
+            return list(self.parameters())
+        layers = self.moe_layers().values()
+        return [p for layer in layers for module in (layer.gate, layer.experts) for p in module.parameters()]
+
     def enable_expert_parallel(self, mesh: DeviceMesh | dist.ProcessGroup | None = None) -> None:
         """Shard every MoE layer's routed experts over the ranks of `mesh` (a 1-D DeviceMesh, a process group,
         None: every rank): `deepmoe.parallel.apply_expert_parallel(model, mesh)`, which this calls. Load or

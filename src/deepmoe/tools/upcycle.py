@@ -18,6 +18,13 @@ With R replicas (sparse upcycling), each routed slice appears R times (N_r = R(M
 W_down divided by R, so the sum is unchanged; `noise` σ adds σ·std(W)·ε to each copy's weights, which
 breaks the symmetry between copies (and the exact equality, by about σ).
 
+PESC (Wu et al., 2024, "Parameter-Efficient Sparsity Crafting from Dense to Mixture-of-Experts for Instruction
+Tuning on General Tasks"; `upcycle_pesc`) keeps each dense FFN F whole, shared and frozen, and makes E experts
+E_i = A_i ∘ F, A_i(y) = y + W_up,i σ(W_down,i y) a bottleneck adapter of rank r (`deepmoe.moe.adapter_experts`),
+top-k routed with gate weights normalised to sum 1. W_up starts at zero, so every adapter is the identity and the
+layer computes Σ_i g_i F(x) = F(x): the dense function at step 0 for any top-k. Training updates the adapters
+and routers only (`DeepSeekForCausalLM.trainable_parameters`).
+
 Inputs: a deepmoe dense checkpoint (config `moe` None, any model_type) or a Hugging Face Llama-style
 checkpoint (model_type "llama": q/k/v/o attention, gate/up/down SwiGLU, RMSNorm, RoPE on halves), which
 becomes model_type "deepseek" (DeepSeekMoE 16B's MHA layout).
@@ -27,6 +34,7 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -103,6 +111,23 @@ def load_dense(path: str | os.PathLike) -> tuple[DeepSeekConfig, dict[str, Tenso
     return config, state
 
 
+def _check_keep_dense(dense: DeepSeekConfig, keep_dense: int) -> None:
+    if not isinstance(keep_dense, int) or not 0 <= keep_dense < dense.num_hidden_layers:
+        raise ValueError(
+            f"--keep-dense {keep_dense} is invalid: must be in [0, num_hidden_layers={dense.num_hidden_layers})"
+        )
+
+
+def _gate(dense: DeepSeekConfig, n_routed: int) -> dict[str, Any]:
+    """The gate settings of the model_type: softmax and greedy routing (deepseek, deepseek_v2), sigmoid with
+    aux-loss-free balancing (deepseek_v3)."""
+    if dense.model_type != "deepseek_v3":
+        return dict(scoring_func="softmax", topk_method="greedy", aux_loss_alpha=0.001)
+    if n_routed < 2:
+        return dict(scoring_func="sigmoid", topk_method="greedy")
+    return dict(scoring_func="sigmoid", topk_method="noaux_tc", use_expert_bias=True, seq_aux_loss_alpha=1e-4)
+
+
 def upcycled_config(
     dense: DeepSeekConfig,
     experts_per_ffn: int,
@@ -128,17 +153,27 @@ def upcycled_config(
     top_k = n_routed if top_k is None else top_k
     if not isinstance(top_k, int) or not 1 <= top_k <= n_routed:
         raise ValueError(f"--top-k {top_k} is invalid: must be in [1, routed experts={n_routed}]")
-    if not isinstance(keep_dense, int) or not 0 <= keep_dense < dense.num_hidden_layers:
-        raise ValueError(
-            f"--keep-dense {keep_dense} is invalid: must be in [0, num_hidden_layers={dense.num_hidden_layers})"
-        )
-    gate: dict[str, Any] = dict(scoring_func="softmax", topk_method="greedy", aux_loss_alpha=0.001)
-    if dense.model_type == "deepseek_v3":
-        gate = dict(scoring_func="sigmoid", topk_method="noaux_tc", use_expert_bias=True, seq_aux_loss_alpha=1e-4)
-        if n_routed < 2:
-            gate = dict(scoring_func="sigmoid", topk_method="greedy")
+    _check_keep_dense(dense, keep_dense)
     moe = MoEConfig(hidden_size=dense.hidden_size, moe_intermediate_size=width // m, n_routed_experts=n_routed,
-                    n_shared_experts=shared, num_experts_per_tok=top_k, **gate)  # fmt: skip
+                    n_shared_experts=shared, num_experts_per_tok=top_k, **_gate(dense, n_routed))  # fmt: skip
+    return replace(dense, moe=moe, first_k_dense_replace=keep_dense, moe_layer_freq=1)
+
+
+def pesc_config(
+    dense: DeepSeekConfig, experts: int, top_k: int, adapter_rank: int, keep_dense: int = 0
+) -> DeepSeekConfig:
+    """The PESC config: each FFN (width I) the one shared expert, E = `experts` adapter experts of rank r =
+    `adapter_rank`, top-k routing with normalised gate weights, the first `keep_dense` layers left dense."""
+    if not isinstance(experts, int) or experts < 1:
+        raise ValueError(f"--experts {experts} is invalid: must be an integer >= 1")
+    if not isinstance(top_k, int) or not 1 <= top_k <= experts:
+        raise ValueError(f"--top-k {top_k} is invalid: must be in [1, experts={experts}]")
+    if not isinstance(adapter_rank, int) or adapter_rank < 1:
+        raise ValueError(f"--adapter-rank {adapter_rank} is invalid: must be an integer >= 1")
+    _check_keep_dense(dense, keep_dense)
+    moe = MoEConfig(hidden_size=dense.hidden_size, moe_intermediate_size=dense.intermediate_size,
+                    n_routed_experts=experts, n_shared_experts=1, num_experts_per_tok=top_k, norm_topk_prob=True,
+                    expert_adapter_rank=adapter_rank, **_gate(dense, experts))  # fmt: skip
     return replace(dense, moe=moe, first_k_dense_replace=keep_dense, moe_layer_freq=1)
 
 
@@ -173,12 +208,7 @@ def upcycle_state(
     fold = 1.0 / (_gate_at_zero_router(moe) * replicas)
     generator = torch.Generator().manual_seed(seed)
     out = dict(state)
-    blocks = [f"model.layers.{i}." for i in range(config.num_hidden_layers)]
-    blocks += [f"model.mtp.{k}.block." for k in range(config.num_nextn_predict_layers)]
-    for idx, prefix in enumerate(blocks):
-        if not config.is_moe_layer(idx):
-            continue
-        p = prefix + "mlp."
+    for p in _moe_ffns(config):
         gate, up, down = (out.pop(p + f"{proj}.weight") for proj in ("gate_proj", "up_proj", "down_proj"))
         if k_s:
             out[p + "shared_experts.gate_proj.weight"] = gate[: k_s * w].clone()
@@ -202,6 +232,35 @@ def upcycle_state(
         out[p + "gate.weight"] = router
         if moe.use_expert_bias:
             out[p + "gate.e_score_correction_bias"] = torch.zeros(moe.n_routed_experts)
+    return out
+
+
+def _moe_ffns(config: DeepSeekConfig) -> list[str]:
+    """The state-dict prefixes (`...mlp.`) of the MoE layers of `config`, MTP blocks included."""
+    blocks = [f"model.layers.{i}." for i in range(config.num_hidden_layers)]
+    blocks += [f"model.mtp.{k}.block." for k in range(config.num_nextn_predict_layers)]
+    return [prefix + "mlp." for idx, prefix in enumerate(blocks) if config.is_moe_layer(idx)]
+
+
+def pesc_state(
+    dense_config: DeepSeekConfig, state: dict[str, Tensor], config: DeepSeekConfig, seed: int = 0
+) -> dict[str, Tensor]:
+    """The PESC model's state dict from the dense one's: each dense FFN moved whole to `shared_experts`,
+    W_down,i ~ U(−1/√H, 1/√H) (nn.Linear's), W_up,i = 0, the router ~ N(0, initializer_range) (zero scores
+    would tie: every token would pick the first experts), the selection bias 0."""
+    moe, h = config.moe, config.hidden_size
+    n, r = moe.n_routed_experts, moe.expert_adapter_rank
+    generator = torch.Generator().manual_seed(seed)
+    out = dict(state)
+    for p in _moe_ffns(config):
+        for proj in ("gate_proj", "up_proj", "down_proj"):
+            out[p + f"shared_experts.{proj}.weight"] = out.pop(p + f"{proj}.weight")
+        bound = 1 / math.sqrt(h)
+        out[p + "experts.adapter_down"] = torch.empty(n, r, h).uniform_(-bound, bound, generator=generator)
+        out[p + "experts.adapter_up"] = torch.zeros(n, h, r)
+        out[p + "gate.weight"] = torch.empty(n, h).normal_(0.0, config.initializer_range, generator=generator)
+        if moe.use_expert_bias:
+            out[p + "gate.e_score_correction_bias"] = torch.zeros(n)
     return out
 
 
@@ -235,43 +294,83 @@ def upcycle(
     """
     if not isinstance(noise, (int, float)) or not math.isfinite(noise) or noise < 0:
         raise ValueError(f"--noise {noise!r} is invalid: must be a finite number >= 0")
+
+    def build() -> tuple[UpcycleResult, DeepSeekForCausalLM]:
+        dense_config, state = load_dense(dense_path)
+        config = upcycled_config(dense_config, experts_per_ffn, shared, top_k, replicas, keep_dense)
+        moe = config.moe
+        preserved = moe.num_experts_per_tok == moe.n_routed_experts and noise == 0
+        new_state = upcycle_state(dense_config, state, config, noise, seed)
+        return _built(dense_config, state, config, new_state, preserved, check, seed)
+
+    options = {"experts_per_ffn": experts_per_ffn, "shared": shared, "top_k": top_k, "replicas": replicas,
+               "noise": noise, "keep_dense": keep_dense, "seed": seed}  # fmt: skip
+    return _save(dense_path, out, build, options)
+
+
+def upcycle_pesc(
+    dense_path: str | os.PathLike,
+    out: str | os.PathLike | None,
+    experts: int,
+    top_k: int,
+    adapter_rank: int,
+    keep_dense: int = 0,
+    check: bool = True,
+    seed: int = 0,
+) -> UpcycleResult:
+    """PESC-upcycle the dense checkpoint `dense_path` into `out` (None: do not save): `pesc_config` and
+    `pesc_state`, which compute the dense function at step 0 for any top-k. Options and output as `upcycle`;
+    `upcycle.json` records "pesc": true. The checkpoint is deepmoe's only (transformers cannot load adapters)."""
+
+    def build() -> tuple[UpcycleResult, DeepSeekForCausalLM]:
+        dense_config, state = load_dense(dense_path)
+        config = pesc_config(dense_config, experts, top_k, adapter_rank, keep_dense)
+        new_state = pesc_state(dense_config, state, config, seed)
+        return _built(dense_config, state, config, new_state, True, check, seed)
+
+    options = {"pesc": True, "experts": experts, "top_k": top_k, "adapter_rank": adapter_rank,
+               "keep_dense": keep_dense, "seed": seed}  # fmt: skip
+    return _save(dense_path, out, build, options)
+
+
+def _save(
+    dense_path: str | os.PathLike,
+    out: str | os.PathLike | None,
+    build: Callable[[], tuple[UpcycleResult, DeepSeekForCausalLM]],
+    options: dict[str, Any],
+) -> UpcycleResult:
+    """`build()`'s result, with its model saved in `out` (with the tokenizer files and `upcycle.json`: the
+    dense path, `options` and the step-0 check) unless `out` is None."""
     if out is None:
-        return _upcycle(dense_path, experts_per_ffn, shared, top_k, replicas, noise, keep_dense, check, seed)[0]
+        return build()[0]
     refuse_overlap(out, [dense_path], "the dense checkpoint")
     with claim_directory(out, f"upcycled checkpoint ({UPCYCLE_RECORD})", checkpoint_output(UPCYCLE_RECORD)) as target:
-        result, model = _upcycle(dense_path, experts_per_ffn, shared, top_k, replicas, noise, keep_dense, check, seed)
+        result, model = build()
         with atomic_directory(target) as tmp:
             model.save_pretrained(tmp)
             copy_tokenizer_files(checkpoint_dir(dense_path), tmp)
-            record = {
-                "dense": os.path.abspath(dense_path), "experts_per_ffn": experts_per_ffn, "shared": shared,
-                "top_k": top_k, "replicas": replicas, "noise": noise, "keep_dense": keep_dense, "seed": seed,
-                "function_preserved": result.function_preserved, "relative_error": result.relative_error,
-            }  # fmt: skip
+            record = {"dense": os.path.abspath(dense_path), **options, "function_preserved": result.function_preserved,
+                      "relative_error": result.relative_error}  # fmt: skip
             write_json(tmp / UPCYCLE_RECORD, record)
         result.out = target
     return result
 
 
-def _upcycle(
-    dense_path: str | os.PathLike,
-    experts_per_ffn: int,
-    shared: int,
-    top_k: int | None,
-    replicas: int,
-    noise: float,
-    keep_dense: int,
+def _built(
+    dense_config: DeepSeekConfig,
+    state: dict[str, Tensor],
+    config: DeepSeekConfig,
+    new_state: dict[str, Tensor],
+    preserved: bool,
     check: bool,
     seed: int,
 ) -> tuple[UpcycleResult, DeepSeekForCausalLM]:
-    """The upcycled model (eval mode) and its result, not saved."""
-    dense_config, state = load_dense(dense_path)
-    config = upcycled_config(dense_config, experts_per_ffn, shared, top_k, replicas, keep_dense)
+    """The MoE model of `config` with `new_state` (eval mode) and its result, with the relative logit error
+    against the dense model (`state`) when `check`."""
     model = DeepSeekForCausalLM(config)
-    model.load_state_dict(upcycle_state(dense_config, state, config, noise, seed), strict=True)
+    model.load_state_dict(new_state, strict=True)
     model.eval()
-    moe = config.moe
-    result = UpcycleResult(config, None, moe.num_experts_per_tok == moe.n_routed_experts and noise == 0)
+    result = UpcycleResult(config, None, preserved)
     if check:
         dense = DeepSeekForCausalLM(dense_config)
         dense.load_state_dict(state, strict=True)

@@ -289,6 +289,10 @@ class _Run:
         self.model.indexer_loss_weight = config.indexer_loss_weight
         self._indexer_warmup: bool | None = None  # set by the first step (`_set_indexer_warmup`)
         self.model.to(self.device).train()
+        trainable = {id(p) for p in self.model.trainable_parameters()}  # PESC: adapters and routers only
+        for p in self.model.parameters():
+            if id(p) not in trainable:
+                p.requires_grad_(False)
         self.ranks.shard(self.model, self.model_config, config.batch_size, bf16=self.bf16,
                          activation_checkpointing=config.activation_checkpointing)  # fmt: skip
         self.optimizer = build_optimizer(self.model, config)
@@ -451,9 +455,10 @@ class _Run:
         if warmup != self._indexer_warmup:
             self.model.set_indexer_warmup(warmup)
             indexer = {id(p) for p in self.model.indexer_parameters()}
+            trainable = {id(p) for p in self.model.trainable_parameters()}  # the sharded parameters, once sharded
             for p in self.model.parameters():
                 if id(p) not in indexer:
-                    p.requires_grad_(not warmup)
+                    p.requires_grad_(not warmup and id(p) in trainable)
             self._indexer_warmup = warmup
         return warmup
 
