@@ -11,7 +11,7 @@ import math
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
-SCORING_FUNCS = ("softmax", "sigmoid")
+SCORING_FUNCS = ("softmax", "sigmoid", "sqrtsoftplus")
 TOPK_METHODS = ("greedy", "group_limited_greedy", "noaux_tc")
 CAPACITY_SCOPES = ("expert", "device")
 DROP_POLICIES = ("probs", "position")
@@ -99,6 +99,13 @@ class MoEConfig:
     fp8_experts: bool = False
     """Routed experts' products in fine-grained FP8 (V3: 1×128 activation tiles, 128×128 weight blocks, e4m3),
     simulated (quantise–dequantise, float32 accumulation) where there is no FP8 matrix unit."""
+
+    # DeepSeek-V4
+    swiglu_limit: float | None = None
+    """Clamped SwiGLU of the routed and shared experts: gate ≤ limit, up in [−limit, limit]; None: no clamp."""
+    hash_vocab_size: int = 0
+    """Hash routing (V4's first layers): the experts of token id v are the buffer `tid2eid[v]` [vocab, K_r] of this
+    many token ids, the gate weights still come from the learned scores; 0: learned top-K routing."""
     expert_adapter_rank: int | None = None
     """PESC (docs/design.md#pesc-adapter-experts): r, the bottleneck width of adapter experts. Each routed expert
     is then the one shared dense FFN (n_shared_experts=1, width moe_intermediate_size) followed by its own adapter
@@ -185,6 +192,14 @@ class MoEConfig:
             value = getattr(self, field)
             check(self, is_real(value) and value >= 0, field, "must be a finite number >= 0")
         check(self, is_real(self.entropy_loss_coef), "entropy_loss_coef", "must be a finite number")
+        limit = self.swiglu_limit
+        check(self, limit is None or (is_real(limit) and limit > 0), "swiglu_limit", "must be None or a number > 0")
+        check(
+            self,
+            is_int(self.hash_vocab_size) and self.hash_vocab_size >= 0,
+            "hash_vocab_size",
+            "must be an integer >= 0 (0: learned routing)",
+        )
         check(
             self,
             self.experts_implementation in EXPERTS_IMPLEMENTATIONS,
@@ -223,8 +238,10 @@ class MoEConfig:
         return asdict(self)
 
 
-MODEL_TYPES = ("deepseek", "deepseek_v2", "deepseek_v3", "deepseek_v32")
-ATTENTION_TYPES = ("mla", "mha")
+MODEL_TYPES = ("deepseek", "deepseek_v2", "deepseek_v3", "deepseek_v32", "deepseek_v4")
+ATTENTION_TYPES = ("mla", "mha", "shared_kv")
+V4_LAYER_TYPES = ("sliding_attention", "compressed_sparse_attention", "heavily_compressed_attention")
+V4_MLP_LAYER_TYPES = ("hash_moe", "moe")
 
 
 @dataclass
@@ -270,6 +287,31 @@ class DeepSeekConfig:
     """D, the indexer's query/key width (its first qk_rope_head_dim dims carry RoPE)."""
     index_n_heads: int | None = None
     """H^I, the indexer's query heads (one shared key head)."""
+
+    # DeepSeek-V4 (model_type "deepseek_v4", attention_type "shared_kv": one K = V head of width
+    # head_dim = qk_nope_head_dim + qk_rope_head_dim); None for the other model types. V4 also uses q_lora_rank and,
+    # with CSA layers, index_topk / index_head_dim / index_n_heads (its lightning indexer over compressed entries).
+    layer_types: list[str] | None = None
+    """Each layer's attention: "sliding_attention", "compressed_sparse_attention" (CSA) or
+    "heavily_compressed_attention" (HCA); every one attends over a sliding window of sliding_window tokens."""
+    mlp_layer_types: list[str] | None = None
+    """Each layer's MoE: "hash_moe" (experts from the token id, `MoEConfig.hash_vocab_size`) or "moe"."""
+    compress_rates: dict[str, int] | None = None
+    """Tokens pooled into one compressed entry, by layer type: m of CSA (4), m' of HCA (128)."""
+    sliding_window: int | None = None
+    """n_win: the latest tokens (the query's own included) each query attends to uncompressed."""
+    compress_rope_theta: float | None = None
+    """RoPE base of the CSA/HCA layers (with rope_scaling); sliding layers use rope_theta, unscaled."""
+    o_groups: int | None = None
+    """g of the grouped low-rank output projection."""
+    o_lora_rank: int | None = None
+    """d_g, each group's intermediate width in the grouped output projection."""
+    hc_mult: int | None = None
+    """n_hc, the residual streams of the manifold-constrained hyper-connections (mHC)."""
+    hc_sinkhorn_iters: int | None = None
+    """Sinkhorn–Knopp iterations projecting mHC's residual mapping onto doubly stochastic matrices."""
+    hc_eps: float | None = None
+    """ε added to mHC's pre and combination weights (and to the Sinkhorn denominators)."""
 
     # position embedding
     max_position_embeddings: int = 4096
@@ -351,6 +393,7 @@ class DeepSeekConfig:
                 "must be an even integer >= 2",
             )
         self._check_sparse_attention()
+        self._check_v4()
         check(self, is_real(self.rope_theta) and self.rope_theta > 0, "rope_theta", "must be a finite number > 0")
         if self.rope_scaling is not None:
             check(self, isinstance(self.rope_scaling, dict), "rope_scaling", "must be a dict or None")
@@ -417,6 +460,8 @@ class DeepSeekConfig:
 
     def _check_sparse_attention(self) -> None:
         fields = ("index_topk", "index_head_dim", "index_n_heads")
+        if self.model_type == "deepseek_v4":  # its CSA indexer: checked by _check_v4
+            return
         if not self.has_indexer:
             for field in fields:
                 check(self, getattr(self, field) is None, field, "must be None unless model_type='deepseek_v32'")
@@ -442,6 +487,50 @@ class DeepSeekConfig:
             "index_head_dim",
             f"must be >= qk_rope_head_dim={self.qk_rope_head_dim} (its first qk_rope_head_dim dims carry RoPE)",
         )
+
+    V4_FIELDS = ("layer_types", "mlp_layer_types", "compress_rates", "sliding_window", "compress_rope_theta",
+                 "o_groups", "o_lora_rank", "hc_mult", "hc_sinkhorn_iters", "hc_eps")  # fmt: skip
+
+    def _check_v4(self) -> None:
+        if self.model_type != "deepseek_v4":
+            check(self, self.attention_type != "shared_kv", "attention_type", "'shared_kv' is model_type='deepseek_v4'")
+            for field in self.V4_FIELDS:
+                check(self, getattr(self, field) is None, field, "must be None unless model_type='deepseek_v4'")
+            return
+        n = self.num_hidden_layers
+        check(self, self.attention_type == "shared_kv", "attention_type", "must be 'shared_kv' with deepseek_v4")
+        check(self, is_int(self.q_lora_rank), "q_lora_rank", "must be an integer >= 1 with deepseek_v4")
+        check(self, self.moe is not None, "moe", "must be set with deepseek_v4 (every layer is MoE)")
+        check(self, self.intermediate_size == self.moe.moe_intermediate_size, "intermediate_size",
+              f"must equal moe.moe_intermediate_size={self.moe.moe_intermediate_size} with deepseek_v4 (no dense FFN)")  # fmt: skip
+        check(self, self.first_k_dense_replace == 0 and self.moe_layer_freq == 1, "first_k_dense_replace",
+              "must be 0 (and moe_layer_freq 1) with deepseek_v4: every layer is MoE")  # fmt: skip
+        check(self, self.num_nextn_predict_layers == 0, "num_nextn_predict_layers",
+              "must be 0 with deepseek_v4 (its MTP modules are not implemented)")  # fmt: skip
+        for field, allowed in (("layer_types", V4_LAYER_TYPES), ("mlp_layer_types", V4_MLP_LAYER_TYPES)):
+            types = getattr(self, field)
+            check(self, isinstance(types, (list, tuple)) and len(types) == n and all(t in allowed for t in types),
+                  field, f"must list num_hidden_layers={n} entries from {allowed}")  # fmt: skip
+            setattr(self, field, list(types))
+        rates = self.compress_rates
+        check(self, isinstance(rates, dict) and set(rates) == set(V4_LAYER_TYPES[1:])
+              and all(is_int(r) and r >= 1 for r in rates.values()), "compress_rates",
+              f"must map {V4_LAYER_TYPES[1:]} to integers >= 1")  # fmt: skip
+        for field in ("sliding_window", "o_groups", "o_lora_rank", "hc_mult", "hc_sinkhorn_iters"):
+            value = getattr(self, field)
+            check(self, is_int(value) and value >= 1, field, "must be an integer >= 1 with deepseek_v4")
+        for field in ("compress_rope_theta", "hc_eps"):
+            value = getattr(self, field)
+            check(self, is_real(value) and value > 0, field, "must be a finite number > 0 with deepseek_v4")
+        width = self.num_attention_heads * self.head_dim
+        check(self, width % self.o_groups == 0, "o_groups",
+              f"must divide num_attention_heads × head_dim = {width}")  # fmt: skip
+        if "compressed_sparse_attention" in self.layer_types:
+            for field in ("index_topk", "index_head_dim", "index_n_heads"):
+                value = getattr(self, field)
+                check(self, is_int(value) and value >= 1, field, "must be an integer >= 1 with CSA layers")
+            check(self, self.index_head_dim >= self.qk_rope_head_dim, "index_head_dim",
+                  f"must be >= qk_rope_head_dim={self.qk_rope_head_dim} (its last dims carry RoPE)")  # fmt: skip
 
     @property
     def head_dim(self) -> int:
@@ -481,6 +570,9 @@ class DeepSeekConfig:
         `moe` with that layer's n_routed_experts where `moe_experts_per_layer` sets one."""
         if not self.is_moe_layer(layer_idx):
             raise ValueError(f"layer {layer_idx} is not an MoE layer")
+        if self.mlp_layer_types is not None and layer_idx < self.num_hidden_layers:
+            if self.mlp_layer_types[layer_idx] == "hash_moe":  # V4: experts from the token id, no selection bias
+                return replace(self.moe, hash_vocab_size=self.vocab_size, use_expert_bias=False)
         counts = self.moe_experts_per_layer
         if counts is None or layer_idx >= self.num_hidden_layers or counts[layer_idx] == self.moe.n_routed_experts:
             return self.moe

@@ -506,7 +506,7 @@ def _validate(ckpt: SafetensorsCheckpoint, config: DeepSeekConfig, config_file: 
                 f"{ckpt.file_of(name)}: tensor {name!r} has shape {list(got)}, {config_file.name} implies {list(want)}"
             )
         dtype = ckpt.dtype(name)
-        if not dtype.startswith(("F", "BF")):  # weights are floating point: not integer, bool or complex
+        if not dtype.startswith(("F", "BF")) and not name.endswith(".tid2eid"):  # floating (V4's hash table: ids)
             raise CheckpointError(f"{ckpt.file_of(name)}: tensor {name!r} has dtype {dtype}, not a floating-point type")
         if ckpt.is_fp8(name) and name + SCALE_SUFFIX not in ckpt:
             raise CheckpointError(f"{ckpt.file_of(name)}: FP8 tensor {name!r} has no {name + SCALE_SUFFIX!r}")

@@ -29,12 +29,14 @@ from typing import Any
 from torch import Tensor
 
 from deepmoe.config import MODEL_TYPES, DeepSeekConfig, MoEConfig
+from deepmoe.io import hf_v4
 
 ARCHITECTURES = {
     "deepseek": "DeepseekForCausalLM",
     "deepseek_v2": "DeepseekV2ForCausalLM",
     "deepseek_v3": "DeepseekV3ForCausalLM",
     "deepseek_v32": "DeepseekV32ForCausalLM",
+    "deepseek_v4": hf_v4.ARCHITECTURE,
 }
 
 # Values the published configuration classes use for an absent key (deepseek: DeepSeek's own
@@ -113,6 +115,10 @@ def config_from_hf(d: dict[str, Any]) -> DeepSeekConfig:
     if model_type not in MODEL_TYPES:
         raise ValueError(f"config model_type={model_type!r} is not supported: deepmoe reads {', '.join(MODEL_TYPES)}")
     d = {**{_ALIASES.get(k, k): v for k, v in d.items() if k in _ALIASES}, **d}
+    if model_type == "deepseek_v4":  # its own fields (deepmoe.io.hf_v4)
+        extras = d.get("deepmoe") or {}
+        moe_extras = {k: extras[k] for k in _MOE_EXTRAS if k in extras}
+        return hf_v4.config_from_hf(d, moe_extras, {k: extras[k] for k in _MODEL_EXTRAS if k in extras})
     defaults = _DEFAULTS[model_type]
 
     def get(key: str) -> Any:
@@ -210,6 +216,10 @@ def config_to_hf(config: DeepSeekConfig) -> dict[str, Any]:
     class of that model_type ignores a setting (it would then compute something else).
     """
     c, moe, mt = config, config.moe, config.model_type
+    if mt == "deepseek_v4":  # its own fields (deepmoe.io.hf_v4)
+        d = hf_v4.config_to_hf(c)
+        d["deepmoe"] = {**{k: getattr(c, k) for k in _MODEL_EXTRAS}, **{k: getattr(moe, k) for k in _MOE_EXTRAS}}
+        return d
     if (c.attention_type == "mha") != (mt == "deepseek"):
         raise ValueError(
             f"attention_type={c.attention_type!r} cannot be written as model_type={mt!r}: "
@@ -297,7 +307,10 @@ def expected_shapes(config: DeepSeekConfig) -> dict[str, tuple[int, ...]]:
     def block(p: str, layer_idx: int) -> None:
         shapes[p + "input_layernorm.weight"] = shapes[p + "post_attention_layernorm.weight"] = (h,)
         a, nh = p + "self_attn.", c.num_attention_heads
-        if c.attention_type == "mha":
+        if c.attention_type == "shared_kv":  # DeepSeek-V4: attention, compressors and hyper-connections
+            shapes.update(hf_v4.block_shapes(c, p, layer_idx))
+            biased = {}
+        elif c.attention_type == "mha":
             hd, kv = c.head_dim, c.num_key_value_heads
             for name, out in (("q_proj", nh * hd), ("k_proj", kv * hd), ("v_proj", kv * hd)):
                 shapes[a + name + ".weight"] = (out, h)
@@ -349,6 +362,8 @@ def expected_shapes(config: DeepSeekConfig) -> dict[str, tuple[int, ...]]:
     for i in range(c.num_hidden_layers):
         block(f"model.layers.{i}.", i)
     shapes["model.norm.weight"] = (h,)
+    if c.model_type == "deepseek_v4":
+        shapes.update(hf_v4.head_shapes(c))
     if not c.tie_word_embeddings:
         shapes["lm_head.weight"] = (c.vocab_size, h)
     for k in range(c.num_nextn_predict_layers):
@@ -361,6 +376,8 @@ def expected_shapes(config: DeepSeekConfig) -> dict[str, tuple[int, ...]]:
 
 def hf_name(name: str, config: DeepSeekConfig) -> str:
     """deepmoe name -> checkpoint name (before splitting experts)."""
+    if config.model_type == "deepseek_v4":
+        return hf_v4.disk_name(name)
     match = re.fullmatch(r"model\.mtp\.(\d+)\.(.+)", name)
     if not match:
         return name
@@ -375,9 +392,10 @@ def hf_items(name: str, value: Any, config: DeepSeekConfig, split: Callable[[Any
     """(checkpoint name, piece) for one deepmoe entry; stacked experts split per expert with `split`."""
     hf = hf_name(name, config)
     parent, _, leaf = hf.rpartition(".")
-    if parent.endswith(".mlp.experts") and leaf in _PROJ:
+    if parent.endswith((".mlp.experts", ".ffn.experts")) and leaf in _PROJ:
         n = config.moe_config(int(hf.split(".")[2])).n_routed_experts  # hf: model.layers.{i}.mlp.experts.*
-        return [(f"{parent}.{j}.{proj}.weight", split(value, j, proj)) for j in range(n) for proj in _PROJ[leaf]]
+        names = hf_v4.EXPERT_NAMES if config.model_type == "deepseek_v4" else {p: p for p in _PROJ[leaf]}
+        return [(f"{parent}.{j}.{names[proj]}.weight", split(value, j, proj)) for j in range(n) for proj in _PROJ[leaf]]
     return [(hf, value)]
 
 

@@ -16,6 +16,7 @@ Differences from transformers (none changes the output):
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -52,6 +53,8 @@ class KVCache:
         self.max_length = max_length
         self._buffers: dict[int, tuple[Tensor, ...]] = {}
         self._lengths: dict[int, int] = {}
+        self.states: dict[int, dict[str, Any]] = {}
+        """Layer index → per-layer state that is not one slot per token (DeepSeek-V4's compressors, by name)."""
 
     @property
     def layers(self) -> dict[int, tuple[Tensor, ...]]:
@@ -86,6 +89,8 @@ class KVCache:
 
     def crop(self, max_length: int) -> None:
         """Keep at most the first `max_length` tokens of every layer (drop rejected speculative tokens)."""
+        if self.states and max_length < max(self._lengths.values(), default=0):
+            raise ValueError("a cache holding DeepSeek-V4 compressor states cannot be cropped (they pool past tokens)")
         self._lengths = {i: min(n, max_length) for i, n in self._lengths.items()}
 
     def nbytes_per_token(self) -> int:

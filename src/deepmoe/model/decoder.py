@@ -19,8 +19,10 @@ from torch.distributed.device_mesh import DeviceMesh
 from deepmoe.config import DeepSeekConfig
 from deepmoe.model.attention import KVCache, MultiHeadLatentAttention, build_attention
 from deepmoe.model.generate import generate
+from deepmoe.model.hyper_connections import HyperConnection, HyperHead
 from deepmoe.model.norm import RMSNorm
 from deepmoe.model.pretrained import load_pretrained, save_pretrained
+from deepmoe.model.v4_attention import SharedKVAttention
 from deepmoe.moe import MoE, RoutingStats, SwiGLU
 from deepmoe.moe.experts import RoutedExperts
 from deepmoe.moe.router import Router, RowExpertMask
@@ -62,13 +64,18 @@ class BlockRouting:
 
 
 class DecoderLayer(nn.Module):
-    """x + Attn(RMSNorm(x)), then + FFN(RMSNorm(·)); the FFN is dense SwiGLU or the MoE layer."""
+    """x + Attn(RMSNorm(x)), then + FFN(RMSNorm(·)); the FFN is dense SwiGLU or the MoE layer.
+
+    DeepSeek-V4: x is the mHC streams [B, S, n, H], and each residual is a hyper-connection (`attn_hc`, `ffn_hc`)."""
 
     def __init__(self, config: DeepSeekConfig, layer_idx: int):
         super().__init__()
         self.layer_idx = layer_idx
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.self_attn = build_attention(config, layer_idx)
+        v4 = config.model_type == "deepseek_v4"
+        self.self_attn = SharedKVAttention(config, layer_idx) if v4 else build_attention(config, layer_idx)
+        self.attn_hc = HyperConnection(config) if v4 else None
+        self.ffn_hc = HyperConnection(config) if v4 else None
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         if config.is_moe_layer(layer_idx):
             self.mlp: nn.Module = MoE(config.moe_config(layer_idx))
@@ -83,9 +90,13 @@ class DecoderLayer(nn.Module):
         key_mask: Tensor | None = None,
         output_routing_stats: bool = True,
         expert_mask: RowExpertMask | None = None,
+        token_ids: Tensor | None = None,
     ):
         """x [B, S, H] → ([B, S, H], the MoE layer's `BlockRouting` or None); key_mask [B, T] bool, False at
-        padding keys; expert_mask: the rows' own expert masks for the MoE layer (`Router.row_mask`)."""
+        padding keys; expert_mask: the rows' own expert masks for the MoE layer (`Router.row_mask`); token_ids
+        [B, S]: what a hash-routed MoE layer (V4) chooses by."""
+        if self.attn_hc is not None:
+            return self._hyper_forward(x, positions, cache, key_mask, output_routing_stats, expert_mask, token_ids)
         x = x + self.self_attn(self.input_layernorm(x), positions, cache, key_mask)
         h = self.post_attention_layernorm(x)
         if isinstance(self.mlp, MoE):
@@ -93,6 +104,17 @@ class DecoderLayer(nn.Module):
             moe_out = self.mlp(h, check_finite=False, output_stats=output_routing_stats, expert_mask=expert_mask)
             return x + moe_out.hidden_states, BlockRouting(moe_out.aux_loss, moe_out.stats)
         return x + self.mlp(h), None
+
+    def _hyper_forward(self, streams, positions, cache, key_mask, output_routing_stats, expert_mask, token_ids):
+        """DeepSeek-V4's block on the mHC streams [B, S, n, H] (`deepmoe.model.hyper_connections`)."""
+        h, post, res = self.attn_hc(streams)
+        attn = self.self_attn(self.input_layernorm(h), positions, cache, key_mask)
+        streams = self.attn_hc.merge(attn, streams, post, res)
+        h, post, res = self.ffn_hc(streams)
+        moe_out = self.mlp(self.post_attention_layernorm(h), check_finite=False, output_stats=output_routing_stats,
+                           expert_mask=expert_mask, token_ids=token_ids)  # fmt: skip
+        streams = self.ffn_hc.merge(moe_out.hidden_states, streams, post, res)
+        return streams, BlockRouting(moe_out.aux_loss, moe_out.stats)
 
 
 class MTPModule(nn.Module):
@@ -136,6 +158,7 @@ class DeepSeekModel(nn.Module):
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         n = config.num_hidden_layers
         self.mtp = nn.ModuleList(MTPModule(config, n + k) for k in range(config.num_nextn_predict_layers))
+        self.hc_head = HyperHead(config) if config.model_type == "deepseek_v4" else None
 
 
 class DeepSeekForCausalLM(nn.Module):
@@ -340,6 +363,8 @@ class DeepSeekForCausalLM(nn.Module):
 
         embeddings = self.model.embed_tokens(input_ids)
         x = embeddings
+        if self.model.hc_head is not None:  # V4: n copies of the embedding as the mHC streams [B, S, n, H]
+            x = embeddings.unsqueeze(2).expand(-1, -1, cfg.hc_mult, -1).contiguous()
         stats: dict[int, RoutingStats] = {}
         aux = embeddings.new_zeros((), dtype=torch.float32)
         masks = expert_masks or {}
@@ -347,11 +372,14 @@ class DeepSeekForCausalLM(nn.Module):
             moe = sorted(i for i in self.moe_layers() if i < cfg.num_hidden_layers)
             raise ValueError(f"expert_masks names layers {sorted(masks)}; the MoE layers are {moe}")
         for layer in self.model.layers:
-            x, moe_out = layer(x, positions, cache, key_mask, output_routing_stats, masks.get(layer.layer_idx))
+            mask = masks.get(layer.layer_idx)
+            x, moe_out = layer(x, positions, cache, key_mask, output_routing_stats, mask, input_ids)
             if moe_out is not None:
                 if moe_out.stats is not None:
                     stats[layer.layer_idx] = moe_out.stats
                 aux = aux + moe_out.aux_loss
+        if self.model.hc_head is not None:
+            x = self.model.hc_head(x)
         logits = self.head(self.model.norm(x))
         out = CausalLMOutput(logits=logits, aux_loss=aux, routing_stats=stats, past_key_values=cache, hidden_states=x)
 

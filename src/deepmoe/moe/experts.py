@@ -31,8 +31,9 @@ _GROUPED_MM = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", No
 class SwiGLU(nn.Module):
     """Dense FFN: down(silu(gate(x)) * up(x)), HF names gate_proj / up_proj / down_proj."""
 
-    def __init__(self, hidden_size: int, intermediate_size: int):
+    def __init__(self, hidden_size: int, intermediate_size: int, swiglu_limit: float | None = None):
         super().__init__()
+        self.swiglu_limit = swiglu_limit
         self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
         self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
         self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
@@ -43,7 +44,14 @@ class SwiGLU(nn.Module):
             proj.reset_parameters()
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x), self.swiglu_limit))
+
+
+def swiglu(gate: Tensor, up: Tensor, limit: float | None = None) -> Tensor:
+    """silu(gate) · up; with V4's `limit`, silu(min(gate, limit)) · clamp(up, −limit, limit)."""
+    if limit is not None:
+        gate, up = gate.clamp(max=limit), up.clamp(-limit, limit)
+    return F.silu(gate) * up
 
 
 @cache
@@ -201,10 +209,17 @@ class RoutedExperts(nn.Module):
     """N_r SwiGLU experts of width I, computed on expert-sorted tokens."""
 
     def __init__(
-        self, n_experts: int, hidden_size: int, intermediate_size: int, implementation: str = "auto", fp8: bool = False
+        self,
+        n_experts: int,
+        hidden_size: int,
+        intermediate_size: int,
+        implementation: str = "auto",
+        fp8: bool = False,
+        swiglu_limit: float | None = None,
     ):
         super().__init__()
         self.n_experts = n_experts
+        self.swiglu_limit = swiglu_limit
         self.implementation = implementation
         self.fp8 = fp8
         self.gate_up_proj = nn.Parameter(torch.empty(n_experts, 2 * intermediate_size, hidden_size))
@@ -253,7 +268,7 @@ class RoutedExperts(nn.Module):
         offsets = tokens_per_expert.cumsum(0).to(torch.int32)
         use_kernel = self.use_kernel(x)
         gate, up = self._project("gate_up_proj", x, gate_up, offsets, use_kernel).chunk(2, dim=-1)
-        hidden = F.silu(gate) * up  # [S, I]
+        hidden = swiglu(gate, up, self.swiglu_limit)  # [S, I]
         if row_weight is not None:
             hidden = hidden * row_weight.unsqueeze(-1).to(hidden.dtype)
         return self._project("down_proj", hidden, down, offsets, use_kernel)

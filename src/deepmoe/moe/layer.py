@@ -42,7 +42,7 @@ class MoEOutput:
 
 # the settings a layer's weights are shaped by: a config given to a built layer must keep them
 _SHAPE_FIELDS = ("hidden_size", "moe_intermediate_size", "n_routed_experts", "n_shared_experts", "use_expert_bias",
-                 "expert_adapter_rank")  # fmt: skip
+                 "expert_adapter_rank", "hash_vocab_size")  # fmt: skip
 
 
 class MoE(nn.Module):
@@ -75,9 +75,10 @@ class MoE(nn.Module):
                 config.moe_intermediate_size,
                 config.experts_implementation,
                 fp8=config.fp8_experts,
+                swiglu_limit=config.swiglu_limit,
             )
         self.shared_experts = (
-            SwiGLU(config.hidden_size, config.moe_intermediate_size * config.n_shared_experts)
+            SwiGLU(config.hidden_size, config.moe_intermediate_size * config.n_shared_experts, config.swiglu_limit)
             if config.n_shared_experts
             else None
         )
@@ -127,6 +128,10 @@ class MoE(nn.Module):
         if experts is not None:
             experts.implementation = config.experts_implementation
             experts.fp8 = config.fp8_experts
+            experts.swiglu_limit = config.swiglu_limit
+        shared: SwiGLU | None = self._modules.get("shared_experts")
+        if shared is not None:
+            shared.swiglu_limit = config.swiglu_limit
 
     @property
     def expert_parallel(self) -> bool:
@@ -151,6 +156,7 @@ class MoE(nn.Module):
         check_finite: bool = True,
         output_stats: bool = True,
         expert_mask: RowExpertMask | None = None,
+        token_ids: Tensor | None = None,
     ) -> MoEOutput:
         """hidden_states [B, S, H], or [T, H]: `batch_size` sequences of T / batch_size tokens each, one after the
         other (token t is in sequence t // (T / batch_size)) → an output of the same shape.
@@ -172,6 +178,7 @@ class MoE(nn.Module):
         the balance losses (`aux_loss` 0): work nothing reads while generating.
 
         `expert_mask` (`Router.row_mask`): each sequence's own disabled/forced experts (per-request steering).
+        `token_ids` (the tokens' ids, [B, S] or [T]): what a hash-routed layer (V4) picks its experts by.
         """
         self._check_input(hidden_states)
         if (check_finite or debug_checks_enabled()) and not torch.compiler.is_compiling():
@@ -181,7 +188,7 @@ class MoE(nn.Module):
         batch_size = self._check_batch_size(hidden_states, batch_size)
         x = hidden_states.reshape(-1, shape[-1])  # [T, H]
 
-        routing = self.gate(x, batch_size, expert_mask)
+        routing = self.gate(x, batch_size, expert_mask, token_ids)
         shared = self.shared_experts(x) if self.shared_experts is not None else None
         pesc = self.config.expert_adapter_rank is not None  # the adapters take F(x), once per token, not x
         rows, tokens_per_expert, state = self.dispatcher.dispatch(shared if pesc else x, routing)

@@ -143,6 +143,15 @@ def worst_case_reach(config: MoEConfig, disabled: Tensor, forced: Tensor) -> int
     return reach + sum(unscored[: max(0, slots - len(scored))])
 
 
+def affinity(logits: Tensor, scoring_func: str) -> Tensor:
+    """s_i,t from the logits u_t·e_i: softmax over the experts, sigmoid, or V4's √softplus."""
+    if scoring_func == "softmax":
+        return logits.softmax(-1)
+    if scoring_func == "sqrtsoftplus":
+        return F.softplus(logits).sqrt()
+    return logits.sigmoid()
+
+
 _warned_float64 = False
 
 
@@ -178,6 +187,11 @@ class Router(nn.Module):
             self.register_buffer("e_score_correction_bias", torch.zeros(n, dtype=torch.float32))
         else:
             self.e_score_correction_bias = None
+        if config.hash_vocab_size:  # V4's hash routing: token id -> its K_r experts, a checkpoint tensor
+            table = torch.zeros(config.hash_vocab_size, config.num_experts_per_tok, dtype=torch.long)
+            self.register_buffer("tid2eid", table)
+        else:
+            self.tid2eid = None
         self.register_buffer("disabled_experts", torch.zeros(n, dtype=torch.bool), persistent=False)
         self.register_buffer("forced_experts", torch.zeros(n, dtype=torch.bool), persistent=False)
         self.disable_top = 0
@@ -194,6 +208,10 @@ class Router(nn.Module):
         nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
         if self.e_score_correction_bias is not None:
             self.e_score_correction_bias.zero_()
+        if self.tid2eid is not None:  # each token id gets K_r distinct experts drawn uniformly
+            n, k = self.config.n_routed_experts, self.config.num_experts_per_tok
+            draws = torch.rand(self.tid2eid.shape[0], n, device=self.tid2eid.device)
+            self.tid2eid.copy_(draws.argsort(dim=-1)[:, :k])
         self.disabled_experts.fill_(False)
         self.forced_experts.fill_(False)
         self.disable_top = 0
@@ -334,9 +352,16 @@ class Router(nn.Module):
         bias.add_(self.config.bias_update_speed * torch.sign(above_mean).to(bias.dtype))
 
     # ---- forward ------------------------------------------------------------------------------
-    def forward(self, x: Tensor, batch_size: int = 1, expert_mask: RowExpertMask | None = None) -> RouterOutput:
+    def forward(
+        self,
+        x: Tensor,
+        batch_size: int = 1,
+        expert_mask: RowExpertMask | None = None,
+        token_ids: Tensor | None = None,
+    ) -> RouterOutput:
         """Route `x` [T, H]; `batch_size` sequences of T / batch_size tokens each. `expert_mask` (from `row_mask`):
-        each sequence's own expert masks, [batch_size, N_r], on top of the router's.
+        each sequence's own expert masks, [batch_size, N_r], on top of the router's. `token_ids` (the T tokens' ids):
+        what a hash-routed layer (`hash_vocab_size`) chooses its experts by, `tid2eid[token_ids]` (masks do not apply).
 
         The routing is computed in float32 whatever x's dtype: a float64 input (a float64 model) is rounded to
         float32 here, with a warning, once per process (the rest of the layer keeps float64)."""
@@ -347,10 +372,14 @@ class Router(nn.Module):
             logits = F.linear(x.float(), self.weight.float())  # [T, N]
         if debug_checks_enabled() and not torch.isfinite(logits).all():  # a host sync: debug only
             raise ValueError("MoE router got NaN or inf: the layer input (or the router weight) is not finite")
-        scores = logits.softmax(-1) if cfg.scoring_func == "softmax" else logits.sigmoid()
+        scores = affinity(logits, cfg.scoring_func)
 
         if self.replay is not None:
             topk_idx = self._replayed(logits.shape[0])
+        elif self.tid2eid is not None:
+            if token_ids is None or token_ids.numel() != logits.shape[0]:
+                raise ValueError("a hash-routed MoE layer needs the token ids of its T tokens (token_ids)")
+            topk_idx = self.tid2eid[token_ids.reshape(-1)]
         else:
             topk_idx = self._choose(scores, expert_mask, batch_size)
         topk_weight = scores.gather(1, topk_idx)
