@@ -342,6 +342,19 @@ class DeepSeekConfig:
     eos_token_id: int | list[int] | None = None
     pad_token_id: int | None = None
 
+    # Native Sparse Attention (NSA, Yuan et al. 2025) on MLA's latents, docs/design.md#m7b-native-sparse-attention-
+    # on-mla: all five set, or all None (dense MLA)
+    nsa_compress_block: int | None = None
+    """l: tokens per compressed block (one compressed latent each)."""
+    nsa_compress_stride: int | None = None
+    """d: the stride between compressed blocks (d <= l, d divides l)."""
+    nsa_select_block: int | None = None
+    """l': tokens per selection block (a multiple of d, >= l)."""
+    nsa_select_count: int | None = None
+    """n: selection blocks each token attends to, the initial and the 2 local blocks among them (n >= 3)."""
+    nsa_window: int | None = None
+    """w: the latest tokens (the token's own included) of the sliding-window branch."""
+
     def __post_init__(self) -> None:
         check(self, self.model_type in MODEL_TYPES, "model_type", f"must be one of {MODEL_TYPES}")
         for field in (
@@ -452,6 +465,7 @@ class DeepSeekConfig:
             "eos_token_id",
             "must be None, an integer >= 0 or a list of them",
         )
+        self._check_native_sparse_attention()
 
     @property
     def has_indexer(self) -> bool:
@@ -577,6 +591,47 @@ class DeepSeekConfig:
         if counts is None or layer_idx >= self.num_hidden_layers or counts[layer_idx] == self.moe.n_routed_experts:
             return self.moe
         return replace(self.moe, n_routed_experts=counts[layer_idx])
+
+    NSA_FIELDS = ("nsa_compress_block", "nsa_compress_stride", "nsa_select_block", "nsa_select_count", "nsa_window")
+
+    @property
+    def has_nsa(self) -> bool:
+        """Whether the MLA layers run Native Sparse Attention (the nsa_* fields set)."""
+        return self.nsa_compress_block is not None
+
+    def _check_native_sparse_attention(self) -> None:
+        unset = [field for field in self.NSA_FIELDS if getattr(self, field) is None]
+        if len(unset) == len(self.NSA_FIELDS):
+            return
+        for field in self.NSA_FIELDS:
+            check(self, field not in unset, field, f"must be set with the other NSA fields {self.NSA_FIELDS}")
+            check(self, is_int(getattr(self, field)) and getattr(self, field) >= 1, field, "must be an integer >= 1")
+        block, stride, select, count = (getattr(self, f) for f in self.NSA_FIELDS[:4])
+        check(self, self.attention_type == "mla", "attention_type", "must be 'mla' with NSA (the nsa_* fields)")
+        check(self, not self.has_indexer, "model_type", "must not be 'deepseek_v32' with NSA (DSA or NSA, not both)")
+        longest = self.max_position_embeddings
+        check(self, block <= longest, "nsa_compress_block", f"must be <= max_position_embeddings={longest}")
+        check(
+            self,
+            stride <= block and block % stride == 0,
+            "nsa_compress_stride",
+            f"must divide nsa_compress_block={block} (a stride above the block skips tokens)",
+        )
+        check(
+            self,
+            select % stride == 0 and block <= select <= longest,
+            "nsa_select_block",
+            f"must be a multiple of nsa_compress_stride={stride}, >= nsa_compress_block={block} (every block "
+            f"before the local ones then has compressed blocks to score it) and <= max_position_embeddings={longest}",
+        )
+        check(
+            self,
+            3 <= count and count * select <= longest,
+            "nsa_select_count",
+            f"must be >= 3 (the initial and the 2 local blocks are always selected) and count × nsa_select_block "
+            f"<= max_position_embeddings={longest}",
+        )
+        check(self, self.nsa_window <= longest, "nsa_window", f"must be <= max_position_embeddings={longest}")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

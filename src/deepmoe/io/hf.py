@@ -155,6 +155,7 @@ def config_from_hf(d: dict[str, Any]) -> DeepSeekConfig:
     if model_type == "deepseek_v32":
         fields.update({k: get(k) for k in _INDEX_FIELDS})
     fields.update({k: extras[k] for k in _MODEL_EXTRAS if k in extras})
+    fields.update({k: extras[k] for k in DeepSeekConfig.NSA_FIELDS if k in extras})  # NSA (deepmoe only)
     fields["moe"] = _moe_from_hf(d, get, model_type, extras)
     config = DeepSeekConfig(**fields)
     mtp_moe = range(layers, layers + config.num_nextn_predict_layers) if extras.get("mtp_moe") else ()
@@ -247,6 +248,11 @@ def config_to_hf(config: DeepSeekConfig) -> dict[str, Any]:
     if mt == "deepseek_v32":
         d.update({k: getattr(c, k) for k in _INDEX_FIELDS})
     extras: dict[str, Any] = {k: getattr(c, k) for k in _MODEL_EXTRAS}
+    if c.has_nsa:  # Native Sparse Attention: a deepmoe-only architecture
+        extras.update({k: getattr(c, k) for k in c.NSA_FIELDS})
+        warnings.warn(f"config written as {mt}, but its MLA layers run Native Sparse Attention (nsa_* fields), "
+                      "which only deepmoe computes: other libraries will compute another model", UserWarning,
+                      stacklevel=2)  # fmt: skip
     if moe is None:
         if mt == "deepseek":
             d["n_routed_experts"] = None
@@ -336,6 +342,12 @@ def expected_shapes(config: DeepSeekConfig) -> dict[str, tuple[int, ...]]:
                 shapes[i + "wk.weight"] = (d_i, h)
                 shapes[i + "k_norm.weight"] = shapes[i + "k_norm.bias"] = (d_i,)
                 shapes[i + "weights_proj.weight"] = (h_i, h)
+            if c.has_nsa:  # Native Sparse Attention's compression MLP, its position embedding and the gates
+                n, width = a + "nsa.", c.kv_lora_rank + c.qk_rope_head_dim
+                shapes[n + "block_position.weight"] = (c.nsa_compress_block, width)
+                shapes[n + "compress_proj.weight"] = (width, c.nsa_compress_block * width)
+                shapes[n + "compress_out.weight"] = (width, width)
+                shapes[n + "gate.weight"] = (3 * nh, h)
         if c.attention_bias:
             shapes.update({a + name + ".bias": (size,) for name, size in biased.items()})
         m = p + "mlp."

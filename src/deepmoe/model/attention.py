@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from deepmoe.config import DeepSeekConfig
+from deepmoe.model.native_sparse_attention import NativeSparseAttention
 from deepmoe.model.norm import RMSNorm
 from deepmoe.model.rope import RotaryEmbedding, apply_rotary, softmax_scale
 from deepmoe.model.sparse_attention import (
@@ -197,6 +198,9 @@ class MultiHeadLatentAttention(nn.Module):
         self.rotary = RotaryEmbedding(config)
         self.softmax_scale = softmax_scale(config)
         self.indexer = LightningIndexer(config) if config.has_indexer else None
+        self.nsa = NativeSparseAttention(config) if config.has_nsa else None
+        """NSA's compression and gates (`model/native_sparse_attention.py`): the layer then always runs the absorbed
+        form over its three branches."""
         self.indexer_warmup = False
         """DSA's dense warm-up: attend over every causal key; in train mode the KL still trains the indexer."""
         self.indexer_loss: Tensor | None = None
@@ -228,6 +232,13 @@ class MultiHeadLatentAttention(nn.Module):
         c_kv = self.kv_a_layernorm(c_kv)  # [B, S, d_c]
         k_rope = _rotate(k_rope.unsqueeze(2), cos, sin, self.rope_interleave).squeeze(2)  # [B, S, d_r]
         latent = torch.cat((c_kv, k_rope), dim=-1)  # [B, S, d_c + d_r]
+        if self.nsa is not None:  # NSA: compressed, selected and window branches over the latents
+            w_kv_b = self.kv_b_proj.weight.view(self.n_heads, -1, self.kv_lora_rank)  # [n, d_n + d_v, d_c]
+            q_latent = torch.einsum("bshd,hdc->bshc", q_nope, w_kv_b[:, : self.qk_nope_head_dim])  # W_UKᵀ q^C
+            q = torch.cat((q_latent, q_rope), dim=-1)  # [B, S, n, d_c + d_r]
+            out = self.nsa(x, q, latent, self.softmax_scale, cache, self.layer_idx, key_mask)  # [B, S, n, d_c]
+            out = torch.einsum("bshc,hdc->bshd", out, w_kv_b[:, self.qk_nope_head_dim :])  # W_UV: [B, S, n, d_v]
+            return self.o_proj(out.flatten(2))
         # the indexer's input is detached: only its own KL loss trains it, and that loss never reaches the model
         index_keys = self.indexer.keys(x.detach(), cos, sin) if self.indexer is not None else None  # k^I [B, S, D]
         if cache is not None and index_keys is not None:

@@ -20,7 +20,11 @@ from deepmoe.presets import PRESETS, get_preset
 DEFAULT_PRESET, DEFAULT_VOCAB_SIZE = "tiny-v3", 4096
 SCHEDULES = ("cosine", "wsd")
 DEVICES = ("auto", "cpu", "cuda")
-SPARSE_ATTENTION = ("dsa",)
+SPARSE_ATTENTION = ("dsa", "nsa")
+NSA_DEFAULTS = dict(
+    nsa_compress_block=16, nsa_compress_stride=8, nsa_select_block=16, nsa_select_count=4, nsa_window=32
+)
+"""`--sparse-attention nsa`'s block sizes where the preset and model_overrides set none (l, d, l', n, w)."""
 RESUME_OVERRIDABLE = frozenset(
     {"steps", "schedule_steps", "lr", "min_lr", "grad_clip", "eval_every", "eval_batches", "save_every",
      "keep_last", "device", "progress", "expert_parallel", "data_parallel", "activation_checkpointing",
@@ -97,7 +101,9 @@ class TrainConfig:
     sparse_attention: str | None = option(
         None, "dsa: give every MLA layer DeepSeek-V3.2's lightning indexer (DSA; model_type deepseek_v32): each token "
         "attends to the indexer's top --index-topk keys, the indexer trained by its KL to the main attention (MLA "
-        "presets with query compression, q_lora_rank)", choices=SPARSE_ATTENTION
+        "presets with query compression, q_lora_rank); nsa: Native Sparse Attention on every MLA layer (new models: "
+        "compressed, selected and sliding-window branches with per-head gates; block sizes from the preset or "
+        "model_overrides' nsa_* fields, else l=16, d=8, l'=16, n=4, w=32)", choices=SPARSE_ATTENTION
     )  # fmt: skip
     index_topk: int | None = option(
         None, "DSA: keys each token attends to (default: the preset's; needed when it has none); below --seq-len",
@@ -181,6 +187,9 @@ class TrainConfig:
                      "indexer_warmup"):  # fmt: skip
             if not is_int(getattr(self, name)) or getattr(self, name) < 0:
                 fail(name, "must be an integer >= 0")
+        if self.sparse_attention == "nsa" and self.init_from is not None:
+            fail("sparse_attention", "'nsa' trains new models (its compression MLP and gates start from scratch); "
+                 "it cannot be added to init_from's checkpoint")  # fmt: skip
         if self.final_eval_batches is not None and (not is_int(self.final_eval_batches) or self.final_eval_batches < 0):
             fail("final_eval_batches", "must be None or an integer >= 0")
         for name in ("schedule_steps", "layers", "hidden_size"):
@@ -348,6 +357,30 @@ def build_model_config(config: TrainConfig, vocab_size: int, eot_id: int | None 
         fields["moe"]["fp8_experts"] = config.fp8_experts
     try:
         model_config = DeepSeekConfig.from_dict(fields)
+def add_native_sparse_attention(fields: dict[str, Any], config: TrainConfig) -> None:
+    """`sparse_attention="nsa"` on a preset's config fields: the nsa_* fields the preset or model_overrides set,
+    the others from `NSA_DEFAULTS`; ValueError naming the option for MHA or when the selection alone would cover
+    every token of seq_len (sparse training would be dense)."""
+    if config.sparse_attention != "nsa":
+        return
+    name = f"preset {config.preset!r}"
+    if fields.get("attention_type") != "mla":
+        raise ValueError(
+            f"TrainConfig.sparse_attention='nsa' is invalid: {name} uses multi-head attention (MHA), and deepmoe's "
+            "NSA compresses MLA's latents: use an MLA preset such as tiny-v3"
+        )
+    for key, value in NSA_DEFAULTS.items():
+        if fields.get(key) is None:
+            fields[key] = value
+    covered = fields["nsa_select_count"] * fields["nsa_select_block"]
+    if covered >= config.seq_len:
+        raise ValueError(
+            f"TrainConfig.sparse_attention='nsa' is invalid: nsa_select_count × nsa_select_block = {covered} is not "
+            f"below TrainConfig.seq_len={config.seq_len}, so every token would be selected and training dense; set "
+            "smaller nsa_* fields in model_overrides or a longer seq_len"
+        )
+
+
     except (TypeError, ValueError) as error:  # one line naming the field, without the MoEConfig's repr
         message = re.sub(r"=MoEConfig\(.*\) is invalid", " is invalid", str(error).splitlines()[0])
         raise ValueError(f"TrainConfig.model_overrides: {message}") from None
@@ -369,6 +402,7 @@ def build_optimizer(
     eps: float | None = None,
 ) -> torch.optim.AdamW:
     """AdamW over the parameters of `model` that require gradients (`model` a module, or the parameters
+    add_native_sparse_attention(fields, config)
     themselves: the filter, e.g. ESFT's selected expert slices); weight decay on matrices (dim >= 2), none
     on norms and other vectors. The hyper-parameters are `config`'s (the learning rate of step 0), each
     replaced by its keyword when given; without `config` all four keywords are needed."""
