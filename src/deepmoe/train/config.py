@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from deepmoe.config import DeepSeekConfig, MoEConfig, check, is_int, is_real
+from deepmoe.model.lora import LORA_TARGETS
 from deepmoe.parallel.mesh import DATA_PARALLEL
 from deepmoe.presets import PRESETS, get_preset
 
@@ -133,6 +134,16 @@ class TrainConfig:
     activation_checkpointing: bool = option(
         False, "recompute each block's activations in the backward pass (less memory, about one more forward)"
     )  # fmt: skip
+    lora_rank: int | None = option(
+        None, "LoRA: train only rank-R adapters W + (α/R)·B·A on --lora-targets, every other weight (and the routers' "
+        "selection bias) frozen; checkpoints hold the unchanged base and the adapter in PEFT's format (adapter/)",
+        minimum=1, metavar="R"
+    )  # fmt: skip
+    lora_alpha: float | None = option(None, "LoRA: α (default: the rank, so α/R = 1)", metavar="ALPHA")
+    lora_targets: str = option(
+        "experts", "LoRA: comma-separated, of experts (per-expert adapters on the routed experts' stacked tensors) "
+        "and attention (the attention projections)", metavar="TARGETS"
+    )  # fmt: skip
     peak_tflops: float | None = option(
         None, "peak TFLOP/s of one device for the MFU in the log and report (default: the dense bf16 peak of a "
         "known GPU, e.g. 989 for an H100/H200; none on a CPU)", metavar="TFLOPS"
@@ -223,6 +234,22 @@ class TrainConfig:
         for name in ("bf16", "fp8_experts", "progress"):
             if not isinstance(getattr(self, name), bool):
                 fail(name, "must be true or false")
+        self._check_lora(fail)
+
+    def _check_lora(self, fail: Any) -> None:
+        if self.lora_rank is not None and (not is_int(self.lora_rank) or self.lora_rank < 1):
+            fail("lora_rank", "must be None or an integer >= 1")
+        if self.lora_alpha is not None and (not is_real(self.lora_alpha) or not self.lora_alpha > 0):
+            fail("lora_alpha", "must be None or a finite number > 0")
+        targets = self.lora_targets.split(",") if isinstance(self.lora_targets, str) else None
+        if targets is None or not targets or not set(targets) <= set(LORA_TARGETS):
+            fail("lora_targets", f"must be comma-separated names among {', '.join(LORA_TARGETS)}")
+        if self.lora_rank is None:
+            for name, unset in (("lora_alpha", None), ("lora_targets", "experts")):
+                if getattr(self, name) != unset:
+                    fail(name, "needs lora_rank (LoRA is off without it)")
+        elif self.indexer_warmup:
+            fail("indexer_warmup", "trains the full indexers, which LoRA (lora_rank) keeps frozen")
 
     @classmethod
     def from_dict(cls, options: dict[str, Any]) -> TrainConfig:
