@@ -187,6 +187,9 @@ class TrainConfig:
             fail("seq_len", "must be >= 2 (a sequence predicts its next tokens)")
         if self.sparse_attention is not None and self.sparse_attention not in SPARSE_ATTENTION:
             fail("sparse_attention", f"must be None or one of {', '.join(SPARSE_ATTENTION)}")
+        if self.sparse_attention == "nsa" and self.init_from is not None:
+            fail("sparse_attention", "'nsa' trains new models (its compression MLP and gates start from scratch); "
+                 "it cannot be added to init_from's checkpoint")  # fmt: skip
         if self.index_topk is not None and (not is_int(self.index_topk) or self.index_topk < 1):
             fail("index_topk", "must be None or an integer >= 1")
         if self.index_topk is not None and self.index_topk >= self.seq_len:
@@ -198,9 +201,6 @@ class TrainConfig:
                      "indexer_warmup"):  # fmt: skip
             if not is_int(getattr(self, name)) or getattr(self, name) < 0:
                 fail(name, "must be an integer >= 0")
-        if self.sparse_attention == "nsa" and self.init_from is not None:
-            fail("sparse_attention", "'nsa' trains new models (its compression MLP and gates start from scratch); "
-                 "it cannot be added to init_from's checkpoint")  # fmt: skip
         if self.final_eval_batches is not None and (not is_int(self.final_eval_batches) or self.final_eval_batches < 0):
             fail("final_eval_batches", "must be None or an integer >= 0")
         for name in ("schedule_steps", "layers", "hidden_size"):
@@ -357,33 +357,6 @@ def add_indexer(fields: dict[str, Any], config: TrainConfig) -> None:
         )
 
 
-def build_model_config(config: TrainConfig, vocab_size: int, eot_id: int | None = None) -> DeepSeekConfig:
-    """The preset's config with the tokenizer's vocab_size and the run's model overrides."""
-    fields = get_preset(config.preset).to_dict()
-    _apply_model_overrides(fields, config.model_overrides or {})
-    fields.update(vocab_size=vocab_size, bos_token_id=None, eos_token_id=eot_id, pad_token_id=None)
-    if config.layers is not None:
-        fields["num_hidden_layers"] = config.layers
-        fields["first_k_dense_replace"] = min(fields["first_k_dense_replace"], config.layers)
-        per_layer = fields.get("moe_experts_per_layer")
-        if per_layer is not None and config.layers > len(per_layer):
-            raise ValueError(
-                f"TrainConfig.layers={config.layers} is invalid: moe_experts_per_layer gives {len(per_layer)} layers' "
-                f"expert counts; set model_overrides.moe_experts_per_layer for {config.layers} layers"
-            )
-        if per_layer is not None:  # the first layers of a pyramid
-            fields["moe_experts_per_layer"] = per_layer[: config.layers]
-    if config.hidden_size is not None:
-        fields["hidden_size"] = config.hidden_size
-        if fields.get("moe"):
-            fields["moe"]["hidden_size"] = config.hidden_size
-    add_indexer(fields, config)
-    if config.bias_update_speed is not None and fields.get("moe"):
-        fields["moe"]["bias_update_speed"] = config.bias_update_speed
-    if fields.get("moe"):
-        fields["moe"]["fp8_experts"] = config.fp8_experts
-    try:
-        model_config = DeepSeekConfig.from_dict(fields)
 def add_native_sparse_attention(fields: dict[str, Any], config: TrainConfig) -> None:
     """`sparse_attention="nsa"` on a preset's config fields: the nsa_* fields the preset or model_overrides set,
     the others from `NSA_DEFAULTS`; ValueError naming the option for MHA or when the selection alone would cover
@@ -408,6 +381,34 @@ def add_native_sparse_attention(fields: dict[str, Any], config: TrainConfig) -> 
         )
 
 
+def build_model_config(config: TrainConfig, vocab_size: int, eot_id: int | None = None) -> DeepSeekConfig:
+    """The preset's config with the tokenizer's vocab_size and the run's model overrides."""
+    fields = get_preset(config.preset).to_dict()
+    _apply_model_overrides(fields, config.model_overrides or {})
+    fields.update(vocab_size=vocab_size, bos_token_id=None, eos_token_id=eot_id, pad_token_id=None)
+    if config.layers is not None:
+        fields["num_hidden_layers"] = config.layers
+        fields["first_k_dense_replace"] = min(fields["first_k_dense_replace"], config.layers)
+        per_layer = fields.get("moe_experts_per_layer")
+        if per_layer is not None and config.layers > len(per_layer):
+            raise ValueError(
+                f"TrainConfig.layers={config.layers} is invalid: moe_experts_per_layer gives {len(per_layer)} layers' "
+                f"expert counts; set model_overrides.moe_experts_per_layer for {config.layers} layers"
+            )
+        if per_layer is not None:  # the first layers of a pyramid
+            fields["moe_experts_per_layer"] = per_layer[: config.layers]
+    if config.hidden_size is not None:
+        fields["hidden_size"] = config.hidden_size
+        if fields.get("moe"):
+            fields["moe"]["hidden_size"] = config.hidden_size
+    add_indexer(fields, config)
+    add_native_sparse_attention(fields, config)
+    if config.bias_update_speed is not None and fields.get("moe"):
+        fields["moe"]["bias_update_speed"] = config.bias_update_speed
+    if fields.get("moe"):
+        fields["moe"]["fp8_experts"] = config.fp8_experts
+    try:
+        model_config = DeepSeekConfig.from_dict(fields)
     except (TypeError, ValueError) as error:  # one line naming the field, without the MoEConfig's repr
         message = re.sub(r"=MoEConfig\(.*\) is invalid", " is invalid", str(error).splitlines()[0])
         raise ValueError(f"TrainConfig.model_overrides: {message}") from None
@@ -429,7 +430,6 @@ def build_optimizer(
     eps: float | None = None,
 ) -> torch.optim.AdamW:
     """AdamW over the parameters of `model` that require gradients (`model` a module, or the parameters
-    add_native_sparse_attention(fields, config)
     themselves: the filter, e.g. ESFT's selected expert slices); weight decay on matrices (dim >= 2), none
     on norms and other vectors. The hyper-parameters are `config`'s (the learning rate of step 0), each
     replaced by its keyword when given; without `config` all four keywords are needed."""
