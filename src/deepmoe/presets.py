@@ -134,6 +134,55 @@ def _deepseek_v32() -> DeepSeekConfig:
     return replace(_deepseek_v3(), model_type="deepseek_v32", index_topk=2048, index_head_dim=128, index_n_heads=64)
 
 
+def _deepseek_v4(
+    hidden: int,
+    layers: int,
+    heads: int,
+    q_lora_rank: int,
+    experts: int,
+    expert_width: int,
+    o_groups: int,
+    index_topk: int,
+) -> DeepSeekConfig:
+    """DeepSeek-V4's shape family (transformers' DeepseekV4Config): head_dim 512 with 64 RoPE dims, one shared
+    K = V head, √softplus routing to 6 experts plus one shared expert, hash routing in the first 3 layers,
+    SwiGLU clamped at 10, a 128-token window, CSA (m = 4, indexer of 64 heads × 128) and HCA (m' = 128) layers
+    in transformers' default order (two HCA, then CSA and HCA alternating), 4 mHC streams, 1M context (YaRN ×16
+    over 64K on the compressed layers). The MTP module is not built (deepmoe does not implement V4's)."""
+    moe = MoEConfig(hidden_size=hidden, moe_intermediate_size=expert_width, n_routed_experts=experts,
+                    n_shared_experts=1, num_experts_per_tok=6, scoring_func="sqrtsoftplus", norm_topk_prob=True,
+                    routed_scaling_factor=1.5, use_expert_bias=True, swiglu_limit=10.0)  # fmt: skip
+    kinds = ["compressed_sparse_attention", "heavily_compressed_attention"]
+    return DeepSeekConfig(
+        model_type="deepseek_v4", attention_type="shared_kv", vocab_size=129280, hidden_size=hidden,
+        intermediate_size=expert_width, num_hidden_layers=layers, num_attention_heads=heads, q_lora_rank=q_lora_rank,
+        qk_nope_head_dim=448, qk_rope_head_dim=64, max_position_embeddings=1048576, rope_theta=10000.0,
+        rope_scaling={"type": "yarn", "factor": 16, "original_max_position_embeddings": 65536, "beta_fast": 32,
+                      "beta_slow": 1},
+        moe=moe, layer_types=kinds[1:] * 2 + [kinds[i % 2 == 0] for i in range(layers - 2)],
+        mlp_layer_types=["hash_moe"] * 3 + ["moe"] * (layers - 3),
+        compress_rates={kinds[0]: 4, kinds[1]: 128}, sliding_window=128, compress_rope_theta=160000.0,
+        o_groups=o_groups, o_lora_rank=1024, hc_mult=4, hc_sinkhorn_iters=20, hc_eps=1e-6, index_topk=index_topk,
+        index_head_dim=128, index_n_heads=64, bos_token_id=0, eos_token_id=1,
+    )  # fmt: skip
+
+
+def _tiny_v4() -> DeepSeekConfig:
+    """V4's every module at CPU size: a sliding, a CSA and an HCA layer (m' = 16 so that it compresses within
+    short prompts) and another CSA one, the first hash-routed; heads of 48 + 16 RoPE dims, 4 mHC streams."""
+    published = _deepseek_v4(4096, 43, 64, 1024, 256, 2048, 8, 512)
+    kinds = ["sliding_attention", "compressed_sparse_attention", "heavily_compressed_attention"]
+    return replace(
+        published, vocab_size=4096, hidden_size=128, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
+        q_lora_rank=64, qk_nope_head_dim=48, qk_rope_head_dim=16, max_position_embeddings=1024, rope_scaling=None,
+        moe=replace(published.moe, hidden_size=128, moe_intermediate_size=64, n_routed_experts=16,
+                    num_experts_per_tok=4),
+        layer_types=[kinds[0], kinds[1], kinds[2], kinds[1]], mlp_layer_types=["hash_moe"] + ["moe"] * 3,
+        compress_rates={kinds[1]: 4, kinds[2]: 16}, sliding_window=32, o_groups=2, o_lora_rank=64, index_topk=8,
+        index_head_dim=32, index_n_heads=4, bos_token_id=None, eos_token_id=None,
+    )  # fmt: skip
+
+
 def _tiny(published: DeepSeekConfig, **moe_overrides) -> DeepSeekConfig:
     """The published architecture (attention kind, gate, routing rule, losses) at a few million
     parameters, small enough to train on a CPU in minutes."""
@@ -201,6 +250,10 @@ PRESETS = {
         index_head_dim=32,
         index_n_heads=4,
     ),
+    # DeepSeek-V4-Flash (284B total, 13B active) and V4-Pro (1.6T, 49B)
+    "deepseek-v4-flash": lambda: _deepseek_v4(4096, 43, 64, 1024, 256, 2048, 8, 512),
+    "deepseek-v4-pro": lambda: _deepseek_v4(7168, 61, 128, 1536, 384, 3072, 16, 1024),
+    "tiny-v4": _tiny_v4,
     # DeepSpeed-MoE's variants as configs (docs/design.md#e4-layer-placement-and-the-deepspeed-moe-variants)
     "tiny-pyramid-moe": _tiny_pyramid_moe,
     "tiny-residual-moe": _tiny_residual_moe,

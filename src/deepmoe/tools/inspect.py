@@ -40,18 +40,29 @@ def _has_mtp_weights(path: str, config: DeepSeekConfig) -> bool:
 
 def kv_cache_bytes_per_token(config: DeepSeekConfig, bytes_per_value: int = 2, gqa_groups: int = 8) -> dict[str, int]:
     """Cache bytes per token over all layers (DeepSeek-V2 Table 1): this model's, and what MHA and
-    GQA with `gqa_groups` key/value heads of the same head widths would hold."""
+    GQA with `gqa_groups` key/value heads of the same head widths would hold. DeepSeek-V4's: the growth of a
+    long context, its compressed entries (CSA: an entry and an indexer key every m tokens; HCA: an entry every m'
+    tokens), beside which the sliding window's n_win K = V entries per layer are a constant."""
     layers, heads = config.num_hidden_layers, config.num_attention_heads
     if config.attention_type == "mla":
         per_head = config.qk_nope_head_dim + config.qk_rope_head_dim + config.v_head_dim  # one key + one value
         own = config.kv_lora_rank + config.qk_rope_head_dim  # c_KV and the shared k_rope
         if config.has_indexer:
             own += config.index_head_dim  # DSA: the lightning indexer's key k^I
+    elif config.attention_type == "shared_kv":  # V4: the window is bounded; what grows are the compressed entries
+        per_head = 2 * config.head_dim
+        own = 0
+        for kind in config.layer_types:
+            if kind == "compressed_sparse_attention":  # the entry and the indexer's key, every m tokens
+                own += (config.head_dim + config.index_head_dim) / config.compress_rates[kind]
+            elif kind == "heavily_compressed_attention":
+                own += config.head_dim / config.compress_rates[kind]
+        own /= layers  # `own` is multiplied by the layers below
     else:
         per_head = 2 * config.head_dim
         own = config.num_key_value_heads * per_head
     return {
-        "model": own * layers * bytes_per_value,
+        "model": round(own * layers * bytes_per_value),
         "mha": heads * per_head * layers * bytes_per_value,
         f"gqa{gqa_groups}": min(gqa_groups, heads) * per_head * layers * bytes_per_value,
     }
