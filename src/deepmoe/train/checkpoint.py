@@ -209,8 +209,10 @@ def save_training_checkpoint(
     info: dict[str, Any],
     rng: tuple[dict[str, Any], dict[str, Tensor]],
     tokenizer: Any = None,
+    extra: Callable[[Path], None] | None = None,
 ) -> Path:
-    """Write `DIR/step-{step}/` (weights, optimizer, RNG, `info`), then point `DIR/last` at it.
+    """Write `DIR/step-{step}/` (weights, optimizer, RNG, `info`; `extra(staging)` writes any more files, e.g. a
+    LoRA run's adapter), then point `DIR/last` at it.
 
     `weights` is the model's full state dict, `optimizer` the (JSON, tensors) pair of `optimizer_state`
     (both with every expert: an expert-parallel run gathers them first), `rng` the pair of `rng_state()`
@@ -228,6 +230,8 @@ def save_training_checkpoint(
     with atomic_directory(target) as staging:
         save_checkpoint(weights, config, staging)
         save_tokenizer(tokenizer, staging)
+        if extra is not None:
+            extra(staging)
         opt_info, opt_tensors = optimizer
         rng_info, rng_tensors = rng
         write_training_state(

@@ -48,6 +48,7 @@ from deepmoe.evaluate import Evaluation, evaluate, fp8_error_per_layer
 from deepmoe.io.checkpoint import load_config
 from deepmoe.io.files import write_json
 from deepmoe.model.decoder import DeepSeekForCausalLM
+from deepmoe.model.lora import LoRAConfig, apply_lora, base_state_dict, is_lora_name, load_adapter, save_adapter
 from deepmoe.model.parameters import count_parameters, training_flops_per_token
 from deepmoe.moe.balance import RoutingStats, max_violation, merge_routing_stats
 from deepmoe.parallel.checkpoint import load_full_optimizer_state
@@ -68,6 +69,9 @@ from deepmoe.train.report import run_report, write_run_files
 from deepmoe.train.step import NonFiniteError, optimizer_step
 
 logger = logging.getLogger(__name__)
+
+ADAPTER_DIR = "adapter"
+"""A LoRA run's checkpoint: the adapter's directory (PEFT format) inside `step-N/`, beside the unchanged base."""
 
 FINAL_EVAL_BATCHES = 200
 """The final evaluation's bound when `final_eval_batches` is not given (and the run is longer)."""
@@ -288,6 +292,7 @@ class _Run:
             )
         self.model.indexer_loss_weight = config.indexer_loss_weight
         self._indexer_warmup: bool | None = None  # set by the first step (`_set_indexer_warmup`)
+        self.lora = self._add_lora(resume_from[0] if resume_from is not None else None)
         self.model.to(self.device).train()
         trainable = {id(p) for p in self.model.trainable_parameters()}  # PESC: adapters and routers only
         for p in self.model.parameters():
@@ -363,8 +368,11 @@ class _Run:
                                        rng_per_rank, tokenizer)  # fmt: skip
             elif self.is_main:
                 optimizer = ckpt.optimizer_state(self.optimizer, self.model)
+                weights, extra = self.model.state_dict(), None
+                if self.lora is not None:  # the unchanged base, and the adapter beside it
+                    weights, extra = base_state_dict(self.model), self._save_adapter
                 path = ckpt.save_training_checkpoint(
-                    self.out, self.step, self.model.state_dict(), self.model_config, optimizer, info, rng, tokenizer
+                    self.out, self.step, weights, self.model_config, optimizer, info, rng, tokenizer, extra
                 )
             if self.is_main:
                 ckpt.prune_checkpoints(self.out, self.cfg.keep_last)
@@ -420,8 +428,8 @@ class _Run:
         parts = [sum(micro[i] for micro, _ in result.collected) for i in range(len(_PARTS))]
         sums.update(zip(_PARTS, self.ranks.all_reduce(parts), strict=True))
         merged = self.ranks.global_stats(merge_routing_stats([stats for _, stats in result.collected]))
-        if not warmup:  # the warm-up trains the indexers alone: the routing's bias stays too
-            self.model.update_expert_bias(merged)
+        if not warmup and self.lora is None:  # the warm-up trains the indexers alone: the routing's bias stays too;
+            self.model.update_expert_bias(merged)  # LoRA keeps it too (the base with the adapter is the model)
         self.step += 1
         self._boundary = self._snapshot()
         self._in_update = False
@@ -456,11 +464,28 @@ class _Run:
             self.model.set_indexer_warmup(warmup)
             indexer = {id(p) for p in self.model.indexer_parameters()}
             trainable = {id(p) for p in self.model.trainable_parameters()}  # the sharded parameters, once sharded
+            if self.lora is not None:  # LoRA: its factors only
+                trainable &= {id(p) for name, p in self.model.named_parameters() if is_lora_name(name)}
             for p in self.model.parameters():
                 if id(p) not in indexer:
                     p.requires_grad_(not warmup and id(p) in trainable)
             self._indexer_warmup = warmup
         return warmup
+
+    def _add_lora(self, step_dir: Path | None) -> LoRAConfig | None:
+        """`lora_rank`: adapters on the model (a resumed run's from its checkpoint), every other weight frozen."""
+        cfg = self.cfg
+        if cfg.lora_rank is None:
+            return None
+        if self.world > 1:
+            raise ValueError(f"TrainConfig.lora_rank={cfg.lora_rank} is invalid with {self.world} ranks: LoRA training "
+                             "runs in one process")  # fmt: skip
+        if step_dir is not None:
+            return load_adapter(self.model, step_dir / ADAPTER_DIR).lora_config
+        return apply_lora(self.model, LoRAConfig(cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets)).lora_config
+
+    def _save_adapter(self, staging: Path) -> None:
+        save_adapter(self.model, staging / ADAPTER_DIR, base_model_name_or_path=self.cfg.init_from)
 
     def _forward(self, batch: Tensor | data.LabeledBatch) -> Any:
         input_ids, labels = data.split_batch(batch)
