@@ -1,4 +1,4 @@
-"""Upcycling against training from scratch, on the bundled corpus.
+"""Upcycling against training from scratch, and PESC against full upcycling, on the bundled corpus.
 
     python benchmarks/upcycle.py [--preset tiny-deepseek-moe] [--dense-steps 150] [--steps 50] [--keep DIR]
 
@@ -9,11 +9,14 @@
 3. The upcycled model trains `--steps` more steps (`init_from`: its config, weights and tokenizer).
 4. The same MoE config trains `--steps` steps from a random initialisation (the preset with the
    upcycled config as `model_overrides`), on the same tokens, seed and optimizer settings.
+5. PESC (`deepmoe.tools.upcycle.upcycle_pesc`): each dense FFN whole and frozen as the shared expert of
+   `--pesc-experts` adapter experts of rank `--adapter-rank`, top-`--top-k`, trains `--steps` steps with the same
+   settings, updating only its adapters and routers.
 
 Every run: AdamW with the trainer's defaults (lr 2e-3 → 2e-4 cosine), `--warmup-steps` 10, seed 0, one
 thread, the final evaluation on the whole held-out split. It prints the held-out loss (mean next-token
-loss in nats) of the dense model, of the upcycled model after its steps and of the model trained from
-scratch, and the wall time.
+loss in nats) of the dense model, of the upcycled model after its steps, of the model trained from
+scratch and of the PESC model after its steps, the parameters each run trains, and the wall time.
 """
 
 from __future__ import annotations
@@ -26,10 +29,18 @@ from pathlib import Path
 
 import torch
 
+from deepmoe.config import DeepSeekConfig
 from deepmoe.io.checkpoint import load_config
+from deepmoe.model.decoder import DeepSeekForCausalLM
 from deepmoe.runtime import keep_freed_memory
-from deepmoe.tools.upcycle import upcycle
+from deepmoe.tools.upcycle import upcycle, upcycle_pesc
 from deepmoe.train.trainer import TrainConfig, train
+
+
+def trained_parameters(config: DeepSeekConfig) -> int:
+    """How many parameters training updates in a model of `config` (`trainable_parameters`, counted on meta)."""
+    with torch.device("meta"):
+        return sum(p.numel() for p in DeepSeekForCausalLM(config).trainable_parameters())
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -40,6 +51,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--experts-per-ffn", type=int, default=8)
     parser.add_argument("--shared", type=int, default=2)
     parser.add_argument("--top-k", type=int, default=2)
+    parser.add_argument("--pesc-experts", type=int, default=8, help="PESC: adapter experts per layer")
+    parser.add_argument("--adapter-rank", type=int, default=16, help="PESC: bottleneck width of each adapter")
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--warmup-steps", type=int, default=10)
@@ -65,7 +78,10 @@ def main(argv: list[str] | None = None) -> int:
         scratch = train(TrainConfig(**common, preset=args.preset, steps=args.steps, model_overrides=overrides,
                                     out=str(root / "scratch")))  # fmt: skip
         assert load_config(scratch.checkpoint) == load_config(after.checkpoint) == config  # the same MoE model
-        moe = config.moe
+        pesc_start = upcycle_pesc(dense.checkpoint, root / "pesc", experts=args.pesc_experts, top_k=args.top_k,
+                                  adapter_rank=args.adapter_rank)  # fmt: skip
+        pesc = train(TrainConfig(**common, steps=args.steps, init_from=str(root / "pesc"), out=str(root / "pesc-run")))
+        moe, pesc_config = config.moe, pesc_start.config
         results = {
             "preset": args.preset,
             "moe": f"top-{moe.num_experts_per_tok} of {moe.n_routed_experts} routed + {moe.n_shared_experts} shared "
@@ -75,14 +91,24 @@ def main(argv: list[str] | None = None) -> int:
             "dense_heldout_loss": dense.report["heldout_loss"],
             "upcycled_heldout_loss": after.report["heldout_loss"],
             "scratch_heldout_loss": scratch.report["heldout_loss"],
+            "pesc": f"top-{args.top_k} of {args.pesc_experts} adapter experts of rank {args.adapter_rank} on the "
+            f"frozen FFN of width {pesc_config.moe.moe_intermediate_size}",
+            "pesc_step0_relative_logit_error": pesc_start.relative_error,
+            "pesc_heldout_loss": pesc.report["heldout_loss"],
+            "upcycled_trained_parameters": trained_parameters(config),
+            "pesc_trained_parameters": trained_parameters(pesc_config),
             "seconds": round(time.perf_counter() - start, 1),
         }
     print(json.dumps(results, indent=2))
-    print("| model | steps | held-out loss |")
-    print("|---|---:|---:|")
-    print(f"| dense {args.preset} | {args.dense_steps} | {results['dense_heldout_loss']:.2f} |")
-    print(f"| upcycled to {results['moe']}, then trained | +{args.steps} | {results['upcycled_heldout_loss']:.2f} |")
-    print(f"| same MoE from scratch | {args.steps} | {results['scratch_heldout_loss']:.2f} |")
+    print("| model | steps | trained parameters | held-out loss |")
+    print("|---|---:|---:|---:|")
+    print(f"| dense {args.preset} | {args.dense_steps} | all | {results['dense_heldout_loss']:.2f} |")
+    print(f"| upcycled to {results['moe']}, then trained | +{args.steps} | "
+          f"{results['upcycled_trained_parameters']:,} | {results['upcycled_heldout_loss']:.2f} |")  # fmt: skip
+    print(f"| same MoE from scratch | {args.steps} | {results['upcycled_trained_parameters']:,} | "
+          f"{results['scratch_heldout_loss']:.2f} |")  # fmt: skip
+    print(f"| PESC: {results['pesc']}, then trained | +{args.steps} | {results['pesc_trained_parameters']:,} | "
+          f"{results['pesc_heldout_loss']:.2f} |")  # fmt: skip
     return 0
 
 
