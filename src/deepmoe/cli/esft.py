@@ -86,6 +86,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: cuda if available)")
     add("--seed", type=int, default=0, help="order of the training windows (default 0)")
     add("--tokenizer", metavar="PATH", help=common.TOKENIZER_HELP)
+    add(
+        "--lora",
+        type=positive_int,
+        default=None,
+        metavar="R",
+        help="train rank-R LoRA adapters on the selected experts instead of the experts themselves, and write them "
+        "to --out as a PEFT adapter directory (from_pretrained(MODEL, adapter=DIR); deepmoe merge-adapter)",
+    )
+    add("--lora-alpha", type=float, default=None, metavar="ALPHA", help="LoRA's α (default: R, so α/R = 1)")
     add("--json", action="store_true", help="print the summary as one JSON object")
     add("--no-progress", dest="progress", action="store_false", help="no progress bar")
 
@@ -129,7 +138,8 @@ def run(args: argparse.Namespace) -> int:
             weight_decay=args.weight_decay, grad_clip=args.grad_clip, batch_size=args.batch_size,
             seq_len=args.seq_len, score_tokens=args.score_tokens, eval_data=args.eval_data,
             eval_fraction=args.eval_fraction, eval_tokens=args.eval_tokens, compare_full=args.compare_full,
-            device=args.device, seed=args.seed, progress=bar, tokenizer=args.tokenizer,
+            device=args.device, seed=args.seed, progress=bar, tokenizer=args.tokenizer, lora_rank=args.lora,
+            lora_alpha=args.lora_alpha,
         )  # fmt: skip
     except (CheckpointError, ValueError, OSError) as err:
         print(f"deepmoe esft: error: {common.error_line(err)}", file=sys.stderr)
@@ -170,7 +180,10 @@ def print_summary(s: dict[str, Any]) -> None:
         f"{trainable:,} ({trainable / total:.2%} of {total:,}; {trainable / routed:.2%} of the routed experts)",
     )
     size, checkpoint = s["delta_bytes"], s["checkpoint_bytes"]
-    table.add_row("delta size", f"{size:,} B ({size / max(checkpoint, 1):.2%} of the checkpoint's {checkpoint:,} B)")
+    table.add_row(
+        "adapter size" if s.get("lora_rank") else "delta size",
+        f"{size:,} B ({size / max(checkpoint, 1):.2%} of the checkpoint's {checkpoint:,} B)",
+    )
     table.add_row("task loss before", f"{s['loss_before']:.4f}")
     table.add_row(f"task loss after ESFT ({s['steps']} steps, lr {s['lr']:g})", f"{s['loss_after_esft']:.4f}")
     if "loss_after_full" in s:

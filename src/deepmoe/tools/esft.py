@@ -68,10 +68,12 @@ from deepmoe.data import (
     split_batch,
 )
 from deepmoe.evaluate import heldout_loss
+from deepmoe.io.adapter import ADAPTER_CONFIG
 from deepmoe.io.checkpoint import SafetensorsCheckpoint, checkpoint_dir
 from deepmoe.io.delta import DELTA_FORMAT, DELTA_META, check_selection, delta_size, save_delta
 from deepmoe.io.files import claim_directory
 from deepmoe.model import from_pretrained
+from deepmoe.model.lora import LoRAConfig, apply_lora, is_lora_name, merge_lora, save_adapter
 from deepmoe.tools.routing import LayerRouting, collect_routing, fixed_batches, source_tokens
 from deepmoe.train.config import build_optimizer
 from deepmoe.train.step import NonFiniteError, optimizer_step
@@ -274,6 +276,37 @@ def esft_finetune(
     return model
 
 
+def esft_lora_finetune(
+    model: nn.Module,
+    selection: Mapping[int, list[int]],
+    train_batches: Iterable[Tensor],
+    steps: int,
+    rank: int,
+    alpha: float | None = None,
+    lr: float = 1e-4,
+    weight_decay: float = 0.0,
+    betas: tuple[float, float] = (0.9, 0.95),
+    eps: float = 1e-8,
+    grad_clip: float | None = 1.0,
+    on_step: Callable[[int, float], None] | None = None,
+) -> nn.Module:
+    """ESFT with LoRA (docs/design.md#lora-adapters): rank-`rank` adapters on the selected experts only
+    (`apply_lora` with `LoRAConfig.experts=selection`: the other experts' factors stay exactly 0), trained as
+    `esft_finetune` trains the slices; every base weight stays bit-identical. The model keeps its adapters
+    (`deepmoe.model.lora.save_adapter` writes them, `merge_lora` folds them in); returns it."""
+    config = model.config
+    chosen = {layer: experts for layer, experts in check_selection(config, selection).items() if experts}
+    if not chosen:
+        raise ValueError("the selection holds no expert: nothing to fine-tune")
+    if any(layer >= config.num_hidden_layers for layer in chosen):
+        raise ValueError("selection: LoRA adapts the decoder layers' experts, not a multi-token-prediction block")
+    apply_lora(model, LoRAConfig(rank=rank, alpha=alpha, targets=("experts",), experts=chosen))
+    factors = [p for name, p in model.named_parameters() if is_lora_name(name)]
+    adamw = {"lr": lr, "weight_decay": weight_decay, "betas": betas, "eps": eps}
+    _train(model, factors, train_batches, steps, adamw, grad_clip, on_step, nullcontext)
+    return model
+
+
 def full_finetune(
     model: nn.Module,
     train_batches: Iterable[Tensor],
@@ -314,6 +347,16 @@ def trainable_parameters(model: nn.Module, selection: Mapping[int, list[int]]) -
     return total
 
 
+def lora_trainable_parameters(model: nn.Module, selection: Mapping[int, list[int]], rank: int) -> int:
+    """Parameters ESFT with LoRA trains: |experts| × r × (H + 2I + I + H) per layer (A and B of both projections)."""
+    moe_layers = model.moe_layers()
+    total = 0
+    for layer, experts in check_selection(model.config, selection).items():
+        module = moe_layers[layer].experts
+        total += len(experts) * rank * sum(sum(getattr(module, p).shape[1:]) for p in ("gate_up_proj", "down_proj"))
+    return total
+
+
 def routed_expert_parameters(model: nn.Module) -> int:
     return sum(m.experts.gate_up_proj.numel() + m.experts.down_proj.numel() for m in model.moe_layers().values())
 
@@ -343,6 +386,14 @@ def _check_arguments(
         raise ValueError(f"lr={lr} must be a finite number > 0")
     if weight_decay < 0 or grad_clip < 0:
         raise ValueError("weight_decay and grad_clip must be >= 0")
+
+
+def is_adapter(directory: Path) -> bool:
+    """Whether `directory` is a LoRA adapter directory (its adapter_config.json), which a new one may replace."""
+    try:
+        return json.loads((directory / ADAPTER_CONFIG).read_text(encoding="utf-8")).get("peft_type") == "LORA"
+    except (OSError, UnicodeDecodeError, ValueError, AttributeError):
+        return False
 
 
 def is_delta(directory: Path) -> bool:
@@ -439,6 +490,8 @@ def esft(
     seed: int = 0,
     progress: Progress | None = None,
     tokenizer: str | os.PathLike | Tokenizer | None = None,
+    lora_rank: int | None = None,
+    lora_alpha: float | None = None,
 ) -> dict[str, Any]:
     """`deepmoe esft` as a function: score the routed experts of the checkpoint `model_dir` on the task text
     `data` (a file or folder, or `bundled:DOMAIN`; the first `score_tokens` tokens of its training part),
@@ -448,22 +501,30 @@ def esft(
     of `data` (at most `eval_tokens`); with `compare_full`, also after full fine-tuning of the base model for
     the same steps, learning rate and batches (the delta stays ESFT's). `grad_clip` 0 means none.
     `tokenizer` (a `Tokenizer`, or a tokenizer.json file or its directory) replaces the checkpoint's.
+    `lora_rank`: train rank-r LoRA adapters on the selected experts instead (`esft_lora_finetune`, α `lora_alpha`)
+    and save them to `out` as a PEFT adapter directory (`from_pretrained(model_dir, adapter=out)` loads them).
 
     `out` is claimed before any work (`claim_directory`: an empty or missing directory, or an earlier delta)
     and released at the end, so a refused target costs nothing and an interrupted run leaves no delta.
     Returns the summary: selection, scores, parameter counts, delta and checkpoint sizes, losses.
     ValueError (or CheckpointError, OSError) on unusable inputs.
     """
-    with claim_directory(out, f"delta directory ({DELTA_META})", is_delta):
+    if lora_rank is not None:
+        LoRAConfig(rank=lora_rank, alpha=lora_alpha)  # its errors before any work
+    claim = (claim_directory(out, f"delta directory ({DELTA_META})", is_delta) if lora_rank is None
+             else claim_directory(out, f"LoRA adapter directory ({ADAPTER_CONFIG})", is_adapter))  # fmt: skip
+    with claim:
         return _esft(
             model_dir, data, out, method, p, steps, lr, weight_decay, grad_clip, batch_size, seq_len, score_tokens,
-            eval_data, eval_fraction, eval_tokens, compare_full, device, seed, progress, tokenizer,
+            eval_data, eval_fraction, eval_tokens, compare_full, device, seed, progress, tokenizer, lora_rank,
+            lora_alpha,
         )  # fmt: skip
 
 
 def _esft(
     model_dir, data, out, method, p, steps, lr, weight_decay, grad_clip, batch_size, seq_len, score_tokens,
-    eval_data, eval_fraction, eval_tokens, compare_full, device, seed, progress, tokenizer=None,
+    eval_data, eval_fraction, eval_tokens, compare_full, device, seed, progress, tokenizer=None, lora_rank=None,
+    lora_alpha=None,
 ) -> dict[str, Any]:  # fmt: skip
 
     _check_arguments(
@@ -513,15 +574,23 @@ def _esft(
         results[label] = {"loss_after": heldout_loss(model, eval_batches), "train_loss_first": losses[0],
                           "train_loss_last": losses[-1]}  # fmt: skip
 
-    finetune("esft", esft_finetune, selection)
-    total_params = sum(param.numel() for param in model.parameters())
-    trainable = trainable_parameters(model, selection)
+    if lora_rank is None:
+        finetune("esft", esft_finetune, selection)
+        trainable = trainable_parameters(model, selection)
+    else:
+        finetune("esft", partial(esft_lora_finetune, rank=lora_rank, alpha=lora_alpha), selection)
+        trainable = lora_trainable_parameters(model, selection, lora_rank)
+    total_params = sum(param.numel() for name, param in model.named_parameters() if not is_lora_name(name))
     training_meta = {
         "method": method, "p": p, "steps": steps, "lr": lr, "weight_decay": weight_decay, "batch_size": batch_size,
         "seq_len": seq_len, "data": data, "eval_data": eval_data, "base_checkpoint": str(model_dir),
         "loss_before": loss_before, "loss_after": results["esft"]["loss_after"],
     }  # fmt: skip
-    delta = save_delta(model, base_state, out, selection, metadata=training_meta)
+    if lora_rank is None:
+        delta = save_delta(model, base_state, out, selection, metadata=training_meta)
+    else:
+        delta = save_adapter(model, out, base_model_name_or_path=str(model_dir))
+        merge_lora(model)  # the plain model again (its weights are reset below for --compare-full)
     with SafetensorsCheckpoint(model_dir) as ckpt:  # the weight files only (not e.g. a saved optimiser state)
         checkpoint_bytes = sum((model_dir / f).stat().st_size for f in set(ckpt.weight_map.values()))
     summary: dict[str, Any] = {
@@ -548,6 +617,7 @@ def _esft(
         "checkpoint_bytes": checkpoint_bytes,
         "loss_before": loss_before,
         "loss_after_esft": results["esft"]["loss_after"],
+        "lora_rank": lora_rank,
     }
     if compare_full:
         model.load_state_dict(base_state)
@@ -561,6 +631,7 @@ __all__ = [
     "METHODS",
     "esft",
     "esft_finetune",
+    "esft_lora_finetune",
     "expert_scores",
     "full_finetune",
     "is_delta",
