@@ -19,7 +19,7 @@ from deepmoe.config import DeepSeekConfig
 from deepmoe.model import from_pretrained, save_pretrained
 from deepmoe.model.attention import KVCache, MultiHeadLatentAttention, _rope, _rotate
 from deepmoe.model.decoder import DeepSeekForCausalLM
-from deepmoe.model.native_sparse_attention import NativeSparseAttention, block_overlap
+from deepmoe.model.native_sparse_attention import NativeSparseAttention, selection_scores
 from deepmoe.train import trainer as trainer_module
 from deepmoe.train.config import TrainConfig, build_model_config
 from reference import randomise_parameters
@@ -122,17 +122,24 @@ def test_compression_is_the_mlp_of_each_block_plus_its_position_embedding():
     assert nsa.compress(latent[:, :3]).shape == (2, 0, latent.shape[-1])
 
 
-def test_block_weights_are_the_overlaps_of_eq_10():
+def test_block_scores_use_the_weights_of_eq_10():
     """l = 32, d = 16, l' = 64 (the paper's sizes): block j gets weights 1, 2, 2, 2, 1 from the compressed blocks
-    4j − 1 .. 4j + 3 (those sharing 16, 32, 32, 32, 16 tokens with it); l = d = l' maps block i to block i."""
-    weights = block_overlap(12, 3, 32, 16, 64)
+    4j − 1 .. 4j + 3 (those sharing 16, 32, 32, 32, 16 tokens with it); l = d = l' maps block i to block i; and
+    random p^cmp against the token overlaps counted one by one (l = 12, d = 4, l' = 16)."""
+    weights = selection_scores(torch.eye(11), 3, 32, 16, 64)  # row i: compressed block i alone
     for j in range(3):
-        expected = torch.zeros(12)
+        expected = torch.zeros(11)
         for i, weight in zip(range(4 * j - 1, 4 * j + 4), (1, 2, 2, 2, 1), strict=True):
-            if 0 <= i < 12:
+            if 0 <= i < 11:
                 expected[i] = weight
         assert torch.equal(weights[:, j], expected)
-    assert torch.equal(block_overlap(5, 5, 8, 8, 8), torch.eye(5))
+    assert torch.equal(selection_scores(torch.eye(5), 5, 8, 8, 8), torch.eye(5))
+    p_cmp = torch.rand(2, 15)  # T = 68 tokens: (68 − 12) / 4 + 1 = 15 blocks, 5 selection blocks
+    expected = torch.tensor(
+        [[sum(p[i].item() * len(set(range(4 * i, 4 * i + 12)) & set(range(16 * j, 16 * j + 16))) / 4
+          for i in range(15)) for j in range(5)] for p in p_cmp]
+    )  # fmt: skip
+    torch.testing.assert_close(selection_scores(p_cmp, 5, 12, 4, 16), expected)
 
 
 @pytest.mark.parametrize("case", CASES)

@@ -47,12 +47,16 @@ def compressed_count(total: int, block: int, stride: int) -> int:
     return 0 if total < block else (total - block) // stride + 1
 
 
-def block_overlap(n_compressed: int, n_blocks: int, block: int, stride: int, select_block: int) -> Tensor:
-    """[C, J] float32: |compression block i ∩ selection block j| / d, the weights mapping p^cmp to p^slc (eq. 10)."""
-    start = torch.arange(n_compressed)[:, None] * stride
-    select_start = torch.arange(n_blocks)[None, :] * select_block
-    shared = torch.minimum(start + block, select_start + select_block) - torch.maximum(start, select_start)
-    return shared.clamp_min(0).float() / stride
+def selection_scores(p_cmp: Tensor, n_blocks: int, block: int, stride: int, select_block: int) -> Tensor:
+    """p^slc[j] = Σ_i p^cmp[i] · |compression block i ∩ selection block j| / d (eq. 10's weights): p_cmp [..., C]
+    → [..., J]. Block i covers the l/d stride-d pieces i .. i + l/d − 1 and selection block j the l'/d pieces
+    from j·l'/d, so each piece sums the blocks over it and each selection block its pieces (O(C), no C × J)."""
+    per_block, per_select = block // stride, select_block // stride
+    n_compressed = p_cmp.shape[-1]
+    pieces = p_cmp.new_zeros(*p_cmp.shape[:-1], n_blocks * per_select)  # >= C + l/d − 1: block i ends by T
+    for m in range(per_block):
+        pieces[..., m : m + n_compressed] += p_cmp
+    return pieces.unflatten(-1, (n_blocks, per_select)).sum(-1)
 
 
 def _keys_visible(tokens: Tensor, valid: Tensor, last: Tensor, key_mask: Tensor | None) -> Tensor:
@@ -97,9 +101,11 @@ class NativeSparseAttention(nn.Module):
         size, d = self.compress_block, self.compress_stride
         offset = cache.get_seq_length(layer_idx) if cache is not None else 0
         first = max(0, -(-(offset - size + 1) // d))  # the first block ending at a new token
-        context = latent
-        if offset > first * d:  # that block starts among the cached tokens
-            context = torch.cat((cache.layers[layer_idx][0][:, first * d : offset], latent), dim=1)
+        context = latent[:, :0]  # no block ends at a new token: nothing to compress
+        if compressed_count(offset + latent.shape[1], size, d) > first:  # from block `first` on (first·d <= offset)
+            context = latent
+            if offset > first * d:  # that block starts among the cached tokens
+                context = torch.cat((cache.layers[layer_idx][0][:, first * d : offset], latent), dim=1)
         new = self.compress(context)  # blocks first, first + 1, ...: [B, C_new, d]
         if cache is None:
             return latent, new
@@ -132,8 +138,8 @@ class NativeSparseAttention(nn.Module):
 
         # selected: blocks scored by the compressed branch's probabilities summed over heads
         n_blocks = -(-total // self.select_block)
-        weights = block_overlap(n_compressed, n_blocks, self.compress_block, self.compress_stride, self.select_block)
-        scores = probs.detach().sum(2).float() @ weights.to(q.device)  # p^slc [B, S, J]
+        p_cmp = probs.detach().sum(2).float()  # [B, S, C], summed over the heads (one GQA group)
+        scores = selection_scores(p_cmp, n_blocks, self.compress_block, self.compress_stride, self.select_block)
         block = torch.arange(n_blocks, device=q.device)
         current = (last // self.select_block)[:, None]  # [S, 1]
         causal = block[None, :] * self.select_block <= last[:, None]  # [S, J]
