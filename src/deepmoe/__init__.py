@@ -10,6 +10,7 @@ from deepmoe.model import (
     generate_speculative,
     save_pretrained,
 )
+from deepmoe.model.lora import LoRAConfig, apply_lora, load_adapter, merge_lora, save_adapter
 from deepmoe.model.parameters import count_parameters
 from deepmoe.moe import MoE, MoEOutput, Router, RouterOutput, RoutingStats
 from deepmoe.presets import PRESETS, get_preset
@@ -22,6 +23,7 @@ __all__ = [
     "DeepSeekConfig",
     "DeepSeekForCausalLM",
     "KVCache",
+    "LoRAConfig",
     "MoE",
     "MoEConfig",
     "MoEOutput",
@@ -29,10 +31,14 @@ __all__ = [
     "RouterOutput",
     "RoutingStats",
     "__version__",
+    "apply_lora",
     "count_parameters",
     "from_pretrained",
     "generate",
     "generate_speculative",
     "get_preset",
+    "load_adapter",
+    "merge_lora",
+    "save_adapter",
     "save_pretrained",
 ]

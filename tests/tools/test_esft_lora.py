@@ -64,6 +64,8 @@ def test_esft_lora_command_writes_an_adapter_that_loads_on_the_base(tmp_path, ca
     summary = json.loads(capsys.readouterr().out)
     adapter = read_adapter(tmp_path / "adapter")
     assert (adapter.rank, adapter.alpha, adapter.targets) == (2, 4.0, ("experts",))
+    layers = sorted(int(k) for k, v in summary["selection"].items() if v)
+    assert json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())["layers_to_transform"] == layers
     config = _config()
     hidden, inter = config.hidden_size, config.moe.moe_intermediate_size
     chosen = sum(len(v) for v in summary["selection"].values())

@@ -37,6 +37,7 @@ ATTENTION_PROJECTIONS = ("q_proj", "q_a_proj", "q_b_proj", "kv_a_proj_with_mqa",
 _EXPERTS = re.compile(r"model\.layers\.(\d+)\.mlp\.experts")
 _ATTENTION = re.compile(rf"model\.layers\.(\d+)\.self_attn\.({'|'.join(ATTENTION_PROJECTIONS)})")
 _FACTOR = re.compile(r"(?:\.|_)lora_[AB]$")
+_LAYER = re.compile(r"model\.layers\.(\d+)\.")
 
 
 @dataclass(frozen=True)
@@ -221,13 +222,16 @@ def load_lora_state_dict(model: nn.Module, tensors: Mapping[str, Tensor], where:
 
 
 def save_adapter(model: nn.Module, path: str | os.PathLike, base_model_name_or_path: str | None = None) -> Path:
-    """Write `model`'s adapters as a PEFT adapter directory (`deepmoe.io.adapter.save_adapter`)."""
+    """Write `model`'s adapters as a PEFT adapter directory (`deepmoe.io.adapter.save_adapter`), with PEFT's
+    layers_to_transform when only some decoder layers have adapters (ESFT's layers)."""
     config: LoRAConfig | None = getattr(model, "lora_config", None)
     if config is None:
         raise ValueError("save_adapter: the model has no LoRA adapters (apply_lora first)")
+    adapted = sorted({int(m[1]) for name in _adapted(model) if (m := _LAYER.match(name))})
+    every = adapted == list(range(model.config.num_hidden_layers))
     return adapter_io.save_adapter(
         lora_state_dict(model), path, rank=config.rank, alpha=config.alpha, config=model.config,
-        layers=config.layers, base_model_name_or_path=base_model_name_or_path,
+        layers=None if every else adapted, base_model_name_or_path=base_model_name_or_path,
     )  # fmt: skip
 
 
