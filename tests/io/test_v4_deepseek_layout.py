@@ -12,6 +12,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from configs import v4_config
 from deepmoe.io.deepseek_layout import (
     DeepSeekCheckpoint,
     load_deepseek,
@@ -23,6 +24,8 @@ from deepmoe.io.deepseek_layout import (
 )
 from deepmoe.io.fp4 import dequantize_fp4, quantize_fp4
 from deepmoe.io.safetensors_stream import PendingTensor
+from deepmoe.model import from_pretrained, save_pretrained
+from deepmoe.model.decoder import DeepSeekForCausalLM
 from reference import randomise_parameters
 
 pytestmark = pytest.mark.cpu_only  # checkpoint files
@@ -232,3 +235,30 @@ def test_deepseek_v4_checkpoint_reports_its_stored_tensors(v4_source, tmp_path):
         assert ckpt.dtype("model.layers.0.ffn.gate.tid2eid") == torch.int64
     finally:
         ckpt.close()
+
+
+def test_deepmoe_v4_from_deepseeks_layout_with_fp4_experts_is_its_dequantised_twin(tmp_path):
+    config = v4_config(intermediate_size=32, moe={"moe_intermediate_size": 32})  # FP4 rows of whole 32-blocks
+    model = DeepSeekForCausalLM(config).eval()
+    randomise_parameters(model, seed=2)
+    torch.manual_seed(2)
+    for name, table in model.named_buffers():
+        if name.endswith("tid2eid"):
+            table.copy_(torch.randint(0, config.moe.n_routed_experts, table.shape))
+    save_pretrained(model, tmp_path / "hf")
+    (tmp_path / "ds").mkdir()
+    hf_config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    write_deepseek(pending(load_file(tmp_path / "hf" / "model.safetensors")), hf_config, tmp_path / "ds", mp=2,
+                   fp4_experts=True)  # fmt: skip
+    ids = torch.randint(0, config.vocab_size, (2, 24), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        original = model(ids).logits
+        for name, p in model.named_parameters():  # the twin: each expert's rows through FP4 and back
+            if name.endswith(("experts.gate_up_proj", "experts.down_proj")):
+                p.copy_(dequantize_fp4(*quantize_fp4(p), dtype=torch.float32))
+        twin = model(ids).logits
+        loaded = from_pretrained(tmp_path / "ds", dtype=torch.float32)
+        assert torch.equal(loaded(ids).logits, twin)
+    assert not torch.allclose(twin, original, atol=1e-3)
+    with pytest.raises(ValueError, match="without mmap"):
+        from_pretrained(tmp_path / "ds", mmap=True)

@@ -21,7 +21,7 @@ import os
 import re
 import shutil
 import warnings
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Container, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -400,21 +400,29 @@ def load_checkpoint(
                 _check_finite(t, ckpt.file_of(hf), hf)
             return t.to(device) if device is not None else t
 
-        state: dict[str, Tensor] = {}
-        for name, shape in expected_shapes(config).items():
-            hf = hf_name(name, config)
-            if hf in ckpt:  # stored as is (experts fused, as in memory)
-                state[name] = read(hf)
-                continue
-            parts = hf_items(name, None, config, lambda _, j, proj: (j, proj))
-            first = read(parts[0][0])
-            out = torch.empty(shape, dtype=first.dtype, device=first.device)
-            half = shape[1] // 2
-            for hf_part, (j, proj) in parts:
-                t = first if hf_part == parts[0][0] else read(hf_part)
-                {"gate_proj": out[j, :half], "up_proj": out[j, half:], "down_proj": out[j]}[proj].copy_(t)
-            state[name] = out
+        state = assemble_state(config, read, ckpt)
     return config, state
+
+
+def assemble_state(config: DeepSeekConfig, read: Callable[[str], Tensor], stored: Container[str]) -> dict[str, Tensor]:
+    """deepmoe's state dict for `config` from a checkpoint's tensors by HF name (`read(name)`; `stored`: the names
+    it has): per-expert tensors stacked into `gate_up_proj`/`down_proj` (unless stored fused), V3's MTP layers
+    mapped to `model.mtp.{k}`."""
+    state: dict[str, Tensor] = {}
+    for name, shape in expected_shapes(config).items():
+        hf = hf_name(name, config)
+        if hf in stored:  # stored as is (experts fused, as in memory)
+            state[name] = read(hf)
+            continue
+        parts = hf_items(name, None, config, lambda _, j, proj: (j, proj))
+        first = read(parts[0][0])
+        out = torch.empty(shape, dtype=first.dtype, device=first.device)
+        half = shape[1] // 2
+        for hf_part, (j, proj) in parts:
+            t = first if hf_part == parts[0][0] else read(hf_part)
+            {"gate_proj": out[j, :half], "up_proj": out[j, half:], "down_proj": out[j]}[proj].copy_(t)
+        state[name] = out
+    return state
 
 
 def _check_finite(t: Tensor, where: Path, name: str) -> None:

@@ -37,6 +37,7 @@ modules (`mtp.K.*`) have no deepmoe counterpart and are skipped with a warning.
 from __future__ import annotations
 
 import logging
+import os
 import re
 from collections.abc import Mapping
 from pathlib import Path
@@ -46,12 +47,14 @@ import torch
 from safetensors import safe_open
 from torch import Tensor
 
-from deepmoe.io.checkpoint import _dtype_from_config, read_json
+from deepmoe.config import DeepSeekConfig
+from deepmoe.io.checkpoint import _dtype_from_config, assemble_state, read_json
 from deepmoe.io.distributed import cast_dtype
 from deepmoe.io.files import write_json
 from deepmoe.io.fp4 import BLOCK as FP4_BLOCK
 from deepmoe.io.fp4 import PACKED_DTYPES, dequantize_fp4, quantize_fp4
 from deepmoe.io.fp8_blocks import FP8_DTYPES, SCALE_SUFFIX, dequantize_fp8
+from deepmoe.io.hf import config_from_hf, expected_hf_shapes, mtp_copies
 from deepmoe.io.safetensors_stream import DTYPES, CheckpointError, PendingTensor, write_file
 
 logger = logging.getLogger(__name__)
@@ -480,3 +483,28 @@ def load_deepseek(directory: Path, dtype: torch.dtype | None = None) -> tuple[di
         return config, state
     finally:
         ckpt.close()
+
+
+def load_deepseek_checkpoint(
+    directory: str | os.PathLike, dtype: torch.dtype | None = None
+) -> tuple[DeepSeekConfig, dict[str, Tensor]]:  # fmt: skip
+    """(config, deepmoe state dict) of a DeepSeek-layout directory: `load_deepseek`'s dequantised tensors, checked
+    against its hf_config.json and stacked as `load_checkpoint` stacks a HF checkpoint's. CheckpointError naming the
+    directory for a config it cannot read or tensors that do not match it."""
+    directory = Path(directory)
+    hf_config, tensors = load_deepseek(directory, dtype)
+    try:
+        config = config_from_hf(hf_config)
+    except (ValueError, TypeError) as err:
+        raise CheckpointError(f"{directory / HF_CONFIG_NAME}: {err}") from None
+    expected = expected_hf_shapes(config, fused_layers=set())
+    missing = [n for n in expected if n not in tensors]
+    unexpected = [n for n in tensors if n not in expected and n not in mtp_copies(config)]
+    if missing or unexpected:
+        raise CheckpointError(f"{directory}: does not match {HF_CONFIG_NAME}: missing {missing[:4]}, unexpected "
+                              f"{unexpected[:4]}")  # fmt: skip
+    for name, shape in expected.items():
+        if tuple(tensors[name].shape) != shape:
+            raise CheckpointError(f"{directory}: tensor {name!r} has shape {list(tensors[name].shape)}, "
+                                  f"{HF_CONFIG_NAME} implies {list(shape)}")  # fmt: skip
+    return config, assemble_state(config, tensors.__getitem__, tensors)

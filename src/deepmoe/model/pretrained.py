@@ -21,6 +21,7 @@ from torch import nn
 
 from deepmoe.config import DeepSeekConfig
 from deepmoe.io.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from deepmoe.io.deepseek_layout import is_deepseek_dir, load_deepseek_checkpoint
 from deepmoe.io.delta import apply_delta
 from deepmoe.io.lazy import Deferred, map_checkpoint
 from deepmoe.model.lora import load_adapter
@@ -40,8 +41,9 @@ def load_pretrained(
     adapter: str | os.PathLike | None = None,
 ) -> Model:
     """`model_class(config)` (eval mode) with the weights of a HF-format checkpoint directory (a HF folder,
-    a training step's directory, or a run directory: its newest complete step), plus an expert delta
-    applied on top when `delta` names one, and the LoRA adapter directory `adapter` (PEFT format,
+    a training step's directory, or a run directory: its newest complete step) or of a directory in DeepSeek's
+    own layout (`deepmoe.io.deepseek_layout.load_deepseek_checkpoint`, FP4/FP8 weights dequantised), plus an
+    expert delta applied on top when `delta` names one, and the LoRA adapter directory `adapter` (PEFT format,
     `deepmoe.model.lora.load_adapter`: its factors trainable, the base frozen; `merge_lora` folds it in).
 
     dtype None keeps the stored dtypes (FP8 weights become the config's torch_dtype).
@@ -57,11 +59,15 @@ def load_pretrained(
     (or MTP module) runs and dropped after it. Such a model is for inference on the CPU: `train()` raises,
     no parameter requires grad, and `device` (other than the CPU) and `delta` are refused.
     """
+    deepseek = is_deepseek_dir(Path(path))  # DeepSeek's own layout (model{r}-mp{N}.safetensors), dequantised
     if mmap:
         if adapter is not None:
             raise ValueError("mmap=True does not load a LoRA adapter: load without mmap (or merge it first)")
+        if deepseek:
+            raise ValueError(f"{path}: mmap=True maps HF-layout files; DeepSeek's layout is read (and dequantised) "
+                             "whole: load it without mmap, or `deepmoe convert --to hf` it first")  # fmt: skip
         return _load_mapped(model_class, path, dtype, device, delta)
-    config, state = load_checkpoint(path, dtype=dtype)
+    config, state = load_deepseek_checkpoint(path, dtype) if deepseek else load_checkpoint(path, dtype=dtype)
     with torch.device("meta"):  # no randomly initialised float32 copy: the checkpoint's tensors are assigned
         model = model_class(config)
     _check_against(model, state, path)
