@@ -95,7 +95,7 @@ def test_hyper_connection_maps_and_sinkhorn_follow_the_formula():
     streams = torch.randn(1, 2, 3, 32, generator=torch.Generator().manual_seed(6))
     collapsed, post, res = hc(streams)
     n, eps = 3, config.hc_eps
-    fn, base, scale = hc.fn.double(), hc.base.double(), hc.scale.double()
+    fn, base, scale = hc.fn.detach().double(), hc.base.detach().double(), hc.scale.detach().double()
     for s in range(2):
         flat = streams[0, s].flatten().double()
         flat = flat / math.sqrt(float((flat**2).mean()) + config.rms_norm_eps)
