@@ -13,6 +13,7 @@ from configs import tiny_model_config
 from deepmoe import DeepSeekForCausalLM
 from deepmoe.io.adapter import ADAPTER_CONFIG, ADAPTER_WEIGHTS, AdapterError, read_adapter
 from deepmoe.model.lora import LoRAConfig, apply_lora, load_adapter, lora_state_dict, save_adapter
+from reference import randomise_parameters, transformers_model
 
 # cpu_only: files on disk
 pytestmark = pytest.mark.cpu_only
@@ -100,3 +101,25 @@ def test_bad_adapter_directories(tmp_path):
     (tmp_path / "b" / "x.txt").write_text("mine")
     with pytest.raises(AdapterError, match="not an adapter directory"):
         save_adapter(_adapted(targets=("experts",)), tmp_path / "b")
+
+
+@pytest.mark.parametrize("targets", [("experts",), ("experts", "attention")])
+def test_peft_reads_the_adapter_as_deepmoe_does(tmp_path, targets):
+    """Where PEFT (>= 0.17, target_parameters) is installed: PeftModel on transformers' model of the base gives
+    deepmoe's logits with the adapter. PEFT is not a dependency: skipped without it."""
+    peft = pytest.importorskip("peft", minversion="0.17")
+    model = DeepSeekForCausalLM(tiny_model_config()).eval()
+    randomise_parameters(model, seed=0)
+    model.save_pretrained(tmp_path / "base")
+    apply_lora(model, LoRAConfig(rank=2, alpha=4, targets=targets))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("lora_B"):
+                p.normal_(0, 0.3)
+    save_adapter(model, tmp_path / "adapter")
+    ids = torch.randint(0, 64, (2, 9), generator=torch.Generator().manual_seed(0))
+    wrapped = peft.PeftModel.from_pretrained(transformers_model(tmp_path / "base"), str(tmp_path / "adapter"))
+    with torch.no_grad():
+        want = model(ids).logits.double()
+        got = wrapped(ids).logits.double()
+    assert float((got - want).norm() / want.norm()) < 1e-5
