@@ -171,6 +171,7 @@ def test_compressor_pools_each_window_and_is_the_same_fed_in_pieces(overlap):
 # ---- attention --------------------------------------------------------------------------------------------
 
 
+@torch.no_grad()
 def test_sliding_attention_with_sinks_and_grouped_output_follows_the_formula():
     config = v4_config(sliding_window=3)
     attention = SharedKVAttention(config, 0)  # layer 0 is a sliding layer
@@ -230,3 +231,47 @@ def test_v4_fields_are_refused_on_other_model_types():
         DeepSeekConfig(hc_mult=4)
     with pytest.raises(ValueError, match=r"swiglu_limit=0 is invalid"):
         MoEConfig(**V4_MOE, swiglu_limit=0)
+
+
+def test_hash_routed_layers_refuse_expert_masks():
+    router = Router(MoEConfig(**V4_MOE, hash_vocab_size=10))
+    with pytest.raises(ValueError, match="hash-routed MoE layer takes its experts from the token ids"):
+        router.set_expert_mask(disabled=[0])
+    with pytest.raises(ValueError, match="hash-routed"):
+        router.row_mask([([0], None)])
+    router.clear_expert_mask()  # nothing to clear: allowed
+
+
+# ---- dtype, presets -------------------------------------------------------------------------------------
+
+
+def test_mhc_maps_sinks_and_position_biases_stay_float32_in_a_bf16_model():
+    from deepmoe.model.decoder import DeepSeekForCausalLM
+
+    model = DeepSeekForCausalLM(v4_config()).eval().to(torch.bfloat16)
+    kept = {name for name, p in model.named_parameters() if p.dtype == torch.float32}
+    assert "model.layers.1.attn_hc.fn" in kept and "model.hc_head.hc_scale" in kept
+    assert {"model.layers.3.self_attn.sinks", "model.layers.3.self_attn.compressor.indexer.position_bias"} <= kept
+    assert all(name.endswith(("hc.fn", "hc.base", "hc.scale", "sinks", "position_bias")) or "hc_head" in name
+               for name in kept)  # fmt: skip
+    ids = torch.randint(0, 128, (2, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        logits = model(ids).logits
+    assert logits.dtype == torch.bfloat16 and logits.isfinite().all()
+
+
+def test_v4_presets_count_the_published_sizes_and_tiny_v4_runs():
+    """DeepSeek-V4-Flash is 284B parameters with 13B active, V4-Pro 1.6T with 49B (the released models' cards);
+    active counts include the embedding and head, as inspect prints them."""
+    from deepmoe.model.decoder import DeepSeekForCausalLM
+    from deepmoe.model.parameters import count_parameters
+    from deepmoe.presets import get_preset
+    from deepmoe.tools.inspect import describe
+
+    flash, pro = count_parameters(get_preset("deepseek-v4-flash")), count_parameters(get_preset("deepseek-v4-pro"))
+    assert 283e9 < flash.total < 286e9 and 13e9 < flash.active < 14e9
+    assert 1.55e12 < pro.total < 1.65e12 and 49e9 < pro.active < 50.5e9
+    assert describe(get_preset("deepseek-v4-flash"))["gate"] == "sqrtsoftplus/greedy"
+    tiny = DeepSeekForCausalLM(get_preset("tiny-v4")).eval()
+    with torch.no_grad():
+        assert tiny(torch.randint(0, 4096, (1, 40))).logits.isfinite().all()

@@ -17,6 +17,8 @@ are transformers' (`fn`, `base`, `scale`; the head's `hc_fn`, `hc_base`, `hc_sca
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -30,8 +32,37 @@ def unit_rms(x: Tensor, eps: float) -> Tensor:
     return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
 
 
-class HyperConnection(nn.Module):
+class KeepsFloat32(nn.Module):
+    """A module whose own parameters named in `float32_parameters` stay float32 when the model is cast
+    (`.to(torch.bfloat16)`, a parent's cast, loading a bf16 tensor with `assign=True`), as V4 keeps its mHC maps,
+    attention sinks and compressor position biases; its children are cast as usual."""
+
+    float32_parameters: tuple[str, ...] = ()
+
+    def _apply(self, fn: Callable[[Tensor], Tensor], recurse: bool = True) -> KeepsFloat32:
+        before = {name: getattr(self, name).detach() for name in self.float32_parameters}
+        super()._apply(fn, recurse)
+        self._keep_float32(before)
+        return self
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self._keep_float32({})
+
+    @torch.no_grad()
+    def _keep_float32(self, before: dict[str, Tensor]) -> None:
+        for name in self.float32_parameters:
+            after = getattr(self, name)
+            if after.dtype != torch.float32 and after.dtype.is_floating_point:
+                source = before.get(name)
+                source = source if source is not None and source.dtype == torch.float32 else after.detach()
+                after.data = source.to(device=after.device, dtype=torch.float32)
+
+
+class HyperConnection(KeepsFloat32):
     """The pre, post and residual maps of mHC around one block (see the module docstring)."""
+
+    float32_parameters = ("fn", "base", "scale")
 
     def __init__(self, config: DeepSeekConfig) -> None:
         super().__init__()
@@ -61,9 +92,10 @@ class HyperConnection(nn.Module):
         mixes = F.linear(unit_rms(streams.flatten(2), self.norm_eps), self.fn.float())
         a_pre, a_post, a_res = mixes.split([n, n, n * n], dim=-1)
         b_pre, b_post, b_res = self.base.float().split([n, n, n * n])
-        pre = torch.sigmoid(a_pre * self.scale[0] + b_pre) + self.eps
-        post = 2 * torch.sigmoid(a_post * self.scale[1] + b_post)
-        res = torch.softmax(a_res.unflatten(-1, (n, n)) * self.scale[2] + b_res.view(n, n), dim=-1) + self.eps
+        scale = self.scale.float()
+        pre = torch.sigmoid(a_pre * scale[0] + b_pre) + self.eps
+        post = 2 * torch.sigmoid(a_post * scale[1] + b_post)
+        res = torch.softmax(a_res.unflatten(-1, (n, n)) * scale[2] + b_res.view(n, n), dim=-1) + self.eps
         res = res / (res.sum(-2, keepdim=True) + self.eps)
         for _ in range(self.iters - 1):
             res = res / (res.sum(-1, keepdim=True) + self.eps)
@@ -78,8 +110,10 @@ class HyperConnection(nn.Module):
         return post.to(dtype).unsqueeze(-1) * block_out.unsqueeze(-2) + res.to(dtype).transpose(-1, -2) @ streams
 
 
-class HyperHead(nn.Module):
+class HyperHead(KeepsFloat32):
     """The final collapse of the n streams before the norm and head: Σ_i (σ(α · x̃ W_i + b_i) + ε) X_i."""
+
+    float32_parameters = ("hc_fn", "hc_base", "hc_scale")
 
     def __init__(self, config: DeepSeekConfig) -> None:
         super().__init__()

@@ -37,7 +37,7 @@ from torch import Tensor, nn
 
 from deepmoe.config import DeepSeekConfig
 from deepmoe.model.attention import KVCache
-from deepmoe.model.hyper_connections import unit_rms
+from deepmoe.model.hyper_connections import KeepsFloat32, unit_rms
 from deepmoe.model.norm import RMSNorm
 from deepmoe.model.rope import RotaryEmbedding, YaRN, apply_rotary
 
@@ -77,8 +77,11 @@ class CompressorState:
         return 0 if self.entries is None else self.entries.shape[1]
 
 
-class Compressor(nn.Module):
-    """Gated, position-biased pooling of every `ratio` tokens into one entry of width `dim` (CSA when `overlap`)."""
+class Compressor(KeepsFloat32):
+    """Gated, position-biased pooling of every `ratio` tokens into one entry of width `dim` (CSA when `overlap`).
+    The position bias stays float32 (`KeepsFloat32`)."""
+
+    float32_parameters = ("position_bias",)
 
     def __init__(self, hidden: int, dim: int, ratio: int, overlap: bool, eps: float) -> None:
         super().__init__()
@@ -168,8 +171,11 @@ def visible_entries(positions: Tensor, n_entries: int, ratio: int) -> Tensor:
     return torch.arange(n_entries, device=positions.device) < ((positions + 1) // ratio)[:, None]
 
 
-class SharedKVAttention(nn.Module):
-    """V4's attention of one layer (see the module docstring): sliding window, plus CSA or HCA entries."""
+class SharedKVAttention(KeepsFloat32):
+    """V4's attention of one layer (see the module docstring): sliding window, plus CSA or HCA entries. The sinks
+    stay float32 (`KeepsFloat32`)."""
+
+    float32_parameters = ("sinks",)
 
     def __init__(self, config: DeepSeekConfig, layer_idx: int) -> None:
         super().__init__()

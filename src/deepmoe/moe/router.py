@@ -152,6 +152,7 @@ def affinity(logits: Tensor, scoring_func: str) -> Tensor:
     return logits.sigmoid()
 
 
+_HASHED = "a hash-routed MoE layer takes its experts from the token ids (tid2eid): expert masks do not apply to it"
 _warned_float64 = False
 
 
@@ -253,6 +254,8 @@ class Router(nn.Module):
         """
         cfg = self.config
         n, k = cfg.n_routed_experts, cfg.num_experts_per_tok
+        if self.tid2eid is not None and (disabled is not None or forced is not None or disable_top):
+            raise ValueError(_HASHED)
         if isinstance(disable_top, bool) or not isinstance(disable_top, int) or disable_top < 0:
             raise ValueError(f"disable_top must be an integer >= 0, got {disable_top!r}")
         if disable_top and (cfg.topk_method != "greedy" and cfg.topk_group < cfg.n_group):
@@ -297,6 +300,8 @@ class Router(nn.Module):
         them, checked as it checks them, combined with this router's own masks (a row cannot re-enable an
         expert the router disables). Pass it as `expert_mask` to `forward`, `MoE.forward`, or per layer to the
         model's forward (`expert_masks`)."""
+        if self.tid2eid is not None:
+            raise ValueError(_HASHED)
         if self.disable_top:
             raise ValueError("per-row expert masks cannot be combined with disable_top")
         n = self.config.n_routed_experts
@@ -377,6 +382,8 @@ class Router(nn.Module):
         if self.replay is not None:
             topk_idx = self._replayed(logits.shape[0])
         elif self.tid2eid is not None:
+            if expert_mask is not None:
+                raise ValueError(_HASHED)
             if token_ids is None or token_ids.numel() != logits.shape[0]:
                 raise ValueError("a hash-routed MoE layer needs the token ids of its T tokens (token_ids)")
             topk_idx = self.tid2eid[token_ids.reshape(-1)]
