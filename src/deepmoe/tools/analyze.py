@@ -24,6 +24,12 @@ Per layer (all sources together, and each source alone):
     H / ln N < 1 − ln 2 / ln N: 0.75 for N = 16), at least N/4 dead experts, or one expert holding
     more than half of the slots (p_i > 0.5, possible only with K = 1). The reasons are listed.
 
+Hash-routed layers (DeepSeek-V4's first layers, `mlp_layer_types` "hash_moe"; docs/design.md) choose no experts:
+a fixed table gives each token id its K experts (`tid2eid`). Their `routing` is "hash" (a learned router's layer:
+"learned"), the summary lists them under `hash_layers`, and no collapse warning is raised for them (collapse is a
+learned router's failure; a hash layer's load follows the table and the token frequencies): their `collapse` holds a
+note instead of reasons. Their loads, shares, co-activation and vocabulary are reported as for any layer.
+
 Between sources (per layer):
   * Jensen–Shannon divergence JS(P, Q) = ½ KL(P ‖ M) + ½ KL(Q ‖ M), M = (P + Q)/2, in bits (base 2),
     so 0 ≤ JS ≤ 1 (0: same usage, 1: disjoint experts), for every pair of sources.
@@ -73,6 +79,8 @@ from deepmoe.tools.routing_metrics import (
 )
 
 # ---- the analysis --------------------------------------------------------------------------------
+
+HASH_NOTE = "hash-routed: the experts are a fixed table of the token id (tid2eid), so no learned routing to collapse"
 
 
 def _floats(values: Tensor) -> list[float | None]:
@@ -126,6 +134,7 @@ def analyze(
         token_counts[name] = torch.bincount(ids, minlength=vocab_size)
         per_source[name] = collect_routing(model, batches, vocab=True)
     layer_ids = sorted(per_source[names[0]])
+    hashed = {i for i, layer in model.moe_layers().items() if layer.gate.config.hash_vocab_size}
     all_token_counts = sum(token_counts.values())
 
     layers: dict[str, Any] = {}
@@ -144,12 +153,15 @@ def analyze(
             "tokens": tokens,
             "experts": n,
             "experts_per_token": k,
+            "routing": "hash" if idx in hashed else "learned",
             "tokens_per_expert": counts.tolist(),
             "share": _floats(shares(counts)),
             "selection_ratio": _floats(counts.double() / max(tokens, 1)),
             "average_gate": _floats(gate_sum / max(tokens, 1)),
             **load_metrics(counts),
         }
+        if idx in hashed:
+            layer["collapse"] = {"warning": False, "reasons": [], "note": HASH_NOTE}
 
         layer["sources"] = {}
         for name, r in zip(names, routings, strict=True):
@@ -232,6 +244,7 @@ def analyze(
         "normalized_entropy": {str(i): layers[str(i)]["normalized_entropy"] for i in layer_ids},
         "max_js": {str(i): (layers[str(i)]["max_js"] or {}).get("js") for i in layer_ids},
         "collapse_layers": [i for i in layer_ids if layers[str(i)]["collapse"]["warning"]],
+        "hash_layers": [i for i in layer_ids if i in hashed],
         "dead_experts": sum(len(layers[str(i)]["dead_experts"]) for i in layer_ids),
     }
     return {

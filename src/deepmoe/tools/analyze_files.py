@@ -62,6 +62,7 @@ def _write_analysis(report: dict[str, Any], out: Path) -> list[Path]:
         rows.append(
             [
                 idx,
+                layer["routing"],
                 layer["tokens"],
                 layer["maxvio"],
                 layer["cv"],
@@ -75,7 +76,7 @@ def _write_analysis(report: dict[str, Any], out: Path) -> list[Path]:
                 "" if best is None else " vs ".join(best["sources"]),
             ]
         )
-    header = ["layer", "tokens", "maxvio", "cv", "entropy", "normalized_entropy", "effective_experts"]
+    header = ["layer", "routing", "tokens", "maxvio", "cv", "entropy", "normalized_entropy", "effective_experts"]
     header += ["dead_experts", "dominant_experts", "collapse", "max_js", "max_js_sources"]
     written.append(_csv(out / "layers.csv", header, rows))
 

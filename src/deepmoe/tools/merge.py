@@ -23,6 +23,10 @@ bf16 (the default for FP8 parents) or fp32 without a quantization_config, or fp8
 the parents requantised a row block at a time (`quantize_fp8`, scale = amax/448 per block) with their
 `_scale_inv`, and the parents' quantization_config. Parents must be quantised alike (the same tensors FP8,
 one block size, every scale present).
+
+DeepSeek-V4 checkpoints (their names: `ffn.experts`, `attn.*`, `hc_*`, `head.weight`) merge by the same classes.
+A hash-routed layer's table `tid2eid` (expert ids, not weights) is not averaged: the parents must hold the same
+table, which the child keeps.
 """
 
 from __future__ import annotations
@@ -72,8 +76,11 @@ TENSOR_CLASSES = (
     "embeddings_norms",
     "other",
 )
-"""Routed experts (mlp.experts.*), shared experts, router (mlp.gate weight and bias), attention
-(self_attn.*), dense FFNs, embeddings/head/norms, other (MTP's eh_proj)."""
+"""Routed experts (mlp.experts.*; V4: ffn.experts.*), shared experts, router (mlp.gate weight and bias; V4:
+ffn.gate weight, bias and hash table), attention (self_attn.*; V4: attn.*), dense FFNs, embeddings/head/norms,
+other (MTP's eh_proj, V4's hyper-connections hc_*)."""
+HASH_TABLE = ".gate.tid2eid"
+"""A hash-routed layer's token id -> experts table (integers): kept from the base, the same in every parent."""
 
 CHUNK_BYTES = 64 * 2**20
 """Largest row block read from one parent at a time (once converted to float32)."""
@@ -104,19 +111,20 @@ def is_number(value: Any) -> bool:
 
 def tensor_class(name: str) -> str:
     """The class of a checkpoint tensor (HF names) whose merge weights λ apply to it."""
-    if ".mlp.experts." in name:
+    if re.search(r"\.(mlp|ffn)\.experts\.", name):
         return "routed_experts"
-    if ".mlp.shared_experts." in name:
+    if re.search(r"\.(mlp|ffn)\.shared_experts\.", name):
         return "shared_experts"
-    if name.endswith((".mlp.gate.weight", ".mlp.gate.e_score_correction_bias")):
+    if name.endswith((".mlp.gate.weight", ".mlp.gate.e_score_correction_bias", ".ffn.gate.weight", ".ffn.gate.bias",
+                      HASH_TABLE)):  # fmt: skip
         return "router"
-    if ".self_attn." in name:
+    if ".self_attn." in name or ".attn." in name:
         return "attention"
     if re.search(r"\.mlp\.(gate|up|down)_proj\.", name):
         return "dense_mlp"
     if "embed_tokens" in name or "lm_head" in name or "shared_head.head" in name or name.endswith("norm.weight"):
         return "embeddings_norms"
-    return "other"
+    return "embeddings_norms" if name == "head.weight" else "other"
 
 
 # ---- checks ----------------------------------------------------------------------------------------
@@ -211,7 +219,7 @@ def check_parents(parents: Sequence[Path]) -> Parents:
     tensors, scales, blocks = [s[0] for s in split], [s[1] for s in split], [s[2] for s in split]
     base = tensors[0]
     for name, t in base.items():
-        if t.dtype not in FLOAT_DTYPES + FP8_CODES:
+        if t.dtype not in FLOAT_DTYPES + FP8_CODES and not name.endswith(HASH_TABLE):
             raise ValueError(f"{t.path}: tensor {name!r} has dtype {t.dtype}: merge reads F32, F16, BF16, F64 and "
                              "block-scaled FP8")  # fmt: skip
     for parent, own, block in zip(parents[1:], tensors[1:], blocks[1:], strict=True):
@@ -222,6 +230,11 @@ def check_parents(parents: Sequence[Path]) -> Parents:
                 raise ValueError(
                     f"{own[name].path}: tensor {name!r} has shape {list(own[name].shape)}, the base {list(t.shape)}"
                 )
+            if name.endswith(HASH_TABLE):
+                if own[name].dtype != t.dtype or not torch.equal(_whole(own[name]), _whole(t)):
+                    raise ValueError(f"{parent} routes hash-routed tokens by another table {name!r} than the base "
+                                     f"{parents[0]}: tables of expert ids cannot be averaged")  # fmt: skip
+                continue
             if own[name].dtype not in FLOAT_DTYPES + FP8_CODES:
                 raise ValueError(f"{own[name].path}: tensor {name!r} has dtype {own[name].dtype}, not a float type")
             if (own[name].dtype in FP8_CODES) != (t.dtype in FP8_CODES):
@@ -239,6 +252,11 @@ def check_parents(parents: Sequence[Path]) -> Parents:
         if extra:
             raise ValueError(f"{parent} has tensor {extra[0]!r}, which the base {parents[0]} lacks")
     return Parents(tensors, scales, blocks[0])
+
+
+def _whole(t: StoredTensor) -> torch.Tensor:
+    with open(t.path, "rb") as f:
+        return read_rows(f, t, 0, t.rows)
 
 
 def resolve_weights(
@@ -437,6 +455,8 @@ def merge_checkpoints(
         def plan(name: str) -> tuple[list[float], list[int]] | None:
             """(λ, the parent index whose tensor each λ multiplies) or None: keep the base tensor."""
             c = tensor_class(name)
+            if name.endswith(HASH_TABLE):  # the same in every parent (check_parents): the base's, bit for bit
+                return None
             sources = list(range(len(paths)))
             if threshold > 0 or dry_run:
                 d = _differences(checked, files, name)
