@@ -20,6 +20,7 @@ from deepmoe.model import from_pretrained, save_pretrained
 from deepmoe.model.attention import KVCache, MultiHeadLatentAttention, _rope, _rotate
 from deepmoe.model.decoder import DeepSeekForCausalLM
 from deepmoe.model.native_sparse_attention import NativeSparseAttention, selection_scores
+from deepmoe.tools import study
 from deepmoe.train import trainer as trainer_module
 from deepmoe.train.config import TrainConfig, build_model_config
 from reference import randomise_parameters
@@ -342,3 +343,19 @@ def test_deepmoe_train_sparse_attention_nsa(tmp_path, monkeypatch):
     assert [r["step"] for r in records] == [1, 2] and all(math.isfinite(r["loss"]) for r in records)
     model = DeepSeekForCausalLM.from_pretrained(next(p.parent for p in out.rglob("config.json")))
     assert model.config.has_nsa and model.config.nsa_select_count == 4
+
+
+def test_attention_study_compares_dense_dsa_and_nsa_at_one_budget(tmp_path):
+    """`deepmoe study attention`: the same tiny-v3 shapes dense, with DSA (k = n·l' + w of NSA) and with NSA."""
+    scale = study.SCALES["quick"]
+    variants = study.variants_of("attention", scale)
+    configs = {v.name: build_model_config(study.train_config(v, scale, tmp_path, 0), 64) for v in variants}
+    assert list(configs) == ["dense", "dsa", "nsa"]
+    assert not configs["dense"].has_indexer and not configs["dense"].has_nsa
+    assert configs["dsa"].has_indexer and configs["dsa"].index_topk == 4 * 16 + 32
+    assert configs["nsa"].has_nsa and not configs["nsa"].has_indexer
+    shapes = {
+        (c.hidden_size, c.num_hidden_layers, c.kv_lora_rank, c.num_nextn_predict_layers) for c in configs.values()
+    }
+    assert shapes == {(scale.hidden_size, scale.layers, 64, 0)}
+    assert {study.train_config(v, scale, tmp_path, 0).seq_len for v in variants} == {4 * scale.seq_len}

@@ -16,6 +16,9 @@ and then the DeepSeekMoE redundancy test (§4.5): per token, disable its top-sco
 measure the held-out loss. `deepmoe study balancing` trains the DeepSeekMoE model with the V3 gate
 under each balancing method (none, B1 at several α, B4, the R4 bias at several γ, bias + B4) and reports
 loss, MaxVio (per training batch and over the held-out set, as in Wang et al. 2024) and dead experts.
+`deepmoe study attention` trains the same MLA MoE model (tiny-v3's shapes) with dense attention, DSA (the
+lightning indexer's top-k) and NSA (compressed, selected and sliding-window branches) on sequences 4× the
+scale's, k equal to NSA's uncompressed budget (docs/study.md#sparse-attention-dense-dsa-and-nsa).
 
 Every run is an ordinary `deepmoe train` run (a preset plus `model_overrides`) in `OUT/runs/NAME`; a
 finished run is reused and an interrupted one resumed, so a killed study continues where it stopped.
@@ -43,7 +46,7 @@ from deepmoe.model.decoder import DeepSeekForCausalLM
 from deepmoe.model.parameters import count_parameters
 from deepmoe.report import figure, integer_ticks, read_jsonl, save_figure
 from deepmoe.train.checkpoint import EVAL_LOG_NAME, LOG_NAME, REPORT_NAME, read_last
-from deepmoe.train.config import TrainConfig, build_model_config, build_optimizer
+from deepmoe.train.config import NSA_DEFAULTS, TrainConfig, build_model_config, build_optimizer
 from deepmoe.train.trainer import resume, train
 
 logger = logging.getLogger(__name__)
@@ -51,7 +54,7 @@ logger = logging.getLogger(__name__)
 BASE_PRESET = "tiny-deepseek-moe"
 """MHA attention, softmax gate, no MTP: the DeepSeekMoE paper's setting."""
 
-STUDIES = ("architectures", "balancing")
+STUDIES = ("architectures", "balancing", "attention")
 DISABLED_FRACTIONS = (0.0, 0.125, 0.25, 0.375)
 """Fractions of the routed experts disabled per token in the redundancy test."""
 
@@ -112,6 +115,10 @@ class Variant:
     """TrainConfig.model_overrides over BASE_PRESET."""
     equal_active: bool = True
     """False for the upper bound, which has the MoE models' total (not active) FFN width."""
+    preset: str = BASE_PRESET
+    options: dict[str, Any] | None = None
+    """TrainConfig options over the scale's (the attention study's preset shapes, sequence length, sparse
+    attention)."""
 
 
 def _moe(scale: StudyScale, **fields: Any) -> dict[str, Any]:
@@ -202,9 +209,38 @@ def balancing_variants(scale: StudyScale) -> list[Variant]:
     ]
 
 
+ATTENTION_PRESET = "tiny-v3"
+"""MLA with query compression (what DSA's indexer reads), V3 routing."""
+
+
+def attention_variants(scale: StudyScale) -> list[Variant]:
+    """tiny-v3 at the scale's width and depth (no MTP), sequences of 4 × seq_len: dense MLA, DSA with k = NSA's
+    n·l' + w, and NSA with `--sparse-attention nsa`'s sizes (train.config.NSA_DEFAULTS)."""
+    nsa = NSA_DEFAULTS
+    k = nsa["nsa_select_count"] * nsa["nsa_select_block"] + nsa["nsa_window"]
+    options = dict(hidden_size=scale.hidden_size, layers=scale.layers, seq_len=4 * scale.seq_len)
+    overrides = dict(num_nextn_predict_layers=0)
+
+    def variant(name: str, description: str, **sparse: Any) -> Variant:
+        return Variant(name, description, overrides, preset=ATTENTION_PRESET, options={**options, **sparse})
+
+    return [
+        variant("dense", "MLA over every earlier token"),
+        variant("dsa", f"DSA: the lightning indexer's top-{k} tokens", sparse_attention="dsa", index_topk=k),
+        variant(
+            "nsa",
+            f"NSA: blocks of {nsa['nsa_compress_block']} at stride {nsa['nsa_compress_stride']} compressed, top-"
+            f"{nsa['nsa_select_count']} blocks of {nsa['nsa_select_block']}, window {nsa['nsa_window']}",
+            sparse_attention="nsa",
+        ),
+    ]
+
+
 def variants_of(study: str, scale: StudyScale) -> list[Variant]:
     if study not in STUDIES:
         raise ValueError(f"unknown study {study!r}: choose one of {', '.join(STUDIES)}")
+    if study == "attention":
+        return attention_variants(scale)
     return architecture_variants(scale) if study == "architectures" else balancing_variants(scale)
 
 
@@ -212,13 +248,14 @@ def variants_of(study: str, scale: StudyScale) -> list[Variant]:
 
 
 def train_config(variant: Variant, scale: StudyScale, run_dir: Path, seed: int) -> TrainConfig:
-    return TrainConfig(
-        preset=BASE_PRESET, model_overrides=variant.model_overrides, vocab_size=scale.vocab_size,
+    options = dict(
+        preset=variant.preset, model_overrides=variant.model_overrides, vocab_size=scale.vocab_size,
         seq_len=scale.seq_len, batch_size=scale.batch_size, steps=scale.steps, warmup_steps=scale.warmup_steps,
         lr=scale.lr, min_lr=scale.lr / 10, eval_every=scale.eval_every, eval_batches=scale.eval_batches,
         save_every=0, keep_last=1, seed=seed, out=str(run_dir), progress=False,
         final_eval_batches=0,  # the study's held-out loss is over the whole held-out split (docs/study.md)
     )  # fmt: skip
+    return TrainConfig(**{**options, **(variant.options or {})})
 
 
 def _mean(values: Sequence[float]) -> float:
@@ -288,7 +325,8 @@ def side_by_side_speed(
     for `rounds` rounds of 2 steps each (forward, backward, AdamW), and each keeps its median round, so a busy
     machine slows them alike (the runs' own tokens/s were measured at different times)."""
 
-    batch = corpus.train[: scale.batch_size * scale.seq_len].view(scale.batch_size, scale.seq_len)
+    seq_len = train_config(variants[0], scale, Path("unused"), seed).seq_len  # the study's (attention: 4×)
+    batch = corpus.train[: scale.batch_size * seq_len].view(scale.batch_size, seq_len)
     models = {}
     for variant in variants:
         config = train_config(variant, scale, Path("unused"), seed)
@@ -345,12 +383,13 @@ def run_study(
             )
             rows.append(row)
         redundancy: dict[str, list[dict[str, Any]]] = {}
-        if study == "architectures":
+        if study in ("architectures", "attention"):
             log("measuring training speed side by side")
             speeds = side_by_side_speed(variants, scale, corpus, seed)
             for row in rows:
                 row["tokens_per_second_side_by_side"] = speeds[row["name"]]
                 row["speed_vs_dense"] = speeds[row["name"]] / speeds["dense"]
+        if study == "architectures":
             batches = data.heldout_batches(
                 corpus.heldout, scale.batch_size, scale.seq_len, max_batches=scale.eval_batches
             )
@@ -397,6 +436,14 @@ def markdown_table(rows: Sequence[dict[str, Any]], study: str) -> str:
                 f"({_millions(r['active_params_non_embedding'])}) | {_millions(r['total_params'])} "
                 f"| {r['heldout_loss']:.4f} | {r['maxvio']:.3f} | {r['tokens_per_second_side_by_side']:,.0f} "
                 f"| {r['speed_vs_dense']:.2f}× |"
+            )
+    elif study == "attention":
+        head = "| attention | held-out loss | final train loss | tokens/s (side by side) | speed vs dense |"
+        lines = [head, "|---|---:|---:|---:|---:|"]
+        for r in rows:
+            lines.append(
+                f"| {r['description']} | {r['heldout_loss']:.4f} | {r['final_train_loss']:.4f} "
+                f"| {r['tokens_per_second_side_by_side']:,.0f} | {r['speed_vs_dense']:.2f}× |"
             )
     else:
         head = "| method | held-out loss | MaxVio (global) | MaxVio (batch) | dead experts |"
