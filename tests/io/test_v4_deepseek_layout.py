@@ -190,7 +190,7 @@ def test_fp4_experts_in_deepseeks_layout_load_with_the_logits_of_their_dequantis
     save_file(twin, tmp_path / "twin" / "model.safetensors", metadata={"format": "pt"})
     (tmp_path / "twin" / "config.json").write_text(json.dumps(hf_config))
 
-    config, loaded = load_deepseek(tmp_path / "fp4", dtype=torch.bfloat16)
+    config, loaded = load_deepseek(tmp_path / "fp4")  # the experts dequantised to the config's float32
     assert config == hf_config and loaded.keys() == tensors.keys()
     assert loaded["model.layers.0.ffn.gate.tid2eid"].equal(tensors["model.layers.0.ffn.gate.tid2eid"])
     (tmp_path / "loaded").mkdir()
@@ -205,18 +205,11 @@ def test_fp4_experts_in_deepseeks_layout_load_with_the_logits_of_their_dequantis
         finally:
             transformers.logging.set_verbosity(quiet)
         with torch.no_grad():
-            return m(torch.arange(3, 3 + 2 * 19).remainder(64).reshape(2, 19)).logits.float(), m
+            return m(torch.arange(3, 3 + 2 * 19).remainder(64).reshape(2, 19)).logits.float()
 
-    fp4_logits, fp4_model = logits(tmp_path / "loaded")
-    twin_logits, _ = logits(tmp_path / "twin")
-    original_logits, _ = logits(path)
-    assert torch.equal(fp4_logits, twin_logits)
-    assert not torch.allclose(fp4_logits, original_logits, atol=1e-3)  # the experts really were quantised
-    # the modules transformers keeps in float32 at bfloat16 are read as float32 too, the others as bfloat16
-    own = dict(fp4_model.state_dict())
-    for name, t in loaded.items():
-        if not is_routed_expert(to_deepseek(name, "deepseek_v4")) and t.is_floating_point():
-            assert t.dtype == own[transformers_renamed(name)].dtype, name
+    fp4_logits = logits(tmp_path / "loaded")
+    assert torch.equal(fp4_logits, logits(tmp_path / "twin"))
+    assert not torch.allclose(fp4_logits, logits(path), atol=1e-3)  # the experts really were quantised
 
 
 def test_deepseek_v4_checkpoint_reports_its_stored_tensors(v4_source, tmp_path):
@@ -259,6 +252,13 @@ def test_deepmoe_v4_from_deepseeks_layout_with_fp4_experts_is_its_dequantised_tw
         twin = model(ids).logits
         loaded = from_pretrained(tmp_path / "ds", dtype=torch.float32)
         assert torch.equal(loaded(ids).logits, twin)
+        # in bfloat16: V4's float32 tensors (mHC maps, sinks, compressor biases, selection biases) stay float32
+        twin_bf16 = model.to(torch.bfloat16)
+        loaded = from_pretrained(tmp_path / "ds", dtype=torch.bfloat16)
+        own, expected = loaded.state_dict(), twin_bf16.state_dict()
+        assert all(own[n].dtype == t.dtype and torch.equal(own[n], t) for n, t in expected.items())
+        assert {t.dtype for t in own.values() if t.is_floating_point()} == {torch.bfloat16, torch.float32}
+        assert torch.equal(loaded(ids).logits, twin_bf16(ids).logits)
     assert not torch.allclose(twin, original, atol=1e-3)
     with pytest.raises(ValueError, match="without mmap"):
         from_pretrained(tmp_path / "ds", mmap=True)

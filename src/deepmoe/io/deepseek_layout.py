@@ -182,17 +182,12 @@ def _to_hf_v4(ds_name: str) -> str:
 
 
 def keeps_float32_v4(hf_name: str) -> bool:
-    """Whether a V4 tensor stays float32 whatever the model's dtype (transformers'
-    `DeepseekV4PreTrainedModel._keep_in_fp32_modules_strict`): the norms, the hyper-connections' tensors, the
-    attention sinks, the compressors' position biases and the router's selection bias."""
+    """Whether a V4 tensor stays float32 whatever the model's dtype: those DeepSeek-V4's inference code holds in
+    float32 (`Block`'s and `Transformer`'s hyper-connection tensors `hc_*`, `Attention.attn_sink`, the compressors'
+    `ape`, `Gate.bias`), as deepmoe's V4 modules do. The norms, which that code also computes in float32, are
+    stored in bfloat16 in DeepSeek's checkpoint and follow the model's dtype."""
     parts = hf_name.split(".")
-    tensor = parts[-2] if parts[-1] == "weight" else parts[-1]
-    return (
-        tensor.endswith("norm")
-        or tensor.startswith("hc_")
-        or tensor in ("attn_sink", "ape", "bias")
-        or ("hc_head" in parts)
-    )
+    return parts[-1].startswith("hc_") or parts[-1] in ("attn_sink", "ape", "bias") or "hc_head" in parts
 
 
 def split_dim(ds_name: str, model_type: str = "deepseek_v3") -> int | None:
