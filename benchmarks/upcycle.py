@@ -12,11 +12,14 @@
 5. PESC (`deepmoe.tools.upcycle.upcycle_pesc`): each dense FFN whole and frozen as the shared expert of
    `--pesc-experts` adapter experts of rank `--adapter-rank`, top-`--top-k`, trains `--steps` steps with the same
    settings, updating only its adapters and routers.
+6. The dense model itself trains `--steps` more steps (`init_from`, every parameter), the same settings: how much
+   of the upcycled models' gain more training alone gives.
 
 Every run: AdamW with the trainer's defaults (lr 2e-3 → 2e-4 cosine), `--warmup-steps` 10, seed 0, one
 thread, the final evaluation on the whole held-out split. It prints the held-out loss (mean next-token
 loss in nats) of the dense model, of the upcycled model after its steps, of the model trained from
-scratch and of the PESC model after its steps, the parameters each run trains, and the wall time.
+scratch, of the PESC model and of the dense model after their steps, the parameters each run trains, and the
+wall time.
 """
 
 from __future__ import annotations
@@ -81,6 +84,8 @@ def main(argv: list[str] | None = None) -> int:
         pesc_start = upcycle_pesc(dense.checkpoint, root / "pesc", experts=args.pesc_experts, top_k=args.top_k,
                                   adapter_rank=args.adapter_rank)  # fmt: skip
         pesc = train(TrainConfig(**common, steps=args.steps, init_from=str(root / "pesc"), out=str(root / "pesc-run")))
+        dense_more = train(TrainConfig(**common, steps=args.steps, init_from=dense.checkpoint,
+                                       out=str(root / "dense-run")))  # fmt: skip
         moe, pesc_config = config.moe, pesc_start.config
         results = {
             "preset": args.preset,
@@ -95,6 +100,8 @@ def main(argv: list[str] | None = None) -> int:
             f"frozen FFN of width {pesc_config.moe.moe_intermediate_size}",
             "pesc_step0_relative_logit_error": pesc_start.relative_error,
             "pesc_heldout_loss": pesc.report["heldout_loss"],
+            "dense_more_heldout_loss": dense_more.report["heldout_loss"],
+            "dense_parameters": trained_parameters(load_config(dense.checkpoint)),
             "upcycled_trained_parameters": trained_parameters(config),
             "pesc_trained_parameters": trained_parameters(pesc_config),
             "seconds": round(time.perf_counter() - start, 1),
@@ -102,7 +109,10 @@ def main(argv: list[str] | None = None) -> int:
     print(json.dumps(results, indent=2))
     print("| model | steps | trained parameters | held-out loss |")
     print("|---|---:|---:|---:|")
-    print(f"| dense {args.preset} | {args.dense_steps} | all | {results['dense_heldout_loss']:.2f} |")
+    print(f"| dense {args.preset} | {args.dense_steps} | {results['dense_parameters']:,} | "
+          f"{results['dense_heldout_loss']:.2f} |")  # fmt: skip
+    print(f"| dense, trained further | +{args.steps} | {results['dense_parameters']:,} | "
+          f"{results['dense_more_heldout_loss']:.2f} |")  # fmt: skip
     print(f"| upcycled to {results['moe']}, then trained | +{args.steps} | "
           f"{results['upcycled_trained_parameters']:,} | {results['upcycled_heldout_loss']:.2f} |")  # fmt: skip
     print(f"| same MoE from scratch | {args.steps} | {results['upcycled_trained_parameters']:,} | "
