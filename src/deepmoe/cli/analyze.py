@@ -48,8 +48,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def summary_table(report: dict[str, Any]) -> Table:
-    """One row per MoE layer (MaxVio, CV, normalised entropy, dead, dominant, collapse and, with several
-    sources, the largest JS divergence)."""
+    """One row per MoE layer (marked "(hash)" when hash-routed; MaxVio, CV, normalised entropy, dead, dominant,
+    collapse and, with several sources, the largest JS divergence)."""
     names = list(report["sources"])
     table = Table(
         title="routing per layer: " + ", ".join(f"{n} ({report['sources'][n]['tokens']:,} tok)" for n in names)
@@ -60,7 +60,7 @@ def summary_table(report: dict[str, Any]) -> Table:
         table.add_column("top JS (bits)", justify="right")
     for idx, layer in report["layers"].items():
         row = [
-            idx,
+            idx + (" (hash)" if layer["routing"] == "hash" else ""),
             f"{layer['maxvio']:.3f}",
             f"{layer['cv']:.3f}",
             f"{layer['normalized_entropy']:.3f}",
