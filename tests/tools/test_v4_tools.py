@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from rich.console import Console
 
 from deepmoe import DeepSeekForCausalLM, get_preset
+from deepmoe.cli.analyze import summary_table
 from deepmoe.model import save_pretrained
 from deepmoe.tools.analyze import analyze
 from deepmoe.tools.esft import esft_finetune
@@ -51,6 +53,9 @@ def test_analyze_reports_the_hash_layer_as_hash_routed():
     assert hashed["dead_experts"] == list(range(4, 16))
     assert not hashed["collapse"]["warning"] and "hash-routed" in hashed["collapse"]["note"]
     assert HASH_LAYER not in report["summary"]["collapse_layers"]
+    console = Console(record=True, width=120)
+    console.print(summary_table(report))
+    assert f"{HASH_LAYER} (hash)" in console.export_text() and "1 (hash)" not in console.export_text()
 
 
 def test_steering_skips_the_hash_layers_experts():
