@@ -81,9 +81,9 @@ V4_LAYERS = ["sliding_attention", "compressed_sparse_attention", "heavily_compre
 
 
 def v4_config(**overrides: Any) -> DeepSeekConfig:
-    """A 4-layer DeepSeek-V4, 32 wide: sliding, CSA (m = 4, its indexer keeps 2 entries), HCA (m' = 8), CSA; the
-    first two layers hash-routed, then √softplus top-2 of 4 experts + 1 shared; heads of 8 + 8 RoPE dims, a window
-    of 8, 2 mHC streams. A `moe` dict changes fields of its MoE."""
+    """A 4-layer DeepSeek-V4, 32 wide: sliding, CSA (m = 4, an indexer of 16 heads keeping 2 entries), HCA (m' = 8),
+    CSA; the first two layers hash-routed, then √softplus top-2 of 4 experts + 1 shared; heads of 8 + 8 RoPE dims,
+    a window of 8, 2 mHC streams. A `moe` dict changes fields of its MoE."""
     moe = MoEConfig(hidden_size=32, moe_intermediate_size=16, n_routed_experts=4, n_shared_experts=1,
                     num_experts_per_tok=2, scoring_func="sqrtsoftplus", norm_topk_prob=True,
                     routed_scaling_factor=1.5, use_expert_bias=True, swiglu_limit=10.0)  # fmt: skip
@@ -95,6 +95,6 @@ def v4_config(**overrides: Any) -> DeepSeekConfig:
                   layer_types=V4_LAYERS, mlp_layer_types=["hash_moe", "hash_moe", "moe", "moe"],
                   compress_rates={"compressed_sparse_attention": 4, "heavily_compressed_attention": 8},
                   sliding_window=8, compress_rope_theta=160000.0, o_groups=2, o_lora_rank=8, hc_mult=2,
-                  hc_sinkhorn_iters=20, hc_eps=1e-6, index_topk=2, index_head_dim=8, index_n_heads=2,
+                  hc_sinkhorn_iters=20, hc_eps=1e-6, index_topk=2, index_head_dim=8, index_n_heads=16,
                   bos_token_id=0, eos_token_id=1)  # fmt: skip
     return DeepSeekConfig(**{**fields, **overrides})

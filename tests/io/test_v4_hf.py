@@ -18,6 +18,7 @@ from configs import V4_LAYERS, v4_config
 from deepmoe.config import DeepSeekConfig
 from deepmoe.io import config_from_hf, config_to_hf
 from deepmoe.model import from_pretrained, save_pretrained
+from deepmoe.model.attention import KVCache
 from deepmoe.model.decoder import DeepSeekForCausalLM
 from deepmoe.model.generate import generate
 from reference import randomise_parameters, transformers_model
@@ -115,6 +116,21 @@ def test_cached_greedy_decoding_equals_uncached_and_transformers(tmp_path):
         warnings.simplefilter("ignore")
         theirs = hf_model.generate(prompt, max_new_tokens=12, do_sample=False, min_new_tokens=12)
     assert torch.equal(cached, theirs)
+
+
+def test_cached_steps_equal_the_full_forward_and_the_cache_keeps_the_window_and_the_entries():
+    """Prefill 9 tokens, then 21 one at a time: each step's logits are the full forward's. The cache then holds
+    the last sliding_window − 1 = 7 kv per layer, and 30 // 4 CSA entries and 30 // 8 HCA entries."""
+    model = _model(v4_config(), seed=5)
+    ids = _ids(2, 30, seed=4)
+    cache = KVCache()
+    with torch.no_grad():
+        steps = [model(ids[:, :9], past_key_values=cache).logits]
+        steps += [model(ids[:, i : i + 1], past_key_values=cache).logits for i in range(9, 30)]
+    torch.testing.assert_close(torch.cat(steps, dim=1), _logits(model, ids), rtol=1e-5, atol=1e-5)
+    assert cache.get_seq_length() == 30 and all(cache.states[i]["window"].shape == (2, 7, 16) for i in range(4))
+    assert cache.states[1]["compressor"].entries.shape == (2, 7, 16) and cache.states[1]["indexer"].closed == 7
+    assert cache.states[2]["compressor"].entries.shape == (2, 3, 16) and "compressor" not in cache.states[0]
 
 
 def test_compression_and_selection_change_the_logits():

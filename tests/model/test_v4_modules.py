@@ -275,3 +275,33 @@ def test_v4_presets_count_the_published_sizes_and_tiny_v4_runs():
     tiny = DeepSeekForCausalLM(get_preset("tiny-v4")).eval()
     with torch.no_grad():
         assert tiny(torch.randint(0, 4096, (1, 40))).logits.isfinite().all()
+
+
+@torch.no_grad()
+def test_indexer_keeps_each_tokens_top_k_visible_entries_by_its_score():
+    """I_t,w = Σ_h w_t,h · ReLU(q_t,h · K_w) / √c with w_t = W_w x_t / √n, over the entries visible at t
+    (w < (t + 1) // m); ties (every head's ReLU at 0) go to the earlier entry."""
+    from deepmoe.model.v4_attention import Indexer
+
+    config = v4_config(index_topk=2, index_n_heads=3)
+    indexer = Indexer(config, ratio=4)
+    randomise_parameters(indexer, seed=10)
+    rotary = V4Rotary(8, 160000.0, None)
+    x, q_compressed = torch.randn(1, 22, 32), torch.randn(1, 22, 16)
+    chosen = indexer.select(x, q_compressed, torch.arange(22), CompressorState(), rotary)
+    keys = indexer(x, CompressorState(), rotary)[0]  # [5, 8]
+    cos, sin = rotary(torch.arange(22))
+    for t in range(22):
+        q = indexer.q_b_proj(q_compressed[0, t]).view(3, 8)
+        a, c = q[:, -8::2], q[:, -7::2]
+        q = torch.stack((a * cos[t] - c * sin[t], c * cos[t] + a * sin[t]), dim=-1).flatten(-2)
+        w = indexer.scorer.weights_proj(x[0, t]) / math.sqrt(3)
+        visible = list(range(min(5, (t + 1) // 4)))
+        score = {
+            e: sum(float(w[h]) * max(0.0, float(q[h] @ keys[e])) / math.sqrt(8) for h in range(3)) for e in visible
+        }
+        best = sorted(visible, key=lambda e: (-score[e], e))[:2]
+        assert sorted(chosen[0, t].nonzero().flatten().tolist()) == sorted(best), t
+    indexer.scorer.weights_proj.weight.zero_()  # every score 0: the earliest visible entries
+    chosen = indexer.select(x, q_compressed, torch.arange(22), CompressorState(), rotary)
+    assert chosen[0, 21].nonzero().flatten().tolist() == [0, 1]

@@ -24,8 +24,9 @@ Parameter names are transformers' DeepseekV4Attention's (`q_a_proj`, `q_a_norm`,
 `o_a_proj`, `o_b_proj`, `sinks`, `compressor.{kv_proj, gate_proj, position_bias, kv_norm}`,
 `compressor.indexer.{..., q_b_proj, scorer.weights_proj}`).
 
-The cache (`KVCache`) holds every token's kv (the window is applied by the mask) and, in `KVCache.states`, each
-compressor's open window, its last closed window (CSA's overlap) and the entries so far.
+The cache keeps, per layer in `KVCache.states`, the last sliding_window − 1 tokens' kv (all a later token can see
+of them) and each compressor's open window, its last closed window (CSA's overlap) and the entries so far; the
+layer's `KVCache` slots are zero-width and only count the tokens.
 """
 
 from __future__ import annotations
@@ -162,7 +163,9 @@ class Indexer(Compressor):
         q = rotate_tail(self.q_b_proj(q_compressed).unflatten(-1, (self.n_heads, self.dim)), cos, sin)
         visible = visible_entries(positions, keys.shape[1], self.ratio)  # [S, W]
         scores = self.scorer(q, keys, x).masked_fill(~visible, -torch.inf)
-        top = scores.topk(min(self.top_k, keys.shape[1]), dim=-1).indices
+        # ties (entries every head scores 0 after the ReLU) go to the earlier entry, so that a cached step picks
+        # what the full forward picks (topk's choice among ties depends on the number of entries)
+        top = scores.argsort(dim=-1, descending=True, stable=True)[..., : self.top_k]
         return torch.zeros_like(scores, dtype=torch.bool).scatter_(-1, top, True) & visible
 
 
@@ -227,9 +230,14 @@ class SharedKVAttention(KeepsFloat32):
         q = self.q_b_proj(q_compressed).unflatten(-1, (self.n_heads, self.head_dim))
         q = rotate_tail(unit_rms(q, self.eps).to(q.dtype), cos, sin)  # [B, S, n, d]
         kv = rotate_tail(self.kv_norm(self.kv_proj(x)).unsqueeze(2), cos, sin).squeeze(2)  # [B, S, d]
-        if cache is not None:
-            (kv,) = cache.update(self.layer_idx, kv)  # [B, T, d]
-        key_positions = torch.arange(kv.shape[1], device=x.device)
+        end = positions[-1] + 1
+        if cache is not None:  # the window's K = V in `states`; the cache's own slots only count the tokens
+            cache.update(self.layer_idx, kv[..., :0])
+            state = cache.states.setdefault(self.layer_idx, {})
+            if "window" in state:
+                kv = torch.cat((state["window"], kv), dim=1)
+            state["window"] = kv[:, max(0, kv.shape[1] - self.window + 1) :]  # what the next token still sees
+        key_positions = torch.arange(kv.shape[1], device=x.device) + (end - kv.shape[1])
         distance = positions[:, None] - key_positions  # [S, T]
         mask = ((distance >= 0) & (distance < self.window)).expand(bsz, -1, -1)  # [B, S, T]
         keys = kv
