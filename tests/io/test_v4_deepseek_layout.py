@@ -262,3 +262,18 @@ def test_deepmoe_v4_from_deepseeks_layout_with_fp4_experts_is_its_dequantised_tw
     assert not torch.allclose(twin, original, atol=1e-3)
     with pytest.raises(ValueError, match="without mmap"):
         from_pretrained(tmp_path / "ds", mmap=True)
+
+
+def test_fp8_weights_with_ue8m0_block_scales_are_dequantised(v4_source, tmp_path):
+    path, _ = v4_source
+    hf_config = json.loads((path / "config.json").read_text())
+    tensors = load_file(path / "model.safetensors")
+    name = "model.layers.1.attn.wq_b.weight"  # [128, 16]: one 128x128 block (partial in its columns)
+    q = (tensors[name] * 8).to(torch.float8_e4m3fn)
+    tensors[name] = q
+    tensors[name + "_scale_inv"] = torch.tensor([[0.125]]).to(torch.float8_e8m0fnu)  # 2^-3, as V4 stores scales
+    write_deepseek(pending(tensors), hf_config, tmp_path, mp=1)
+    with safe_open(tmp_path / "model0-mp1.safetensors", "pt") as f:
+        assert f.get_slice("layers.1.attn.wq_b.scale").get_dtype() == "F8_E8M0"
+    _, loaded = load_deepseek(tmp_path, dtype=torch.float32)
+    assert torch.equal(loaded[name], q.float() / 8) and name + "_scale_inv" not in loaded
