@@ -32,18 +32,10 @@ from pathlib import Path
 
 import torch
 
-from deepmoe.config import DeepSeekConfig
 from deepmoe.io.checkpoint import load_config
-from deepmoe.model.decoder import DeepSeekForCausalLM
 from deepmoe.runtime import keep_freed_memory
-from deepmoe.tools.upcycle import upcycle, upcycle_pesc
+from deepmoe.tools.upcycle import trained_parameters, upcycle, upcycle_pesc
 from deepmoe.train.trainer import TrainConfig, train
-
-
-def trained_parameters(config: DeepSeekConfig) -> int:
-    """How many parameters training updates in a model of `config` (`trainable_parameters`, counted on meta)."""
-    with torch.device("meta"):
-        return sum(p.numel() for p in DeepSeekForCausalLM(config).trainable_parameters())
 
 
 def main(argv: list[str] | None = None) -> int:

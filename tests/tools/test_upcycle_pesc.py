@@ -13,8 +13,7 @@ from safetensors.torch import load_file
 from corpora import StandInCorpus
 from deepmoe.cli import main
 from deepmoe.model import from_pretrained
-from deepmoe.model.decoder import DeepSeekForCausalLM
-from deepmoe.tools.upcycle import UPCYCLE_RECORD, upcycle_pesc
+from deepmoe.tools.upcycle import UPCYCLE_RECORD, trained_parameters, upcycle_pesc
 from deepmoe.train.trainer import TrainConfig, train
 from tools.test_upcycle import VOCAB, dense_config, relative_error, save_dense
 
@@ -83,9 +82,7 @@ def test_training_changes_only_adapters_and_routers(tmp_path):
             assert not torch.equal(start[name], end[name]), name
         else:
             assert torch.equal(start[name], end[name]), name
-    model = DeepSeekForCausalLM(from_pretrained(tmp_path / "pesc").config)
-    adapters_and_routers = sum(start[n].numel() for n in trained)
-    assert sum(p.numel() for p in model.trainable_parameters()) == adapters_and_routers
+    assert trained_parameters(from_pretrained(tmp_path / "pesc").config) == sum(start[n].numel() for n in trained)
 
 
 def test_cli_builds_a_pesc_model(tmp_path, capsys):
@@ -95,6 +92,8 @@ def test_cli_builds_a_pesc_model(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "4 adapter experts of rank 2 (top-1) on each shared FFN of width 64" in out
     assert "at step 0 the MoE model equals the dense model" in out
+    # per layer: the router 4×32, the adapters 2·(4·2·32)
+    assert f"training updates the adapters and routers only ({2 * (4 * 32 + 2 * 4 * 2 * 32):,} parameters)" in out
     assert from_pretrained(tmp_path / "pesc").config.moe.expert_adapter_rank == 2
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import argparse
 
-from deepmoe.tools.upcycle import upcycle, upcycle_pesc
+from deepmoe.tools.upcycle import trained_parameters, upcycle, upcycle_pesc
 
 HELP = "turn a dense checkpoint into a fine-grained MoE with the same function"
 DESCRIPTION = (
@@ -61,7 +61,8 @@ def run(args: argparse.Namespace) -> int:
         print(
             f"upcycled {args.dense} -> {result.out} (PESC): {moe.n_routed_experts} adapter experts of rank "
             f"{moe.expert_adapter_rank} (top-{moe.num_experts_per_tok}) on each shared FFN of width "
-            f"{moe.moe_intermediate_size}; training updates the adapters and routers only"
+            f"{moe.moe_intermediate_size}; training updates the adapters and routers only "
+            f"({trained_parameters(result.config):,} parameters)"
         )
     else:
         result = upcycle(

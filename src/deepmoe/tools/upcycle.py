@@ -264,6 +264,13 @@ def pesc_state(
     return out
 
 
+def trained_parameters(config: DeepSeekConfig) -> int:
+    """How many parameters training updates in a model of `config` (`trainable_parameters`: all of them, or a
+    PESC model's adapters and routers), counted on the meta device."""
+    with torch.device("meta"):
+        return sum(p.numel() for p in DeepSeekForCausalLM(config).trainable_parameters())
+
+
 def relative_logit_error(dense: DeepSeekForCausalLM, moe: DeepSeekForCausalLM, seed: int = 0) -> float:
     """‖logits_MoE − logits_dense‖_F / ‖logits_dense‖_F on 2 random sequences of 16 tokens."""
     g = torch.Generator().manual_seed(seed)
