@@ -122,3 +122,14 @@ def test_bad_pesc_options_exit_with_one_message(tmp_path, capsys, args, message)
     assert main(["upcycle", str(tmp_path / "dense"), *args, "--out", str(tmp_path / "moe")]) == 1
     assert f"deepmoe upcycle: error: {message}" in capsys.readouterr().err
     assert not (tmp_path / "moe").exists()
+
+
+def test_deepseek_layout_refuses_the_adapters(tmp_path, capsys):
+    """DeepSeek's inference layout has no name for an adapter: converting to it fails, naming the tensor."""
+    save_dense(tmp_path / "dense", dense_config("deepseek_v3"))
+    with pytest.warns(UserWarning, match=DEEPMOE_ONLY):
+        upcycle_pesc(tmp_path / "dense", tmp_path / "pesc", experts=4, top_k=2, adapter_rank=3)
+    assert main(["convert", str(tmp_path / "pesc"), "--to", "deepseek", "--out", str(tmp_path / "ds")]) == 1
+    assert "'model.layers.0.mlp.experts.adapter_down' has no name in DeepSeek's inference layout" in (
+        capsys.readouterr().err
+    )
