@@ -285,8 +285,9 @@ def write_deepseek(
     """Write HF-named pending `tensors` into `directory` in DeepSeek's layout with `mp` rank shards (each
     source tensor made once per rank that holds part of it), plus config.json (ModelArgs) and hf_config.json.
     `fp4_experts`: the routed experts' weights written as FP4 (`deepmoe.io.fp4`: int8 [out, in/2] and a
-    float8_e8m0fnu `.scale` [out, in/32], as DeepSeek-V4 ships them). Returns the ModelArgs written. Raises
-    ValueError where a tensor cannot be split `mp` ways or an expert cannot be written as FP4."""
+    float8_e8m0fnu `.scale` [out, in/32], as DeepSeek-V4 ships them; those already FP4 as they are). Returns
+    the ModelArgs written. Raises ValueError where a tensor cannot be split `mp` ways or an expert cannot be
+    written as FP4."""
     model_type = hf_config.get("model_type", "deepseek_v3")
     layers = int(hf_config.get("num_hidden_layers", 0))
     experts = int(hf_config.get("n_routed_experts") or 0)
@@ -307,7 +308,8 @@ def write_deepseek(
                 part = weight.shape[dim] // mp
                 raise ValueError(f"tensor {hf!r}: a rank's {part} rows/columns of its FP8 weight are not whole "
                                  f"{block[dim]}-blocks, so its scales cannot be split {mp} ways")  # fmt: skip
-        stored = _fp4_pair(hf, ds, t) if fp4_experts and home is not None else {ds: _deepseek_dtype(ds, t)}
+        quantise = fp4_experts and home is not None and ds.endswith(".weight") and t.dtype not in PACKED_DTYPES
+        stored = _fp4_pair(hf, ds, t) if quantise else {ds: _deepseek_dtype(ds, t)}  # FP4 already: as it is
         for name, pending in stored.items():
             shape = tuple(n // mp if d == dim else n for d, n in enumerate(pending.shape))
             for r in range(mp) if home is None else (home,):

@@ -12,6 +12,11 @@ about the largest tensor. The dtype conversions are DeepSeek's:
   quantised in 128x128 blocks (`quantize_fp8`), each with its `_scale_inv`, and the config gets DeepSeek's
   `quantization_config`; the other floating tensors become bf16 (the router bias stays as it is);
 - none: the tensors are copied as stored, so HF -> deepseek -> HF gives the same names and the same bytes.
+
+DeepSeek-V4's FP4 routed experts (`deepmoe.io.fp4`, docs/design.md#fp4-experts-and-deepseeks-v4-layout):
+`fp4_experts=True` (`--fp4-experts`, with `--to deepseek`) writes the routed experts' weights as FP4; FP4 weights
+read from a DeepSeek directory stay FP4 in another DeepSeek directory with no `--dtype`, and are otherwise
+dequantised (to `--dtype`, or bf16), their scales dropped: deepmoe's HF layout holds no FP4.
 """
 
 from __future__ import annotations
@@ -46,6 +51,7 @@ from deepmoe.io.deepseek_layout import (
     write_deepseek,
 )
 from deepmoe.io.files import atomic_directory, claim_directory, refuse_overlap, visible_entries, write_json
+from deepmoe.io.fp4 import PACKED_DTYPES, dequantize_fp4
 from deepmoe.io.fp8_blocks import FP8_DTYPES, SCALE_SUFFIX, dequantize_fp8, quantize_fp8
 from deepmoe.io.safetensors_stream import DTYPES, PendingTensor
 
@@ -84,9 +90,10 @@ def _scale_shape(shape: tuple[int, ...], block: tuple[int, int]) -> tuple[int, .
 
 
 def plan(
-    source: _HFSource | DeepSeekCheckpoint, dtype: torch.dtype | str | None
+    source: _HFSource | DeepSeekCheckpoint, dtype: torch.dtype | str | None, keep_fp4: bool = False
 ) -> tuple[dict[str, PendingTensor], dict[str, Any], tuple[int, int]]:
-    """(HF name -> pending tensor in the target dtype, the HF config for it, the FP8 block size)."""
+    """(HF name -> pending tensor in the target dtype, the HF config for it, the FP8 block size). FP4 weights stay
+    packed with `keep_fp4` and no `dtype`, else are dequantised."""
     config = dict(source.hf_config)
     quant = config.get("quantization_config") or {}
     block = tuple(quant.get("weight_block_size", (128, 128)))
@@ -111,12 +118,18 @@ def plan(
 
         return make
 
+    fp4_kept = keep_fp4 and dtype is None
     for name in names:
         dt, scale = source.dtype(name), name + SCALE_SUFFIX
         is_fp8 = dt in FP8_DTYPES and scale in present
-        if name.endswith(SCALE_SUFFIX) and name.removesuffix(SCALE_SUFFIX) in present:
-            if dtype is None or dtype == FP8:
+        weight = name.removesuffix(SCALE_SUFFIX)
+        if name.endswith(SCALE_SUFFIX) and weight in present:
+            if fp4_kept if source.dtype(weight) in PACKED_DTYPES else dtype is None or dtype == FP8:
                 out[name] = stored(name)
+        elif dt in PACKED_DTYPES and scale in present and not fp4_kept:
+            to = dtype if isinstance(dtype, torch.dtype) else torch.bfloat16
+            make = lambda n=name, s=scale, to=to: dequantize_fp4(source.get(n), source.get(s), dtype=to)  # noqa: E731
+            out[name] = PendingTensor(to, (*source.shape(name)[:-1], 2 * source.shape(name)[-1]), make)
         elif dtype is None or (dtype == FP8 and is_fp8) or not dt.is_floating_point or name.endswith(KEEP_DTYPE):
             out[name] = stored(name)
         elif dtype == FP8 and QUANTISED.fullmatch(name) and len(source.shape(name)) == 2:
@@ -148,11 +161,12 @@ def _own_output(directory: Path) -> bool:
 
 def convert_checkpoint(
     source: str | os.PathLike, out: str | os.PathLike, to: str, dtype: torch.dtype | str | None = None,
-    model_parallel: int = 1, max_shard_size: int | str = "5GB",
+    model_parallel: int = 1, max_shard_size: int | str = "5GB", fp4_experts: bool = False,
 ) -> Path:  # fmt: skip
     """Write the checkpoint `source` (HF directory or run directory, or a DeepSeek-layout directory) to `out`
     in the layout `to` ("hf" or "deepseek", the latter in `model_parallel` rank shards), its tensors in `dtype`
-    (torch.bfloat16, torch.float32, "fp8", or None: as stored). Returns the absolute `out`.
+    (torch.bfloat16, torch.float32, "fp8", or None: as stored); `fp4_experts`: the routed experts as FP4 (`--to
+    deepseek` only). Returns the absolute `out`.
 
     `out` is refused (before anything is written) when it overlaps the source or is a non-empty directory
     other than an earlier conversion; an earlier conversion there is replaced atomically.
@@ -161,6 +175,8 @@ def convert_checkpoint(
         raise ValueError(f"--to {to!r}: must be one of {', '.join(LAYOUTS)}")
     if model_parallel < 1 or (model_parallel != 1 and to != "deepseek"):
         raise ValueError(f"--model-parallel {model_parallel}: must be >= 1, and only --to deepseek has shards")
+    if fp4_experts and to != "deepseek":
+        raise ValueError("--fp4-experts: only --to deepseek stores FP4 experts (deepmoe's HF layout holds none)")
     step = checkpoint_dir(source)
     deepseek = is_deepseek_dir(step)
     if not deepseek and not (step / CONFIG_NAME).is_file():
@@ -169,14 +185,14 @@ def convert_checkpoint(
     with claim_directory(out, f"converted checkpoint ({CONVERT_RECORD})", _own_output) as target:
         reader = DeepSeekCheckpoint(step) if deepseek else _HFSource(step)
         try:
-            tensors, config, block = plan(reader, dtype)
+            tensors, config, block = plan(reader, dtype, keep_fp4=to == "deepseek")
             logger.info("converting %s (%s) to %s (%s)", step, "deepseek" if deepseek else "hf", target, to)
             with atomic_directory(target) as tmp:
                 if to == "hf":
                     write_shards(tensors.items(), tmp, parse_size(max_shard_size))
                     write_json(tmp / CONFIG_NAME, config)
                 else:
-                    write_deepseek(tensors, config, tmp, model_parallel, block)
+                    write_deepseek(tensors, config, tmp, model_parallel, block, fp4_experts=fp4_experts)
                 copy_tokenizer_files(step, tmp)
                 record = {
                     "source": str(step.resolve()),
@@ -184,6 +200,7 @@ def convert_checkpoint(
                     "to": to,
                     "dtype": dtype if not isinstance(dtype, torch.dtype) else str(dtype).removeprefix("torch."),
                     "model_parallel": model_parallel if to == "deepseek" else None,
+                    "fp4_experts": fp4_experts,
                 }
                 write_json(tmp / CONVERT_RECORD, record)
         finally:
