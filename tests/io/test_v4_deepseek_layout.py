@@ -277,3 +277,32 @@ def test_fp8_weights_with_ue8m0_block_scales_are_dequantised(v4_source, tmp_path
         assert f.get_slice("layers.1.attn.wq_b.scale").get_dtype() == "F8_E8M0"
     _, loaded = load_deepseek(tmp_path, dtype=torch.float32)
     assert torch.equal(loaded[name], q.float() / 8) and name + "_scale_inv" not in loaded
+
+
+def test_deepseek_v4_as_released_loads(tmp_path, caplog):
+    """DeepSeek's names in Hugging Face files beside a HF config.json (how deepseek-ai publishes V4): FP4 experts,
+    `.scale`, `embed.weight`, and MTP tensors `mtp.*`, which deepmoe skips."""
+    config = v4_config(intermediate_size=32, moe={"moe_intermediate_size": 32})
+    model = DeepSeekForCausalLM(config).eval()
+    randomise_parameters(model, seed=4)
+    save_pretrained(model, tmp_path / "hf")
+    hf_config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    (tmp_path / "ds").mkdir()
+    write_deepseek(pending(load_file(tmp_path / "hf" / "model.safetensors")), hf_config, tmp_path / "ds", mp=1,
+                   fp4_experts=True)  # fmt: skip
+    with safe_open(tmp_path / "ds" / "model0-mp1.safetensors", "pt") as f:
+        release = {name: f.get_tensor(name) for name in f.keys()}
+    release["mtp.0.e_proj.weight"] = torch.zeros(32, 32, dtype=torch.bfloat16)
+    (tmp_path / "release").mkdir()
+    names = sorted(release)
+    for i, part in enumerate((names[: len(names) // 2], names[len(names) // 2 :])):
+        save_file({n: release[n] for n in part}, tmp_path / "release" / f"model-0000{i + 1}-of-00002.safetensors")
+    (tmp_path / "release" / "config.json").write_text(json.dumps(hf_config))
+
+    ids = torch.randint(0, config.vocab_size, (2, 24), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad(), caplog.at_level("WARNING"):
+        for name, p in model.named_parameters():
+            if name.endswith(("experts.gate_up_proj", "experts.down_proj")):
+                p.copy_(dequantize_fp4(*quantize_fp4(p), dtype=torch.float32))
+        assert torch.equal(from_pretrained(tmp_path / "release", dtype=torch.float32)(ids).logits, model(ids).logits)
+    assert "MTP modules have no deepmoe counterpart" in caplog.text

@@ -275,7 +275,31 @@ def _model_args_v4(hf_config: Mapping[str, Any], fp8: bool, fp4: bool) -> dict[s
 
 
 def is_deepseek_dir(directory: Path) -> bool:
-    return directory.is_dir() and any(SHARD.fullmatch(p.name) for p in directory.iterdir())
+    """A directory of DeepSeek's rank shards, or DeepSeek-V4 as DeepSeek releases it (`is_deepseek_release`)."""
+    return directory.is_dir() and (
+        any(SHARD.fullmatch(p.name) for p in directory.iterdir()) or is_deepseek_release(directory)
+    )
+
+
+def _weight_files(directory: Path) -> list[Path]:
+    return sorted(p for p in directory.iterdir() if p.suffix == ".safetensors")
+
+
+def is_deepseek_release(directory: Path) -> bool:
+    """A Hugging Face directory (a deepseek_v4 config.json) whose safetensors hold DeepSeek's own names, as
+    deepseek-ai publishes DeepSeek-V4 (`embed.weight`, `layers.N.attn.wq_a.scale`, FP4 experts, `mtp.*`)."""
+    if not (directory / CONFIG_NAME).is_file():
+        return False
+    try:
+        if read_json(directory / CONFIG_NAME, CONFIG_NAME).get("model_type") != "deepseek_v4":
+            return False
+    except CheckpointError:
+        return False
+    for path in _weight_files(directory):
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            if "embed.weight" in f.keys():
+                return True
+    return False
 
 
 def write_deepseek(
@@ -363,22 +387,27 @@ def _fp4_pair(hf: str, ds: str, t: PendingTensor) -> dict[str, PendingTensor]:
 class DeepSeekCheckpoint:
     """A DeepSeek directory read as HF-named tensors: the ranks' slices joined, each expert from its rank,
     the MTP tensors from mtp.safetensors, as stored (FP4 experts packed, FP8 weights with their scales; V4's
-    `tid2eid` as int64, as HF's). `hf_config` is its hf_config.json."""
+    `tid2eid` as int64, as HF's). `hf_config` is its hf_config.json; for DeepSeek-V4 as released
+    (`is_deepseek_release`: one "rank", its safetensors files), its config.json."""
 
     def __init__(self, directory: Path):
         self.directory = directory
         shards = {int(m.group(1)): (int(m.group(2)), p) for p in directory.iterdir() if (m := SHARD.fullmatch(p.name))}
-        sizes = {n for n, _ in shards.values()}
-        if len(sizes) != 1 or sorted(shards) != list(range(next(iter(sizes)))):
-            found = ", ".join(sorted(p.name for _, p in shards.values()))
-            raise CheckpointError(f"{directory}: needs model{{r}}-mp{{N}}.safetensors for r = 0..N-1, has {found}")
-        self.mp = sizes.pop()
-        if not (directory / HF_CONFIG_NAME).is_file():
-            raise CheckpointError(f"{directory}: has no {HF_CONFIG_NAME} (the Hugging Face config kept by "
-                                  "`deepmoe convert --to deepseek`), so its HF config is unknown")  # fmt: skip
-        self.hf_config = read_json(directory / HF_CONFIG_NAME, HF_CONFIG_NAME)
+        if not shards and is_deepseek_release(directory):
+            paths, self.mp, config_name = _weight_files(directory), 1, CONFIG_NAME
+        else:
+            sizes = {n for n, _ in shards.values()}
+            if len(sizes) != 1 or sorted(shards) != list(range(next(iter(sizes)))):
+                found = ", ".join(sorted(p.name for _, p in shards.values()))
+                raise CheckpointError(f"{directory}: needs model{{r}}-mp{{N}}.safetensors for r = 0..N-1, has {found}")
+            self.mp, config_name = sizes.pop(), HF_CONFIG_NAME
+            paths = [shards[r][1] for r in range(self.mp)]
+            if not (directory / HF_CONFIG_NAME).is_file():
+                raise CheckpointError(f"{directory}: has no {HF_CONFIG_NAME} (the Hugging Face config kept by "
+                                      "`deepmoe convert --to deepseek`), so its HF config is unknown")  # fmt: skip
+        self.hf_config = read_json(directory / config_name, config_name)
         self.model_type = str(self.hf_config.get("model_type", "deepseek_v3"))
-        self._files = [safe_open(str(shards[r][1]), framework="pt", device="cpu") for r in range(self.mp)]
+        self._files = [safe_open(str(path), framework="pt", device="cpu") for path in paths]
         self._where: dict[str, tuple[str, list[int]]] = {}  # hf name -> (its name in the file, the files with it)
         skipped = set()
         for r, f in enumerate(self._files):
@@ -389,7 +418,7 @@ class DeepSeekCheckpoint:
                 try:
                     hf = to_hf(ds, self.model_type)
                 except ValueError as err:
-                    raise CheckpointError(f"{shards[r][1]}: {err}") from None
+                    raise CheckpointError(f"{paths[r]}: {err}") from None
                 self._where.setdefault(hf, (ds, []))[1].append(r)
         if skipped:
             logger.warning("%s: DeepSeek-V4's MTP modules have no deepmoe counterpart: their %d tensors (mtp.*) are "
