@@ -26,6 +26,7 @@ from deepmoe.io.fp4 import dequantize_fp4, quantize_fp4
 from deepmoe.io.safetensors_stream import PendingTensor
 from deepmoe.model import from_pretrained, save_pretrained
 from deepmoe.model.decoder import DeepSeekForCausalLM
+from deepmoe.tools.convert import convert_checkpoint
 from reference import randomise_parameters
 
 pytestmark = pytest.mark.cpu_only  # checkpoint files
@@ -305,4 +306,6 @@ def test_deepseek_v4_as_released_loads(tmp_path, caplog):
             if name.endswith(("experts.gate_up_proj", "experts.down_proj")):
                 p.copy_(dequantize_fp4(*quantize_fp4(p), dtype=torch.float32))
         assert torch.equal(from_pretrained(tmp_path / "release", dtype=torch.float32)(ids).logits, model(ids).logits)
+        convert_checkpoint(tmp_path / "release", tmp_path / "converted", "hf", dtype=torch.float32)
+        assert torch.equal(from_pretrained(tmp_path / "converted")(ids).logits, model(ids).logits)
     assert "MTP modules have no deepmoe counterpart" in caplog.text
