@@ -516,16 +516,15 @@ class DeepSeekConfig:
         check(self, is_int(self.q_lora_rank), "q_lora_rank", "must be an integer >= 1 with deepseek_v4")
         check(self, self.moe is not None, "moe", "must be set with deepseek_v4 (every layer is MoE)")
         check(self, self.intermediate_size == self.moe.moe_intermediate_size, "intermediate_size",
-              f"must equal moe.moe_intermediate_size={self.moe.moe_intermediate_size} with deepseek_v4 (no dense FFN)")  # fmt: skip
+              f"must equal moe.moe_intermediate_size={self.moe.moe_intermediate_size} with deepseek_v4 (no dense "
+              "FFN)")  # fmt: skip
         check(self, self.first_k_dense_replace == 0 and self.moe_layer_freq == 1, "first_k_dense_replace",
               "must be 0 (and moe_layer_freq 1) with deepseek_v4: every layer is MoE")  # fmt: skip
-        check(self, self.num_nextn_predict_layers == 0, "num_nextn_predict_layers",
-              "must be 0 with deepseek_v4 (its MTP modules are not implemented)")  # fmt: skip
         for field, allowed in (("layer_types", V4_LAYER_TYPES), ("mlp_layer_types", V4_MLP_LAYER_TYPES)):
-            types = getattr(self, field)
-            check(self, isinstance(types, (list, tuple)) and len(types) == n and all(t in allowed for t in types),
+            types = getattr(self, field)  # longer lists are cut to the layers, as transformers' config does
+            check(self, isinstance(types, (list, tuple)) and len(types) >= n and all(t in allowed for t in types),
                   field, f"must list num_hidden_layers={n} entries from {allowed}")  # fmt: skip
-            setattr(self, field, list(types))
+            setattr(self, field, list(types[:n]))
         rates = self.compress_rates
         check(self, isinstance(rates, dict) and set(rates) == set(V4_LAYER_TYPES[1:])
               and all(is_int(r) and r >= 1 for r in rates.values()), "compress_rates",

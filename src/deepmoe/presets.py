@@ -148,7 +148,7 @@ def _deepseek_v4(
     K = V head, √softplus routing to 6 experts plus one shared expert, hash routing in the first 3 layers,
     SwiGLU clamped at 10, a 128-token window, CSA (m = 4, indexer of 64 heads × 128) and HCA (m' = 128) layers
     in transformers' default order (two HCA, then CSA and HCA alternating), 4 mHC streams, 1M context (YaRN ×16
-    over 64K on the compressed layers). The MTP module is not built (deepmoe does not implement V4's)."""
+    over 64K on the compressed layers), one MTP module."""
     moe = MoEConfig(hidden_size=hidden, moe_intermediate_size=expert_width, n_routed_experts=experts,
                     n_shared_experts=1, num_experts_per_tok=6, scoring_func="sqrtsoftplus", norm_topk_prob=True,
                     routed_scaling_factor=1.5, use_expert_bias=True, swiglu_limit=10.0)  # fmt: skip
@@ -163,13 +163,14 @@ def _deepseek_v4(
         mlp_layer_types=["hash_moe"] * 3 + ["moe"] * (layers - 3),
         compress_rates={kinds[0]: 4, kinds[1]: 128}, sliding_window=128, compress_rope_theta=160000.0,
         o_groups=o_groups, o_lora_rank=1024, hc_mult=4, hc_sinkhorn_iters=20, hc_eps=1e-6, index_topk=index_topk,
-        index_head_dim=128, index_n_heads=64, bos_token_id=0, eos_token_id=1,
+        index_head_dim=128, index_n_heads=64, bos_token_id=0, eos_token_id=1, num_nextn_predict_layers=1,
     )  # fmt: skip
 
 
 def _tiny_v4() -> DeepSeekConfig:
     """V4's every module at CPU size: a sliding, a CSA and an HCA layer (m' = 16 so that it compresses within
-    short prompts) and another CSA one, the first hash-routed; heads of 48 + 16 RoPE dims, 4 mHC streams."""
+    short prompts) and another CSA one, the first hash-routed; heads of 48 + 16 RoPE dims, 4 mHC streams, one MTP
+    module."""
     published = _deepseek_v4(4096, 43, 64, 1024, 256, 2048, 8, 512)
     kinds = ["sliding_attention", "compressed_sparse_attention", "heavily_compressed_attention"]
     return replace(

@@ -87,7 +87,8 @@ def test_transformers_checkpoint_gives_transformers_logits(case, tmp_path):
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_deepmoe_checkpoint_gives_the_same_logits_in_transformers(case, tmp_path):
-    model = _model(CASES[case], seed=2)
+    """With an MTP module, saved as DeepSeek's `mtp.0.*` tensors: transformers skips them, deepmoe reads them back."""
+    model = _model(dataclasses.replace(CASES[case], num_nextn_predict_layers=1), seed=2)
     save_pretrained(model, tmp_path / "ours")
     hf_model = transformers_model(tmp_path / "ours")
     assert type(hf_model).__name__ == "DeepseekV4ForCausalLM"
@@ -95,13 +96,18 @@ def test_deepmoe_checkpoint_gives_the_same_logits_in_transformers(case, tmp_path
     assert _relative_error(_logits(model, ids), _logits(hf_model, ids)) < 1e-4
     for mmap in (False, True):  # memory-mapped loading builds each layer's experts when it runs
         assert torch.equal(_logits(from_pretrained(tmp_path / "ours", mmap=mmap), ids), _logits(model, ids))
+    with torch.no_grad():
+        mtp = from_pretrained(tmp_path / "ours")(ids, output_mtp=True).mtp_logits[0]
+        assert torch.equal(mtp, model(ids, output_mtp=True).mtp_logits[0])
     hf_model.save_pretrained(tmp_path / "theirs")  # the same tensor names on disk as transformers writes
     names = []
     for directory in ("ours", "theirs"):
         with safe_open(tmp_path / directory / "model.safetensors", "pt") as f:
             names.append(set(f.keys()))
-    assert names[0] == names[1]
+    mtp = {name for name in names[0] if name.startswith("mtp.0.")}
+    assert names[0] - mtp == names[1]
     assert "model.layers.1.attn.indexer.compressor.ape" in names[0] and "model.layers.0.ffn.gate.tid2eid" in names[0]
+    assert {"mtp.0.e_proj.weight", "mtp.0.hc_head_fn", "mtp.0.attn.wq_a.weight", "mtp.0.ffn.gate.bias"} <= mtp
 
 
 def test_cached_greedy_decoding_equals_uncached_and_transformers(tmp_path):

@@ -217,7 +217,6 @@ def test_sliding_attention_with_sinks_and_grouped_output_follows_the_formula():
         (dict(index_topk=None), r"index_topk=None is invalid: must be an integer >= 1 with CSA layers"),
         (dict(hc_mult=0), r"hc_mult=0 is invalid"),
         (dict(intermediate_size=48), r"intermediate_size=48 is invalid: must equal moe.moe_intermediate_size"),
-        (dict(num_nextn_predict_layers=1), r"num_nextn_predict_layers=1 is invalid"),
         (dict(model_type="deepseek_v3"), r"is invalid: must be None unless model_type="),
     ],
 )
@@ -305,3 +304,41 @@ def test_indexer_keeps_each_tokens_top_k_visible_entries_by_its_score():
     indexer.scorer.weights_proj.weight.zero_()  # every score 0: the earliest visible entries
     chosen = indexer.select(x, q_compressed, torch.arange(22), CompressorState(), rotary)
     assert chosen[0, 21].nonzero().flatten().tolist() == [0, 1]
+
+
+# ---- multi-token prediction -------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def test_v4_mtp_reads_the_streams_before_the_head_and_the_next_tokens():
+    """Depth 1: X'_i = W_e RMSNorm(Emb(t_{i+1})) + W_h RMSNorm(H_i) on every stream of the main model's last
+    streams H (before hc_head), a sliding-window block, logits = Head(RMSNorm(hc_head(·))); its loss is
+    λ · CE(logits_i, t_{i+2})."""
+    from deepmoe.model.decoder import DeepSeekForCausalLM
+    from deepmoe.model.generate import generate_speculative
+
+    model = DeepSeekForCausalLM(v4_config(num_nextn_predict_layers=1)).eval()
+    randomise_parameters(model, seed=11)
+    ids = torch.randint(0, 128, (2, 20), generator=torch.Generator().manual_seed(12))
+    out = model(ids, labels=ids)
+    streams = model.model.embed_tokens(ids).unsqueeze(2).expand(-1, -1, 2, -1)
+    for layer in model.model.layers:
+        streams, _ = layer(streams, torch.arange(20), None, token_ids=ids)
+    mtp = model.model.mtp[0]
+    assert mtp.block.self_attn.layer_type == "sliding_attention" and mtp.block.mlp.gate.tid2eid is None
+    x = mtp.e_proj(mtp.enorm(model.model.embed_tokens(ids[:, 1:]))).unsqueeze(2) + mtp.h_proj(
+        mtp.hnorm(streams[:, :-1])
+    )
+    h, _ = mtp.block(x, torch.arange(19), None)
+    logits = model.lm_head(mtp.norm(mtp.hc_head(h)))
+    torch.testing.assert_close(out.mtp_logits[0], logits, rtol=1e-5, atol=1e-5)
+    expected = model.config.mtp_loss_weight * F.cross_entropy(logits[:, :18].flatten(0, 1), ids[:, 2:].flatten())
+    torch.testing.assert_close(out.mtp_loss, expected, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="speculative decoding does not take DeepSeek-V4"):
+        generate_speculative(model, ids[:, :4], max_new_tokens=2)
+
+
+def test_longer_layer_lists_are_cut_to_the_layers_as_transformers_does():
+    config = v4_config(num_hidden_layers=2)
+    assert config.layer_types == ["sliding_attention", "compressed_sparse_attention"]
+    assert config.mlp_layer_types == ["hash_moe", "hash_moe"]

@@ -488,11 +488,12 @@ def _validate(ckpt: SafetensorsCheckpoint, config: DeepSeekConfig, config_file: 
         if not ckpt.is_fp8(scale[: -len(SCALE_SUFFIX)]):
             raise CheckpointError(f"{ckpt.file_of(scale)}: has {scale!r}, but its weight is not an FP8 tensor")
     names = [n for n in names if n not in scales and not n.endswith("rotary_emb.inv_freq")]
-    L, D = config.num_hidden_layers, config.num_nextn_predict_layers  # noqa: N806
-    if D and not any(re.match(rf"model\.layers\.({'|'.join(str(L + k) for k in range(D))})\.", n) for n in names):
+    D = config.num_nextn_predict_layers  # noqa: N806
+    mtp_prefixes = tuple(hf_name(f"model.mtp.{k}.enorm.weight", config).removesuffix("enorm.weight") for k in range(D))
+    if D and not any(n.startswith(mtp_prefixes) for n in names):
         warnings.warn(
             f"{config_file}: num_nextn_predict_layers={D}, but the checkpoint has no MTP weights "
-            f"(model.layers.{L}.*): loading without the multi-token-prediction modules",
+            f"({mtp_prefixes[0]}*): loading without the multi-token-prediction modules",
             UserWarning,
             stacklevel=3,
         )
@@ -580,7 +581,7 @@ def save_checkpoint(
             for hf, (piece_shape, split) in hf_items(name, (shape, _whole), config, _split_pending):
                 yield hf, PendingTensor(dtypes[name], piece_shape, lambda name=name, split=split: piece(name, split))
         head = "model.embed_tokens.weight" if config.tie_word_embeddings else "lm_head.weight"
-        for k in range(config.num_nextn_predict_layers):
+        for k in range(config.num_nextn_predict_layers if config.model_type != "deepseek_v4" else 0):  # V3's copies
             p = f"model.layers.{config.num_hidden_layers + k}."
             for hf, name in ((p + "embed_tokens.weight", "model.embed_tokens.weight"),
                              (p + "shared_head.head.weight", head)):  # fmt: skip

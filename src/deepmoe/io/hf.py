@@ -380,8 +380,11 @@ def expected_shapes(config: DeepSeekConfig) -> dict[str, tuple[int, ...]]:
         shapes["lm_head.weight"] = (c.vocab_size, h)
     for k in range(c.num_nextn_predict_layers):
         p = f"model.mtp.{k}."
-        shapes[p + "enorm.weight"] = shapes[p + "hnorm.weight"] = shapes[p + "norm.weight"] = (h,)
-        shapes[p + "eh_proj.weight"] = (h, 2 * h)
+        if c.model_type == "deepseek_v4":
+            shapes.update(hf_v4.mtp_shapes(c, p))
+        else:
+            shapes[p + "enorm.weight"] = shapes[p + "hnorm.weight"] = shapes[p + "norm.weight"] = (h,)
+            shapes[p + "eh_proj.weight"] = (h, 2 * h)
         block(p + "block.", c.num_hidden_layers + k)
     return shapes
 
@@ -405,7 +408,8 @@ def hf_items(name: str, value: Any, config: DeepSeekConfig, split: Callable[[Any
     hf = hf_name(name, config)
     parent, _, leaf = hf.rpartition(".")
     if parent.endswith((".mlp.experts", ".ffn.experts")) and leaf in _PROJ:
-        n = config.moe_config(int(hf.split(".")[2])).n_routed_experts  # hf: model.layers.{i}.mlp.experts.*
+        kind, index = re.match(r"model\.(layers|mtp)\.(\d+)\.", name).groups()
+        n = config.moe_config(int(index) + (config.num_hidden_layers if kind == "mtp" else 0)).n_routed_experts
         names = hf_v4.EXPERT_NAMES if config.model_type == "deepseek_v4" else {p: p for p in _PROJ[leaf]}
         return [(f"{parent}.{j}.{names[proj]}.weight", split(value, j, proj)) for j in range(n) for proj in _PROJ[leaf]]
     return [(hf, value)]

@@ -9,9 +9,9 @@ DeepSeek's release (`model.layers.{i}.attn.wq_a.weight`, `...hc_attn_fn`, `...ff
 config.json: `rope_parameters` holds {"main": sliding layers' RoPE, "compress": CSA/HCA layers' RoPE (with YaRN)};
 `partial_rotary_factor` = qk_rope_head_dim / head_dim. Older configs' `compress_ratios` (per layer 0 / 4 / 128),
 `num_hash_layers`, `compress_rate_csa` / `compress_rate_hca`, `qk_rope_head_dim` and a flat `rope_scaling` are
-read as transformers reads them. transformers does not build the MTP modules (`num_nextn_predict_layers` is
-read as 0). Routing: transformers' V4 always normalises the top-k weights and its learned layers always have the
-selection bias `e_score_correction_bias`.
+read as transformers reads them. The MTP modules are DeepSeek's `mtp.{k}.*` tensors, which transformers skips
+when it loads (it does not build them). Routing: transformers' V4 always normalises the top-k weights and its
+learned layers always have the selection bias `e_score_correction_bias`.
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ DEFAULTS: dict[str, Any] = dict(
     compress_rope_theta=160000.0, hc_mult=4, hc_sinkhorn_iters=20, hc_eps=1e-6, swiglu_limit=10.0,
     sliding_window=128, o_groups=8, o_lora_rank=1024, index_n_heads=64, index_head_dim=128, index_topk=512,
     rms_norm_eps=1e-6, initializer_range=0.02, tie_word_embeddings=False, bos_token_id=0, eos_token_id=1,
+    num_nextn_predict_layers=1,
 )  # fmt: skip
 _RATIO_TO_TYPE = {0: "sliding_attention", 4: "compressed_sparse_attention", 128: "heavily_compressed_attention"}
 _HASH_LAYERS = 3  # transformers' default num_hash_layers
@@ -60,7 +61,9 @@ def config_from_hf(d: dict[str, Any], moe_extras: dict[str, Any], model_extras: 
     rope_dim = int(head_dim * factor) if factor is not None else d.get("qk_rope_head_dim") or 64
     rope = d.get("rope_parameters") or {}
     main = rope.get("main") if isinstance(rope.get("main"), dict) else {}
-    compress = rope.get("compress") if isinstance(rope.get("compress"), dict) else {**rope, **(d.get("rope_scaling") or {})}
+    compress = rope.get("compress")
+    if not isinstance(compress, dict):  # a flat (older) rope_parameters / rope_scaling: the compressed layers' YaRN
+        compress = {**rope, **(d.get("rope_scaling") or {})}
     kind = compress.get("rope_type", compress.get("type"))
     scaling = None
     if kind == "yarn":
@@ -81,11 +84,13 @@ def config_from_hf(d: dict[str, Any], moe_extras: dict[str, Any], model_extras: 
         qk_nope_head_dim=head_dim - rope_dim, qk_rope_head_dim=rope_dim, index_topk=get("index_topk"),
         index_head_dim=get("index_head_dim"), index_n_heads=get("index_n_heads"),
         layer_types=list(layer_types)[:n], mlp_layer_types=list(mlp_types)[:n], compress_rates=rates,
-        sliding_window=get("sliding_window"), compress_rope_theta=float(compress.get("rope_theta") or get("compress_rope_theta")),
+        sliding_window=get("sliding_window"),
+        compress_rope_theta=float(compress.get("rope_theta") or get("compress_rope_theta")),
         o_groups=get("o_groups"), o_lora_rank=get("o_lora_rank"), hc_mult=get("hc_mult"),
         hc_sinkhorn_iters=get("hc_sinkhorn_iters"), hc_eps=float(get("hc_eps")),
         max_position_embeddings=get("max_position_embeddings"),
         rope_theta=float(main.get("rope_theta") or get("rope_theta")), rope_scaling=scaling, moe=moe,
+        num_nextn_predict_layers=get("num_nextn_predict_layers"),
         rms_norm_eps=get("rms_norm_eps"), tie_word_embeddings=bool(get("tie_word_embeddings")),
         initializer_range=get("initializer_range"), bos_token_id=d.get("bos_token_id", DEFAULTS["bos_token_id"]),
         eos_token_id=d.get("eos_token_id", DEFAULTS["eos_token_id"]), pad_token_id=d.get("pad_token_id"),
@@ -113,7 +118,8 @@ def config_to_hf(c: DeepSeekConfig) -> dict[str, Any]:
         layer_types=list(c.layer_types), mlp_layer_types=list(c.mlp_layer_types), compress_rates=dict(c.compress_rates),
         hc_mult=c.hc_mult, hc_sinkhorn_iters=c.hc_sinkhorn_iters, hc_eps=c.hc_eps, swiglu_limit=moe.swiglu_limit,
         sliding_window=c.sliding_window, o_groups=c.o_groups, o_lora_rank=c.o_lora_rank,
-        num_nextn_predict_layers=0, rms_norm_eps=c.rms_norm_eps, initializer_range=c.initializer_range,
+        num_nextn_predict_layers=c.num_nextn_predict_layers, rms_norm_eps=c.rms_norm_eps,
+        initializer_range=c.initializer_range,
         tie_word_embeddings=c.tie_word_embeddings, bos_token_id=c.bos_token_id, eos_token_id=c.eos_token_id,
         pad_token_id=c.pad_token_id, hidden_act="silu", attention_bias=False, mlp_bias=False, attention_dropout=0.0,
         use_cache=True,
@@ -132,7 +138,8 @@ def block_shapes(c: DeepSeekConfig, prefix: str, layer_idx: int) -> dict[str, tu
         a + "q_b_proj.weight": (n * d, r), a + "kv_proj.weight": (d, h), a + "kv_norm.weight": (d,),
         a + "o_a_proj.weight": (g * c.o_lora_rank, n * d // g), a + "o_b_proj.weight": (h, g * c.o_lora_rank),
     }  # fmt: skip
-    kind = c.layer_types[layer_idx]
+    main = layer_idx < c.num_hidden_layers  # else an MTP module's block: sliding window, learned routing
+    kind = c.layer_types[layer_idx] if main else "sliding_attention"
     if kind != "sliding_attention":
         csa, ratio = kind == "compressed_sparse_attention", c.compress_rates[kind]
 
@@ -151,19 +158,31 @@ def block_shapes(c: DeepSeekConfig, prefix: str, layer_idx: int) -> dict[str, tu
     for hc in ("attn_hc.", "ffn_hc."):
         shapes.update({prefix + hc + "fn": (mixes, c.hc_mult * h), prefix + hc + "base": (mixes,),
                        prefix + hc + "scale": (3,)})  # fmt: skip
-    if c.mlp_layer_types[layer_idx] == "hash_moe":
+    if main and c.mlp_layer_types[layer_idx] == "hash_moe":
         shapes[prefix + "mlp.gate.tid2eid"] = (c.vocab_size, c.moe.num_experts_per_tok)
     return shapes
 
 
-def head_shapes(c: DeepSeekConfig) -> dict[str, tuple[int, ...]]:
-    return {"model.hc_head.hc_fn": (c.hc_mult, c.hc_mult * c.hidden_size), "model.hc_head.hc_base": (c.hc_mult,),
-            "model.hc_head.hc_scale": (1,)}  # fmt: skip
+def head_shapes(c: DeepSeekConfig, prefix: str = "model.") -> dict[str, tuple[int, ...]]:
+    """The head's pre map `{prefix}hc_head.*` (the main model's, or an MTP module's with prefix `model.mtp.{k}.`)."""
+    p = prefix + "hc_head."
+    return {p + "hc_fn": (c.hc_mult, c.hc_mult * c.hidden_size), p + "hc_base": (c.hc_mult,), p + "hc_scale": (1,)}
+
+
+def mtp_shapes(c: DeepSeekConfig, prefix: str) -> dict[str, tuple[int, ...]]:
+    """An MTP module's own tensors besides its block (`model.mtp.{k}.`)."""
+    h = c.hidden_size
+    shapes = {prefix + name: (h, h) for name in ("e_proj.weight", "h_proj.weight")}
+    shapes.update({prefix + name: (h,) for name in ("enorm.weight", "hnorm.weight", "norm.weight")})
+    return {**shapes, **head_shapes(c, prefix)}
 
 
 # deepmoe (transformers' in-memory) name -> the name transformers writes, applied in order
 _RENAMES = [(re.compile(pattern), target) for pattern, target in (
     (r"^lm_head\.", "head."),
+    # MTP module k: DeepSeek's `mtp.{k}.*` (its block's tensors directly under it), which transformers skips
+    (r"^model\.mtp\.(\d+)\.block\.", r"mtp.\1."), (r"^model\.mtp\.(\d+)\.hc_head\.hc_", r"mtp.\1.hc_head_"),
+    (r"^model\.mtp\.", "mtp."),
     (r"\.self_attn\.compressor\.indexer\.scorer\.weights_proj\.", ".attn.indexer.weights_proj."),
     (r"\.self_attn\.compressor\.indexer\.q_b_proj\.", ".attn.indexer.wq_b."),
     (r"\.self_attn\.compressor\.indexer\.", ".attn.indexer.compressor."),
@@ -173,7 +192,8 @@ _RENAMES = [(re.compile(pattern), target) for pattern, target in (
     (r"\.kv_norm\.", ".norm."), (r"\.position_bias$", ".ape"), (r"\.q_a_proj\.", ".wq_a."),
     (r"\.attn\.q_b_proj\.", ".attn.wq_b."), (r"\.kv_proj\.", ".wkv."), (r"\.o_a_proj\.", ".wo_a."),
     (r"\.o_b_proj\.", ".wo_b."), (r"\.q_a_norm\.", ".q_norm."), (r"\.gate\.e_score_correction_bias$", ".gate.bias"),
-    (r"\.shared_experts\.gate_proj\.", ".shared_experts.w1."), (r"\.shared_experts\.down_proj\.", ".shared_experts.w2."),
+    (r"\.shared_experts\.gate_proj\.", ".shared_experts.w1."),
+    (r"\.shared_experts\.down_proj\.", ".shared_experts.w2."),
     (r"\.shared_experts\.up_proj\.", ".shared_experts.w3."), (r"\.gate_proj\.", ".wgate."),
 )]  # fmt: skip
 EXPERT_NAMES = {"gate_proj": "w1", "up_proj": "w3", "down_proj": "w2"}

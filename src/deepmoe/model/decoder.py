@@ -149,6 +149,40 @@ class MTPModule(nn.Module):
         return x, self.norm(x), moe_out
 
 
+class V4MTPModule(nn.Module):
+    """DeepSeek-V4's multi-token prediction depth k, on the mHC streams: with H^{k-1} [B, S, n, H] the previous
+    depth's streams (the main model's before its `hc_head`),
+    X'_i = W_e RMSNorm(Emb(t_{i+k})) + W_h RMSNorm(H^{k-1}_i) (the embedding term added to every stream),
+    H^k = Block(X') (a sliding-window layer, learned routing), logits = Head(RMSNorm(hc_head(H^k))).
+    DeepSeek's names: `e_proj`, `h_proj`, `enorm`, `hnorm`, `norm`, `hc_head`; the embedding and head are shared."""
+
+    def __init__(self, config: DeepSeekConfig, layer_idx: int):
+        super().__init__()
+        h = config.hidden_size
+        self.enorm = RMSNorm(h, config.rms_norm_eps)
+        self.hnorm = RMSNorm(h, config.rms_norm_eps)
+        self.e_proj = nn.Linear(h, h, bias=False)
+        self.h_proj = nn.Linear(h, h, bias=False)
+        self.block = DecoderLayer(config, layer_idx)
+        self.hc_head = HyperHead(config)
+        self.norm = RMSNorm(h, config.rms_norm_eps)
+
+    def forward(
+        self,
+        previous: Tensor,
+        next_embeddings: Tensor,
+        positions: Tensor,
+        cache: KVCache | None,
+        output_routing_stats: bool = True,
+        key_mask: Tensor | None = None,
+    ):
+        """previous H^{k-1} [B, S, n, H], next_embeddings Emb(t_{i+k}) [B, S, H] → (H^k, normed collapsed H^k
+        [B, S, H], `BlockRouting`)."""
+        x = self.e_proj(self.enorm(next_embeddings)).unsqueeze(2) + self.h_proj(self.hnorm(previous))
+        x, moe_out = self.block(x, positions, cache, key_mask, output_routing_stats)
+        return x, self.norm(self.hc_head(x)), moe_out
+
+
 class DeepSeekModel(nn.Module):
     def __init__(self, config: DeepSeekConfig):
         super().__init__()
@@ -157,7 +191,8 @@ class DeepSeekModel(nn.Module):
         self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         n = config.num_hidden_layers
-        self.mtp = nn.ModuleList(MTPModule(config, n + k) for k in range(config.num_nextn_predict_layers))
+        mtp = V4MTPModule if config.model_type == "deepseek_v4" else MTPModule
+        self.mtp = nn.ModuleList(mtp(config, n + k) for k in range(config.num_nextn_predict_layers))
         self.hc_head = HyperHead(config) if config.model_type == "deepseek_v4" else None
 
 
@@ -378,6 +413,7 @@ class DeepSeekForCausalLM(nn.Module):
                 if moe_out.stats is not None:
                     stats[layer.layer_idx] = moe_out.stats
                 aux = aux + moe_out.aux_loss
+        streams = x  # V4: the mHC streams, what its MTP modules read
         if self.model.hc_head is not None:
             x = self.model.hc_head(x)
         logits = self.head(self.model.norm(x))
@@ -388,7 +424,7 @@ class DeepSeekForCausalLM(nn.Module):
         if self.model.mtp and output_mtp and cache is None:
             if key_mask is not None:
                 raise ValueError("the MTP modules do not take padding: give an attention_mask of ones or none")
-            self._multi_token_prediction(x, embeddings, out, output_routing_stats)
+            self._multi_token_prediction(streams, embeddings, out, output_routing_stats)
         kl = []  # a plain loop: dynamo cannot trace a walrus inside a comprehension ("uninitialized cell")
         for attention in self.indexed_attention():
             loss = attention.take_indexer_loss()

@@ -249,6 +249,8 @@ def generate_speculative(
     """
     if not model.model.mtp:
         raise ValueError("speculative decoding needs a model with num_nextn_predict_layers >= 1")
+    if model.config.model_type == "deepseek_v4":
+        raise ValueError("speculative decoding does not take DeepSeek-V4: its compressors' cache cannot drop a draft")
     _check_generation_args(model, input_ids, max_new_tokens)
     if streamer is not None and input_ids.shape[0] != 1:
         raise ValueError(f"a streamer takes one sequence: input_ids has {input_ids.shape[0]} rows")

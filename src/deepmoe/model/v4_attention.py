@@ -183,7 +183,8 @@ class SharedKVAttention(KeepsFloat32):
     def __init__(self, config: DeepSeekConfig, layer_idx: int) -> None:
         super().__init__()
         self.layer_idx = layer_idx
-        self.layer_type = config.layer_types[layer_idx]
+        mtp = layer_idx >= config.num_hidden_layers  # an MTP module's block: a sliding-window layer
+        self.layer_type = "sliding_attention" if mtp else config.layer_types[layer_idx]
         self.n_heads, self.head_dim, self.window = config.num_attention_heads, config.head_dim, config.sliding_window
         self.o_groups, self.eps = config.o_groups, config.rms_norm_eps
         hidden, d, n = config.hidden_size, config.head_dim, config.num_attention_heads

@@ -9,6 +9,7 @@ from typing import Any
 from deepmoe.config import DeepSeekConfig
 from deepmoe.io import load_config
 from deepmoe.io.checkpoint import INDEX_NAME, WEIGHTS_NAME, SafetensorsCheckpoint, checkpoint_dir
+from deepmoe.io.hf import hf_name
 from deepmoe.model.parameters import count_parameters
 from deepmoe.presets import PRESETS, get_preset
 
@@ -32,10 +33,10 @@ def _has_mtp_weights(path: str, config: DeepSeekConfig) -> bool:
     directory = checkpoint_dir(path)
     if not directory.is_dir() or not ((directory / WEIGHTS_NAME).is_file() or (directory / INDEX_NAME).is_file()):
         return True
-    first = config.num_hidden_layers
-    layers = {f"model.layers.{first + k}." for k in range(config.num_nextn_predict_layers)}
+    prefixes = tuple(hf_name(f"model.mtp.{k}.enorm.weight", config).removesuffix("enorm.weight")
+                     for k in range(config.num_nextn_predict_layers))  # fmt: skip
     with SafetensorsCheckpoint(directory) as checkpoint:
-        return any(name.startswith(tuple(layers)) for name in checkpoint.names())
+        return any(name.startswith(prefixes) for name in checkpoint.names())
 
 
 def kv_cache_bytes_per_token(config: DeepSeekConfig, bytes_per_value: int = 2, gqa_groups: int = 8) -> dict[str, int]:
