@@ -27,15 +27,16 @@ DeepSeek-V4 (`model_type="deepseek_v4"`; docs/design.md#fp4-experts-and-deepseek
 as `V4_LAYER_TENSOR` and `V4_TOP` (DeepSeek-V4-Flash's `inference/model.py`). Its HF layout (what transformers'
 `save_pretrained` writes and deepmoe reads, `deepmoe.io.hf_v4`) already uses these names under `model.`, except
 `model.embed_tokens`, `model.norm`, `model.hc_head.hc_*`, the attention's `kv_norm` (written `norm`) and FP8 scales
-(`weight_scale_inv`). V4 splits only `V4_SPLIT` across ranks (its convert.py: `embed`, `head`, `wq_b`, `wo_a`,
-`wo_b`, `attn_sink`, `weights_proj`). Its routed experts may be FP4 (`deepmoe.io.fp4`: int8 [out, in/2] or
+(`weight_scale_inv`); its MTP modules are `mtp.{k}.*` in both, in the rank shards (as DeepSeek's V4 convert.py
+puts them). V4 splits only `V4_SPLIT` across ranks (its convert.py: `embed`, `head`, `wq_b`, `wo_a`, `wo_b`,
+`attn_sink`, `weights_proj`). Its routed experts may be FP4 (`deepmoe.io.fp4`: int8 [out, in/2] or
 float4_e2m1fn_x2, with float8_e8m0fnu `.scale` [out, in/32]) and its FP8 weights may have ue8m0 128×128 scales;
-`load_deepseek` dequantises both, and `write_deepseek(..., fp4_experts=True)` writes routed experts as FP4. Its MTP
-modules (`mtp.K.*`) have no deepmoe counterpart and are skipped with a warning.
+`load_deepseek` dequantises both, and `write_deepseek(..., fp4_experts=True)` writes routed experts as FP4.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import re
@@ -83,22 +84,26 @@ V4_TOP = {
     "model.hc_head.hc_scale": "hc_head_scale",
 }  # fmt: skip
 """DeepSeek-V4, the HF layout's tensors outside the layers -> DeepSeek's."""
-V4_LAYER_TENSOR = re.compile(
-    r"layers\.\d+\.(attn_norm\.weight|ffn_norm\.weight|hc_(attn|ffn)_(fn|base|scale)"
+_V4_BLOCK = (
+    r"(attn_norm\.weight|ffn_norm\.weight|hc_(attn|ffn)_(fn|base|scale)"
     r"|attn\.(attn_sink|compressor\.ape|indexer\.compressor\.ape)"
     r"|attn\.(wq_a|q_norm|wq_b|wkv|kv_norm|wo_a|wo_b|compressor\.(wkv|wgate|norm)|indexer\.(wq_b|weights_proj)"
     r"|indexer\.compressor\.(wkv|wgate|norm))\.(weight|scale)"
     r"|ffn\.gate\.(weight|bias|tid2eid)|ffn\.(shared_experts|experts\.\d+)\.(w1|w2|w3)\.(weight|scale))"
 )
-"""The name of every tensor of a DeepSeek-V4 layer (DeepSeek-V4-Flash `inference/model.py`: `Block`, `Attention`,
-`Compressor`, `Indexer`, `Gate`, `Expert`; a weight's FP8/FP4 scale is `.scale`)."""
+V4_LAYER_TENSOR = re.compile(
+    rf"layers\.\d+\.{_V4_BLOCK}"
+    rf"|mtp\.\d+\.({_V4_BLOCK}|(e_proj|h_proj)\.(weight|scale)|(enorm|hnorm|norm)\.weight|hc_head_(fn|base|scale))"
+)
+"""The name of every tensor of a DeepSeek-V4 layer and MTP module (DeepSeek-V4-Flash `inference/model.py`: `Block`,
+`Attention`, `Compressor`, `Indexer`, `Gate`, `Expert`, `MTPBlock`; a weight's FP8/FP4 scale is `.scale`)."""
 V4_SPLIT = {"embed": 0, "head": 0, "attn.wq_b": 0, "attn.indexer.wq_b": 0, "attn.wo_a": 0, "attn.wo_b": 1,
             "attn.attn_sink": 0, "attn.indexer.weights_proj": 0}  # fmt: skip
 """DeepSeek-V4's model-parallel splits (DeepSeek module or tensor -> dimension); everything else is whole on every
 rank, routed experts on their one rank."""
 V4_MTP_PREFIX = "mtp."
 _V4_HF_TOP = {ds: hf for hf, ds in V4_TOP.items()}
-_V4_LAYER = re.compile(r"layers\.(\d+)\.(.+)")
+_V4_LAYER = re.compile(r"(?:layers|mtp)\.(\d+)\.(.+)")
 TID2EID = ".gate.tid2eid"
 _FILE_DTYPES = {**DTYPES, "F4": torch.float4_e2m1fn_x2}
 """The dtypes of DeepSeek's files: also F4, two e2m1 values per byte, whose safetensors shape counts values."""
@@ -163,7 +168,7 @@ def _to_deepseek_v4(hf_name: str) -> str:
     written `norm` and FP8 scales `weight_scale_inv`) -> DeepSeek's names."""
     if hf_name in V4_TOP:
         return V4_TOP[hf_name]
-    name = re.sub(r"^(layers\.\d+\.attn)\.norm\.", r"\1.kv_norm.", hf_name.removeprefix("model."))
+    name = re.sub(r"^((?:layers|mtp)\.\d+\.attn)\.norm\.", r"\1.kv_norm.", hf_name.removeprefix("model."))
     name = name.removesuffix(SCALE_SUFFIX) if name.endswith(".weight" + SCALE_SUFFIX) else name
     name = name.removesuffix(".weight") + ".scale" if hf_name.endswith(SCALE_SUFFIX) else name
     if not V4_LAYER_TENSOR.fullmatch(name):
@@ -176,9 +181,9 @@ def _to_hf_v4(ds_name: str) -> str:
         return _V4_HF_TOP[ds_name]
     if not V4_LAYER_TENSOR.fullmatch(ds_name):
         raise ValueError(f"tensor {ds_name!r} is not a name of DeepSeek-V4's inference layout")
-    name = re.sub(r"^(layers\.\d+\.attn)\.kv_norm\.", r"\1.norm.", ds_name)
+    name = re.sub(r"^((?:layers|mtp)\.\d+\.attn)\.kv_norm\.", r"\1.norm.", ds_name)
     name = name.removesuffix(".scale") + ".weight" + SCALE_SUFFIX if name.endswith(".scale") else name
-    return "model." + name
+    return name if name.startswith(V4_MTP_PREFIX) else "model." + name  # MTP: `mtp.{k}.*` in both layouts
 
 
 def keeps_float32_v4(hf_name: str) -> bool:
@@ -409,20 +414,13 @@ class DeepSeekCheckpoint:
         self.model_type = str(self.hf_config.get("model_type", "deepseek_v3"))
         self._files = [safe_open(str(path), framework="pt", device="cpu") for path in paths]
         self._where: dict[str, tuple[str, list[int]]] = {}  # hf name -> (its name in the file, the files with it)
-        skipped = set()
         for r, f in enumerate(self._files):
             for ds in f.keys():
-                if self.model_type == "deepseek_v4" and ds.startswith(V4_MTP_PREFIX):
-                    skipped.add(ds)
-                    continue
                 try:
                     hf = to_hf(ds, self.model_type)
                 except ValueError as err:
                     raise CheckpointError(f"{paths[r]}: {err}") from None
                 self._where.setdefault(hf, (ds, []))[1].append(r)
-        if skipped:
-            logger.warning("%s: DeepSeek-V4's MTP modules have no deepmoe counterpart: their %d tensors (mtp.*) are "
-                           "not read", directory, len(skipped))  # fmt: skip
         mtp = directory / MTP_NAME
         if mtp.is_file():
             self._files.append(safe_open(str(mtp), framework="pt", device="cpu"))
@@ -522,15 +520,34 @@ def load_deepseek_checkpoint(
     try:
         config = config_from_hf(hf_config)
     except (ValueError, TypeError) as err:
-        raise CheckpointError(f"{directory / HF_CONFIG_NAME}: {err}") from None
+        raise CheckpointError(f"{directory}: its HF config: {err}") from None
+    if config.model_type == "deepseek_v4":
+        config, tensors = _v4_mtp(directory, config, tensors)
     expected = expected_hf_shapes(config, fused_layers=set())
     missing = [n for n in expected if n not in tensors]
     unexpected = [n for n in tensors if n not in expected and n not in mtp_copies(config)]
     if missing or unexpected:
-        raise CheckpointError(f"{directory}: does not match {HF_CONFIG_NAME}: missing {missing[:4]}, unexpected "
+        raise CheckpointError(f"{directory}: does not match its HF config: missing {missing[:4]}, unexpected "
                               f"{unexpected[:4]}")  # fmt: skip
     for name, shape in expected.items():
         if tuple(tensors[name].shape) != shape:
             raise CheckpointError(f"{directory}: tensor {name!r} has shape {list(tensors[name].shape)}, "
-                                  f"{HF_CONFIG_NAME} implies {list(shape)}")  # fmt: skip
+                                  f"its HF config implies {list(shape)}")  # fmt: skip
     return config, assemble_state(config, tensors.__getitem__, tensors)
+
+
+def _v4_mtp(
+    directory: Path, config: DeepSeekConfig, tensors: dict[str, Tensor]
+) -> tuple[DeepSeekConfig, dict[str, Tensor]]:  # fmt: skip
+    """DeepSeek's V4 checkpoints hold MTP modules (`mtp.{k}.*`): a config without them leaves them unread, and a
+    config with them over a checkpoint without them loads without them, each with a warning."""
+    mtp = [n for n in tensors if n.startswith(V4_MTP_PREFIX)]
+    if mtp and not config.num_nextn_predict_layers:
+        logger.warning("%s: its config has no MTP module (num_nextn_predict_layers=0): its %d MTP tensors (mtp.*) "
+                       "are not read", directory, len(mtp))  # fmt: skip
+        return config, {n: t for n, t in tensors.items() if not n.startswith(V4_MTP_PREFIX)}
+    if config.num_nextn_predict_layers and not mtp:
+        logger.warning("%s: num_nextn_predict_layers=%d, but it has no MTP tensors (mtp.*): loading without the "
+                       "multi-token-prediction modules", directory, config.num_nextn_predict_layers)  # fmt: skip
+        return dataclasses.replace(config, num_nextn_predict_layers=0), tensors
+    return config, tensors
