@@ -240,7 +240,8 @@ def test_deepseek_v4_checkpoint_reports_its_stored_tensors(v4_source, tmp_path):
 
 
 def test_deepmoe_v4_from_deepseeks_layout_with_fp4_experts_is_its_dequantised_twin(tmp_path):
-    config = v4_config(intermediate_size=32, moe={"moe_intermediate_size": 32})  # FP4 rows of whole 32-blocks
+    # FP4 rows of whole 32-blocks; an MTP module (mtp.0.*, its experts FP4 too)
+    config = v4_config(intermediate_size=32, moe={"moe_intermediate_size": 32}, num_nextn_predict_layers=1)
     model = DeepSeekForCausalLM(config).eval()
     randomise_parameters(model, seed=2)
     torch.manual_seed(2)
@@ -252,6 +253,9 @@ def test_deepmoe_v4_from_deepseeks_layout_with_fp4_experts_is_its_dequantised_tw
     hf_config = json.loads((tmp_path / "hf" / "config.json").read_text())
     write_deepseek(pending(load_file(tmp_path / "hf" / "model.safetensors")), hf_config, tmp_path / "ds", mp=2,
                    fp4_experts=True)  # fmt: skip
+    with safe_open(tmp_path / "ds" / "model1-mp2.safetensors", "pt") as f:  # MTP experts 2, 3 on rank 1, in FP4
+        assert f.get_slice("mtp.0.ffn.experts.3.w2.weight").get_dtype() == "I8"
+        assert f.get_slice("mtp.0.attn.kv_norm.weight").get_dtype() == "F32"
     ids = torch.randint(0, config.vocab_size, (2, 24), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         original = model(ids).logits
