@@ -1,6 +1,6 @@
 """`deepmoe convert` on DeepSeek-V4: HF -> DeepSeek's layout with FP4 experts -> HF gives the model whose experts
 went through FP4 (its dequantised twin, computed here in memory); without --fp4-experts the round trip gives the
-same bytes; FP4 stays FP4 between DeepSeek directories."""
+same bytes (V4, and V3.2 with its indexer); FP4 stays FP4 between DeepSeek directories."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from configs import v4_config
+from configs import v4_config, v32_config
 from deepmoe.cli import main
 from deepmoe.io.fp4 import dequantize_fp4, quantize_fp4
 from deepmoe.model import from_pretrained, save_pretrained
@@ -67,3 +67,17 @@ def test_fp4_experts_only_to_deepseeks_layout(v4_checkpoint, tmp_path):
     path, _ = v4_checkpoint
     with pytest.raises(ValueError, match="--fp4-experts: only --to deepseek"):
         convert_checkpoint(path, tmp_path / "hf", "hf", fp4_experts=True)
+
+
+def test_v32_indexer_round_trips_through_deepseeks_layout(tmp_path):
+    model = DeepSeekForCausalLM(v32_config()).eval()
+    randomise_parameters(model, seed=7)
+    save_pretrained(model, tmp_path / "hf")
+    convert_checkpoint(tmp_path / "hf", tmp_path / "ds", "deepseek", model_parallel=2)
+    with safe_open(tmp_path / "ds" / "model1-mp2.safetensors", "pt") as f:  # whole on every rank
+        assert f.get_slice("layers.0.attn.indexer.wq_b.weight").get_shape() == [8 * 16, 24]
+        assert "layers.0.attn.indexer.k_norm.bias" in f.keys()
+    convert_checkpoint(tmp_path / "ds", tmp_path / "back", "hf")
+    before, after = load_file(tmp_path / "hf" / "model.safetensors"), load_file(tmp_path / "back" / "model.safetensors")
+    assert before.keys() == after.keys()
+    assert all(before[n].dtype == after[n].dtype and torch.equal(before[n], after[n]) for n in before)
