@@ -10,6 +10,8 @@ Every factory takes field overrides, so a test that depends on a size names it a
   layer (4 routed experts, 1 shared, V3 routing with 2 groups and normalised top-k), no MTP module
   (`num_nextn_predict_layers=1` adds it).
 - `tiny_preset(name="tiny-v3", **overrides)`: a published tiny preset with fields changed.
+- `v4_config(**overrides)`: a 4-layer DeepSeek-V4 (sliding, CSA, HCA, CSA; hash-routed and learned MoE layers,
+  2 mHC streams), 32 wide.
 
 In `tiny_model_config` and `tiny_preset`, `moe=` takes a MoEConfig (used as is), None (a dense model) or a dict
 (fields changed in the default MoE, e.g. `moe={"n_routed_experts": 8}`).
