@@ -169,8 +169,8 @@ def _to_deepseek_v4(hf_name: str) -> str:
     if hf_name in V4_TOP:
         return V4_TOP[hf_name]
     name = re.sub(r"^((?:layers|mtp)\.\d+\.attn)\.norm\.", r"\1.kv_norm.", hf_name.removeprefix("model."))
-    name = name.removesuffix(SCALE_SUFFIX) if name.endswith(".weight" + SCALE_SUFFIX) else name
-    name = name.removesuffix(".weight") + ".scale" if hf_name.endswith(SCALE_SUFFIX) else name
+    if name.endswith(".weight" + SCALE_SUFFIX):
+        name = name.removesuffix("weight" + SCALE_SUFFIX) + "scale"
     if not V4_LAYER_TENSOR.fullmatch(name):
         raise ValueError(f"tensor {hf_name!r} has no name in DeepSeek-V4's inference layout")
     return name
@@ -182,7 +182,8 @@ def _to_hf_v4(ds_name: str) -> str:
     if not V4_LAYER_TENSOR.fullmatch(ds_name):
         raise ValueError(f"tensor {ds_name!r} is not a name of DeepSeek-V4's inference layout")
     name = re.sub(r"^((?:layers|mtp)\.\d+\.attn)\.kv_norm\.", r"\1.norm.", ds_name)
-    name = name.removesuffix(".scale") + ".weight" + SCALE_SUFFIX if name.endswith(".scale") else name
+    if name.endswith(".scale"):
+        name = name.removesuffix("scale") + "weight" + SCALE_SUFFIX
     return name if name.startswith(V4_MTP_PREFIX) else "model." + name  # MTP: `mtp.{k}.*` in both layouts
 
 
