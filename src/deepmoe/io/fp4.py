@@ -14,9 +14,10 @@ microscaling "MXFP4" element and scale formats).
 * ue8m0: an unsigned 8-bit exponent, value 2^(byte - 127) (bias 127, no sign, no mantissa; byte 255 is NaN).
 
 Quantisation (`quantize_fp4`): each block of 32 gets the power-of-two scale s = 2^ceil(log2(amax / 6)), the
-smallest that keeps amax / s within e2m1's largest magnitude 6 (DeepSeek's ue8m0 rounding of a scale: up to a
-power of two), then x / s is rounded to the nearest e2m1 value of its sign, ties to the even code (IEEE round
-half to even; a small negative value becomes -0, code 8).
+smallest that keeps amax / s within e2m1's largest magnitude 6 (the ue8m0 rounding of DeepSeek's
+`inference/kernel.py`, V3.2 and V4: `fast_round_scale(amax, 1 / max) = 2^ceil(log2(amax / max))`); then x / s is
+rounded to the nearest e2m1 value of its sign, ties to the even code (IEEE round half to even; a small negative
+value becomes -0, code 8).
 A block that is all zeros gets s = 1. x = code value · s is exact in bfloat16 and float32, so a dequantised FP4
 weight loses nothing when stored in either.
 """
