@@ -156,8 +156,9 @@ def measure(model, tokenizer: Tokenizer, heldout: HeldOut) -> dict[str, Any]:
     """The model's numbers on the held-out split with its current expert masks: refusal_rate (refused requests
     whose greedy completion `is_refusal`), refused_loss and answered_loss (mean nats per assistant token of the
     held-out refused and answered conversations), answer_accuracy (greedy completions equal to the answer),
-    answered_refused (answered requests whose completion `is_refusal`), and disabled_slots: routed slots of the
-    loss evaluations that went to a disabled expert (0: the mask held)."""
+    answered_refused (answered requests whose completion `is_refusal`), disabled_slots (routed slots of the loss
+    evaluations that went to a disabled expert: 0 when the mask held) and refused_samples (the first three
+    completions of refused requests, to read)."""
     refused = greedy_completions(model, heldout.refused_prompts, tokenizer, heldout.max_new_tokens, heldout.eot_id)
     answered = greedy_completions(model, heldout.answered_prompts, tokenizer, heldout.max_new_tokens, heldout.eot_id)
     refused_eval = evaluate(model, heldout.refused_batches)
@@ -175,9 +176,9 @@ def measure(model, tokenizer: Tokenizer, heldout: HeldOut) -> dict[str, Any]:
 
 def random_scores(layers: dict[int, int], generator: torch.Generator) -> list[Score]:
     """A random ranking of every routed expert of `layers` ({layer: routed experts}) as steering scores in
-    (0, 1): `steering_plan(..., side="A", k=n)` of it disables n experts drawn uniformly at random."""
+    (0, 1]: `steering_plan(..., side="A", k=n)` of it disables n experts drawn uniformly at random."""
     pairs = [(layer, expert) for layer, n in sorted(layers.items()) for expert in range(n)]
-    draws = (torch.rand(len(pairs), generator=generator, dtype=torch.float64) * 0.5 + 0.25).tolist()
+    draws = (1 - torch.rand(len(pairs), generator=generator, dtype=torch.float64)).tolist()
     return [(layer, expert, score) for (layer, expert), score in zip(pairs, draws, strict=True)]
 
 
