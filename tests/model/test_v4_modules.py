@@ -270,7 +270,15 @@ def test_v4_presets_count_the_published_sizes_and_tiny_v4_runs():
     flash, pro = count_parameters(get_preset("deepseek-v4-flash")), count_parameters(get_preset("deepseek-v4-pro"))
     assert 283e9 < flash.total < 286e9 and 13e9 < flash.active < 14e9
     assert 1.55e12 < pro.total < 1.65e12 and 49e9 < pro.active < 50.5e9
-    assert describe(get_preset("deepseek-v4-flash"))["gate"] == "sqrtsoftplus/greedy"
+    flash_config = get_preset("deepseek-v4-flash")
+    assert describe(flash_config)["gate"] == "sqrtsoftplus/greedy"
+    # the cache grows by the compressed entries: CSA an entry (512) and an indexer key (128) every 4 tokens, HCA an
+    # entry every 128 tokens; bf16
+    csa, hca = (
+        flash_config.layer_types.count(k) for k in ("compressed_sparse_attention", "heavily_compressed_attention")
+    )
+    assert (csa, hca) == (20, 23)
+    assert describe(flash_config)["kv_cache_bytes_per_token"] == 2 * (csa * (512 + 128) / 4 + hca * 512 / 128)
     tiny = DeepSeekForCausalLM(get_preset("tiny-v4")).eval()
     with torch.no_grad():
         assert tiny(torch.randint(0, 4096, (1, 40))).logits.isfinite().all()
