@@ -211,3 +211,8 @@ def test_a_non_empty_directory_of_something_else_is_refused(tmp_path):
     (tmp_path / "notes.txt").write_text("mine")
     with pytest.raises(ValueError, match="refusal experiment directory"):
         refusal.run_refusal(tmp_path, replace(MICRO), examples=instruction_examples()[:1])
+
+
+def test_counts_belong_to_the_refusal_study(capsys):
+    assert main(["study", "balancing", "--counts", "1", "--out", "unused"]) == 1
+    assert "--counts applies to the refusal study only" in capsys.readouterr().err

@@ -10,7 +10,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from deepmoe.cli import common
-from deepmoe.cli.argtypes import positive_int
+from deepmoe.cli.argtypes import non_negative_int, positive_int
 from deepmoe.tools import refusal, study
 from deepmoe.tools.study import STUDIES
 
@@ -36,11 +36,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--steps", type=positive_int, default=None, help="override the scale's training steps (refusal: fine-tuning)"
     )
     parser.add_argument("--seed", type=int, default=0, help="seed of every run (default 0)")
+    parser.add_argument(
+        "--counts", type=non_negative_int, nargs="+", default=None, metavar="N",
+        help="refusal: numbers of experts to disable (default 0 1 2 4 8)",
+    )  # fmt: skip
 
 
 def run(args: argparse.Namespace) -> int:
     if args.study == refusal.REFUSAL_STUDY:
         return run_refusal(args)
+    if args.counts is not None:
+        raise ValueError(f"--counts applies to the {refusal.REFUSAL_STUDY} study only")
     scale = study.SCALES["quick" if args.quick else "default"]
     if args.steps is not None:
         scale = replace(scale, steps=args.steps, warmup_steps=min(scale.warmup_steps, args.steps // 10))
@@ -65,7 +71,8 @@ def run_refusal(args: argparse.Namespace) -> int:
         scale = replace(scale, finetune_steps=args.steps)
     out = Path(args.out or f"runs/study-refusal{'-quick' if args.quick else ''}")
     try:
-        result = refusal.run_refusal(out, scale, seed=args.seed, log=common.console().print)
+        counts = refusal.DISABLED_COUNTS if args.counts is None else args.counts
+        result = refusal.run_refusal(out, scale, seed=args.seed, counts=counts, log=common.console().print)
     except KeyboardInterrupt:
         print(f"deepmoe study: interrupted; run the same command again to continue in {out}", file=sys.stderr)
         return 130

@@ -90,12 +90,13 @@ class RefusalScale:
 
 
 SCALES = {
-    # about 4 minutes on 2 idle cores
+    # 31 min on this project's 2 cores while other jobs kept the load at 5-9 (16.7 min of CPU time); see
+    # docs/refusal_experts.md for the run's own timings
     "default": RefusalScale(
         pretrain_steps=200, finetune_steps=300, seq_len=64, batch_size=16, lr=2e-3, finetune_lr=1e-3,
         random_seeds=5, score_conversations=100,
     ),
-    # a smoke run of the whole pipeline, about a minute: too short a fine-tune to be evidence
+    # a smoke run of the whole pipeline (under 2 min on the shared 2 cores): too short a fine-tune to be evidence
     "quick": RefusalScale(
         pretrain_steps=30, finetune_steps=60, seq_len=64, batch_size=16, lr=2e-3, finetune_lr=1e-3,
         random_seeds=2, score_conversations=40,
