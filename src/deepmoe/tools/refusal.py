@@ -90,8 +90,8 @@ class RefusalScale:
 
 
 SCALES = {
-    # 31 min on this project's 2 cores while other jobs kept the load at 5-9 (16.7 min of CPU time); see
-    # docs/refusal_experts.md for the run's own timings
+    # 2.5 min with OMP_NUM_THREADS=1 on this project's shared 2-core machine (docs/refusal_experts.md); two
+    # threads on busy cores took 31 min
     "default": RefusalScale(
         pretrain_steps=200, finetune_steps=300, seq_len=64, batch_size=16, lr=2e-3, finetune_lr=1e-3,
         random_seeds=5, score_conversations=100,
