@@ -137,6 +137,7 @@ def test_micro_run_end_to_end(micro_experiment, capsys):
         assert len(runs) == (0 if row["n"] == 0 else MICRO.random_seeds)
         positive = len(report["refusal_experts"])  # every expert firing more on refusals (fewer than 16 here)
         assert len(row["top"]["experts"]) == min(row["n"], positive)
+        assert bool(row["top"]["notes"]) == (len(row["top"]["experts"]) < row["n"])  # the plan says it fell short
         for measured in [row["top"], *runs]:
             assert set(refusal.METRICS) <= set(measured)
             assert len({tuple(e) for e in measured["experts"]}) == len(measured["experts"])

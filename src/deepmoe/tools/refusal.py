@@ -183,12 +183,15 @@ def random_scores(layers: dict[int, int], generator: torch.Generator) -> list[Sc
     return [(layer, expert, score) for (layer, expert), score in zip(pairs, draws, strict=True)]
 
 
-def _disable(model, scores: Iterable[Score], n: int) -> list[list[int]]:
-    """Disable the top `n` A-side experts of `scores` (over all layers, within the router's limits); the
-    [layer, expert] pairs disabled."""
+def _disable(model, scores: Iterable[Score], n: int) -> dict[str, Any]:
+    """Disable the top `n` A-side experts of `scores` (over all layers, within the router's limits):
+    {"experts": the [layer, expert] pairs disabled, "notes": the plan's notes (e.g. fewer than n A experts)}."""
     plan = steering_plan(scores, side="A", k=n, action="disable", config=model)
     applied = apply_steering(model, plan)
-    return [[layer, expert] for layer, experts in sorted(applied.items()) for expert in experts]
+    return {
+        "experts": [[layer, expert] for layer, experts in sorted(applied.items()) for expert in experts],
+        "notes": plan["notes"],
+    }
 
 
 def disabled_expert_effect(
@@ -202,22 +205,21 @@ def disabled_expert_effect(
     log: Callable[[str], None] | None = None,
 ) -> list[dict[str, Any]]:
     """Per n in `counts`, `measure` with the top n refusal experts of `scores` disabled ("top", with "experts"
-        [[layer, expert], ...]) and with n random experts disabled, for each of `random_seeds` random rankings
-        ("random": {"runs": [...], "mean": {metric: ...}, "std": {...}}; sample standard deviation, 0 for one
-        seed). Random experts are drawn among the layers `scores` covers. n = 0 disables nothing: its "random" entry
-    has no runs and the "top" numbers as its mean. The model's masks are cleared afterwards."""
+    [[layer, expert], ...] and the plan's "notes") and with n random experts disabled, for each of `random_seeds`
+    random rankings ("random": {"runs": [...], "mean": {metric: ...}, "std": {...}}; sample standard deviation, 0
+    for one seed). Random experts are drawn among the layers `scores` covers. n = 0 disables nothing: its "random"
+    entry has no runs and the "top" numbers as its mean. The model's masks are cleared afterwards."""
     log = log or logger.info
     layers = {layer: model.moe_layers()[layer].gate.config.n_routed_experts for layer in {s[0] for s in scores}}
     rankings = [random_scores(layers, torch.Generator().manual_seed(seed * 1000 + k)) for k in range(random_seeds)]
     rows = []
     try:
         for n in counts:
-            top_experts = _disable(model, scores, n)
-            top = {"experts": top_experts, **measure(model, tokenizer, heldout)}
+            top = {**_disable(model, scores, n), **measure(model, tokenizer, heldout)}
             runs = []
             for k, ranking in enumerate(rankings if n > 0 else []):  # n = 0: nothing to draw
-                experts = _disable(model, ranking, n)
-                runs.append({"seed": seed * 1000 + k, "experts": experts, **measure(model, tokenizer, heldout)})
+                disabled = _disable(model, ranking, n)
+                runs.append({"seed": seed * 1000 + k, **disabled, **measure(model, tokenizer, heldout)})
             clear_steering(model)
             measured = runs or [top]
             summary = {
@@ -226,7 +228,7 @@ def disabled_expert_effect(
             }
             rows.append({"n": n, "top": top, "random": {"runs": runs, **summary}})
             log(
-                f"n={n}: top experts {top_experts}: refusal rate {top['refusal_rate']:.1%}, answered loss "
+                f"n={n}: top experts {top['experts']}: refusal rate {top['refusal_rate']:.1%}, answered loss "
                 f"{top['answered_loss']:.4f}; random: refusal rate {summary['mean']['refusal_rate']:.1%}, answered "
                 f"loss {summary['mean']['answered_loss']:.4f}"
             )
@@ -363,8 +365,11 @@ def run_refusal(
     `out/report.json` and `out/table.md`. `corpus`: the pretraining corpus (default: the bundled one, tokenized
     with a `scale.vocab_size` BPE); `examples`: the instruction set (default: the shipped file).
 
-    `log` receives a line per stage (default: this module's logger). A non-empty `out` holding anything else is
-    refused. Ctrl-C during training saves the run and raises KeyboardInterrupt: call again to continue."""
+    `counts`: the numbers of experts to disable. report.json holds the scale, the data's counts, the two runs'
+    held-out losses, "refusal_experts" (the experts with a positive score, at most max(16, max(counts)), with their
+    frequencies on refused and answered conversations), "rows" (`disabled_expert_effect`) and "seconds" per
+    stage. `log` receives a line per stage (default: this module's logger). A non-empty `out` holding anything
+    else is refused. Ctrl-C during training saves the run and raises KeyboardInterrupt: call again to continue."""
     log = log or logger.info
     if not counts or any(isinstance(n, bool) or not isinstance(n, int) or n < 0 for n in counts):
         raise ValueError(f"counts must be integers >= 0, got {list(counts)!r}")
