@@ -90,7 +90,7 @@ class RefusalScale:
 
 
 SCALES = {
-    # 2.5 min with OMP_NUM_THREADS=1 on this project's shared 2-core machine (docs/refusal_experts.md); two
+    # 2 min 15 s with OMP_NUM_THREADS=1 on this project's shared 2-core machine (docs/refusal_experts.md); two
     # threads on busy cores took 31 min
     "default": RefusalScale(
         pretrain_steps=200, finetune_steps=300, seq_len=64, batch_size=16, lr=2e-3, finetune_lr=1e-3,
@@ -289,7 +289,8 @@ def heldout_split(
     examples: Sequence[dict[str, Any]], prepared: dict[str, Path], tokenizer: Tokenizer, seq_len: int, batch_size: int
 ) -> HeldOut:
     """What `measure` reads: the held-out prompts (rendered with the default chat template's generation prompt,
-    as the prepared conversations were) and the held-out conversations' batches."""
+    as the prepared conversations were), the held-out conversations' batches of `seq_len` tokens, and the
+    generation limit: the longest answer of `examples` in tokens + 4."""
     renderer = ChatRenderer.from_config(None, EOT_TOKEN)
     eot_id = tokenizer.token_to_id(EOT_TOKEN)
 
