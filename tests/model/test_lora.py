@@ -116,6 +116,24 @@ def test_step_zero_equals_base_and_merge_equals_adapted(targets):
     torch.testing.assert_close(model(ids).logits, adapted)
 
 
+def test_cached_decoding_with_adapters_equals_uncached_and_the_merged_model():
+    """MLA's absorbed decoding reads kv_b_proj's weight directly: with it left out of the targets, the cached
+    path sees every adapter, as the uncached one and the merged weights do."""
+    model = _model()
+    apply_lora(model, LoRAConfig(rank=4, alpha=8, targets=("experts", "attention")))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("lora_B"):
+                p.normal_(0, 0.2)
+    ids = torch.randint(0, 64, (2, 5), generator=torch.Generator().manual_seed(3))
+    model.set_absorbed_attention(True)
+    with torch.no_grad():
+        cached = model.generate(ids, max_new_tokens=6)
+        uncached = model.generate(ids, max_new_tokens=6, use_cache=False)
+        merged = merge_lora(model).generate(ids, max_new_tokens=6)
+    assert torch.equal(cached, uncached) and torch.equal(cached, merged)
+
+
 def test_bad_lora_config_is_one_clear_error():
     with pytest.raises(ValueError, match=r"LoRAConfig.rank=0 is invalid"):
         LoRAConfig(rank=0)
