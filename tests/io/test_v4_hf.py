@@ -171,3 +171,14 @@ def test_config_round_trips_and_transformers_reads_it():
     read = config_from_hf(legacy)
     assert read.layer_types == ["sliding_attention", *V4_LAYERS[1:3], V4_LAYERS[1]]
     assert read.mlp_layer_types == ["hash_moe", "moe", "moe", "moe"]
+
+
+def test_bfloat16_load_casts_the_csa_indexer_head_like_the_rest(tmp_path):
+    """V4's `attn.indexer.weights_proj` is not V3.2's float32-kept head: a bf16 load must run (it once stayed
+    float32 and the first forward failed on mixed dtypes)."""
+    torch.manual_seed(0)
+    model = DeepSeekForCausalLM(v4_config()).eval()
+    save_pretrained(model, tmp_path)
+    loaded = from_pretrained(tmp_path, dtype=torch.bfloat16)
+    logits = loaded(torch.randint(0, model.config.vocab_size, (1, 24))).logits
+    assert logits.dtype == torch.bfloat16 and torch.isfinite(logits).all()

@@ -34,7 +34,7 @@ DISTRIBUTED_DIR = "distributed"
 """In a step directory: the DCP directory of a multi-process run's checkpoint."""
 MODEL_PREFIX = "model."
 """DCP's prefix of the model's tensors (the state's "model" entry), before the state-dict name."""
-KEEP_FLOAT32 = ("e_score_correction_bias", "indexer.weights_proj.weight")
+KEEP_FLOAT32 = ("e_score_correction_bias", "self_attn.indexer.weights_proj.weight")
 """Names ending so (the expert-bias buffers, DSA's indexer head weights) stay float32 when tensors are cast."""
 _SINGLE_PROCESS = r"torch\.distributed is disabled, unavailable or uninitialized"
 
