@@ -27,7 +27,8 @@ through all three.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from collections.abc import Mapping
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -36,8 +37,16 @@ from torch import Tensor, nn
 from deepmoe.config import DeepSeekConfig
 from deepmoe.model.sparse_attention import sparse_latent_attention
 
-if TYPE_CHECKING:
-    from deepmoe.model.attention import KVCache
+
+class LatentCache(Protocol):
+    """What NSA reads and writes of `model/attention.py`'s `KVCache` (named here so the import points one way)."""
+
+    layers: Mapping[int, tuple[Tensor, ...]]
+
+    def get_seq_length(self, layer_idx: int = 0) -> int: ...
+
+    def update(self, layer_idx: int, *new: Tensor) -> tuple[Tensor, ...]: ...
+
 
 BRANCHES = ("compressed", "selected", "window")
 
@@ -94,7 +103,7 @@ class NativeSparseAttention(nn.Module):
         blocks = blocks + self.block_position.weight
         return self.compress_out(F.silu(self.compress_proj(blocks.flatten(2))))
 
-    def update_cache(self, latent: Tensor, cache: KVCache | None, layer_idx: int) -> tuple[Tensor, Tensor]:
+    def update_cache(self, latent: Tensor, cache: LatentCache | None, layer_idx: int) -> tuple[Tensor, Tensor]:
         """Compress the blocks that the new tokens complete and append both to the cache: latent [B, S, d] of the
         new tokens → (latents [B, T, d], compressed latents [B, C, d]) of all T tokens. cache: a `KVCache` or None
         (then the S tokens are all there is)."""
@@ -165,7 +174,7 @@ class NativeSparseAttention(nn.Module):
         q: Tensor,
         latent: Tensor,
         scale: float,
-        cache: KVCache | None = None,
+        cache: LatentCache | None = None,
         layer_idx: int = 0,
         key_mask: Tensor | None = None,
     ) -> Tensor:
